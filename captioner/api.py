@@ -61,8 +61,9 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None,
                         device: str | torch.device | None = None) -> Captioner:
         """Load a model folder; by default the one shipped in `weights/` (or $CAPTIONER_WEIGHTS)."""
+        default = path is None
         path = Path(path or os.environ.get("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS)
-        if path.is_dir() and not (path / CONFIG_FILE).exists():
+        if (path.is_dir() and not (path / CONFIG_FILE).exists()) or (default and not path.exists()):
             raise ModelNotFoundError(
                 f"no trained model in {path} (expected {CONFIG_FILE} and model.safetensors). "
                 "Train one with `python scripts/train.py` and pass its output folder, e.g. "

@@ -93,6 +93,8 @@ def load_model(
     if not directory.exists():
         raise CheckpointError(f"model path {path} does not exist")
     config = read_config(directory)
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: no 'model' settings")
     known = {f.name for f in fields(ModelConfig)}
     unknown = set(config["model"]) - known
     if unknown:
@@ -108,7 +110,12 @@ def load_model(
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from err
-    model = CaptionModel(ModelConfig(**config["model"]), len(vocab), encoder_weights="random")
+    try:
+        model = CaptionModel(ModelConfig(**config["model"]), len(vocab), encoder_weights="random")
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a typo'd backbone, a size as text
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: bad model settings {config['model']} ({err})"
+        ) from err
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

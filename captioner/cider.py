@@ -37,13 +37,18 @@ class CiderD:
         document_frequency: Counter[NGram] = Counter()
         num_documents = 0
         for refs in corpus_references:  # one document = all references of one image
-            document_frequency.update({g for ref in refs for g in self._ngram_counts(ref)})
+            document_frequency.update(
+                {g for ref in refs for counts in self._ngram_counts(ref) for g in counts}
+            )
             num_documents += 1
         if num_documents == 0:
             raise ValueError("corpus_references is empty: need the training references for df")
         self.log_num_documents = math.log(num_documents)
-        # An n-gram never seen in the corpus gets df = 1, i.e. idf = log(num_documents).
-        self.idf = {g: self.log_num_documents - math.log(c) for g, c in document_frequency.items()}
+        # Unseen n-grams count as df = 1, i.e. idf = log(num_documents); n-grams seen in a single
+        # image get that same value, so only the (far fewer) n-grams with df > 1 are stored.
+        self.idf = {
+            g: self.log_num_documents - math.log(c) for g, c in document_frequency.items() if c > 1
+        }
 
     def scores(
         self, candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
@@ -53,36 +58,41 @@ class CiderD:
             raise ValueError(
                 f"got {len(candidates)} candidates but {len(references)} reference lists"
             )
-        # SCST scores several samples per image: vectorise each distinct reference set once.
-        ref_vectors: dict[tuple[NGram, ...], list[Vector]] = {}
+        # SCST repeats each image's references for every sample (and samples often repeat):
+        # vectorise each distinct caption once per call.
+        vectors: dict[tuple[str, ...], Vector] = {}
         out = np.empty(len(candidates), dtype=np.float64)
         for i, (candidate, refs) in enumerate(zip(candidates, references, strict=True)):
             if not refs:
                 raise ValueError(f"candidate {i} has no references")
-            key = tuple(tuple(ref) for ref in refs)
-            if key not in ref_vectors:
-                ref_vectors[key] = [self._vector(ref) for ref in refs]
-            vec = self._vector(candidate)
-            out[i] = sum(self._similarity(vec, r) for r in ref_vectors[key]) / len(refs) * 10.0
+            vec = self._vector(candidate, vectors)
+            total = sum(self._similarity(vec, self._vector(ref, vectors)) for ref in refs)
+            out[i] = total / len(refs) * 10.0
         return out
 
-    def _ngram_counts(self, tokens: Sequence[str]) -> Counter[NGram]:
+    def _ngram_counts(self, tokens: Sequence[str]) -> list[Counter[NGram]]:
+        """Counts of the 1..n-grams of a caption, one Counter per order."""
         if isinstance(tokens, str):
             raise TypeError(f"captions must be token lists, got the string {tokens!r}")
-        tokens = tuple(tokens)
-        return Counter(
-            tokens[i : i + k] for k in range(1, self.n + 1) for i in range(len(tokens) - k + 1)
-        )
+        tokens = list(tokens)
+        return [
+            Counter(zip(*(tokens[j:] for j in range(k)), strict=False))
+            for k in range(1, self.n + 1)
+        ]
 
-    def _vector(self, tokens: Sequence[str]) -> Vector:
-        weights: list[dict[NGram, float]] = [{} for _ in range(self.n)]
-        length = 0
-        for gram, tf in self._ngram_counts(tokens).items():
-            weights[len(gram) - 1][gram] = tf * self.idf.get(gram, self.log_num_documents)
-            if len(gram) == 2:  # pycocoevalcap measures length in bigrams; kept for parity
-                length += tf
-        norms = [math.sqrt(sum(w * w for w in order.values())) for order in weights]
-        return weights, norms, length
+    def _vector(self, tokens: Sequence[str], cache: dict[tuple[str, ...], Vector]) -> Vector:
+        key = tuple(tokens)
+        if key not in cache:
+            idf, unseen = self.idf, self.log_num_documents
+            weights = [
+                {g: tf * idf.get(g, unseen) for g, tf in counts.items()}
+                for counts in self._ngram_counts(tokens)
+            ]
+            norms = [math.hypot(*order.values()) for order in weights]
+            # pycocoevalcap measures caption length in bigrams (a quirk kept for parity).
+            length = max(len(key) - 1, 0) if self.n >= 2 else 0
+            cache[key] = weights, norms, length
+        return cache[key]
 
     def _similarity(self, candidate: Vector, reference: Vector) -> float:
         """Mean over n-gram orders of the clipped cosine, times the gaussian length penalty."""

@@ -83,7 +83,9 @@ def load_coco(
         raise DatasetError(f"{annotation_file}: not a COCO annotation file ({e!r})") from e
 
     items = []
-    for image in coco.dataset.get("images", []):
+    for k, image in enumerate(coco.dataset.get("images", [])):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise DatasetError(f"{annotation_file}: images[{k}] needs an 'id' and a 'file_name'")
         captions = [
             a["caption"].strip()
             for a in coco.imgToAnns.get(image["id"], [])
@@ -212,7 +214,8 @@ def load_flickr(root: str | Path, *, skip_missing: bool = False) -> CaptionDatas
             split,
             source,
         )
-    return _checked_dataset(splits, image_dir, str(token_file), skip_missing)
+    listed_in = root / "Flickr_8k.*Images.txt" if has_split_lists else token_file
+    return _checked_dataset(splits, image_dir, str(listed_in), skip_missing)
 
 
 def _flickr_image_dir(root: Path) -> Path:

@@ -67,40 +67,56 @@ class AttentionDecoder(nn.Module):
         state: State,
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One word: returns logits (B, V), the new state and alpha (B, L)."""
+        embedded = self.embedding(words)  # (B, E)
+        state, context, alpha = self._recur(features, keys, embedded, state)
+        return self._output(embedded, state[0], context), state, alpha
+
+    def _recur(self, features, keys, embedded, state: State):
+        """Attention from h_{t-1}, gated context z_t, then the LSTM update."""
         h, c = state
         context, alpha = self.attention(features, h, keys=keys)
-        context = torch.sigmoid(self.f_beta(h)) * context  # gated z_t, (B, D)
-        embedded = self.embedding(words)  # (B, E)
+        context = torch.sigmoid(self.f_beta(h)) * context  # gated z_t, (B, A)
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
+        return (h, c), context, alpha
+
+    def _output(self, embedded, h, context) -> torch.Tensor:
+        """Deep output layer: L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t))."""
         deep = torch.tanh(embedded + self.out_hidden(h) + self.out_context(context))
-        return self.classifier(self.dropout(deep)), (h, c), alpha
+        return self.classifier(self.dropout(deep))
 
     def forward(
         self,
         features: torch.Tensor,  # (B, L, D)
         captions: torch.Tensor,  # (B, T): <start> w1 .. wn <end> <pad>..
         lengths: torch.Tensor,  # (B,) tokens incl. <start> and <end>
+        image_index: torch.Tensor | None = None,  # (B,) row of `features` for each caption
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. Returns logits (B, T-1, V) and alphas (B, T-1, L), zero past the end.
 
         The batch is sorted by length so that step t only runs the captions still going:
-        no compute is spent on padding.
+        no compute is spent on padding. With `image_index`, `features` holds each image once
+        and is projected once, however many captions the image has.
         """
-        batch, num_cells = features.shape[:2]
+        annotations, keys = self.prepare(features)
+        if image_index is not None:
+            annotations, keys = annotations[image_index], keys[image_index]
+        batch, num_cells = captions.shape[0], annotations.shape[1]
         steps = lengths.to(torch.long) - 1  # predictions per caption
-        order = torch.argsort(steps, descending=True)
-        features, captions, steps = features[order], captions[order], steps[order]
-        features, keys = self.prepare(features)
+        order = torch.argsort(steps, descending=True, stable=True)
+        features, keys, captions, steps = annotations[order], keys[order], captions[order], steps[order]
         state = self.init_state(features)
         max_steps = int(steps[0])
-        logits = features.new_zeros(batch, max_steps, self.vocab_size)
+        embedded = self.embedding(captions[:, :max_steps])  # (B, T, E)
+        hidden = features.new_zeros(batch, max_steps, state[0].shape[1])
+        contexts = features.new_zeros(batch, max_steps, features.shape[2])
         alphas = features.new_zeros(batch, max_steps, num_cells)
-        active_counts = (steps.unsqueeze(0) > torch.arange(max_steps, device=steps.device)[:, None])
-        active_counts = active_counts.sum(dim=1).tolist()
-        for t, n in enumerate(active_counts):
+        active = steps.unsqueeze(1) > torch.arange(max_steps, device=steps.device)  # (B, T)
+        for t, n in enumerate(active.sum(dim=0).tolist()):
             state = (state[0][:n], state[1][:n])
-            step_logits, state, alpha = self.step(features[:n], keys[:n], captions[:n, t], state)
-            logits[:n, t] = step_logits
-            alphas[:n, t] = alpha
+            state, context, alpha = self._recur(features[:n], keys[:n], embedded[:n, t], state)
+            hidden[:n, t], contexts[:n, t], alphas[:n, t] = state[0], context, alpha
+        # The output layer runs once over all real positions: one large matrix product.
+        logits = features.new_zeros(batch, max_steps, self.vocab_size)
+        logits[active] = self._output(embedded[active], hidden[active], contexts[active])
         inverse = torch.argsort(order)
         return logits[inverse], alphas[inverse]

@@ -42,14 +42,19 @@ def decode_tensors(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int = 0,
+    samples_per_image: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy or sampled decoding that keeps the autograd graph (self-critical training uses it).
 
-    Returns tokens (B, T) padded with <pad>, log_probs (B, T) of the chosen tokens, mask (B, T)
-    true for real tokens (the words and the final <end>), and alphas (B, T, L).
+    With samples_per_image = S, rows come image by image: (B*S) rows, the S samples of image 0
+    first. Returns tokens (B*S, T) padded with <pad>, log_probs (B*S, T) of the chosen tokens,
+    mask (B*S, T) true for real tokens (the words and the final <end>), and alphas (B*S, T, L).
     """
-    batch = features.shape[0]
     features, keys = decoder.prepare(features)
+    if samples_per_image > 1:
+        features = features.repeat_interleave(samples_per_image, dim=0)
+        keys = keys.repeat_interleave(samples_per_image, dim=0)
+    batch = features.shape[0]
     state = decoder.init_state(features)
     words = features.new_full((batch,), Vocabulary.start_id, dtype=torch.long)
     alive = torch.ones(batch, dtype=torch.bool, device=features.device)
@@ -124,53 +129,61 @@ def beam_search(
     k = beam_size
     n_best = n_best or k
     device = features.device
-    annotations, keys = decoder.prepare(features)
-    feats = annotations.repeat_interleave(k, dim=0)  # (B*K, L, A)
-    keys = keys.repeat_interleave(k, dim=0)
+    # Until the first word all beams of an image are identical: step 0 runs one row per image.
+    feats, keys = decoder.prepare(features)  # (B, L, A), (B*K, L, A) from step 1 on
     state = decoder.init_state(feats)
-    words = torch.full((batch * k,), Vocabulary.start_id, dtype=torch.long, device=device)
-    beam_scores = torch.zeros(batch, k, device=device)
-    beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)
-    alphas = torch.empty(batch * k, 0, num_cells, device=device)
+    words = torch.full((batch,), Vocabulary.start_id, dtype=torch.long, device=device)
+    beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    alphas = torch.empty(batch, 0, num_cells, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    searching = list(range(batch))  # image of each row block; done images leave the batch
 
-    for _ in range(max_length):
+    for step in range(max_length):
         logits, state, alpha = decoder.step(feats, keys, words, state)
         logp = _log_probs(logits)
-        vocab = logp.shape[-1]
-        candidates = (beam_scores.unsqueeze(-1) + logp.view(batch, k, vocab)).view(batch, -1)
-        top_scores, top_index = candidates.topk(k, dim=1)  # (B, K)
-        origin = (top_index // vocab + offsets).view(-1)  # flat index of the parent beam
-        words = (top_index % vocab).view(-1)
+        (n, beams), vocab = beam_scores.shape, logp.shape[-1]
+        candidates = (beam_scores.unsqueeze(-1) + logp.view(n, beams, vocab)).view(n, -1)
+        top_scores, top_index = candidates.topk(k, dim=1)  # (n, K)
+        origin = (top_index // vocab + beams * torch.arange(n, device=device)[:, None]).view(-1)
+        words = (top_index % vocab).view(-1)  # row i*K + j: beam j of searching[i]
         tokens = torch.cat([tokens[origin], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas[origin], alpha[origin].unsqueeze(1)], dim=1)
         state = (state[0][origin], state[1][origin])
+        if step == 0:
+            feats, keys = feats.repeat_interleave(k, dim=0), keys.repeat_interleave(k, dim=0)
 
-        ended = (words.view(batch, k) == Vocabulary.end_id) & torch.isfinite(top_scores)
+        ended = (words.view(n, k) == Vocabulary.end_id) & torch.isfinite(top_scores)
+        beam_scores = top_scores.masked_fill(ended, float("-inf"))
+        live = torch.isfinite(beam_scores).any(dim=1)
         if ended.any():
-            for b, j in ended.nonzero().tolist():
-                row, score = b * k + j, float(top_scores[b, j])
-                length = tokens.shape[1]
-                finished[b].append(Hypothesis(
+            length = tokens.shape[1]
+            for i, j in ended.nonzero().tolist():
+                row, score = i * k + j, float(top_scores[i, j])
+                finished[searching[i]].append(Hypothesis(
                     tokens[row, :-1].tolist(), score,
                     _length_normalised(score, length, length_penalty),
                     alphas[row, :-1].cpu(), True,
                 ))
-        beam_scores = top_scores.masked_fill(ended, float("-inf"))
-        done = torch.tensor([len(f) >= k for f in finished], device=device)
-        beam_scores[done] = float("-inf")
-        if not torch.isfinite(beam_scores).any():
-            break
+            live &= torch.tensor([len(finished[b]) < k for b in searching], device=device)
+        if not live.all():  # drop the images that are done: no more work is spent on them
+            keep = live.nonzero().squeeze(1)
+            if len(keep) == 0:
+                searching = []
+                break
+            rows = (k * keep[:, None] + torch.arange(k, device=device)).view(-1)
+            feats, keys, words, state = feats[rows], keys[rows], words[rows], (state[0][rows], state[1][rows])
+            tokens, alphas = tokens[rows], alphas[rows]
+            beam_scores = beam_scores[keep]
+            searching = [searching[i] for i in keep.tolist()]
 
-    for b in range(batch):  # max_length reached: unfinished beams are candidates too
-        if len(finished[b]) >= n_best:
+    for i, b in enumerate(searching):  # max_length reached: live beams are candidates too
+        if len(finished[b]) >= k:  # not n_best: asking for fewer must not change the best
             continue
-        for j in range(k):
-            score = float(beam_scores[b, j])
+        for j in range(beam_scores.shape[1]):
+            score = float(beam_scores[i, j])
             if score != float("-inf"):
-                row = b * k + j
+                row = i * beam_scores.shape[1] + j
                 finished[b].append(Hypothesis(
                     tokens[row].tolist(), score,
                     _length_normalised(score, tokens.shape[1], length_penalty),

@@ -8,21 +8,29 @@ never leaves a truncated results JSON behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from captioner.vocabulary import tokenize
+from .checkpoint import atomic_write
+from .data import ImageCaptions
+from .decoding import beam_search, greedy_decode
+from .features import FeatureCache
+from .images import load_image
+from .model import CaptionModel
+from .vocabulary import Vocabulary, tokenize
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 NO_JAVA_WARNING = (
@@ -91,9 +99,12 @@ def _tokenize(captions: dict[str, list[str]], has_java: bool) -> dict[str, list[
         return {i: [" ".join(tokenize(c)) for c in caps] for i, caps in captions.items()}
     # The PTB tokenizer works line by line: any line break inside a caption would shift every
     # following caption onto the wrong image, so normalise all whitespace first.
-    return PTBTokenizer().tokenize(
+    tokenized = PTBTokenizer().tokenize(
         {i: [{"caption": " ".join(c.split())} for c in caps] for i, caps in captions.items()}
     )
+    if any(len(tokenized.get(i, ())) != len(caps) for i, caps in captions.items()):
+        raise RuntimeError("the PTB tokenizer (Java) failed; see its error output above")
+    return tokenized
 
 
 def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
@@ -141,10 +152,81 @@ def write_metrics(path: str | Path, metrics: Mapping[str, float]) -> None:
 
 def _write_json_atomic(path: Path, data: object) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- a whole split
+
+
+def _pixel_batches(images: Sequence[ImageCaptions], transform, batch_size: int, num_workers: int):
+    class Pixels(Dataset):
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return transform(load_image(images[i].path))
+
+    yield from DataLoader(Pixels(), batch_size=batch_size, num_workers=num_workers)
+
+
+@torch.inference_mode()
+def caption_split(
+    model: CaptionModel,
+    vocab: Vocabulary,
+    images: Sequence[ImageCaptions],
+    *,
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Real beam-search captions for every image, in order.
+
+    With `cache_dir`, the encoder's grids come from (or go into) the feature cache: only valid
+    for a model whose encoder is the frozen ImageNet backbone.
+    """
+    model.eval()
+    device = next(model.decoder.parameters()).device
+    if cache_dir is not None:
+        cache = FeatureCache(cache_dir, model.encoder, [i.path for i in images])
+        cache.extract(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        rows = list(range(len(images)))
+        grids = (cache.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+    else:
+        grids = (model.encoder(x.to(device)) for x in
+                 _pixel_batches(images, model.encoder.transform, batch_size, num_workers))
+    captions: list[str] = []
+    bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
+    for features in grids:
+        features = features.to(device)
+        if beam_size <= 1:
+            best = greedy_decode(model.decoder, features, max_length)
+        else:
+            best = [h[0] for h in beam_search(model.decoder, features, beam_size, max_length,
+                                              length_penalty)]
+        captions += [" ".join(vocab.decode(h.tokens)) for h in best]
+        bar.update(len(best))
+    bar.close()
+    return captions
+
+
+def evaluate_model(model: CaptionModel, vocab: Vocabulary, images: Sequence[ImageCaptions],
+                   output_dir: str | Path | None = None, *, meteor: bool = True, spice: bool = False,
+                   **caption_options) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Caption a split, score it, and (optionally) write results.json + metrics.json.
+
+    Results use the official COCO format: the numeric COCO id when there is one.
+    """
+    captions = caption_split(model, vocab, images, **caption_options)
+    predictions = {item.image_id: c for item, c in zip(images, captions, strict=True)}
+    metrics = score_captions(predictions, {i.image_id: i.captions for i in images},
+                             meteor=meteor, spice=spice)
+    results = [{"image_id": i.coco_id if i.coco_id is not None else i.image_id, "caption": c}
+               for i, c in zip(images, captions, strict=True)]
+    if output_dir is not None:
+        write_coco_results(Path(output_dir) / "results.json", results)
+        write_metrics(Path(output_dir) / "metrics.json", metrics)
+    return metrics, results

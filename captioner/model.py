@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .decoder import AttentionDecoder
+from .decoding import decode_tensors
 from .encoder import Encoder
 
 
@@ -45,6 +46,17 @@ class CaptionModel(nn.Module):
     def grid_shape(self) -> tuple[int, int]:
         return (self.encoder.grid_size, self.encoder.grid_size)
 
-    def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor):
-        """Teacher-forced pass from pixels (used when fine-tuning the encoder)."""
-        return self.decoder(self.encoder(images), captions, lengths)
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
+                encode: bool = True, samples: int = 0, max_length: int = 16):
+        """The training pass, so that DistributedDataParallel sees every gradient.
+
+        inputs: pixels (B, 3, S, S), or cached grids (B, L, D) with encode=False.
+        samples=0: teacher forcing -> (logits, alphas). samples=S: S sampled captions per image
+        -> decode_tensors' (tokens, log_probs, mask, alphas), for self-critical training.
+        """
+        features = self.encoder(inputs) if encode else inputs
+        if samples:
+            return decode_tensors(self.decoder, features, max_length, greedy=False,
+                                  samples_per_image=samples)
+        return self.decoder(features, captions, lengths, image_index)

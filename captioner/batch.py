@@ -1,0 +1,466 @@
+"""Caption thousands of image files into a resumable JSONL or CSV file.
+
+Worker processes decode and preprocess images while the model captions the previous batch.
+A file that cannot be used becomes an `error` row instead of stopping the run. Records are
+appended and flushed batch by batch, so a rerun with the same output picks up where a crashed
+or interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .api import Captioner, CaptionResult
+from .checkpoint import atomic_write
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .visualize import save_attention_grid
+
+# Folder scans take files with these extensions (a bad one becomes an error row), plus files of
+# any name whose first bytes are an image signature (a JPEG saved as .dat). HEIC is listed so
+# that phone photos Pillow cannot read are reported rather than silently left out.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+    ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+})
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+               b"\x00\x00\x01\x00", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+_ISO_MEDIA_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
+
+FORMATS = ("jsonl", "csv")
+CSV_FIELDS = ("path", "caption", "score", "width", "height", "alternatives", "error")
+DEFAULT_NUM_WORKERS = min(2, os.cpu_count() or 1)
+THUMBNAIL_SIZE = 320  # images kept for --save-attention grids (panels are ~200 px wide)
+# Marks an attention folder, so that later scans of a folder containing it leave it out even
+# when --save-attention is not given again.
+ATTENTION_MARKER = ".captioner-attention"
+
+
+class OutputError(RuntimeError):
+    """The output file (or attention folder) cannot be read back or written."""
+
+
+# ----------------------------------------------------------------------------- finding images
+
+def looks_like_image(path: str | Path) -> bool:
+    """True if the file starts with the signature of an image format Pillow reads."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    if head.startswith(_SIGNATURES):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+        return True
+    return head[4:8] == b"ftyp" and head[8:12] in _ISO_MEDIA_BRANDS
+
+
+def _key(path: str | Path) -> str:
+    """One name per file, whatever relative spelling found it."""
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _scan(folder: str, excluded: set[str]) -> Iterator[str]:
+    """Image files under `folder`, recursively and sorted. Hidden files and folders (.DS_Store,
+    macOS `._x.jpg` sidecars, our temporary files) and attention folders are skipped."""
+    seen_dirs: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        skipped = _key(root) in excluded or os.path.exists(os.path.join(root, ATTENTION_MARKER))
+        if real in seen_dirs or skipped:  # seen: a symlink loop
+            dirs.clear()
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.startswith(".") or _key(path) in excluded:
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or looks_like_image(path):
+                yield path
+
+
+def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()) -> list[str]:
+    """Expand folders (recursively), files and glob patterns into a list of files to caption.
+
+    Folders contribute files with an image extension or an image signature; other files there
+    are skipped silently. Files named explicitly (or matched by a glob) are always kept, so a
+    missing or non-image file the user asked for gets an error row. A pattern that matches
+    nothing is kept as a literal name, as the shell does. Duplicates are dropped; `exclude`
+    (the output file, the attention folder) is never captioned.
+    """
+    excluded = {_key(p) for p in exclude}
+    found: dict[str, str] = {}
+
+    def add(path: str) -> None:
+        key = _key(path)
+        if key not in excluded:
+            found.setdefault(key, path)
+
+    for item in map(str, inputs):
+        matches = [item]
+        if not os.path.lexists(item) and glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True)) or [item]
+        for path in matches:
+            if os.path.isdir(path):
+                for file in _scan(path, excluded):
+                    add(file)
+            else:
+                add(os.path.normpath(path))
+    return list(found.values())
+
+
+# ----------------------------------------------------------------------------- loading in workers
+
+@dataclass
+class LoadedImage:
+    index: int
+    path: str
+    size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
+    error: str | None = None
+    thumbnail: np.ndarray | None = None  # small RGB copy for attention grids
+
+
+@dataclass
+class Batch:
+    items: list[LoadedImage]  # every image of the batch, in input order
+    pixels: torch.Tensor | None  # (n, 3, S, S) for the items without an error, in order
+
+
+class ImageFiles(Dataset):
+    """Decodes and preprocesses one file; a bad file yields an error instead of raising."""
+
+    def __init__(self, paths: Sequence[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 thumbnails: bool = False):
+        self.paths, self.transform = list(paths), transform
+        self.max_pixels, self.thumbnails = max_pixels, thumbnails
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[LoadedImage, torch.Tensor | None]:
+        item = LoadedImage(index, self.paths[index])
+        try:
+            image = load_image(item.path, self.max_pixels)
+            pixels = self.transform(image)
+        except ImageLoadError as err:
+            item.error = str(err)
+            return item, None
+        except Exception as err:  # a decoder bug on a hostile file must not end the run
+            item.error = f"{item.path}: unexpected {type(err).__name__} while reading: {err}"
+            return item, None
+        item.size = image.size
+        if self.thumbnails:
+            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            item.thumbnail = np.asarray(image)
+        return item, pixels
+
+
+def collate(samples: list[tuple[LoadedImage, torch.Tensor | None]]) -> Batch:
+    """Stack the good images; failures travel alongside as metadata only."""
+    good = [pixels for _, pixels in samples if pixels is not None]
+    return Batch([item for item, _ in samples], torch.stack(good) if good else None)
+
+
+# ----------------------------------------------------------------------------- records
+
+def success_record(path: str, result: CaptionResult, size: tuple[int, int],
+                   alternatives: bool = False) -> dict[str, Any]:
+    record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 4),
+                              "width": size[0], "height": size[1]}
+    if alternatives:
+        record["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)}
+                                  for a in result.alternatives]
+    record["error"] = None
+    return record
+
+
+def failure_record(path: str, error: str) -> dict[str, Any]:
+    return {"path": path, "caption": None, "score": None, "width": None, "height": None,
+            "error": " ".join(error.split())}  # one line, so every record is one line
+
+
+def _format_line(record: dict[str, Any], fmt: str) -> str:
+    if fmt == "jsonl":
+        return json.dumps(record, ensure_ascii=False) + "\n"
+    row = {k: record.get(k) for k in CSV_FIELDS}
+    if row["alternatives"] is not None:
+        row["alternatives"] = json.dumps(row["alternatives"], ensure_ascii=False)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(["" if v is None else v for v in row.values()])
+    return buffer.getvalue()
+
+
+def _csv_header() -> str:
+    return ",".join(CSV_FIELDS) + "\n"
+
+
+def _parse_line(line: str, fmt: str) -> dict[str, Any]:
+    """One stored record -> dict with at least `path` and `error` (None when captioned)."""
+    if fmt == "jsonl":
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise ValueError("not a record with a 'path'")
+        return record
+    values = next(csv.reader([line]))
+    if len(values) != len(CSV_FIELDS):
+        raise ValueError(f"{len(values)} columns, expected {len(CSV_FIELDS)}")
+    record = dict(zip(CSV_FIELDS, values, strict=True))
+    record["error"] = record["error"] or None
+    return record
+
+
+def output_format(path: str | Path, fmt: str | None = None) -> str:
+    """The explicit format, else CSV for a .csv file and JSONL for anything else."""
+    if fmt is None:
+        return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; choose from {FORMATS}")
+    return fmt
+
+
+# ----------------------------------------------------------------------------- the output file
+
+@dataclass
+class ExistingOutput:
+    lines: list[str]  # complete record lines (no header)
+    records: list[dict[str, Any]]
+
+    def done(self) -> set[str]:
+        return {_key(r["path"]) for r in self.records if r["error"] is None}
+
+    def failed(self) -> set[str]:
+        return {_key(r["path"]) for r in self.records if r["error"] is not None} - self.done()
+
+
+def read_output(path: Path, fmt: str) -> ExistingOutput:
+    """Read the records of an earlier run.
+
+    A partial last line (a crash mid-write) is cut off the file, so appending continues on a
+    clean line. Anything else that is not our format is an OutputError, and such a file is
+    never modified: `-o` pointing at the wrong file must not damage it.
+    """
+    if not path.exists():
+        return ExistingOutput([], [])
+    try:
+        data = path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        text = data[:complete].decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise OutputError(f"cannot read {path} as an earlier run's {fmt} output: {err}") from err
+    lines = text.splitlines(keepends=True)
+    first = _csv_header() if fmt == "csv" else '{"path": '
+    if fmt == "csv" and lines:
+        if lines[0] != first:
+            raise OutputError(f"{path} is not a captions CSV (first line {lines[0].strip()!r}, "
+                              f"expected {first.strip()!r}); pick another output file")
+        lines = lines[1:]
+    records = []
+    for number, line in enumerate(lines, start=2 if fmt == "csv" else 1):
+        try:
+            records.append(_parse_line(line, fmt))
+        except (ValueError, StopIteration) as err:
+            raise OutputError(f"{path} line {number} is not a {fmt} caption record ({err}); "
+                              "pick another output file or --format") from err
+    tail = data[complete:]
+    if tail:
+        if complete == 0 and not (tail.startswith(first.encode()) or first.encode().startswith(tail)):
+            raise OutputError(f"{path} is not a captions {fmt} file; pick another output file")
+        try:
+            os.truncate(path, complete)
+        except OSError as err:
+            raise OutputError(f"cannot repair the partial last line of {path}: {err}") from err
+    return ExistingOutput(lines, records)
+
+
+def drop_failures(path: Path, fmt: str, existing: ExistingOutput, retry: set[str]) -> None:
+    """Rewrite the output without the failure rows of files about to be retried.
+
+    Atomic: a crash leaves either the old file or the new one. Either way the retried files
+    end up with exactly one row after the next run.
+    """
+    kept = [line for line, r in zip(existing.lines, existing.records, strict=True)
+            if r["error"] is None or _key(r["path"]) not in retry]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write((_csv_header() if fmt == "csv" else "") + "".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(path, tmp)
+
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        raise OutputError(f"cannot rewrite {path} without its old failure rows: {err}") from err
+
+
+class RecordWriter:
+    """Appends records, one line each, flushed as written; `sync` makes a batch durable."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8", newline="")
+            if fmt == "csv" and self.file.tell() == 0:
+                self.file.write(_csv_header())
+                self.file.flush()
+        except OSError as err:
+            raise OutputError(f"cannot write {path}: {err}") from err
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self.file.write(_format_line(record, self.fmt))
+            self.file.flush()
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err}") from err
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err}") from err
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def attention_filename(path: str) -> str:
+    """A flat, collision-free PNG name: the path's readable tail plus a hash of the full path."""
+    readable = re.sub(r"[^\w.-]+", "_", path.replace(os.sep, "__").replace("/", "__")).strip("._")
+    if len(readable) > 80:  # keep the tail, starting at a folder boundary if there is one
+        tail = readable[-80:]
+        readable = tail.partition("__")[2] or tail
+    digest = hashlib.sha1(_key(path).encode("utf-8")).hexdigest()[:10]
+    return f"{readable or 'image'}-{digest}.png"
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class Summary:
+    found: int  # files to consider, after expanding the inputs
+    already_done: int = 0  # captioned by an earlier run with the same output
+    failed_before: int = 0  # failed in an earlier run, not retried
+    captioned: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    first_errors: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def any_captioned(self) -> bool:
+        """After this run, does at least one input have a caption in the output?"""
+        return self.captioned + self.already_done > 0
+
+    def __str__(self) -> str:
+        skipped = f"skipped {self.already_done} already captioned"
+        if self.failed_before:
+            skipped += f" and {self.failed_before} that failed before (--retry-failed retries them)"
+        return (f"captioned {self.captioned}, failed {self.failed}, {skipped} | "
+                f"{self.images_per_second:.1f} images/s, wall time {self.seconds:.1f} s")
+
+
+def caption_files(
+    captioner: Captioner,
+    paths: Sequence[str],
+    output: str | Path,
+    *,
+    fmt: str | None = None,
+    batch_size: int = 32,
+    beam_size: int = 3,
+    max_length: int = 20,
+    n_best: int = 1,
+    num_workers: int = DEFAULT_NUM_WORKERS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    retry_failed: bool = False,
+    attention_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Caption `paths` into `output`, skipping files it already holds a row for.
+
+    Failed files are skipped too unless `retry_failed`; their old rows are then replaced.
+    Raises OutputError if the output cannot be read back or written.
+    """
+    start = time.perf_counter()
+    output = Path(output)
+    fmt = output_format(output, fmt)
+    existing = read_output(output, fmt)
+    done, failed = existing.done(), existing.failed()
+    skip = done if retry_failed else done | failed
+    todo = [p for p in paths if _key(p) not in skip]
+    summary = Summary(len(paths), already_done=sum(_key(p) in done for p in paths),
+                      failed_before=0 if retry_failed else sum(_key(p) in failed for p in paths))
+    retry = {_key(p) for p in todo} & failed
+    if retry:
+        drop_failures(output, fmt, existing, retry)
+
+    attention_dir = Path(attention_dir) if attention_dir else None
+    if attention_dir is not None:
+        try:
+            attention_dir.mkdir(parents=True, exist_ok=True)
+            (attention_dir / ATTENTION_MARKER).touch()
+        except OSError as err:
+            raise OutputError(f"cannot create the attention folder {attention_dir}: {err}") from err
+    dataset = ImageFiles(todo, captioner.transform, max_pixels, thumbnails=attention_dir is not None)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=captioner.device.type == "cuda")
+    writer = RecordWriter(output, fmt)
+    bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, smoothing=0.05)
+    try:
+        for batch in loader:
+            results = iter(captioner.caption_tensors(batch.pixels, beam_size, max_length, n_best=n_best)
+                           if batch.pixels is not None else ())
+            for item in batch.items:
+                if item.error:
+                    writer.write(failure_record(item.path, item.error))
+                    summary.failed += 1
+                    if len(summary.first_errors) < 10:
+                        summary.first_errors.append(item.error)
+                    continue
+                result = next(results)
+                if attention_dir is not None:
+                    _save_attention(attention_dir, item, result)
+                writer.write(success_record(item.path, result, item.size, alternatives=n_best > 1))
+                summary.captioned += 1
+            writer.sync()
+            bar.update(len(batch.items))
+    finally:
+        bar.close()
+        writer.close()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _save_attention(folder: Path, item: LoadedImage, result: CaptionResult) -> None:
+    path = folder / attention_filename(item.path)
+    try:
+        save_attention_grid(path, Image.fromarray(item.thumbnail), result.words, result.attention,
+                            title=result.text)
+    except OSError as err:
+        raise OutputError(f"cannot write attention grid {path}: {err}") from err

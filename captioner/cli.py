@@ -1,0 +1,104 @@
+"""Command-line entry points (installed as console scripts by pyproject.toml)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .api import Captioner
+from .batch import DEFAULT_NUM_WORKERS, FORMATS, OutputError, caption_files, find_images
+from .images import DEFAULT_MAX_PIXELS
+
+EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
+
+
+def caption_folder_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captioner-caption",
+        description="Caption every image in folders, files or glob patterns into a JSONL or CSV "
+                    "file. Folders are searched recursively for image files (by extension or by "
+                    "content); hidden files are skipped. Rerunning with the same output skips "
+                    "images already in it.",
+        epilog="Exit status: 0 when at least one input has a caption, 1 when none could be "
+               "captioned, 2 when the model cannot be loaded or the output cannot be written.",
+    )
+    parser.add_argument("inputs", nargs="+", help="image folders, image files or glob patterns")
+    parser.add_argument("-o", "--output", default="captions.jsonl",
+                        help="JSONL or CSV file to append to (default: %(default)s)")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="output format (default: csv for a .csv output, else jsonl)")
+    parser.add_argument("--checkpoint",
+                        help="model folder (default: the shipped model, or $CAPTIONER_WEIGHTS)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument("--beam-size", type=_positive, default=3,
+                        help="1 = greedy decoding (default: %(default)s)")
+    parser.add_argument("--max-length", type=_positive, default=20,
+                        help="most words per caption (default: %(default)s)")
+    parser.add_argument("--n-best", type=_positive, default=1,
+                        help="also store the N best captions with their scores (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS,
+                        help="processes decoding images while the model runs; 0 = decode in the "
+                             "main process (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                        help="larger images are refused as possible decompression bombs "
+                             "(default: %(default)s)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="retry images that failed in an earlier run (their rows are replaced)")
+    parser.add_argument("--save-attention", metavar="DIR",
+                        help="write a PNG of each image's per-word attention into DIR (slow)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def caption_folder_main(argv: Sequence[str] | None = None) -> int:
+    """`captioner-caption photos/ -o captions.jsonl`; returns the exit status."""
+    parser = caption_folder_parser()
+    args = parser.parse_args(argv)
+    if args.n_best > args.beam_size:
+        parser.error(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
+
+    try:
+        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
+        print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+
+    paths = find_images(args.inputs, exclude=[args.output, *filter(None, [args.save_attention])])
+    try:
+        summary = caption_files(
+            captioner, paths, args.output, fmt=args.format, batch_size=args.batch_size,
+            beam_size=args.beam_size, max_length=args.max_length, n_best=args.n_best,
+            num_workers=args.num_workers, max_pixels=args.max_pixels,
+            retry_failed=args.retry_failed, attention_dir=args.save_attention,
+            progress=not args.no_progress,
+        )
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to continue where {args.output} stops",
+              file=sys.stderr)
+        return 130
+
+    for error in summary.first_errors:
+        print(f"failed: {error}", file=sys.stderr)
+    if summary.failed > len(summary.first_errors):
+        print(f"... and {summary.failed - len(summary.first_errors)} more; see the rows with an "
+              f"error in {args.output}", file=sys.stderr)
+    print(f"{summary} -> {args.output}")
+    if not summary.any_captioned:
+        print("error: no image could be captioned" + ("" if paths else " (no image files found)"),
+              file=sys.stderr)
+        return EXIT_NOTHING_CAPTIONED
+    return 0

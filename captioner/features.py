@@ -1,0 +1,154 @@
+"""Feature cache: with a frozen encoder, each image's annotation grid is computed once.
+
+The grids live in one fp16 memory-mapped file per (encoder, image list), so a COCO-sized cache
+(123k x 49 x 1280 fp16 = 15 GB) never has to fit in RAM. Extraction is resumable: a per-row
+"done" byte is set only after the row is flushed, and a rerun computes just the missing rows.
+Under torchrun every rank extracts its own share of rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+from .encoder import Encoder
+from .images import ImageLoadError, load_image
+
+
+def encoder_key(encoder: Encoder) -> str:
+    """Names what determines the features: backbone, input size, grid (ImageNet weights)."""
+    g = encoder.grid_size
+    return f"{encoder.backbone_name}-{encoder.image_size}px-{g}x{g}"
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[str | Path], indices: Sequence[int], transform):
+        self.paths, self.indices, self.transform = paths, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        row = self.indices[i]
+        try:
+            return row, self.transform(load_image(self.paths[row])), ""
+        except ImageLoadError as err:
+            return row, None, str(err)
+
+
+def _collate(items):
+    good = [(row, x) for row, x, _ in items if x is not None]
+    errors = [err for _, x, err in items if x is None]
+    rows = torch.tensor([row for row, _ in good], dtype=torch.long)
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return rows, pixels, errors
+
+
+class FeatureCache:
+    """The (N, L, D) fp16 grids of one list of images under one encoder."""
+
+    def __init__(self, root: str | Path, encoder: Encoder, paths: Sequence[str | Path]):
+        self.paths = [str(p) for p in paths]
+        digest = hashlib.sha1("\n".join(self.paths).encode()).hexdigest()[:12]
+        self.folder = Path(root) / encoder_key(encoder)
+        self.stem = self.folder / f"{len(self.paths)}-{digest}"
+        self.shape = (len(self.paths), encoder.grid_size**2, encoder.feature_dim)
+        self.encoder = encoder
+        self._features: np.memmap | None = None
+
+    @property
+    def features_file(self) -> Path:
+        return self.stem.with_suffix(".f16")
+
+    @property
+    def done_file(self) -> Path:
+        return self.stem.with_suffix(".done")
+
+    def missing_rows(self) -> np.ndarray:
+        if not self.done_file.exists():
+            return np.arange(len(self.paths))
+        done = np.memmap(self.done_file, dtype=np.uint8, mode="r", shape=(len(self.paths),))
+        return np.flatnonzero(done == 0)
+
+    def is_complete(self) -> bool:
+        return len(self.missing_rows()) == 0
+
+    def extract(self, batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu",
+                rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, float]:
+        """Compute the missing rows (this rank's share). Returns timing stats.
+
+        Unreadable images stop extraction with one error listing them: training on a silently
+        zero-filled grid would be worse than failing.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        missing = self.missing_rows()
+        todo = [int(r) for r in missing if r % world_size == rank]
+        stats = {"images": 0, "seconds": 0.0, "images_per_second": 0.0, "already_cached":
+                 len(self.paths) - len(missing)}
+        if len(missing) == 0:  # the same answer on every rank: nobody writes before the barrier
+            return stats
+        if rank == 0 and not self.done_file.exists():  # new cache: allocate (sparse) files
+            np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
+            info = {"encoder": encoder_key(self.encoder), "shape": self.shape, "paths": self.paths}
+            atomic_write(self.stem.with_suffix(".json"),
+                         lambda tmp: Path(tmp).write_text(json.dumps(info)))
+            np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
+        if world_size > 1:  # every rank, even one with no rows of its own, meets here
+            torch.distributed.barrier()
+        if not todo:
+            return stats
+        features = np.memmap(self.features_file, dtype=np.float16, mode="r+", shape=self.shape)
+        done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
+        # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a
+        # training run would then depend on whether its features were already cached.
+        loader = DataLoader(_ImageFiles(self.paths, todo, self.encoder.transform),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                            generator=torch.Generator())
+        encoder = self.encoder.to(device).eval()
+        errors: list[str] = []
+        start = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"features {encoder_key(self.encoder)}", unit="img",
+                   disable=not progress)
+        with torch.inference_mode():
+            for rows, pixels, batch_errors in loader:
+                errors += batch_errors
+                if pixels is not None:
+                    grids = encoder(pixels.to(device)).to(torch.float16).cpu().numpy()
+                    features[rows.numpy()] = grids
+                    features.flush()
+                    done[rows.numpy()] = 1
+                    done.flush()
+                bar.update(len(rows) + len(batch_errors))
+        bar.close()
+        seconds = time.perf_counter() - start
+        stats.update(images=len(todo), seconds=seconds, images_per_second=len(todo) / seconds)
+        if errors:
+            listed = "\n  ".join(errors[:10])
+            raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
+        return stats
+
+    def load(self) -> np.memmap:
+        """The read-only memory map (N, L, D) fp16."""
+        if self._features is None:
+            if not self.is_complete():
+                raise RuntimeError(f"feature cache {self.stem} is incomplete: run extract() first")
+            self._features = np.memmap(self.features_file, dtype=np.float16, mode="r",
+                                       shape=self.shape)
+        return self._features
+
+    def batch(self, rows: Sequence[int]) -> torch.Tensor:
+        """Float32 grids (B, L, D) of the given rows."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows)  # sorted reads are kinder to the page cache
+        grids = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
+        grids[order] = self.load()[rows[order]]
+        return torch.from_numpy(grids).float()

@@ -1,0 +1,283 @@
+"""The web UI: caption an image and step through where the model looked, word by word.
+
+app.py only parses flags and launches; everything here works on an already loaded Captioner.
+The model runs once per click on "Caption"; the result is kept in gr.State, so moving the
+opacity or word sliders only redraws overlays.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from .api import Captioner
+from .checkpoint import read_config
+from .images import ImageLoadError, load_image
+from .visualize import overlay_attention
+
+TITLE = "captioner — Show, Attend and Tell"
+MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
+MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+DISPLAY_SIZE = 512  # overlays are drawn on a copy this big: fast, and every thumbnail alike
+MAX_BEAM, MAX_WORDS = 10, 50
+
+# Example photos shipped inside scikit-image, with the licence its docs give for each.
+EXAMPLES = {
+    "astronaut": ("astronaut.png", "Eileen Collins, NASA (public domain)"),
+    "chelsea": ("chelsea.png", "Chelsea the cat, Stefan van der Walt (CC0)"),
+    "coffee": ("coffee.png", "coffee cup, Rachel Michetti (CC0)"),
+    "rocket": ("rocket.jpg", "DSCOVR launch, SpaceX (public domain)"),
+}
+
+API_DESCRIPTION = ("Caption an image. Returns the caption, the n-best alternatives with their scores "
+                   "(log-probabilities) and one attention overlay per word, labelled with the word.")
+
+CSS = """
+#caption textarea { font-size: 1.7rem !important; font-weight: 600; line-height: 1.35; }
+#word-caption { font-size: 1.25rem; }
+#attention-gallery .grid-wrap { min-height: 0; max-height: none; }
+#attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
+#attention-gallery .caption-label { font-size: 0.95rem; }
+.small-print { font-size: 0.85rem; opacity: 0.8; }
+"""
+
+
+@dataclass
+class Shown:
+    """The last caption run: enough to redraw every overlay without the model."""
+
+    image: Image.Image  # at display size
+    words: list[str]
+    attention: np.ndarray  # (len(words), h, w)
+    score: float
+    log_prob: float
+    finished: bool  # False if the maximum length cut the caption short
+
+
+def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
+    """The image scaled (up or down) to `size` px on its long side, so all overlays match."""
+    scale = size / max(image.size)
+    new_size = (max(round(image.width * scale), 1), max(round(image.height * scale), 1))
+    return image.resize(new_size, Image.Resampling.LANCZOS)
+
+
+def read_upload(payload: dict[str, Any] | None) -> Image.Image:
+    """Gradio's file payload -> RGB image, or a gr.Error naming the file the user chose.
+
+    The caption event skips Gradio's own image preprocessing (which would fail on a bad file with
+    a generic error), so every upload, good or bad, reaches load_image.
+    """
+    if not payload or not payload.get("path"):
+        raise gr.Error("Upload an image first (drop a file, paste one, or use the webcam).",
+                       print_exception=False)
+    path = payload["path"]
+    name = payload.get("orig_name") or Path(path).name
+    try:
+        return load_image(path, MAX_PIXELS)
+    except ImageLoadError as err:
+        message = str(err).replace(str(path), name)
+        raise gr.Error(f"Could not read this image: {html.escape(message)}", title="Not an image",
+                       print_exception=False) from err
+
+
+def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
+    """One (overlay, word) pair per generated word, for the gallery."""
+    return [(overlay_attention(shown.image, alpha, opacity), word)
+            for word, alpha in zip(shown.words, shown.attention, strict=True)]
+
+
+def alternatives_table(result) -> list[list]:
+    return [[rank, alt.text or "(empty)", round(alt.score, 3), round(math.exp(alt.log_prob), 3)]
+            for rank, alt in enumerate(result.alternatives, start=1)]
+
+
+def _bounded_int(value: Any, low: int, high: int, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError) as err:
+        raise gr.Error(f"{name} must be a whole number, got {value!r}", print_exception=False) from err
+    return min(max(number, low), high)
+
+
+def _opacity(value: Any) -> float:
+    try:
+        return min(max(float(value), 0.0), 1.0)
+    except (TypeError, ValueError) as err:
+        raise gr.Error(f"opacity must be a number from 0 to 1, got {value!r}",
+                       print_exception=False) from err
+
+
+def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = 3,
+                   max_length: Any = 20, opacity: Any = 0.6):
+    """Run the model once: (caption, n-best table, one attention overlay per word, state)."""
+    picture = read_upload(image)
+    beam_size = _bounded_int(beam_size, 1, MAX_BEAM, "beam size")
+    max_length = _bounded_int(max_length, 1, MAX_WORDS, "maximum length")
+    result = captioner.caption(picture, beam_size=beam_size, max_length=max_length)
+    shown = Shown(display_copy(picture), result.words, result.attention, result.score,
+                  result.log_prob, result.finished)
+    return result.text, alternatives_table(result), overlays(shown, _opacity(opacity)), shown
+
+
+def details(shown: Shown | None) -> str:
+    """The line under the caption: its score, in words a person can read."""
+    if shown is None:
+        return ""
+    parts = [f"**score** {shown.score:.3f} (log-probability)",
+             f"**p** = {math.exp(shown.log_prob):.3f}", f"{len(shown.words)} words"]
+    if not shown.finished:
+        parts.append("⚠️ cut at the maximum length")
+    return " · ".join(parts)
+
+
+def word_view(shown: Shown | None, index: Any, opacity: Any):
+    """The large overlay for word `index` (1-based) and the caption with that word highlighted."""
+    if shown is None or not shown.words:
+        return gr.update(value=None, label="Attention for the selected word"), []
+    i = _bounded_int(index, 1, len(shown.words), "word") - 1
+    big = overlay_attention(shown.image, shown.attention[i], _opacity(opacity))
+    label = f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}”"
+    tokens = [(" ", None)] * (2 * len(shown.words) - 1)  # word, space, word, ...: word j is token 2j
+    tokens[::2] = [(word, "looking at" if j == i else None) for j, word in enumerate(shown.words)]
+    return gr.update(value=big, label=label), tokens
+
+
+def describe_model(checkpoint: Path, captioner: Captioner) -> str:
+    """Markdown for the About panel: the architecture, the checkpoint's metadata and model card."""
+    directory = checkpoint.parent if checkpoint.is_file() else checkpoint
+    config = read_config(directory)
+    model = config["model"]
+    params = sum(p.numel() for p in captioner.model.parameters())
+    grid = "×".join(map(str, captioner.grid_shape))
+    lines = [
+        f"**Model.** Show, Attend and Tell: a `{model['backbone']}` CNN sees the image at "
+        f"{model['image_size']} px as a {grid} grid of regions; an LSTM decoder with "
+        f"{model['attention']} attention weighs those regions afresh before each word. "
+        f"{params / 1e6:.1f} M parameters, {len(captioner.vocab.words):,}-word vocabulary.",
+        f"**Checkpoint.** `{directory}`",
+    ]
+    for key, value in config.get("metadata", {}).items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+        lines.append(f"**{key.replace('_', ' ').capitalize()}.** {_fmt(value)}")
+    card = directory / "MODEL_CARD.md"
+    lines.append("---\n" + card.read_text(encoding="utf-8") if card.is_file()
+                 else "_No model card (MODEL_CARD.md) ships with this checkpoint._")
+    return "\n\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def example_images(folder: Path | None = None) -> list[list[str]]:
+    """Write the example photos as small JPEGs (Gradio serves them from there)."""
+    folder = folder or Path(tempfile.gettempdir()) / "captioner-examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = resources.files("skimage") / "data"
+    paths = []
+    for name, (file, _) in EXAMPLES.items():
+        path = folder / f"{name}.jpg"
+        if not path.is_file():
+            with resources.as_file(data / file) as source:
+                load_image(source).save(path, quality=90)
+        paths.append([str(path)])
+    return paths
+
+
+def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr.Blocks:
+    """The UI: image and controls left, caption and alternatives right, attention below."""
+    run = lambda *inputs: caption_upload(captioner, *inputs)  # noqa: E731
+    run.__name__ = "caption"  # the name gradio_client users see
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
+                    "which part of the image it looked at for every word.")
+        shown = gr.State(None, time_to_live=3 * 3600)  # the last result, per browser tab
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                 height=380, elem_id="input-image")
+                with gr.Row():
+                    beam = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size",
+                                     info="1 = greedy; more beams explore more captions")
+                    length = gr.Slider(5, MAX_WORDS, value=20, step=1, label="Maximum length",
+                                       info="words")
+                button = gr.Button("Caption", variant="primary", size="lg", elem_id="caption-button")
+            with gr.Column(scale=6):
+                caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
+                                     buttons=["copy"], placeholder="The caption appears here")
+                info = gr.Markdown(elem_id="caption-details")
+                table = gr.Dataframe(headers=["#", "caption", "score", "p"],
+                                     datatype=["number", "str", "number", "number"],
+                                     label="Alternatives (beam search n-best, best first)",
+                                     interactive=False, wrap=True, column_widths=["8%", "64%", "14%", "14%"],
+                                     elem_id="alternatives")
+                gallery_examples = gr.Examples(examples, inputs=[image], label="Examples (click one)",
+                                               examples_per_page=len(examples), elem_id="examples",
+                                               api_visibility="private")
+                gr.Markdown("Example photos from scikit-image: "
+                            + "; ".join(credit for _, credit in EXAMPLES.values()) + ".",
+                            elem_classes="small-print")
+        gr.Markdown("## Where the model looked")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                big = gr.Image(label="Attention for the selected word", interactive=False, height=420,
+                               elem_id="word-overlay", buttons=["download", "fullscreen"])
+            with gr.Column(scale=3):
+                words = gr.HighlightedText(label="Caption, word by word (click a word)", show_legend=False,
+                                           show_inline_category=False, elem_id="word-caption",
+                                           color_map={"looking at": "#f59e0b"})
+                step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=True, elem_id="word-slider")
+                opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
+                gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
+                            "model looked most when it chose the word, blue where it looked least.")
+                gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
+                                     object_fit="contain", allow_preview=False,
+                                     elem_id="attention-gallery")
+        with gr.Accordion("About the model", open=False):
+            gr.Markdown(about, elem_classes="small-print")
+
+        def show_result(state: Shown | None, alpha: float):
+            big_image, tokens = word_view(state, 1, alpha)
+            count = len(state.words) if state else 0
+            slider = gr.Slider(minimum=1, maximum=max(count, 2), value=1, interactive=count > 1)
+            return details(state), big_image, tokens, slider
+
+        def pick_thumbnail(state: Shown | None, alpha: float, event: gr.SelectData):
+            return (event.index + 1, *word_view(state, event.index + 1, alpha))
+
+        def pick_word(state: Shown | None, alpha: float, event: gr.SelectData):
+            return (event.index // 2 + 1, *word_view(state, event.index // 2 + 1, alpha))
+
+        view = [big, words]
+        run = dict(fn=partial(caption_upload, captioner),
+                   inputs=[image, beam, length, opacity], outputs=[caption, table, gallery, shown],
+                   preprocess=False, show_progress_on=[caption, gallery])
+        then = dict(fn=show_result, inputs=[shown, opacity], outputs=[info, *view, step],
+                    api_visibility="private")
+        button.click(api_name="caption", api_description=API_DESCRIPTION, **run).success(**then)
+        gallery_examples.load_input_event.then(api_visibility="private", **run).success(**then)
+        step.input(word_view, [shown, step, opacity], view, api_visibility="private")
+        opacity.release(lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
+                        [shown, step, opacity], [gallery, *view], api_visibility="private")
+        gallery.select(pick_thumbnail, [shown, opacity], [step, *view], api_visibility="private")
+        words.select(pick_word, [shown, opacity], [step, *view], api_visibility="private")
+    return demo
+
+
+def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Launch behind Gradio's queue: one model run at a time, so a small CPU box stays responsive."""
+    demo.queue(default_concurrency_limit=1, max_size=32).launch(
+        server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+        state_session_capacity=256, theme=gr.themes.Soft(), css=CSS, show_error=False)

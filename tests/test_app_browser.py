@@ -1,0 +1,98 @@
+"""The web app in a real headless browser: upload, caption, step through the words, bad uploads."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from .app_server import running_app
+from .shapes import shape_image
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Offline and quiet: no component updates, no sync, and every host except the app unresolvable.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+REVIEW_SCREENSHOT = Path("/tmp/app_screenshot.png")
+ALL_IMAGES_SHOWN = "[...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def app_url(shapes_checkpoint):
+    with running_app(shapes_checkpoint) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1700})  # all of it: lazy images load
+    page.set_default_timeout(60_000)  # a busy CPU box can be slow; the waits end as soon as it is done
+    page.goto(app_url)
+    yield page
+    page.close()
+
+
+def test_upload_caption_and_step_through_the_words(page, tmp_path):
+    path = tmp_path / "red_circle_left.png"
+    shape_image("red", "circle", "left").save(path)
+    page.locator("#input-image input[type=file]").set_input_files(path)
+    expect(page.locator("#input-image img")).to_be_visible()  # the preview: the upload is done
+    page.locator("#caption-button").click()
+
+    expect(page.locator("#caption textarea")).to_have_value("a red circle on the left")
+    expect(page.locator("#alternatives")).to_contain_text("a red circle on the right")
+    thumbnails = page.locator("#attention-gallery .thumbnail-item")
+    expect(thumbnails).to_have_count(6)
+    highlighted = page.locator("#word-caption .token.highlighted")
+    expect(highlighted).to_have_text("a")
+
+    thumbnails.nth(2).click()
+    expect(highlighted).to_have_text("circle")
+    expect(page.locator("#word-slider input[type=number]")).to_have_value("3")
+    expect(page.locator("#word-overlay")).to_contain_text("Word 3 of 6")
+    page.locator("#word-caption .token", has_text="left").click()
+    expect(highlighted).to_have_text("left")
+    expect(page.locator("#word-slider input[type=number]")).to_have_value("6")
+
+    page.wait_for_function(ALL_IMAGES_SHOWN)
+    page.screenshot(path=tmp_path / "app.png", full_page=True)
+    shutil.copy(tmp_path / "app.png", REVIEW_SCREENSHOT)
+
+
+def test_example_photo_captions_on_click(page, tmp_path):
+    page.locator("#examples .gallery-item").first.click()
+    caption = page.locator("#caption textarea")
+    expect(caption).not_to_have_value("")
+    words = caption.input_value().split()
+    expect(page.locator("#attention-gallery .thumbnail-item")).to_have_count(len(words))
+    expect(page.locator("#word-overlay")).to_contain_text(f"Word 1 of {len(words)}")
+    page.wait_for_function(ALL_IMAGES_SHOWN)
+    page.screenshot(path=tmp_path / "example.png", full_page=True)
+    shutil.copy(tmp_path / "example.png", REVIEW_SCREENSHOT.with_name("app_screenshot_photo.png"))
+
+
+def test_bad_uploads_show_an_error(page, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_bytes(np.random.default_rng(0).bytes(5000))
+    page.locator("#input-image input[type=file]").set_input_files(fake)
+    expect(page.locator("#input-image img")).to_be_attached()
+    page.locator("#caption-button").click()
+    expect(page.get_by_text("holiday.png: not a recognised image file")).to_be_visible()
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    page.reload()
+    page.locator("#input-image input[type=file]").set_input_files(text)
+    expect(page.get_by_text("Invalid file type: notes.txt")).to_be_visible()

@@ -1,0 +1,241 @@
+"""Batch captioning from the command line: finding files, bad files, resume, formats, exit codes."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioner import Captioner
+from captioner.batch import attention_filename, caption_files, find_images, looks_like_image
+from captioner.cli import caption_folder_main
+
+from .shapes import shape_image
+
+# Good images: (relative path, colour, shape, side, size, PIL format)
+GOOD = [
+    ("red_left.jpg", "red", "circle", "left", 224, "JPEG"),
+    ("sub/blue_right.png", "blue", "square", "right", 300, "PNG"),
+    ("sub/deeper/green_left.jpeg", "green", "square", "left", 500, "JPEG"),
+    ("yellow_right.dat", "yellow", "circle", "right", 260, "JPEG"),  # found by its content
+]
+# Bad files: relative path -> words its error must contain
+BAD = {
+    "fake.jpg": "not a recognised image",
+    "truncated.jpg": "cannot decode",
+    "empty.png": "empty",
+    "bomb.png": "decompression bomb",
+    "broken.jpg": "broken link",
+    "locked.jpg": "permission denied",
+}
+MAX_PIXELS = 400_000  # above every good image (500 x 500), below bomb.png (1000 x 1000)
+
+
+def make_photos(root: Path, monkeypatch) -> Path:
+    """A folder with GOOD and BAD files, plus files a folder scan must ignore."""
+    photos = root / "photos"
+    for name, colour, shape, side, size, fmt in GOOD:
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        shape_image(colour, shape, side, size).save(photos / name, fmt, quality=95)
+    (photos / "fake.jpg").write_text("this is not a picture")
+    jpeg = (photos / "red_left.jpg").read_bytes()
+    (photos / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (photos / "empty.png").write_bytes(b"")
+    Image.new("1", (1000, 1000)).save(photos / "bomb.png")
+    (photos / "broken.jpg").symlink_to(photos / "deleted.jpg")
+    shape_image("red", "square", "right", 224).save(photos / "locked.jpg")
+    make_unreadable(photos / "locked.jpg", monkeypatch)
+    (photos / "notes.txt").write_text("holiday 2024")  # not an image: skipped silently
+    shape_image("red", "square", "right", 224).save(photos / ".hidden.jpg")  # hidden: skipped
+    return photos
+
+
+def make_unreadable(path: Path, monkeypatch) -> None:
+    """chmod 000; root can read anyway, so there the denial is simulated at open()."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    original = Image.open
+
+    def open_denied(fp, *args, **kwargs):
+        if isinstance(fp, (str, os.PathLike)) and Path(fp).name == path.name:
+            raise PermissionError(13, "Permission denied", str(fp))
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_denied)
+
+
+def expected_caption(colour: str, shape: str, side: str) -> str:
+    return f"a {colour} {shape} on the {side}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_name(records: list[dict]) -> dict[str, dict]:
+    names = [Path(r["path"]).name for r in records]
+    assert len(names) == len(set(names)), f"duplicate rows: {sorted(names)}"
+    return {Path(r["path"]).name: r for r in records}
+
+
+def run(photos_or_files, output: Path, checkpoint: Path, *flags: str) -> int:
+    inputs = [str(p) for p in (photos_or_files if isinstance(photos_or_files, list) else [photos_or_files])]
+    return caption_folder_main([*inputs, "-o", str(output), "--checkpoint", str(checkpoint),
+                                "--max-pixels", str(MAX_PIXELS), "--no-progress", *flags])
+
+
+def test_find_images_by_extension_or_content(tmp_path, monkeypatch):
+    photos = make_photos(tmp_path, monkeypatch)
+    found = [os.path.relpath(p, photos) for p in find_images([photos])]
+    assert sorted(found) == sorted([g[0] for g in GOOD] + list(BAD))
+    assert looks_like_image(photos / "yellow_right.dat") and not looks_like_image(photos / "fake.jpg")
+
+    # Explicit files are kept even when they are not images; globs expand; duplicates go.
+    found = find_images([photos / "notes.txt", str(photos / "sub" / "*.png"), photos / "sub"])
+    assert [os.path.relpath(p, photos) for p in found] == [
+        "notes.txt", "sub/blue_right.png", "sub/deeper/green_left.jpeg"]
+    assert find_images([photos], exclude=[photos / "sub"]) == [
+        p for p in find_images([photos]) if "/sub/" not in p]
+
+
+def test_folder_with_good_and_bad_files(tmp_path, monkeypatch, shapes_checkpoint):
+    photos = make_photos(tmp_path, monkeypatch)
+    output = tmp_path / "captions.jsonl"
+    monkeypatch.setenv("CAPTIONER_WEIGHTS", str(shapes_checkpoint))  # the default model
+    code = caption_folder_main([str(photos), "-o", str(output), "--max-pixels", str(MAX_PIXELS),
+                                "--num-workers", "0", "--no-progress"])
+    assert code == 0
+    rows = by_name(read_jsonl(output))
+    assert set(rows) == {Path(g[0]).name for g in GOOD} | set(BAD)
+    for name, colour, shape, side, size, _ in GOOD:
+        row = rows[Path(name).name]
+        assert row["error"] is None
+        assert row["caption"] == expected_caption(colour, shape, side)
+        assert (row["width"], row["height"]) == (size, size)
+        assert row["score"] < 0 and "alternatives" not in row
+        assert Path(row["path"]) == photos / name
+    for name, words in BAD.items():
+        row = rows[name]
+        assert words in row["error"] and name in row["error"], row
+        assert row["caption"] is None
+
+
+def test_workers_csv_n_best_and_attention(tmp_path, monkeypatch, shapes_checkpoint):
+    photos = make_photos(tmp_path, monkeypatch)
+    (photos / "locked.jpg").unlink()  # its denial may be simulated in this process only
+    output = tmp_path / "captions.csv"
+    attention = photos / "attention"  # inside the scanned folder: must not be captioned later
+    code = run(photos, output, shapes_checkpoint, "--num-workers", "2", "--batch-size", "3",
+               "--n-best", "2", "--save-attention", str(attention))
+    assert code == 0
+    with output.open(newline="") as f:
+        rows = by_name(list(csv.DictReader(f)))
+    assert set(rows) == {Path(g[0]).name for g in GOOD} | set(BAD) - {"locked.jpg"}
+    for name, words in BAD.items():
+        assert name == "locked.jpg" or words in rows[name]["error"]
+    for name, colour, shape, side, size, _ in GOOD:
+        row = rows[Path(name).name]
+        assert row["error"] == "" and row["caption"] == expected_caption(colour, shape, side)
+        assert int(row["width"]) == size and float(row["score"]) < 0
+        alternatives = json.loads(row["alternatives"])
+        assert len(alternatives) == 2 and alternatives[0]["caption"] == row["caption"]
+        assert alternatives[0]["score"] >= alternatives[1]["score"]
+        grid = attention / attention_filename(row["path"])
+        with Image.open(grid) as image:
+            assert image.format == "PNG" and image.width > 200
+    assert len(list(attention.glob("*.png"))) == len(GOOD)
+
+    # A rerun without --save-attention still leaves the attention folder out: nothing new.
+    assert run(photos, output, shapes_checkpoint, "--num-workers", "2") == 0
+    with output.open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_resume_after_crash_and_partial_line(tmp_path, monkeypatch, shapes_checkpoint):
+    photos = make_photos(tmp_path, monkeypatch)
+    output = tmp_path / "captions.jsonl"
+    captioner = Captioner.from_pretrained(shapes_checkpoint)
+    paths = find_images([photos])
+    real_caption_tensors = captioner.caption_tensors
+    calls = []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_caption_tensors(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, "caption_tensors", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        caption_files(captioner, paths, output, batch_size=3, num_workers=0,
+                      max_pixels=MAX_PIXELS, progress=False)
+    first = read_jsonl(output)
+    assert 0 < len(first) < len(paths)
+    with output.open("a") as f:  # a crash in the middle of writing a record
+        f.write('{"path": "' + str(photos / "half"))
+
+    monkeypatch.setattr(captioner, "caption_tensors", real_caption_tensors)
+    summary = caption_files(captioner, paths, output, batch_size=3, num_workers=0,
+                            max_pixels=MAX_PIXELS, progress=False)
+    assert summary.already_done + summary.failed_before == len(first)
+    rows = by_name(read_jsonl(output))  # every line parses, no duplicates
+    assert set(rows) == {Path(p).name for p in paths}
+    assert read_jsonl(output)[: len(first)] == first
+
+
+def test_retry_failed_replaces_old_failure_rows(tmp_path, monkeypatch, shapes_checkpoint):
+    photos = make_photos(tmp_path, monkeypatch)
+    output = tmp_path / "captions.jsonl"
+    assert run(photos, output, shapes_checkpoint, "--num-workers", "0") == 0
+    shape_image("red", "circle", "left", 224).save(photos / "fake.jpg", "JPEG")  # now fixed
+
+    assert run(photos, output, shapes_checkpoint, "--num-workers", "0") == 0
+    assert "not a recognised image" in by_name(read_jsonl(output))["fake.jpg"]["error"]
+
+    before = by_name(read_jsonl(output))
+    assert run(photos, output, shapes_checkpoint, "--num-workers", "0", "--retry-failed") == 0
+    after = by_name(read_jsonl(output))
+    assert set(after) == set(before)
+    assert after["fake.jpg"]["error"] is None
+    assert after["fake.jpg"]["caption"] == expected_caption("red", "circle", "left")
+    assert "empty" in after["empty.png"]["error"]  # still bad: one fresh failure row
+    assert all(after[name] == row for name, row in before.items() if row["error"] is None)
+
+
+def test_exit_codes(tmp_path, monkeypatch, shapes_checkpoint):
+    photos = make_photos(tmp_path, monkeypatch)
+    bad_only = [photos / name for name in BAD]
+    output = tmp_path / "out.jsonl"
+    assert run(bad_only, output, shapes_checkpoint, "--num-workers", "0") == 1
+    assert len(read_jsonl(output)) == len(BAD)
+    (tmp_path / "nothing").mkdir()
+    assert run(tmp_path / "nothing", tmp_path / "none.jsonl", shapes_checkpoint) == 1
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert run(photos, tmp_path / "a.jsonl", broken) == 2
+    monkeypatch.setenv("CAPTIONER_WEIGHTS", str(tmp_path / "nothing"))
+    assert caption_folder_main([str(photos), "-o", str(tmp_path / "b.jsonl")]) == 2
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+
+    foreign = tmp_path / "notes.txt"  # -o pointing at someone else's file: refused, untouched
+    foreign.write_text("shopping list\nmilk")
+    assert run(photos / "red_left.jpg", foreign, shapes_checkpoint, "--num-workers", "0") == 2
+    assert foreign.read_text() == "shopping list\nmilk"
+    assert run(photos / "red_left.jpg", tmp_path / "nothing", shapes_checkpoint) == 2  # a folder
+
+
+def test_attention_filenames_do_not_collide():
+    names = {attention_filename(p) for p in ["a/b_c.jpg", "a_b/c.jpg", "a/b/c.jpg", "a__b/c.jpg"]}
+    assert len(names) == 4
+    long = attention_filename("x" * 300 + "/photo.jpg")
+    assert len(long) < 100 and "photo.jpg" in long and long.endswith(".png")
+
+
+@pytest.fixture  # DEV-ONLY-OVERRIDE
+def shapes_checkpoint():  # DEV-ONLY-OVERRIDE
+    return Path("/tmp/shapes_ckpt")  # DEV-ONLY-OVERRIDE

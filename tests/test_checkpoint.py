@@ -1,0 +1,155 @@
+"""Model files: safetensors + JSON round trips, and every kind of broken file is a clear error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from captioner import Captioner, CheckpointError, load_model, save_model
+from captioner.checkpoint import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+
+from .shapes import all_examples
+
+
+@pytest.fixture
+def checkpoint(shapes_checkpoint, tmp_path):
+    """A private copy of the shapes checkpoint that a test may break."""
+    return shutil.copytree(shapes_checkpoint, tmp_path / "model")
+
+
+def _images():
+    return [img for img, _, _ in all_examples()[::3]]
+
+
+def _edit_config(folder, edit):
+    path = folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_round_trip_gives_identical_tensors_and_captions(trained_shapes_model, shapes_checkpoint):
+    model, vocab, _ = trained_shapes_model
+    loaded, loaded_vocab, config = load_model(shapes_checkpoint)
+    assert not loaded.training
+    assert loaded_vocab.words == vocab.words
+    assert config["metadata"] == {"trained_on": "synthetic shapes (tests)"}
+    assert config["model"] == vars(model.config)
+    original = model.state_dict()
+    state = loaded.state_dict()
+    assert state.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(state[name], tensor), name
+
+    before = Captioner(model, vocab, device="cpu").caption(_images(), beam_size=3)
+    after = Captioner(loaded, loaded_vocab, device="cpu").caption(_images(), beam_size=3)
+    assert [r.text for r in after] == [r.text for r in before]
+    for a, b in zip(after, before, strict=True):
+        assert a.score == b.score
+        assert (a.attention == b.attention).all()
+    # the path of the weights file works as well as the folder
+    assert load_model(shapes_checkpoint / WEIGHTS_FILE)[1].words == vocab.words
+
+
+def test_fp16_checkpoint(trained_shapes_model, shapes_checkpoint, tmp_path):
+    model, vocab, _ = trained_shapes_model
+    folder = save_model(tmp_path / "fp16", model, vocab, dtype=torch.float16)
+    size16, size32 = (folder / WEIGHTS_FILE).stat().st_size, (shapes_checkpoint / WEIGHTS_FILE).stat().st_size
+    assert size16 < 0.6 * size32
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+        assert f.get_tensor("decoder.classifier.weight").dtype == torch.float16
+    loaded, _, config = load_model(folder)
+    assert config["weights_dtype"] == "float16"
+    assert loaded.decoder.classifier.weight.dtype == torch.float32  # runs in fp32 on the CPU
+    torch.testing.assert_close(loaded.decoder.classifier.weight, model.decoder.classifier.weight,
+                               atol=1e-3, rtol=1e-3)
+    results = Captioner(loaded, vocab, device="cpu").caption(_images())
+    assert [r.text for r in results] == [caption for _, caption, _ in all_examples()[::3]]
+    assert not list(folder.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_checkpoint_holds_no_pickle_and_loading_never_unpickles(checkpoint, monkeypatch):
+    raw = (checkpoint / WEIGHTS_FILE).read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_size])  # safetensors: a JSON header, then raw tensors
+    assert "decoder.classifier.weight" in header
+    assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:8 + header_size]  # no zip, no pickle
+    assert sorted(p.name for p in checkpoint.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load / pickle used while loading a checkpoint")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr("pickle.load", forbidden)
+    monkeypatch.setattr("pickle.loads", forbidden)
+    model, vocab, _ = load_model(checkpoint)
+    assert len(vocab) == model.decoder.vocab_size
+
+
+def _assert_error(folder, *fragments):
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_corrupt_weights_file(checkpoint):
+    (checkpoint / WEIGHTS_FILE).write_bytes(b"\x00garbage, not tensors" * 100)
+    _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), "corrupt")
+
+
+def test_truncated_weights_file(checkpoint):
+    path = checkpoint / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _assert_error(checkpoint, str(path))
+
+
+def test_config_that_is_not_json(checkpoint):
+    (checkpoint / CONFIG_FILE).write_text('{"format": "captioner", ')
+    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "not valid JSON")
+
+
+def test_json_that_is_not_a_captioner_config(checkpoint):
+    (checkpoint / CONFIG_FILE).write_text('["a", "list"]')
+    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "not a captioner config")
+
+
+def test_config_whose_dims_do_not_match_the_weights(checkpoint):
+    _edit_config(checkpoint, lambda c: c["model"].update(hidden_dim=64))
+    message = _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), str(checkpoint / CONFIG_FILE),
+                            "does not match")
+    assert "file (128, 128) vs config (64, 128)" in message  # names the tensor and both shapes
+
+
+def test_vocabulary_that_does_not_match_the_weights(checkpoint):
+    _edit_config(checkpoint, lambda c: c["vocabulary"].append("extra"))
+    _assert_error(checkpoint, "decoder.classifier.weight", "does not match")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["model"].update(colour="blue"), "unknown model settings ['colour']"),
+    (lambda c: c["model"].update(backbone="vgg16"), "unknown backbone"),
+    (lambda c: c["model"].update(hidden_dim="big"), "hidden_dim"),
+    (lambda c: c.pop("model"), "model"),
+    (lambda c: c.update(vocabulary=["a", "b"]), "bad vocabulary"),
+])
+def test_bad_config_values(checkpoint, edit, fragment):
+    _edit_config(checkpoint, edit)
+    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), fragment)
+
+
+def test_wrong_format_version(checkpoint):
+    _edit_config(checkpoint, lambda c: c.update(format_version=FORMAT_VERSION + 1))
+    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), f"format version {FORMAT_VERSION + 1}")
+
+
+def test_missing_files(checkpoint, tmp_path):
+    _assert_error(tmp_path / "nowhere", str(tmp_path / "nowhere"), "does not exist")
+    (checkpoint / WEIGHTS_FILE).unlink()
+    _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), "missing")
+    (checkpoint / CONFIG_FILE).unlink()
+    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "missing")

@@ -1,0 +1,240 @@
+"""Greedy, beam search and sampling, and the real learning test on the shapes world."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from captioner import Captioner, Vocabulary
+from captioner.decoder import AttentionDecoder
+from captioner.decoding import _log_probs, beam_search, decode_tensors, greedy_decode, sample
+
+from .shapes import all_examples
+
+END = Vocabulary.end_id
+
+
+def _random_decoder(vocab_size=12, feature_dim=32, seed=0):
+    """A small untrained decoder: with few words it says <end> now and then, at random steps."""
+    torch.manual_seed(seed)
+    return AttentionDecoder(vocab_size, feature_dim, annotation_dim=16, embed_dim=16, hidden_dim=24,
+                            attention_dim=16, dropout=0.0).eval()
+
+
+def _random_features(batch, num_cells=9, feature_dim=32, seed=4):
+    """Strong, varied features, so that the images' captions differ and end at different steps."""
+    return 10 * torch.randn(batch, num_cells, feature_dim, generator=torch.Generator().manual_seed(seed))
+
+
+class BigramDecoder(nn.Module):
+    """Scripted next-word probabilities that depend only on the previous word.
+
+    Same interface as AttentionDecoder, so beam search can be checked against hand-computed
+    answers. `table[prev][next] = p`; every other word gets a negligible probability.
+    """
+
+    def __init__(self, vocab_size: int, table: dict[int, dict[int, float]]):
+        super().__init__()
+        logits = torch.full((vocab_size, vocab_size), -30.0)
+        for prev, row in table.items():
+            for word, p in row.items():
+                logits[prev, word] = math.log(p)
+        self.register_buffer("table", logits)
+        self.vocab_size = vocab_size
+
+    def prepare(self, features):
+        return features, features
+
+    def init_state(self, features):
+        zeros = features.new_zeros(features.shape[0], 1)
+        return zeros, zeros
+
+    def step(self, features, keys, words, state):
+        num_cells = features.shape[1]
+        return self.table[words], state, features.new_full((len(words), num_cells), 1.0 / num_cells)
+
+
+X, Y, Z = 4, 5, 6  # word ids after the four special tokens
+
+
+@pytest.fixture(scope="module")
+def shapes_features(trained_shapes_model):
+    model, _, _ = trained_shapes_model
+    pixels = torch.stack([model.encoder.transform(img) for img, _, _ in all_examples()])
+    with torch.no_grad():
+        return model.encoder(pixels)
+
+
+# ----------------------------------------------------------------------------- greedy vs beam
+
+
+@pytest.mark.parametrize("source", ["random", "shapes"])
+def test_beam_of_one_is_greedy(source, trained_shapes_model, shapes_features):
+    if source == "random":
+        decoder, features = _random_decoder(), _random_features(6)
+    else:
+        decoder, features = trained_shapes_model[0].decoder, shapes_features
+    greedy = greedy_decode(decoder, features, max_length=12)
+    beams = beam_search(decoder, features, beam_size=1, max_length=12)
+    for g, [b] in zip(greedy, beams, strict=True):
+        assert b.tokens == g.tokens and b.finished == g.finished
+        assert b.log_prob == pytest.approx(g.log_prob, abs=1e-4)
+        torch.testing.assert_close(b.alphas, g.alphas)
+    assert any(g.finished for g in greedy)
+    if source == "random":  # covers captions cut at max_length too
+        assert not all(g.finished for g in greedy)
+
+
+@pytest.mark.parametrize("beam_size", [3, 5])
+def test_batched_beam_search_equals_one_image_at_a_time(beam_size):
+    decoder = _random_decoder()
+    features = _random_features(6)
+    batched = beam_search(decoder, features, beam_size, max_length=10)
+    for b in range(len(features)):
+        alone = beam_search(decoder, features[b : b + 1], beam_size, max_length=10)[0]
+        assert [h.tokens for h in batched[b]] == [h.tokens for h in alone]
+        assert [h.finished for h in batched[b]] == [h.finished for h in alone]
+        assert [h.score for h in batched[b]] == pytest.approx([h.score for h in alone], abs=1e-4)
+        for h, a in zip(batched[b], alone, strict=True):
+            torch.testing.assert_close(h.alphas, a.alphas)
+    # the batch mixes images that are done early (beam_size captions ended) and images that
+    # still have live beams when max_length cuts them
+    finished_counts = [sum(h.finished for h in hyps) for hyps in batched]
+    assert beam_size in finished_counts and min(finished_counts) < beam_size, finished_counts
+
+
+def test_beam_search_n_best_are_ranked_distinct_and_rescore_exactly():
+    decoder = _random_decoder()
+    features = _random_features(4)
+    results = beam_search(decoder, features, beam_size=4, max_length=8)
+    for b, hyps in enumerate(results):
+        assert len(hyps) == 4
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)  # n-best, best first
+        assert len({tuple(h.tokens) for h in hyps}) == 4  # distinct captions
+        for h in hyps:
+            assert h.alphas.shape == (len(h.tokens), 9)
+            assert all(t >= Vocabulary.unk_id for t in h.tokens)  # never <pad>/<start>/<end>
+            assert h.finished or len(h.tokens) == 8
+            # the reported log-prob is the model's: re-score the caption with teacher forcing
+            ids = [Vocabulary.start_id, *h.tokens, *([END] if h.finished else [])]
+            with torch.no_grad():
+                logits, _ = decoder(features[b : b + 1], torch.tensor([ids]), torch.tensor([len(ids)]))
+            logp = _log_probs(logits[0]).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum()
+            assert h.log_prob == pytest.approx(float(logp), abs=1e-4)
+    top = beam_search(decoder, features, beam_size=4, max_length=8, n_best=2)
+    assert [[h.tokens for h in hyps] for hyps in top] == [[h.tokens for h in hyps[:2]] for hyps in results]
+
+
+def test_n_best_does_not_change_the_best_caption():
+    """`y y y` (unfinished at max_length) outscores the finished `x`: asking for fewer
+    alternatives must not change which caption wins."""
+    decoder = BigramDecoder(7, {Vocabulary.start_id: {Y: 0.6, X: 0.4}, X: {END: 0.6, X: 0.4},
+                                Y: {Y: 0.9, Z: 0.1}})
+    features = torch.zeros(1, 4, 8)
+    full = beam_search(decoder, features, beam_size=2, max_length=3)[0]
+    assert [h.tokens for h in full] == [[Y, Y, Y], [X]]
+    assert [h.finished for h in full] == [False, True]
+    assert full[0].log_prob == pytest.approx(math.log(0.6 * 0.9 * 0.9), abs=1e-6)
+    assert full[1].log_prob == pytest.approx(math.log(0.4 * 0.6), abs=1e-6)
+    best = beam_search(decoder, features, beam_size=2, max_length=3, n_best=1)[0]
+    assert [h.tokens for h in best] == [[Y, Y, Y]]
+
+
+def test_length_penalty_prefers_the_longer_caption():
+    """`x` has the higher log-probability (0.35 vs 0.27), `y z` the higher per-word one."""
+    decoder = BigramDecoder(7, {Vocabulary.start_id: {X: 0.7, Y: 0.3}, X: {END: 0.5, X: 0.3, Y: 0.2},
+                                Y: {Z: 0.95, END: 0.05}, Z: {END: 0.95, Z: 0.05}})
+    features = torch.zeros(2, 4, 8)
+    plain = beam_search(decoder, features, beam_size=2, max_length=10)[0]
+    assert [h.tokens for h in plain] == [[X], [Y, Z]]
+    assert [h.score for h in plain] == pytest.approx([math.log(0.35), math.log(0.3 * 0.95 * 0.95)], abs=1e-6)
+    normalised = beam_search(decoder, features, beam_size=2, max_length=10, length_penalty=1.0)[0]
+    assert [h.tokens for h in normalised] == [[Y, Z], [X]]
+    # score = log_prob / (words + <end>) ** length_penalty; log_prob itself is unchanged
+    assert normalised[0].score == pytest.approx(math.log(0.3 * 0.95 * 0.95) / 3, abs=1e-6)
+    assert normalised[1].score == pytest.approx(math.log(0.35) / 2, abs=1e-6)
+    assert normalised[1].log_prob == pytest.approx(plain[0].log_prob)
+    assert all(h.finished for h in plain + normalised)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+def test_a_decoder_that_never_ends_stops_at_max_length(trained_shapes_model, shapes_features):
+    model, vocab, _ = trained_shapes_model
+    endless = copy.deepcopy(model)
+    with torch.no_grad():
+        endless.decoder.classifier.bias[END] = float("-inf")
+    features = shapes_features[:3]
+    for h in greedy_decode(endless.decoder, features, max_length=9):
+        assert not h.finished and len(h.tokens) == 9 and END not in h.tokens
+    for hyps in beam_search(endless.decoder, features, beam_size=3, max_length=9):
+        assert len(hyps) == 3
+        assert all(not h.finished and len(h.tokens) == 9 for h in hyps)
+        assert all(math.isfinite(h.score) for h in hyps)
+    results = Captioner(endless, vocab, device="cpu").caption(
+        [img for img, _, _ in all_examples()[:2]], beam_size=3, max_length=9)
+    assert all(not r.finished and len(r.words) == 9 and r.attention.shape == (9, 4, 4) for r in results)
+    # the unmodified model does finish
+    assert all(h.finished for h in greedy_decode(model.decoder, features, max_length=9))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sampling_returns_valid_tokens_within_top_k():
+    decoder = _random_decoder(vocab_size=30)
+    features = _random_features(8)
+    torch.manual_seed(1)
+    for temperature, top_k in [(1.0, 0), (1.5, 0), (0.7, 3)]:
+        for b, h in enumerate(sample(decoder, features, max_length=10, temperature=temperature, top_k=top_k)):
+            assert all(Vocabulary.unk_id <= t < 30 for t in h.tokens)
+            assert h.finished or len(h.tokens) == 10
+            if top_k:  # every word, and <end>, was among the k most likely at its step
+                ids = [Vocabulary.start_id, *h.tokens, *([END] if h.finished else [])]
+                with torch.no_grad():
+                    logits, _ = decoder(features[b : b + 1], torch.tensor([ids]), torch.tensor([len(ids)]))
+                logp = _log_probs(logits[0])  # <pad> and <start> are never candidates
+                ranks = (logp > logp.gather(1, torch.tensor(ids[1:])[:, None])).sum(1)
+                assert (ranks < top_k).all()
+    tokens, log_probs, mask, alphas = decode_tensors(decoder, features, 10, greedy=False, samples_per_image=3)
+    assert tokens.shape[0] == 24 and log_probs.shape == mask.shape == tokens.shape
+    assert (tokens[~mask] == Vocabulary.pad_id).all() and (log_probs[~mask] == 0).all()
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    decoder = _random_decoder()
+    features = _random_features(6)
+    greedy = greedy_decode(decoder, features, max_length=12)
+    for temperature in (1.0, 0.5, 2.0):
+        sampled = sample(decoder, features, max_length=12, temperature=temperature, top_k=1)
+        assert [h.tokens for h in sampled] == [h.tokens for h in greedy]
+    sampled = sample(decoder, features, max_length=12, top_k=1)
+    assert [h.log_prob for h in sampled] == pytest.approx([h.log_prob for h in greedy], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the real learning test
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_trained_model_captions_and_looks_at_the_shape(beam_size, trained_shapes_model):
+    """The model learned the shapes world: exact captions for all 16 images, and when it says
+    the colour it looks at the half of the image where the shape is."""
+    model, vocab, losses = trained_shapes_model
+    assert losses[-1] < 0.2 * losses[0]
+    examples = all_examples()
+    results = Captioner(model, vocab, device="cpu").caption([img for img, _, _ in examples],
+                                                             beam_size=beam_size)
+    assert [r.text for r in results] == [caption for _, caption, _ in examples]
+    for result, (_, caption, side) in zip(results, examples, strict=True):
+        colour = result.attention[1]  # "a <colour> ..."
+        half = colour.shape[1] // 2
+        left, right = colour[:, :half].sum(), colour[:, half:].sum()
+        shape_half, other_half = (left, right) if side == "left" else (right, left)
+        assert shape_half > other_half, (caption, left, right)
+        column = int(colour.argmax()) % colour.shape[1]
+        assert (column < half) == (side == "left"), (caption, colour.round(2))
+        assert result.finished

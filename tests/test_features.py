@@ -1,0 +1,102 @@
+"""The feature cache: keyed by what determines the features, resumable, loud about bad images.
+
+Reuse of the cache by a second train() run is checked in test_training.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.encoder import Encoder
+from captioner.features import FeatureCache, encoder_key
+from captioner.images import ImageLoadError
+
+from .shapes import write_coco_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a busy CPU run far faster (and reproducibly) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return Encoder("efficientnet_lite0", image_size=128).eval()
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    _, image_dir = write_coco_dataset(tmp_path_factory.mktemp("shapes"))
+    return sorted(image_dir.glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def fresh_grids(encoder, image_paths) -> torch.Tensor:
+    """What the encoder computes for every image, in fp32, without any cache."""
+    from captioner.images import load_image
+
+    with torch.inference_mode():
+        return encoder(torch.stack([encoder.transform(load_image(p)) for p in image_paths]))
+
+
+def test_cache_key_names_backbone_input_size_and_grid(encoder, image_paths, tmp_path):
+    assert encoder_key(encoder) == "efficientnet_lite0-128px-4x4"
+    larger = Encoder("efficientnet_lite0", image_size=160, weights="random")
+    coarser = Encoder("efficientnet_lite0", image_size=128, grid_size=2, weights="random")
+    folders = {FeatureCache(tmp_path, e, image_paths).folder for e in (encoder, larger, coarser)}
+    assert len(folders) == 3
+    # Another image list under the same encoder is another file in the same folder.
+    whole = FeatureCache(tmp_path, encoder, image_paths)
+    part = FeatureCache(tmp_path, encoder, image_paths[:8])
+    assert whole.folder == part.folder and whole.features_file != part.features_file
+
+
+def test_extraction_resumes_after_an_interruption(encoder, image_paths, fresh_grids, tmp_path):
+    cache = FeatureCache(tmp_path, encoder, image_paths)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        cache.batch([0])
+    stats = cache.extract(batch_size=8, num_workers=0, progress=False)
+    assert (stats["images"], stats["already_cached"]) == (16, 0)
+    assert cache.is_complete()
+    first = np.array(cache.load())
+    assert torch.allclose(cache.batch(range(16)), fresh_grids, rtol=2e-3, atol=2e-3)  # fp16 storage
+
+    # An interruption: rows never marked done (and their half-written data is garbage).
+    lost = [3, 7, 12]
+    done = np.memmap(cache.done_file, dtype=np.uint8, mode="r+", shape=(16,))
+    done[lost] = 0
+    done.flush()
+    features = np.memmap(cache.features_file, dtype=np.float16, mode="r+", shape=cache.shape)
+    features[lost] = 1e4
+    features.flush()
+    del done, features
+
+    resumed = FeatureCache(tmp_path, encoder, image_paths)
+    assert resumed.missing_rows().tolist() == lost
+    stats = resumed.extract(batch_size=8, num_workers=0, progress=False)
+    assert (stats["images"], stats["already_cached"]) == (3, 13)
+    again = np.array(resumed.load())
+    kept = [r for r in range(16) if r not in lost]
+    assert np.array_equal(again[kept], first[kept])  # untouched rows were not recomputed
+    assert torch.allclose(resumed.batch(range(16)), fresh_grids, rtol=2e-3, atol=2e-3)
+    # batch() returns rows in the order asked for, whatever order it reads them in
+    assert torch.equal(resumed.batch([12, 0, 7]), resumed.batch(range(16))[[12, 0, 7]])
+
+    assert resumed.extract(num_workers=0, progress=False)["images"] == 0
+
+
+def test_unreadable_image_stops_extraction_and_the_rest_is_kept(encoder, image_paths, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = [*image_paths[:4], broken]
+    cache = FeatureCache(tmp_path / "cache", encoder, paths)
+    with pytest.raises(ImageLoadError, match="1 images could not be read") as err:
+        cache.extract(batch_size=2, num_workers=0, progress=False)
+    assert "broken.jpg" in str(err.value)
+    assert cache.missing_rows().tolist() == [4]  # the readable images need not be redone
+    with pytest.raises(RuntimeError, match="incomplete"):
+        cache.load()

@@ -1,0 +1,97 @@
+"""Self-critical training: the loss's sign and baseline, and that it really raises CIDEr-D.
+
+The train() SCST stage (runs, resumes exactly, logs `reward`) is covered in test_training.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from captioner import CaptionModel, ModelConfig, Vocabulary
+from captioner.cider import CiderD
+from captioner.decoding import decode_tensors
+from captioner.scst import scst_loss
+from captioner.vocabulary import tokenize
+
+from .conftest import TINY
+from .shapes import all_examples, train_decoder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a busy CPU run far faster (and reproducibly) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes_references() -> list[list[list[str]]]:
+    return [[tokenize(caption)] for _, caption, _ in all_examples()]
+
+
+def _tokens(vocab: Vocabulary, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-caption tensors as decode_tensors returns them: words + <end>, <pad> after."""
+    ids = [vocab.encode(c)[1:] for c in captions]  # drop <start>, keep <end>
+    width = max(len(i) for i in ids) + 2
+    tokens = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.bool)
+    for row, seq in enumerate(ids):
+        tokens[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = True
+    return tokens, mask
+
+
+def test_scst_loss_favours_the_sample_closest_to_the_references(shapes_vocab, shapes_references):
+    cider = CiderD(shapes_references)
+    references = [[tokenize("a red circle on the left")]]  # one image
+    samples = ["a red circle on the left", "a red square on the left", "a blue square on the right"]
+    tokens, mask = _tokens(shapes_vocab, samples)
+    log_probs = torch.full(tokens.shape, -1.0, requires_grad=True)
+
+    loss, stats = scst_loss(tokens, log_probs, mask, references, cider, shapes_vocab, samples=3)
+    loss.backward()
+
+    rewards = cider.scores([tokenize(s) for s in samples], references * 3)
+    assert rewards[0] > rewards[1] > rewards[2]
+    assert stats["reward"] == pytest.approx(rewards.mean())
+    # d loss / d log p = -advantage / #tokens on real tokens: gradient descent makes the exact
+    # caption more likely and the wrong ones less likely; padding gets no gradient.
+    advantage = -(log_probs.grad * mask).sum(1) / mask.sum(1) * mask.sum()
+    baseline = (rewards.sum() - rewards) / 2  # mean of the other samples
+    assert advantage.numpy() == pytest.approx(rewards - baseline, rel=1e-5)
+    assert advantage[0] > 0 > advantage[2]
+    assert float(advantage.sum()) == pytest.approx(0.0, abs=1e-5)  # zero-mean per image
+    assert torch.all(log_probs.grad[~mask] == 0)
+
+
+def test_scst_loss_needs_two_samples(shapes_vocab, shapes_references):
+    tokens, mask = _tokens(shapes_vocab, ["a red circle on the left"])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        scst_loss(tokens, torch.zeros(tokens.shape), mask, [[["a"]]], CiderD(shapes_references),
+                  shapes_vocab, samples=1)
+
+
+def test_scst_steps_raise_the_reward_of_a_partly_trained_model(shapes_vocab, shapes_references):
+    examples = all_examples()
+    torch.manual_seed(0)
+    model = CaptionModel(ModelConfig(**vars(TINY)), len(shapes_vocab))
+    train_decoder(model, shapes_vocab, examples, steps=15)  # knows the words, not the captions
+    with torch.no_grad():
+        features = model.encoder(torch.stack([model.encoder.transform(img) for img, _, _ in examples]))
+    cider = CiderD(shapes_references)
+    decoder = model.decoder.train()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    rewards = []
+    for _ in range(24):
+        tokens, log_probs, mask, _ = decode_tensors(decoder, features, 16, greedy=False,
+                                                    samples_per_image=5)
+        loss, stats = scst_loss(tokens, log_probs, mask, shapes_references, cider, shapes_vocab, 5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rewards.append(stats["reward"])
+    first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
+    assert last > first + 2.0, f"mean CIDEr-D of samples went {first:.2f} -> {last:.2f}"

@@ -1,0 +1,465 @@
+"""Training end to end on a tiny COCO-format dataset written by the tests themselves.
+
+Everything is real: the pycocotools reader, the pretrained encoder and its feature cache,
+beam-search validation scored by pycocoevalcap, checkpoints on disk, a SIGKILLed subprocess,
+and a 2-process torchrun (gloo) run. Models are tiny and epochs are 4 steps long.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from captioner import Captioner
+from captioner import training as training_module
+from captioner.checkpoint import atomic_write
+from captioner.configs import add_config_arguments, config_from_args, load_config_file
+from captioner.data import DatasetError
+from captioner.decoding import beam_search
+from captioner.encoder import Encoder
+from captioner.evaluation import score_captions
+from captioner.features import FeatureCache
+from captioner.model import ModelConfig
+from captioner.training import STATE_FILE, DataConfig, TrainConfig, train
+
+from .conftest import SHARED_DATA
+from .shapes import write_coco_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DECODER = dict(image_size=128, embed_dim=32, hidden_dim=64, attention_dim=32, annotation_dim=64)
+TIMING = {"captions_per_second", "epoch_seconds"}  # the only metrics two equal runs may differ in
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs compared bit for bit must do their float sums alike: one thread, as in subprocesses.
+    (Module scope: autouse comes first, so this also holds for the module's reference run.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, Path]:
+    return write_coco_dataset(tmp_path_factory.mktemp("coco-shapes"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+def make_config(dataset, output_dir, cache_dir, dropout=0.3, **overrides) -> TrainConfig:
+    """16 images, validated on themselves; 4 steps per epoch; 3 XE epochs then 1 SCST epoch."""
+    captions, images = dataset
+    data = DataConfig(kind="coco", train=str(captions), train_images=str(images), val=str(captions),
+                      val_images=str(images))
+    settings = dict(min_word_count=1, epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, scst_epochs=1,
+                    scst_samples=3, checkpoint_every=2, num_workers=0, progress=False, device="cpu")
+    return TrainConfig(data=data, model=ModelConfig(**TINY_DECODER, dropout=dropout),
+                       output_dir=str(output_dir), cache_dir=str(cache_dir), **(settings | overrides))
+
+
+def as_flags(cfg: TrainConfig) -> list[str]:
+    """The scripts/train.py command line of a config: every field, nested ones dotted."""
+    def flatten(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            elif value is None or isinstance(value, bool):
+                yield from (f"--{prefix}{key}", str(value).lower())
+            else:
+                yield from (f"--{prefix}{key}", str(value))
+    return list(flatten(dataclasses.asdict(cfg)))
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def saved_config(run: Path) -> TrainConfig:
+    """train_config.json, with the model's grid as chosen by the encoder (4x4 at 128 px)."""
+    return TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grid_size=cfg.model.grid_size or 4))
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def state_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / STATE_FILE))
+
+
+def state_progress(run: Path) -> dict:
+    with safe_open(str(run / STATE_FILE), "pt") as f:
+        return json.loads(f.metadata()["state"])["progress"]
+
+
+def assert_same_metrics(actual: list[dict], expected: list[dict], rel: float = 1e-9) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.keys() == e.keys()
+        for key in e.keys() - TIMING:
+            if isinstance(e[key], float):
+                assert a[key] == pytest.approx(e[key], rel=rel, abs=1e-9), (e["stage"], e["epoch"], key)
+            else:
+                assert a[key] == e[key], (e["stage"], e["epoch"], key)
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, cache_dir, tmp_path_factory):
+    """One uninterrupted run (3 XE epochs, 1 SCST epoch): (config, output folder, summary)."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    cfg = make_config(dataset, out, cache_dir)
+    summary = train(cfg)
+    return cfg, out, summary
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def test_training_run_writes_a_usable_model_and_its_metrics(reference_run, dataset, cache_dir):
+    cfg, out, summary = reference_run
+    rows = metrics_rows(out)
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("xe", 1), ("xe", 2), ("xe", 3), ("scst", 1)]
+    xe_losses = [r["train_loss"] for r in rows if r["stage"] == "xe"]
+    assert xe_losses[-1] < 0.9 * xe_losses[0], xe_losses
+    for row in rows:  # validation scores every epoch
+        for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+            assert 0 <= row[metric] <= 1000, (metric, row)
+    assert max(r["CIDEr"] for r in rows) > 0
+    assert rows[-1]["reward"] > 0 and all(r["reward"] is None for r in rows[:-1])
+    assert rows[-1]["lr"] == cfg.scst_lr
+
+    assert saved_config(out) == resolved(cfg)
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows) and "train_loss" in csv_lines[0] and "CIDEr" in csv_lines[0]
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert state_progress(out)["done"] is True
+
+    # best/ is the model of the best validation CIDEr, loadable for captioning.
+    best_row = max(rows, key=lambda r: r["CIDEr"])
+    assert summary["best_epoch"] == f"{best_row['stage']}-{best_row['epoch']}"
+    assert summary["best_score"] == pytest.approx(best_row["CIDEr"])
+    captioner = Captioner.from_pretrained(out / "best", device="cpu")
+    assert len(captioner.vocab) == summary["vocab_size"]
+    image = next((Path(cfg.data.train_images)).glob("*.jpg"))
+    result = captioner.caption(image)
+    assert result.words and set(result.words) <= set(captioner.vocab.to_json())
+
+    # The logged CIDEr comes from real beam-search captions: recompute it from best/.
+    model = captioner.model
+    paths = [p for _, p in sorted(_image_paths(cfg).items())]
+    cache = FeatureCache(cache_dir, model.encoder, [*paths, *paths])  # train + val lists
+    hyps = beam_search(model.decoder, cache.batch(range(16, 32)), cfg.val_beam_size, cfg.val_max_length)
+    references = {str(i): caps for i, caps in _captions(cfg).items()}
+    predictions = {str(i): " ".join(captioner.vocab.decode(h[0].tokens)) for i, h in zip(
+        sorted(references, key=int), hyps, strict=True)}
+    scores = score_captions(predictions, references, meteor=False)
+    assert scores["CIDEr"] == pytest.approx(best_row["CIDEr"], rel=1e-6)
+
+
+def _captions(cfg: TrainConfig) -> dict[int, list[str]]:
+    annotations = json.loads(Path(cfg.data.train).read_text())["annotations"]
+    out: dict[int, list[str]] = {}
+    for a in annotations:
+        out.setdefault(a["image_id"], []).append(a["caption"])
+    return out
+
+
+def _image_paths(cfg: TrainConfig) -> dict[int, Path]:
+    images = json.loads(Path(cfg.data.train).read_text())["images"]
+    return {i["id"]: (Path(cfg.data.train_images) / i["file_name"]).resolve() for i in images}
+
+
+def test_second_run_reuses_the_feature_cache(reference_run, dataset, cache_dir, tmp_path):
+    _, _, summary = reference_run
+    assert summary["feature_extraction"]["images"] == 32  # 16 train + 16 val rows
+    files = sorted(p for p in cache_dir.rglob("*") if p.is_file())
+    assert [p.parent.name for p in files][0] == "efficientnet_lite0-128px-4x4"
+    before = {p: p.stat().st_mtime_ns for p in files}
+
+    again = train(make_config(dataset, tmp_path / "again", cache_dir, epochs=1, scst_epochs=0))
+    assert (again["feature_extraction"]["images"], again["feature_extraction"]["already_cached"]) == (0, 32)
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir, tmp_path, monkeypatch):
+    """SIGKILL mid-XE-epoch, then a crash mid-SCST-epoch: the run still ends bit for bit where
+    the uninterrupted one did (weights, optimizer state, best model, logged metrics)."""
+    ref_cfg, ref_out, _ = reference_run
+    out = tmp_path / "interrupted"
+    cfg = make_config(dataset, out, cache_dir)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "scripts/train.py", *as_flags(cfg)], cwd=ROOT,
+                                env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / STATE_FILE).exists():  # the first checkpoint: after step 2 of epoch 1
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    progress = state_progress(out)  # the checkpoint file is whole (atomic rename)
+    assert (progress["stage"], progress["done"]) == ("xe", False)
+    assert progress["step_in_epoch"] > 0, f"not killed mid-epoch: {progress}"
+    assert saved_config(out) == resolved(cfg)  # the command line gave the very same config
+
+    # Resume in-process, and crash again at the third SCST step.
+    real_scst_loss, calls = training_module.scst_loss, []
+
+    def crashing_scst_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_scst_loss(*args, **kwargs)
+
+    resume = dataclasses.replace(cfg, resume=True)
+    monkeypatch.setattr(training_module, "scst_loss", crashing_scst_loss)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(resume)
+    progress = state_progress(out)
+    assert (progress["stage"], progress["step_in_epoch"], progress["done"]) == ("scst", 2, False)
+
+    monkeypatch.setattr(training_module, "scst_loss", real_scst_loss)
+    summary = train(resume)
+    assert summary["feature_extraction"]["images"] == 0
+
+    expected, actual = state_tensors(ref_out), state_tensors(out)
+    assert expected.keys() == actual.keys()
+    different = [k for k in expected if k != "rng.torch" and not torch.equal(expected[k], actual[k])]
+    assert different == []
+    assert torch.equal(expected["rng.torch"], actual["rng.torch"])  # the very same random stream
+    best_expected, best_actual = (load_file(str(o / "best" / "model.safetensors")) for o in (ref_out, out))
+    assert all(torch.equal(best_expected[k], best_actual[k]) for k in best_expected)
+    assert_same_metrics(metrics_rows(out), metrics_rows(ref_out))
+    assert state_progress(out) == state_progress(ref_out)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_fine_tuning_run_resumes_to_the_same_result(dataset, tmp_path, monkeypatch):
+    """With the encoder's last stage trained (pixels through a DataLoader, no feature cache)."""
+    def config(name):
+        return make_config(dataset, tmp_path / name, tmp_path / "unused-cache", epochs=1, scst_epochs=0,
+                           fine_tune_from=8, encoder_lr=1e-3)
+
+    summary = train(config("reference"))
+    assert "feature_extraction" not in summary and not (tmp_path / "unused-cache").exists()
+
+    real_loss, calls = training_module.caption_loss, []
+
+    def crashing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training_module, "caption_loss", crashing_loss)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config("interrupted"))
+    monkeypatch.setattr(training_module, "caption_loss", real_loss)
+    assert state_progress(tmp_path / "interrupted")["step_in_epoch"] == 2
+    train(dataclasses.replace(config("interrupted"), resume=True))
+
+    expected, actual = state_tensors(tmp_path / "reference"), state_tensors(tmp_path / "interrupted")
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+    pretrained = Encoder("efficientnet_lite0", 128).state_dict()
+    head = "body.conv_head.weight"
+    assert not torch.equal(expected[f"model.encoder.{head}"], pretrained[head])  # it was trained
+    assert torch.equal(expected["model.encoder.body.conv_stem.weight"], pretrained["body.conv_stem.weight"])
+    assert_same_metrics(metrics_rows(tmp_path / "interrupted"), metrics_rows(tmp_path / "reference"))
+
+
+def test_atomic_write_never_leaves_half_a_file(tmp_path):
+    target = tmp_path / "checkpoint.safetensors"
+    target.write_text("the previous, complete file")
+
+    def dies_halfway(tmp):
+        Path(tmp).write_text("half a fi")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, dies_halfway)
+    assert target.read_text() == "the previous, complete file"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed(dataset, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    stale = [out / f".{STATE_FILE}.abc123.tmp", out / "best" / ".model.safetensors.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    keep = out / "notes.tmp"  # not one of ours
+    keep.write_text("mine")
+    # A run that stops right after the data is prepared: no epochs at all.
+    train(make_config(dataset, out, cache_dir, epochs=0, scst_epochs=0))
+    assert not any(p.exists() for p in stale) and keep.exists()
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_run, tmp_path):
+    """2 ranks x 2 images = 1 process x 4 images: the same weights, losses and scores.
+
+    The cache is half-done in a way that leaves rank 1 nothing to extract, which must not
+    desynchronise the ranks' collectives.
+    """
+    single = make_config(dataset, tmp_path / "single", cache_dir, dropout=0.0, epochs=2, scst_epochs=0)
+    train(single)
+
+    ddp_cache = tmp_path / "ddp-cache"
+    shutil.copytree(cache_dir, ddp_cache)
+    (done_file,) = ddp_cache.rglob("*.done")
+    done = np.memmap(done_file, dtype=np.uint8, mode="r+")
+    done[::2] = 0  # only rank 0's rows (row % 2 == 0) are missing
+    done.flush()
+    del done
+    ddp = dataclasses.replace(single, output_dir=str(tmp_path / "ddp"), cache_dir=str(ddp_cache))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "scripts/train.py", *as_flags(ddp)]
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith('{"stage"')]
+    assert len(epoch_lines) == 2, result.stdout  # printed (and logged) by rank 0 only
+
+    cache = np.memmap(done_file, dtype=np.uint8, mode="r")
+    assert cache.all()
+    one, two = state_tensors(Path(single.output_dir)), state_tensors(Path(ddp.output_dir))
+    # attention.score.bias shifts every score alike, which softmax ignores: its gradient is float
+    # noise that Adam scales up to lr-sized steps, so it is the one weight that may wander.
+    decoder = [k for k in one if k.startswith("model.decoder.") and k != "model.decoder.attention.score.bias"]
+    assert len(decoder) > 20
+    for key in decoder:
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-4), key
+    assert_same_metrics(metrics_rows(Path(ddp.output_dir)), metrics_rows(Path(single.output_dir)),
+                        rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- real COCO files
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "coco-mini").is_dir(), reason="shared coco-mini data not present")
+def test_one_epoch_on_real_coco_files(tmp_path):
+    root = SHARED_DATA / "coco-mini"
+    captions, images = root / "annotations" / "captions_train2017.json", root / "train2017"
+    data = DataConfig(kind="coco", train=str(captions), train_images=str(images), val=str(captions),
+                      val_images=str(images), max_val_images=16)
+    cfg = TrainConfig(data=data, model=ModelConfig(**TINY_DECODER, dropout=0.0),
+                      output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                      min_word_count=2, epochs=1, batch_size=16, lr=3e-3,
+                      warmup_steps=1, checkpoint_every=1000, num_workers=0, progress=False, device="cpu")
+    summary = train(cfg)
+    assert summary["feature_extraction"]["images"] == 80 + 16
+    (row,) = metrics_rows(Path(cfg.output_dir))
+    assert np.isfinite(row["train_loss"]) and row["CIDEr"] >= 0
+    assert row["captions_per_second"] > 0 and summary["vocab_size"] > 100
+    captioner = Captioner.from_pretrained(Path(cfg.output_dir) / "best", device="cpu")
+    result = captioner.caption(sorted(images.glob("*.jpg"))[0])
+    assert isinstance(result.text, str) and result.words
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_fail_clearly_before_anything_is_written(dataset, cache_dir, tmp_path):
+    captions, _ = dataset
+    out = tmp_path / "run"
+
+    def run(**data_overrides):
+        cfg = make_config(dataset, out, cache_dir)
+        train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data_overrides)))
+
+    with pytest.raises(DatasetError, match="image folder .* not found: .*no-such-folder"):
+        run(train_images=str(tmp_path / "no-such-folder"))
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="empty.json: file is empty"):
+        run(train=str(empty))
+    no_captions = tmp_path / "no_captions.json"
+    no_captions.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(DatasetError, match="no images with captions"):
+        run(val=str(no_captions))
+    with pytest.raises(DatasetError, match="unknown dataset kind 'imagenet'"):
+        run(kind="imagenet")
+    with pytest.raises(DatasetError, match="coco.*required"):
+        run(train=None)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- config flags
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    add_config_arguments(p, TrainConfig)
+    return p
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    args = parser().parse_args(argv)
+    return config_from_args(TrainConfig, args, load_config_file(args.config))
+
+
+def test_flags_parse_bools_nones_and_nested_fields():
+    assert parse([]) == TrainConfig()
+    cfg = parse(["--progress", "false", "--amp", "Yes", "--fine_tune_from", "none", "--device", "None",
+                 "--model.hidden_dim", "64", "--model.grid_size", "7", "--data.kind", "coco",
+                 "--data.max_val_images", "8", "--lr", "1e-3", "--data.skip_missing", "true"])
+    assert (cfg.progress, cfg.amp, cfg.fine_tune_from, cfg.device, cfg.lr) == (False, True, None, None, 1e-3)
+    assert (cfg.model.hidden_dim, cfg.model.grid_size, cfg.model.embed_dim) == (64, 7, 512)
+    assert (cfg.data.kind, cfg.data.max_val_images, cfg.data.skip_missing) == ("coco", 8, True)
+    assert parse(["--fine_tune_from", "3"]).fine_tune_from == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--progress", "maybe"], "expected true/false"),
+    (["--epochs", "none"], "invalid int value"),
+    (["--model.hidden_dim", "1.5"], "invalid int value"),
+    (["--model.no_such_field", "1"], "unrecognized arguments"),
+])
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_saved_config_plus_flags_reproduces_a_config(tmp_path):
+    cfg = make_config(("c.json", "imgs"), "runs/x", "cache", epochs=7)
+    saved = tmp_path / "train_config.json"
+    saved.write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert parse(["--config", str(saved)]) == cfg
+    assert parse(as_flags(cfg)) == cfg
+    changed = parse(["--config", str(saved), "--epochs", "9", "--model.dropout", "0.1", "--resume", "true"])
+    assert changed == dataclasses.replace(cfg, epochs=9, resume=True,
+                                          model=dataclasses.replace(cfg.model, dropout=0.1))
+    with pytest.raises(FileNotFoundError):
+        parse(["--config", str(tmp_path / "missing.json")])
