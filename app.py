@@ -10,6 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from captioner import Captioner, CheckpointError, ModelNotFoundError
 from captioner.api import DEFAULT_WEIGHTS
 
 
@@ -18,9 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Caption images and see where the model looked.")
     parser.add_argument("--host", default=env("CAPTIONER_HOST", "127.0.0.1"),
                         help="address to bind; 0.0.0.0 exposes the app to your network ($CAPTIONER_HOST)")
-    parser.add_argument("--port", type=int, default=int(env("CAPTIONER_PORT", "7860")),
+    parser.add_argument("--port", type=int, default=env("CAPTIONER_PORT", "7860"),
                         help="port ($CAPTIONER_PORT, default 7860)")
-    parser.add_argument("--checkpoint", type=Path, default=Path(env("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS),
+    parser.add_argument("--checkpoint", type=Path, default=env("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS,
                         help="model folder ($CAPTIONER_WEIGHTS, default: the shipped weights/)")
     parser.add_argument("--device", default=env("CAPTIONER_DEVICE"),
                         help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)")
@@ -30,10 +33,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
-
-    from captioner import Captioner, CheckpointError, ModelNotFoundError, webapp
-
     if args.device:
         try:
             torch.zeros(1, device=args.device)
@@ -43,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
     except (ModelNotFoundError, CheckpointError) as err:
         sys.exit(f"app.py: cannot start without a model: {err}")
+    from captioner import webapp  # imports gradio: only worth it once there is a model
+
     about = webapp.describe_model(args.checkpoint, captioner)
     demo = webapp.build_app(captioner, about, webapp.example_images())
     webapp.serve(demo, args.host, args.port, args.share)

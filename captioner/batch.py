@@ -382,7 +382,7 @@ class Summary:
         skipped = f"skipped {self.already_done} already captioned"
         if self.failed_before:
             skipped += f" and {self.failed_before} that failed before (--retry-failed retries them)"
-        return (f"captioned {self.captioned}, failed {self.failed}, {skipped} | "
+        return (f"{self.found} files: captioned {self.captioned}, failed {self.failed}, {skipped} | "
                 f"{self.images_per_second:.1f} images/s, wall time {self.seconds:.1f} s")
 
 
@@ -413,7 +413,7 @@ def caption_files(
     existing = read_output(output, fmt)
     done, failed = existing.done(), existing.failed()
     skip = done if retry_failed else done | failed
-    todo = [p for p in paths if _key(p) not in skip]
+    todo = list({_key(p): p for p in paths if _key(p) not in skip}.values())  # no duplicates
     summary = Summary(len(paths), already_done=sum(_key(p) in done for p in paths),
                       failed_before=0 if retry_failed else sum(_key(p) in failed for p in paths))
     retry = {_key(p) for p in todo} & failed

@@ -21,6 +21,10 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+
+
 class CheckpointError(RuntimeError):
     """A model file that is missing, corrupt, or does not fit its config."""
 
@@ -32,6 +36,7 @@ def atomic_write(path: Path, write: callable) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -120,9 +120,10 @@ def beam_search(
     """Beam search over all images x beams in one tensor batch.
 
     A beam that emits <end> moves to its image's finished list and its slot is refilled from
-    the other beams' expansions. An image is done once it has `beam_size` finished captions;
-    beams still alive at `max_length` count as (unfinished) candidates, so there is always an
-    answer. Ranking: log_prob / length**length_penalty (0 = plain log-probability).
+    the other beams' expansions. An image is done once it has `beam_size` finished captions
+    (it then leaves the batch); beams still alive at `max_length` count as (unfinished)
+    candidates, so there is always an answer.
+    Ranking: log_prob / length**length_penalty (0 = plain log-probability).
     Returns, per image, the `n_best` (default: beam_size) hypotheses, best first.
     """
     batch, num_cells = features.shape[:2]

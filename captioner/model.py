@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -28,9 +28,8 @@ class ModelConfig:
 class CaptionModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int, encoder_weights: str = "imagenet"):
         super().__init__()
-        self.config = config
         self.encoder = Encoder(config.backbone, config.image_size, config.grid_size, encoder_weights)
-        config.grid_size = self.encoder.grid_size
+        self.config = replace(config, grid_size=self.encoder.grid_size)  # resolved, caller's untouched
         self.decoder = AttentionDecoder(
             vocab_size,
             self.encoder.feature_dim,

@@ -20,7 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .api import Captioner
+from .api import Captioner, CaptionResult
 from .checkpoint import read_config
 from .images import ImageLoadError, load_image
 from .visualize import overlay_attention
@@ -96,7 +96,7 @@ def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
             for word, alpha in zip(shown.words, shown.attention, strict=True)]
 
 
-def alternatives_table(result) -> list[list]:
+def alternatives_table(result: CaptionResult) -> list[list]:
     return [[rank, alt.text or "(empty)", round(alt.score, 3), round(math.exp(alt.log_prob), 3)]
             for rank, alt in enumerate(result.alternatives, start=1)]
 
@@ -118,7 +118,8 @@ def _opacity(value: Any) -> float:
 
 
 def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = 3,
-                   max_length: Any = 20, opacity: Any = 0.6):
+                   max_length: Any = 20, opacity: Any = 0.6
+                   ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
     """Run the model once: (caption, n-best table, one attention overlay per word, state)."""
     picture = read_upload(image)
     beam_size = _bounded_int(beam_size, 1, MAX_BEAM, "beam size")
@@ -140,7 +141,7 @@ def details(shown: Shown | None) -> str:
     return " · ".join(parts)
 
 
-def word_view(shown: Shown | None, index: Any, opacity: Any):
+def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list[tuple[str, str | None]]]:
     """The large overlay for word `index` (1-based) and the caption with that word highlighted."""
     if shown is None or not shown.words:
         return gr.update(value=None, label="Attention for the selected word"), []
@@ -197,9 +198,6 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
 
 def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr.Blocks:
     """The UI: image and controls left, caption and alternatives right, attention below."""
-    run = lambda *inputs: caption_upload(captioner, *inputs)  # noqa: E731
-    run.__name__ = "caption"  # the name gradio_client users see
-
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
                     "which part of the image it looked at for every word.")
@@ -238,7 +236,8 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                 words = gr.HighlightedText(label="Caption, word by word (click a word)", show_legend=False,
                                            show_inline_category=False, elem_id="word-caption",
                                            color_map={"looking at": "#f59e0b"})
-                step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=True, elem_id="word-slider")
+                step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=False,
+                                 elem_id="word-slider")
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
                 gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
                             "model looked most when it chose the word, blue where it looked least.")
@@ -254,11 +253,11 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
             slider = gr.Slider(minimum=1, maximum=max(count, 2), value=1, interactive=count > 1)
             return details(state), big_image, tokens, slider
 
-        def pick_thumbnail(state: Shown | None, alpha: float, event: gr.SelectData):
-            return (event.index + 1, *word_view(state, event.index + 1, alpha))
+        def pick_thumbnail(event: gr.SelectData) -> int:
+            return event.index + 1
 
-        def pick_word(state: Shown | None, alpha: float, event: gr.SelectData):
-            return (event.index // 2 + 1, *word_view(state, event.index // 2 + 1, alpha))
+        def pick_word(event: gr.SelectData) -> int:
+            return event.index // 2 + 1  # tokens alternate word, space
 
         view = [big, words]
         run = dict(fn=partial(caption_upload, captioner),
@@ -268,11 +267,12 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                     api_visibility="private")
         button.click(api_name="caption", api_description=API_DESCRIPTION, **run).success(**then)
         gallery_examples.load_input_event.then(api_visibility="private", **run).success(**then)
-        step.input(word_view, [shown, step, opacity], view, api_visibility="private")
-        opacity.release(lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
-                        [shown, step, opacity], [gallery, *view], api_visibility="private")
-        gallery.select(pick_thumbnail, [shown, opacity], [step, *view], api_visibility="private")
-        words.select(pick_word, [shown, opacity], [step, *view], api_visibility="private")
+        # Clicking a thumbnail or a word moves the word slider; the slider redraws the large view.
+        gallery.select(pick_thumbnail, None, step, api_visibility="private", queue=False)
+        words.select(pick_word, None, step, api_visibility="private", queue=False)
+        step.change(word_view, [shown, step, opacity], view, api_visibility="private")
+        opacity.change(lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
+                       [shown, step, opacity], [gallery, *view], api_visibility="private")
     return demo
 
 
@@ -280,4 +280,4 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: boo
     """Launch behind Gradio's queue: one model run at a time, so a small CPU box stays responsive."""
     demo.queue(default_concurrency_limit=1, max_size=32).launch(
         server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-        state_session_capacity=256, theme=gr.themes.Soft(), css=CSS, show_error=False)
+        state_session_capacity=256, theme=gr.themes.Soft(), css=CSS)

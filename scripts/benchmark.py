@@ -1,7 +1,8 @@
 """Inference speed: the encoder alone vs the whole Captioner.caption() call.
 
 The full call is what a user pays for: image loading and preprocessing, the encoder, beam
-search and the attention maps. Medians over --runs timed runs, after --warmup untimed ones.
+search and the attention maps. Medians over --runs timed runs (encoder and full call take
+turns), after --warmup untimed ones.
 
     python scripts/benchmark.py                        # default ModelConfig, random decoder
     python scripts/benchmark.py --checkpoint weights   # a trained model: the honest numbers
@@ -12,13 +13,14 @@ runs to --max-length words, while a trained model stops after ~10.
 """
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 from PIL import Image
 
-from captioner import Captioner, CaptionModel, ModelConfig, Vocabulary
+from captioner import Captioner, CaptionModel, ModelConfig, Vocabulary, api
 from captioner.vocabulary import SPECIAL_TOKENS
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,10 +34,16 @@ parser.add_argument("--image-size", type=int, default=224, help="side of the tes
 parser.add_argument("--runs", type=int, default=5)
 parser.add_argument("--warmup", type=int, default=1)
 parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+parser.add_argument("--encoder-batch", type=int, default=None,
+                    help=f"images per encoder forward on the CPU (default {api.CPU_ENCODER_BATCH})")
+parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process time, steadier on a shared machine (sums over threads)")
 args = parser.parse_args()
 
 if args.threads:
     torch.set_num_threads(args.threads)
+if args.encoder_batch:
+    api.CPU_ENCODER_BATCH = args.encoder_batch
 torch.manual_seed(0)
 
 if args.checkpoint:
@@ -61,16 +69,25 @@ def sample_image() -> Image.Image:
     return image.resize((args.image_size, args.image_size), Image.Resampling.BICUBIC)
 
 
-def timed(fn, *fn_args, **fn_kwargs):
-    """(median milliseconds, last result) of fn(*fn_args, **fn_kwargs)."""
-    for _ in range(args.warmup):
+def interleaved(*calls):
+    """Median milliseconds of each call (fn, args, kwargs), runs interleaved so that a change in
+    the machine's load hits all of them alike; plus each call's last result."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    for fn, fn_args, fn_kwargs in calls * args.warmup:
         fn(*fn_args, **fn_kwargs)
-    times = []
+    times, results = [[] for _ in calls], [None] * len(calls)
     for _ in range(args.runs):
-        t0 = time.perf_counter()
-        out = fn(*fn_args, **fn_kwargs)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times), out
+        for i, (fn, fn_args, fn_kwargs) in enumerate(calls):
+            t0 = clock()
+            results[i] = fn(*fn_args, **fn_kwargs)
+            times[i].append(clock() - t0)
+    return [1000 * statistics.median(t) for t in times], results
+
+
+@torch.inference_mode()
+def encode(pixels: torch.Tensor) -> torch.Tensor:
+    """The encoder alone, run as Captioner runs it on a CPU: a few images at a time."""
+    return torch.cat([model.encoder(part) for part in pixels.split(api.CPU_ENCODER_BATCH)])
 
 
 image = sample_image()
@@ -78,17 +95,20 @@ pixels = captioner.preprocess(image)
 c = model.config
 print(f"model: {what}")
 print(f"  {c.backbone} at {c.image_size}px, {c.grid_size}x{c.grid_size} grid, {c.attention} attention, "
-      f"hidden {c.hidden_dim}, vocabulary {len(captioner.vocab)}")
+      f"hidden {c.hidden_dim}, vocabulary {len(captioner.vocab)}, encoder batch {api.CPU_ENCODER_BATCH}")
 print(f"  beam {args.beam_size}, max_length {max_length}, torch threads {torch.get_num_threads()}, "
-      f"median of {args.runs} runs after {args.warmup} warm-up")
+      f"{args.clock} clock, median of {args.runs} interleaved runs after {args.warmup} warm-up")
+print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a busy machine inflates times)")
 print()
 print(f"{'batch':>5} {'encoder ms':>11} {'full ms':>9} {'full ms/image':>14} {'words/image':>12} "
       f"{'full/encoder':>13}")
 options = dict(beam_size=args.beam_size, max_length=max_length)
 for batch in args.batch_sizes:
-    with torch.inference_mode():
-        encoder_ms, _ = timed(model.encoder, pixels.expand(batch, *pixels.shape).contiguous())
-    full_ms, results = timed(captioner.caption, [image] * batch, batch_size=batch, **options)
+    batch_pixels = pixels.expand(batch, *pixels.shape).contiguous()
+    (encoder_ms, full_ms), (_, results) = interleaved(
+        (encode, (batch_pixels,), {}),
+        (captioner.caption, ([image] * batch,), {"batch_size": batch, **options}),
+    )
     words = statistics.mean(len(r.words) for r in results)
     print(f"{batch:>5} {encoder_ms:>11.1f} {full_ms:>9.1f} {full_ms / batch:>14.1f} {words:>12.1f} "
           f"{full_ms / encoder_ms:>13.2f}")

@@ -1,16 +1,22 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
-
-from captioner import CaptionModel, ModelConfig, Vocabulary, save_model
-
-from .shapes import all_examples, train_decoder
-
+# Tests start servers, torchrun ranks and training subprocesses beside the test process; on a
+# small machine one thread each avoids OpenMP oversubscription (10x slowdowns were measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from captioner import CaptionModel, ModelConfig, Vocabulary, save_model  # noqa: E402
+
+from .shapes import all_examples, train_decoder  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -61,6 +61,23 @@ def test_batch_size_does_not_change_results(captioner):
         np.testing.assert_allclose(a.attention, b.attention, atol=1e-5)
 
 
+def test_encoder_chunks_give_the_same_features(captioner, monkeypatch):
+    pixels = torch.stack([captioner.preprocess(img) for img, _, _ in EXAMPLES[:5]])
+    with torch.no_grad():
+        whole = captioner.model.encoder(pixels)
+    captured = []
+
+    def beam_search(decoder, features, *args):
+        captured.append(features)
+        return []
+
+    monkeypatch.setattr("captioner.api.beam_search", beam_search)
+    for chunk in (2, 5, 64):
+        monkeypatch.setattr("captioner.api.CPU_ENCODER_BATCH", chunk)
+        captioner.caption_tensors(pixels)
+        torch.testing.assert_close(captured.pop(), whole, atol=1e-4, rtol=1e-4)
+
+
 def test_alternatives_n_best_and_decoding_options(captioner):
     image, caption, _ = EXAMPLES[9]
     result = captioner.caption(image, beam_size=4, n_best=4)

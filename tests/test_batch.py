@@ -234,8 +234,3 @@ def test_attention_filenames_do_not_collide():
     assert len(names) == 4
     long = attention_filename("x" * 300 + "/photo.jpg")
     assert len(long) < 100 and "photo.jpg" in long and long.endswith(".png")
-
-
-@pytest.fixture  # DEV-ONLY-OVERRIDE
-def shapes_checkpoint():  # DEV-ONLY-OVERRIDE
-    return Path("/tmp/shapes_ckpt")  # DEV-ONLY-OVERRIDE

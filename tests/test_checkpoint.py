@@ -1,6 +1,7 @@
 """Model files: safetensors + JSON round trips, and every kind of broken file is a clear error."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -67,7 +68,18 @@ def test_fp16_checkpoint(trained_shapes_model, shapes_checkpoint, tmp_path):
                                atol=1e-3, rtol=1e-3)
     results = Captioner(loaded, vocab, device="cpu").caption(_images())
     assert [r.text for r in results] == [caption for _, caption, _ in all_examples()[::3]]
-    assert not list(folder.glob("*.tmp"))  # atomic writes leave nothing behind
+    assert not list(folder.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_saved_files_get_the_usual_permissions(trained_shapes_model, tmp_path):
+    """Atomic writes go through mkstemp, whose files are private (0600): a model folder must be
+    readable by the web server and the team like any file the user writes (umask applies)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    model, vocab, _ = trained_shapes_model
+    folder = save_model(tmp_path / "shared", model, vocab)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_checkpoint_holds_no_pickle_and_loading_never_unpickles(checkpoint, monkeypatch):

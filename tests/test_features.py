@@ -14,15 +14,6 @@ from captioner.images import ImageLoadError
 from .shapes import write_coco_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a busy CPU run far faster (and reproducibly) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
     return Encoder("efficientnet_lite0", image_size=128).eval()

@@ -17,15 +17,6 @@ from .conftest import TINY
 from .shapes import all_examples, train_decoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a busy CPU run far faster (and reproducibly) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes_references() -> list[list[list[str]]]:
     return [[tokenize(caption)] for _, caption, _ in all_examples()]

@@ -42,16 +42,6 @@ TINY_DECODER = dict(image_size=128, embed_dim=32, hidden_dim=64, attention_dim=3
 TIMING = {"captions_per_second", "epoch_seconds"}  # the only metrics two equal runs may differ in
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Runs compared bit for bit must do their float sums alike: one thread, as in subprocesses.
-    (Module scope: autouse comes first, so this also holds for the module's reference run.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
     return write_coco_dataset(tmp_path_factory.mktemp("coco-shapes"))
@@ -160,7 +150,7 @@ def test_training_run_writes_a_usable_model_and_its_metrics(reference_run, datas
     assert summary["best_score"] == pytest.approx(best_row["CIDEr"])
     captioner = Captioner.from_pretrained(out / "best", device="cpu")
     assert len(captioner.vocab) == summary["vocab_size"]
-    image = next((Path(cfg.data.train_images)).glob("*.jpg"))
+    image = next(Path(cfg.data.train_images).glob("*.jpg"))
     result = captioner.caption(image)
     assert result.words and set(result.words) <= set(captioner.vocab.to_json())
 
@@ -193,7 +183,7 @@ def test_second_run_reuses_the_feature_cache(reference_run, dataset, cache_dir, 
     _, _, summary = reference_run
     assert summary["feature_extraction"]["images"] == 32  # 16 train + 16 val rows
     files = sorted(p for p in cache_dir.rglob("*") if p.is_file())
-    assert [p.parent.name for p in files][0] == "efficientnet_lite0-128px-4x4"
+    assert {p.parent.name for p in files} == {"efficientnet_lite0-128px-4x4"}  # backbone-size-grid
     before = {p: p.stat().st_mtime_ns for p in files}
 
     again = train(make_config(dataset, tmp_path / "again", cache_dir, epochs=1, scst_epochs=0))
@@ -344,14 +334,22 @@ def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_
     ddp = dataclasses.replace(single, output_dir=str(tmp_path / "ddp"), cache_dir=str(ddp_cache))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "scripts/train.py", *as_flags(ddp)]
-    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith('{"stage"')]
-    assert len(epoch_lines) == 2, result.stdout  # printed (and logged) by rank 0 only
+    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes SIGTERM on to the ranks (each in its own session)
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun hung (ranks out of step?):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith('{"stage"')]
+    assert len(epoch_lines) == 2, stdout  # printed (and logged) by rank 0 only
 
-    cache = np.memmap(done_file, dtype=np.uint8, mode="r")
-    assert cache.all()
+    assert np.memmap(done_file, dtype=np.uint8, mode="r").all()  # rank 0 filled in its rows
     one, two = state_tensors(Path(single.output_dir)), state_tensors(Path(ddp.output_dir))
     # attention.score.bias shifts every score alike, which softmax ignores: its gradient is float
     # noise that Adam scales up to lr-sized steps, so it is the one weight that may wander.
