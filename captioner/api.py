@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,21 +51,37 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def quantize_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization of the decoder's Linear and LSTM layers (CPU inference)."""
+    with warnings.catch_warnings():  # torch.ao's eager quantization API announces its successor
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            decoder, {torch.nn.Linear, torch.nn.LSTMCell}, dtype=torch.qint8)
+
+
 class Captioner:
     """A trained model plus its vocabulary and preprocessing, ready to caption images."""
 
     def __init__(self, model: CaptionModel, vocab: Vocabulary,
-                 device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 quantize: bool = False):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
+        if quantize and self.device.type == "cpu":
+            self.model.decoder = quantize_decoder(self.model.decoder)
         self.vocab = vocab
         self.transform = model.encoder.transform
         self.max_pixels = max_pixels
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None,
-                        device: str | torch.device | None = None) -> Captioner:
-        """Load a model folder; by default the one shipped in `weights/` (or $CAPTIONER_WEIGHTS)."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
+                        quantize: bool = False) -> Captioner:
+        """Load a model folder; by default the one shipped in `weights/` (or $CAPTIONER_WEIGHTS).
+
+        quantize=True (CPU only) runs the decoder's matrix products in int8: a decoder step on a
+        CPU is bound by reading its weights, so this makes captioning ~2-3x faster, at the cost
+        of slightly different scores.
+        """
         default = path is None
         path = Path(path or os.environ.get("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS)
         if (path.is_dir() and not (path / CONFIG_FILE).exists()) or (default and not path.exists()):
@@ -74,7 +91,7 @@ class Captioner:
                 "Captioner.from_pretrained('runs/my-run/best'), or set CAPTIONER_WEIGHTS."
             )
         model, vocab, _ = load_model(path)
-        return cls(model, vocab, device)
+        return cls(model, vocab, device, quantize=quantize)
 
     @property
     def grid_shape(self) -> tuple[int, int]:

@@ -31,6 +31,8 @@ def caption_folder_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint",
                         help="model folder (default: the shipped model, or $CAPTIONER_WEIGHTS)")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="int8 decoder on CPU: faster, slightly different captions")
     parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
     parser.add_argument("--beam-size", type=_positive, default=3,
                         help="1 = greedy decoding (default: %(default)s)")
@@ -69,7 +71,7 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
         parser.error("--num-workers must be 0 or more")
 
     try:
-        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize)
     except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
         print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED

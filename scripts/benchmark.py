@@ -25,6 +25,7 @@ from captioner.vocabulary import SPECIAL_TOKENS
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--checkpoint", help="model folder to time (default: random decoder weights)")
+parser.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the decoder")
 parser.add_argument("--vocab-size", type=int, default=3000, help="words of the random-decoder vocabulary")
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
 parser.add_argument("--beam-size", type=int, default=3)
@@ -47,12 +48,13 @@ if args.encoder_batch:
 torch.manual_seed(0)
 
 if args.checkpoint:
-    captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
-    what = f"checkpoint {args.checkpoint}"
+    captioner = Captioner.from_pretrained(args.checkpoint, device="cpu", quantize=args.quantize)
+    what = f"checkpoint {args.checkpoint}" + (" (int8 decoder)" if args.quantize else "")
     max_length = args.max_length or 20
 else:
     vocab = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))])
-    captioner = Captioner(CaptionModel(ModelConfig(), len(vocab)), vocab, device="cpu")
+    captioner = Captioner(CaptionModel(ModelConfig(), len(vocab)), vocab, device="cpu",
+                          quantize=args.quantize)
     what = "default ModelConfig, RANDOM decoder weights: timing only, captions are meaningless"
     max_length = args.max_length or 16
 model = captioner.model.eval()

@@ -128,3 +128,16 @@ def test_from_pretrained_uses_the_environment_variable(shapes_checkpoint, monkey
     monkeypatch.setenv("CAPTIONER_WEIGHTS", str(shapes_checkpoint))
     image, caption, _ = EXAMPLES[1]
     assert Captioner.from_pretrained(device="cpu").caption(image).text == caption
+
+
+def test_quantized_decoder_keeps_the_captions(shapes_checkpoint):
+    """int8 dynamic quantization (CPU) is a speed option, not a different model."""
+    from .shapes import all_examples
+
+    examples = all_examples()
+    images = [img for img, _, _ in examples]
+    plain = Captioner.from_pretrained(shapes_checkpoint, device="cpu").caption(images)
+    quantized = Captioner.from_pretrained(shapes_checkpoint, device="cpu", quantize=True)
+    assert "quantized" in type(quantized.model.decoder.lstm).__module__
+    fast = quantized.caption(images)
+    assert [r.text for r in fast] == [r.text for r in plain] == [c for _, c, _ in examples]
