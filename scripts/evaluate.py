@@ -9,7 +9,7 @@ Writes results.json (official COCO results format) and metrics.json into --outpu
 import argparse
 import json
 
-from captioner.api import DEFAULT_WEIGHTS, default_device
+from captioner.api import DEFAULT_WEIGHTS, default_device, quantize_decoder
 from captioner.checkpoint import load_model
 from captioner.configs import add_config_arguments, parse_bool
 from captioner.evaluation import evaluate_model
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--cache_dir", help="reuse/extract the frozen encoder's feature cache here")
     parser.add_argument("--max_images", type=int, help="score only the first N images of the split")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--quantize", action="store_true", help="score the int8 decoder (CPU)")
     parser.add_argument("--meteor", type=parse_bool, default=True)
     parser.add_argument("--spice", type=parse_bool, default=False, help="needs a one-off download")
     parser.add_argument("--output_dir", help="where results.json and metrics.json go")
@@ -38,6 +39,8 @@ def main() -> None:
     data_cfg = DataConfig(**{k[5:]: v for k, v in vars(args).items() if k.startswith("data.")})
     images = load_configured_dataset(data_cfg)[args.split][: args.max_images]
     model, vocab, _ = load_model(args.checkpoint, args.device or default_device())
+    if args.quantize:
+        model.decoder = quantize_decoder(model.decoder)
     metrics, _ = evaluate_model(
         model, vocab, images, args.output_dir, meteor=args.meteor, spice=args.spice,
         beam_size=args.beam_size, max_length=args.max_length, length_penalty=args.length_penalty,
