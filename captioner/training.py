@@ -76,6 +76,7 @@ class TrainConfig:
     scst_lr: float = 2e-5
     scst_samples: int = 5
     scst_max_length: int = 16
+    scst_dropout: bool = True  # sample with dropout on (False: sample the test-time policy)
     val_beam_size: int = 3
     val_max_length: int = 20
     patience: int = 4  # epochs without a better validation CIDEr before a stage ends
@@ -506,7 +507,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
         order_seed = epoch if stage == "xe" else 1000 + epoch  # SCST epochs get fresh orders
         batches = epoch_batches(data.num_train, cfg.batch_size, cfg.seed, order_seed, d)
-        model.train()
+        model.train(stage == "xe" or cfg.scst_dropout)
         # Running sums of this epoch: resumed mid-epoch, rank 0 restarts from the saved totals
         # of all ranks and the other ranks from zero.
         saved = progress.get("epoch_sums") or {}

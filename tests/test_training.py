@@ -457,3 +457,29 @@ def test_saved_config_plus_flags_reproduces_a_config(tmp_path):
                                           model=dataclasses.replace(cfg.model, dropout=0.1))
     with pytest.raises(FileNotFoundError):
         parse(["--config", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("scst_dropout", [True, False])
+def test_scst_samples_with_dropout_only_when_asked(dataset, cache_dir, tmp_path, monkeypatch, scst_dropout):
+    """--scst_dropout false samples the policy used at test time (the model in eval mode)."""
+    from captioner import training
+
+    modes = []
+    real_loss = training.scst_loss
+
+    def recording_loss(*args, **kwargs):
+        modes.append(training_model[0].decoder.dropout.training)
+        return real_loss(*args, **kwargs)
+
+    training_model = []
+    real_init = training.CaptionModel.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        training_model.append(self)
+
+    monkeypatch.setattr(training, "scst_loss", recording_loss)
+    monkeypatch.setattr(training.CaptionModel, "__init__", recording_init)
+    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_dropout=scst_dropout)
+    training.train(cfg)
+    assert modes and set(modes) == {scst_dropout}
