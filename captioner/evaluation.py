@@ -201,16 +201,21 @@ def caption_split(
     captions: list[str] = []
     bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
     for features in grids:
-        features = features.to(device)
-        if beam_size <= 1:
-            best = greedy_decode(model.decoder, features, max_length)
-        else:
-            best = [h[0] for h in beam_search(model.decoder, features, beam_size, max_length,
-                                              length_penalty)]
-        captions += [" ".join(vocab.decode(h.tokens)) for h in best]
-        bar.update(len(best))
+        batch = best_captions(model, features.to(device), vocab, beam_size, max_length, length_penalty)
+        captions += batch
+        bar.update(len(batch))
     bar.close()
     return captions
+
+
+def best_captions(model: CaptionModel, features: torch.Tensor, vocab: Vocabulary, beam_size: int,
+                  max_length: int, length_penalty: float = 0.0) -> list[str]:
+    """The best caption of each grid (B, L, D): beam search, or greedy for beam_size 1."""
+    if beam_size <= 1:
+        best = greedy_decode(model.decoder, features, max_length)
+    else:
+        best = [h[0] for h in beam_search(model.decoder, features, beam_size, max_length, length_penalty)]
+    return [" ".join(vocab.decode(h.tokens)) for h in best]
 
 
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, images: Sequence[ImageCaptions],

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -28,8 +29,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write, save_model
 from .cider import CiderD
 from .data import CaptionDataset, DatasetError, ImageCaptions, load_dataset
-from .decoding import beam_search
-from .evaluation import score_captions
+from .evaluation import best_captions, score_captions
 from .features import FeatureCache
 from .images import load_image
 from .losses import caption_loss
@@ -271,9 +271,8 @@ def generate_captions(model: CaptionModel, inputs: Inputs, rows: list[int], voca
     out = {}
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch_rows, x in inputs.batches(batches):
-        hyps = beam_search(model.decoder, inputs.features(x), beam_size, max_length)
-        for row, h in zip(batch_rows, hyps, strict=True):
-            out[row] = " ".join(vocab.decode(h[0].tokens))
+        texts = best_captions(model, inputs.features(x), vocab, beam_size, max_length)
+        out.update(zip(batch_rows, texts, strict=True))
     model.train(was_training)
     return out
 
@@ -341,10 +340,7 @@ def save_run_state(path: Path, model: CaptionModel, optimizer, vocab: Vocabulary
 
 
 def load_run_state(path: Path, model: CaptionModel, optimizer) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["state"])
+    meta = _run_metadata(path)
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     _optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
@@ -357,10 +353,13 @@ def load_run_state(path: Path, model: CaptionModel, optimizer) -> dict[str, Any]
 
 
 def read_run_vocabulary(path: Path) -> Vocabulary:
-    from safetensors import safe_open
+    return Vocabulary(_run_metadata(path)["vocabulary"])
 
+
+def _run_metadata(path: Path) -> dict[str, Any]:
+    """The JSON part of a run state: progress, optimizer settings, vocabulary, RNG."""
     with safe_open(str(path), "pt") as f:
-        return Vocabulary(json.loads(f.metadata()["state"])["vocabulary"])
+        return json.loads(f.metadata()["state"])
 
 
 # ----------------------------------------------------------------------------- logging
@@ -582,10 +581,7 @@ def _sum_over_ranks(sums: dict[str, float], d: Dist, device) -> dict[str, float]
 
 
 def _peek_stage(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["state"])["progress"]["stage"]
+    return _run_metadata(path)["progress"]["stage"]
 
 
 def _load_best(model: CaptionModel, out: Path, d: Dist) -> None:
