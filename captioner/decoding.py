@@ -24,10 +24,15 @@ class Hypothesis:
     finished: bool  # False when max_length cut the caption before <end>
 
 
+# Never written: <pad> and <start> are not words, and "<unk>" tells a reader nothing (the model
+# still learns rare words' share of probability in training; decoding picks the best real word).
+BANNED_IDS = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
+
+
 def _log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-softmax over the words a caption may contain: never <pad> or <start>."""
+    """Log-softmax over the words a caption may contain (never BANNED_IDS)."""
     logits = logits / temperature if temperature != 1.0 else logits.clone()
-    logits[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
+    logits[:, BANNED_IDS] = float("-inf")
     return F.log_softmax(logits, dim=-1)
 
 

@@ -27,14 +27,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import atomic_write, save_model
-from .cider import CiderD
 from .data import CaptionDataset, DatasetError, ImageCaptions, load_dataset
 from .evaluation import best_captions, score_captions
 from .features import FeatureCache
 from .images import load_image
 from .losses import caption_loss
 from .model import CaptionModel, ModelConfig
-from .scst import scst_loss
+from .scst import reward_scorer, scst_loss
 from .vocabulary import Vocabulary, tokenize
 
 STATE_FILE = "checkpoint.safetensors"
@@ -472,7 +471,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if d.is_main:
             print(f"resumed {state_path}: stage {progress['stage']} epoch {progress['epoch']} "
                   f"step {progress['step_in_epoch']}")
-    cider = CiderD(data.references) if cfg.scst_epochs else None
+    cider = reward_scorer(data.references) if cfg.scst_epochs else None
     net = model  # what the training pass calls: the model itself, or its DDP wrapper
     if d.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(

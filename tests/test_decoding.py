@@ -116,7 +116,7 @@ def test_beam_search_n_best_are_ranked_distinct_and_rescore_exactly():
         assert len({tuple(h.tokens) for h in hyps}) == 4  # distinct captions
         for h in hyps:
             assert h.alphas.shape == (len(h.tokens), 9)
-            assert all(t >= Vocabulary.unk_id for t in h.tokens)  # never <pad>/<start>/<end>
+            assert all(t > Vocabulary.unk_id for t in h.tokens)  # never <pad>/<start>/<end>/<unk>
             assert h.finished or len(h.tokens) == 8
             # the reported log-prob is the model's: re-score the caption with teacher forcing
             ids = [Vocabulary.start_id, *h.tokens, *([END] if h.finished else [])]
@@ -191,13 +191,13 @@ def test_sampling_returns_valid_tokens_within_top_k():
     torch.manual_seed(1)
     for temperature, top_k in [(1.0, 0), (1.5, 0), (0.7, 3)]:
         for b, h in enumerate(sample(decoder, features, max_length=10, temperature=temperature, top_k=top_k)):
-            assert all(Vocabulary.unk_id <= t < 30 for t in h.tokens)
+            assert all(Vocabulary.unk_id < t < 30 for t in h.tokens)
             assert h.finished or len(h.tokens) == 10
             if top_k:  # every word, and <end>, was among the k most likely at its step
                 ids = [Vocabulary.start_id, *h.tokens, *([END] if h.finished else [])]
                 with torch.no_grad():
                     logits, _ = decoder(features[b : b + 1], torch.tensor([ids]), torch.tensor([len(ids)]))
-                logp = _log_probs(logits[0])  # <pad> and <start> are never candidates
+                logp = _log_probs(logits[0])  # <pad>, <start> and <unk> are never candidates
                 ranks = (logp > logp.gather(1, torch.tensor(ids[1:])[:, None])).sum(1)
                 assert (ranks < top_k).all()
     tokens, log_probs, mask, alphas = decode_tensors(decoder, features, 10, greedy=False, samples_per_image=3)
@@ -238,3 +238,20 @@ def test_trained_model_captions_and_looks_at_the_shape(beam_size, trained_shapes
         column = int(colour.argmax()) % colour.shape[1]
         assert (column < half) == (side == "left"), (caption, colour.round(2))
         assert result.finished
+
+
+def test_unk_is_never_written_even_when_the_model_prefers_it():
+    """A caption that says "<unk>" tells the reader nothing: every decoder picks the best real word."""
+    decoder = _random_decoder()
+    with torch.no_grad():
+        decoder.classifier.bias[Vocabulary.unk_id] = 50.0  # <unk> far above everything else
+    features = _random_features(4)
+    unbanned = decoder.classifier(torch.zeros(1, 16)).argmax(dim=-1)
+    assert int(unbanned) == Vocabulary.unk_id  # without the ban, greedy would say <unk>
+    torch.manual_seed(0)
+    hypotheses = [*greedy_decode(decoder, features, max_length=6),
+                  *sample(decoder, features, max_length=6),
+                  *(h for hyps in beam_search(decoder, features, beam_size=3, max_length=6) for h in hyps)]
+    assert len(hypotheses) == 4 + 4 + 12
+    assert sum(len(h.tokens) for h in hypotheses) > 20  # real words were written instead
+    assert all(Vocabulary.unk_id not in h.tokens for h in hypotheses)

@@ -68,13 +68,16 @@ def test_unknown_backbone_and_bad_weights_file(tmp_path):
         Encoder("efficientnet_lite0", weights=tmp_path / "nope.pth")
 
 
-def test_offline_lite0_weights_are_paired_correctly():
+@pytest.mark.parametrize("backbone, image_size", [("efficientnet_lite0", 224),
+                                                  ("efficientnet_lite2", 260)])
+def test_offline_weights_are_paired_correctly(backbone, image_size):
     """The package's tensors are paired with timm's by position: a wrong pairing would not
-    recognise an espresso (ImageNet class 967) in skimage's coffee photo."""
-    spec = BACKBONES["efficientnet_lite0"]
+    recognise an espresso (ImageNet class 967) in skimage's coffee photo. Lite2 at 260 px is
+    the shipped model's encoder."""
+    spec = BACKBONES[backbone]
     net = timm.create_model(spec.arch, pretrained=False)
     net.load_state_dict(_offline_state_dict(spec, net))
-    pixels = build_transform("efficientnet_lite0", 224)(Image.fromarray(data.coffee()))
+    pixels = build_transform(backbone, image_size)(Image.fromarray(data.coffee()))
     with torch.no_grad():
         probs = net.eval()(pixels.unsqueeze(0)).softmax(dim=-1)[0]
     assert int(probs.argmax()) == 967

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from captioner import CaptionModel, ModelConfig, Vocabulary
-from captioner.cider import CiderD
 from captioner.decoding import decode_tensors
-from captioner.scst import scst_loss
+from captioner.scst import end_marked, reward_scorer, sampled_words, scst_loss
 from captioner.vocabulary import tokenize
 
 from .conftest import TINY
@@ -35,7 +34,7 @@ def _tokens(vocab: Vocabulary, captions: list[str]) -> tuple[torch.Tensor, torch
 
 
 def test_scst_loss_favours_the_sample_closest_to_the_references(shapes_vocab, shapes_references):
-    cider = CiderD(shapes_references)
+    cider = reward_scorer(shapes_references)
     references = [[tokenize("a red circle on the left")]]  # one image
     samples = ["a red circle on the left", "a red square on the left", "a blue square on the right"]
     tokens, mask = _tokens(shapes_vocab, samples)
@@ -44,7 +43,7 @@ def test_scst_loss_favours_the_sample_closest_to_the_references(shapes_vocab, sh
     loss, stats = scst_loss(tokens, log_probs, mask, references, cider, shapes_vocab, samples=3)
     loss.backward()
 
-    rewards = cider.scores([tokenize(s) for s in samples], references * 3)
+    rewards = cider.scores([[*tokenize(s), "<end>"] for s in samples], [end_marked(references[0])] * 3)
     assert rewards[0] > rewards[1] > rewards[2]
     assert stats["reward"] == pytest.approx(rewards.mean())
     # d loss / d log p = -advantage / #tokens on real tokens: gradient descent makes the exact
@@ -57,10 +56,30 @@ def test_scst_loss_favours_the_sample_closest_to_the_references(shapes_vocab, sh
     assert torch.all(log_probs.grad[~mask] == 0)
 
 
+def test_unfinished_and_fragment_samples_earn_less_than_the_finished_sentence(shapes_vocab,
+                                                                            shapes_references):
+    """The <end> word takes part in the reward: a caption cut off at the length limit, or one
+    that stops mid-phrase, misses the references' final n-grams."""
+    cider = reward_scorer(shapes_references)
+    references = [[tokenize("a red circle on the left")]]
+    samples = ["a red circle on the left", "a red circle on the left", "a red circle on the"]
+    tokens, mask = _tokens(shapes_vocab, samples)
+    tokens[1, 6], mask[1, 6] = 0, False  # row 1: the same words, cut before <end>
+    log_probs = torch.zeros(tokens.shape, requires_grad=True)
+    scst_loss(tokens, log_probs, mask, references, cider, shapes_vocab, samples=3)[0].backward()
+    advantage = -(log_probs.grad * mask).sum(1) / mask.sum(1) * mask.sum()
+    assert advantage[0] > 0 and advantage[0] > advantage[1] and advantage[0] > advantage[2]
+    words = sampled_words(tokens, shapes_vocab)
+    assert words[0] == [*tokenize(samples[0]), "<end>"] and words[1] == tokenize(samples[0])
+    finished, unfinished, fragment = cider.scores(words, [end_marked(references[0])] * 3)
+    assert finished == pytest.approx(10.0)
+    assert max(unfinished, fragment) < finished - 0.25
+
+
 def test_scst_loss_needs_two_samples(shapes_vocab, shapes_references):
     tokens, mask = _tokens(shapes_vocab, ["a red circle on the left"])
     with pytest.raises(ValueError, match="at least 2 samples"):
-        scst_loss(tokens, torch.zeros(tokens.shape), mask, [[["a"]]], CiderD(shapes_references),
+        scst_loss(tokens, torch.zeros(tokens.shape), mask, [[["a"]]], reward_scorer(shapes_references),
                   shapes_vocab, samples=1)
 
 
@@ -71,7 +90,7 @@ def test_scst_steps_raise_the_reward_of_a_partly_trained_model(shapes_vocab, sha
     train_decoder(model, shapes_vocab, examples, steps=15)  # knows the words, not the captions
     with torch.no_grad():
         features = model.encoder(torch.stack([model.encoder.transform(img) for img, _, _ in examples]))
-    cider = CiderD(shapes_references)
+    cider = reward_scorer(shapes_references)
     decoder = model.decoder.train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     torch.manual_seed(1)

@@ -1,0 +1,46 @@
+"""Caption one photo and write its attention grid (the README's and model card's figure).
+
+  python scripts/attention_example.py --image astronaut --output weights/example_attention.png
+
+--image is a file path or the name of a scikit-image sample photo (astronaut, coffee, chelsea,
+rocket, ...: public domain or CC0, shipped with the package, so no download is needed).
+"""
+
+import argparse
+from pathlib import Path
+
+from PIL import Image
+from skimage import data
+
+from captioner import Captioner
+from captioner.api import DEFAULT_WEIGHTS
+from captioner.visualize import save_attention_grid
+
+
+def load_photo(name: str) -> Image.Image:
+    if Path(name).is_file():
+        return Image.open(name).convert("RGB")
+    loader = getattr(data, name, None)
+    if loader is None:
+        raise SystemExit(f"--image {name!r}: neither a file nor a scikit-image sample photo")
+    return Image.fromarray(loader()).convert("RGB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--image", default="astronaut")
+    parser.add_argument("--output", default="attention.png")
+    parser.add_argument("--beam_size", type=int, default=3)
+    args = parser.parse_args()
+    captioner = Captioner.from_pretrained(args.checkpoint)
+    image = load_photo(args.image)
+    result = captioner.caption(image, beam_size=args.beam_size)
+    save_attention_grid(args.output, image, result.words, result.attention,
+                        title=f'"{result.text}" (beam {args.beam_size})')
+    print(f"{result.text}\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
