@@ -14,16 +14,17 @@ from skimage import data
 
 from captioner import Captioner
 from captioner.api import DEFAULT_WEIGHTS
+from captioner.images import load_image
 from captioner.visualize import save_attention_grid
 
 
 def load_photo(name: str) -> Image.Image:
     if Path(name).is_file():
-        return Image.open(name).convert("RGB")
+        return load_image(name)
     loader = getattr(data, name, None)
     if loader is None:
         raise SystemExit(f"--image {name!r}: neither a file nor a scikit-image sample photo")
-    return Image.fromarray(loader()).convert("RGB")
+    return load_image(loader())
 
 
 def main() -> None:
