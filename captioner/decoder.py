@@ -32,6 +32,7 @@ class AttentionDecoder(nn.Module):
         attention_dim: int = 512,
         attention: str = "additive",
         dropout: float = 0.5,
+        input_dropout: float = 0.0,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -46,12 +47,13 @@ class AttentionDecoder(nn.Module):
         self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
         self.out_context = nn.Linear(feature_dim, embed_dim)  # L_z
         self.dropout = nn.Dropout(dropout)
+        self.input_dropout = nn.Dropout(input_dropout)  # on words and annotations: Flickr8k is small
         self.classifier = nn.Linear(embed_dim, vocab_size)  # L_o
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image work done once: backbone features (B, L, D) -> annotations (B, L, A)
         and the attention keys."""
-        annotations = self.feature_proj(features)
+        annotations = self.input_dropout(self.feature_proj(features))
         return annotations, self.attention.prepare(annotations)
 
     def init_state(self, features: torch.Tensor) -> State:
@@ -67,7 +69,7 @@ class AttentionDecoder(nn.Module):
         state: State,
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One word: returns logits (B, V), the new state and alpha (B, L)."""
-        embedded = self.embedding(words)  # (B, E)
+        embedded = self.input_dropout(self.embedding(words))  # (B, E)
         state, context, alpha = self._recur(features, keys, embedded, state)
         return self._output(embedded, state[0], context), state, alpha
 
@@ -106,7 +108,7 @@ class AttentionDecoder(nn.Module):
         features, keys, captions, steps = annotations[order], keys[order], captions[order], steps[order]
         state = self.init_state(features)
         max_steps = int(steps[0])
-        embedded = self.embedding(captions[:, :max_steps])  # (B, T, E)
+        embedded = self.input_dropout(self.embedding(captions[:, :max_steps]))  # (B, T, E)
         hidden = features.new_zeros(batch, max_steps, state[0].shape[1])
         contexts = features.new_zeros(batch, max_steps, features.shape[2])
         alphas = features.new_zeros(batch, max_steps, num_cells)

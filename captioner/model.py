@@ -22,7 +22,8 @@ class ModelConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
-    dropout: float = 0.5
+    dropout: float = 0.5  # before the output layer
+    input_dropout: float = 0.0  # on word embeddings and projected annotations
 
 
 class CaptionModel(nn.Module):
@@ -39,6 +40,7 @@ class CaptionModel(nn.Module):
             config.attention_dim,
             config.attention,
             config.dropout,
+            config.input_dropout,
         )
 
     @property

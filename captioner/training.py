@@ -79,6 +79,7 @@ class TrainConfig:
     val_beam_size: int = 3
     val_max_length: int = 20
     patience: int = 4  # epochs without a better validation CIDEr before a stage ends
+    scst_patience: int | None = None  # the same for SCST (None: `patience`); SCST often dips first
     checkpoint_every: int = 200  # steps
     seed: int = 0
     device: str | None = None
@@ -493,7 +494,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while not progress["done"]:
         stage, epoch = progress["stage"], progress["epoch"]
         stage_epochs = cfg.epochs if stage == "xe" else cfg.scst_epochs
-        if epoch >= stage_epochs or progress["bad_epochs"] >= cfg.patience:
+        patience = cfg.patience if stage == "xe" or cfg.scst_patience is None else cfg.scst_patience
+        if epoch >= stage_epochs or progress["bad_epochs"] >= patience:
             if stage == "xe" and cfg.scst_epochs > 0:
                 _load_best(model, out, d)
                 optimizer = _make_optimizer(cfg, model, "scst")

@@ -96,8 +96,13 @@ def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
             for word, alpha in zip(shown.words, shown.attention, strict=True)]
 
 
+def probability(log_prob: float) -> float:
+    """Three significant digits: a whole caption's probability is often below 0.001."""
+    return float(f"{math.exp(log_prob):.3g}")
+
+
 def alternatives_table(result: CaptionResult) -> list[list]:
-    return [[rank, alt.text or "(empty)", round(alt.score, 3), round(math.exp(alt.log_prob), 3)]
+    return [[rank, alt.text or "(empty)", round(alt.score, 3), probability(alt.log_prob)]
             for rank, alt in enumerate(result.alternatives, start=1)]
 
 
@@ -135,7 +140,7 @@ def details(shown: Shown | None) -> str:
     if shown is None:
         return ""
     parts = [f"**score** {shown.score:.3f} (log-probability)",
-             f"**p** = {math.exp(shown.log_prob):.3f}", f"{len(shown.words)} words"]
+             f"**p** = {probability(shown.log_prob):g}", f"{len(shown.words)} words"]
     if not shown.finished:
         parts.append("⚠️ cut at the maximum length")
     return " · ".join(parts)

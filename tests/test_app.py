@@ -1,5 +1,6 @@
 """The web app: its helpers in-process, then app.py over real HTTP with gradio_client."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def test_sliders_redraw_from_the_kept_result(shapes_checkpoint, tmp_path):
     assert big["label"] == "Word 3 of 6: “square”"
     assert [t for t, label in tokens if label] == ["square"]
     assert "".join(t for t, _ in tokens) == text
+
+
+def test_unlikely_captions_show_a_nonzero_probability():
+    """A whole sentence's probability is often below 0.001; rounding must not show it as 0."""
+    assert webapp.probability(math.log(3.21e-5)) == 3.21e-5
+    assert webapp.probability(0.0) == 1.0
 
 
 def test_about_panel_reads_config_metadata_and_model_card(shapes_checkpoint, tmp_path):

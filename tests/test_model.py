@@ -194,6 +194,16 @@ def test_teacher_forcing_image_index_shares_features_between_captions():
         torch.testing.assert_close(a, b)
 
 
+def test_input_dropout_acts_in_training_only():
+    """Dropout on words and annotations regularises training and leaves inference unchanged."""
+    plain, dropped = _random_decoder(), _random_decoder(input_dropout=0.5)  # the same weights
+    features = torch.randn(2, 9, 20)
+    captions, lengths = _padded([[1, 5, 6, 2], [1, 7, 2]])
+    first, second = dropped.train()(features, captions, lengths)[0], dropped(features, captions, lengths)[0]
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(dropped.eval()(features, captions, lengths), plain(features, captions, lengths))
+
+
 def test_model_forward_from_pixels():
     model = CaptionModel(ModelConfig(**vars(TINY)), 12, encoder_weights="random").eval()
     captions, lengths = _padded([[1, 5, 6, 2], [1, 7, 2]])
