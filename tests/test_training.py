@@ -490,7 +490,8 @@ def test_scst_patience_lets_self_critical_training_recover_from_its_first_dip(
         dataset, cache_dir, tmp_path, monkeypatch, scst_patience, scst_epochs_run):
     """SCST usually starts below the cross-entropy best: its own patience keeps it going."""
     scripted_cider = iter([50.0, 40.0, 41.0, 60.0, 45.0, 46.0])  # XE 1, then SCST 1..5
-    monkeypatch.setattr(training_module, "validate", lambda *args, **kwargs: ({"CIDEr": next(scripted_cider)}, {}))
+    monkeypatch.setattr(training_module, "validate",
+                        lambda *args, **kwargs: ({"CIDEr": next(scripted_cider)}, {}))
     cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_epochs=5, patience=1,
                       scst_patience=scst_patience)
     summary = train(cfg)
