@@ -3,13 +3,16 @@
 The grids live in one fp16 memory-mapped file per (encoder, image list), so a COCO-sized cache
 (123k x 49 x 1280 fp16 = 15 GB) never has to fit in RAM. Extraction is resumable: a per-row
 "done" byte is set only after the row is flushed, and a rerun computes just the missing rows.
-Under torchrun every rank extracts its own share of rows.
+Under torchrun every rank extracts its own share of rows. A new image list first copies the
+rows it shares with the encoder's other caches (the dev half of a train+dev cache, a run with a
+different `max_val_images`), so each image goes through the encoder once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,9 +94,8 @@ class FeatureCache:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         missing = self.missing_rows()
-        todo = [int(r) for r in missing if r % world_size == rank]
         stats = {"images": 0, "seconds": 0.0, "images_per_second": 0.0, "already_cached":
-                 len(self.paths) - len(missing)}
+                 len(self.paths) - len(missing), "copied": 0}
         if len(missing) == 0:  # the same answer on every rank: nobody writes before the barrier
             return stats
         if rank == 0 and not self.done_file.exists():  # new cache: allocate (sparse) files
@@ -102,8 +104,11 @@ class FeatureCache:
             atomic_write(self.stem.with_suffix(".json"),
                          lambda tmp: Path(tmp).write_text(json.dumps(info)))
             np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
+            stats["copied"] = self._copy_from_other_caches()
         if world_size > 1:  # every rank, even one with no rows of its own, meets here
             torch.distributed.barrier()
+        missing = self.missing_rows()
+        todo = [int(r) for r in missing if r % world_size == rank]
         if not todo:
             return stats
         features = np.memmap(self.features_file, dtype=np.float16, mode="r+", shape=self.shape)
@@ -135,6 +140,33 @@ class FeatureCache:
             listed = "\n  ".join(errors[:10])
             raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
         return stats
+
+    def _copy_from_other_caches(self) -> int:
+        """Fill this new cache with the rows other caches of the encoder already computed."""
+        rows_of: dict[str, list[int]] = {}
+        for row, path in enumerate(self.paths):  # a list may hold an image twice (train = val)
+            rows_of.setdefault(os.path.abspath(path), []).append(row)
+        features = np.memmap(self.features_file, dtype=np.float16, mode="r+", shape=self.shape)
+        done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
+        for info_file in sorted(self.folder.glob("*.json")):
+            other = info_file.with_suffix("")
+            if other == self.stem or not other.with_suffix(".done").exists():
+                continue
+            info = json.loads(info_file.read_text())
+            if tuple(info["shape"][1:]) != self.shape[1:]:
+                continue
+            other_done = np.fromfile(other.with_suffix(".done"), dtype=np.uint8)
+            pairs = [(mine, theirs) for theirs, path in enumerate(info["paths"]) if other_done[theirs]
+                     for mine in rows_of.get(os.path.abspath(path), []) if not done[mine]]
+            source = np.memmap(other.with_suffix(".f16"), dtype=np.float16, mode="r",
+                               shape=tuple(info["shape"]))
+            for start in range(0, len(pairs), 256):
+                mine, theirs = (np.array(side) for side in zip(*pairs[start : start + 256], strict=True))
+                features[mine] = source[theirs]
+                features.flush()
+                done[mine] = 1
+                done.flush()
+        return int(done.sum())
 
     def load(self) -> np.memmap:
         """The read-only memory map (N, L, D) fp16."""

@@ -80,6 +80,20 @@ def test_extraction_resumes_after_an_interruption(encoder, image_paths, fresh_gr
     assert resumed.extract(num_workers=0, progress=False)["images"] == 0
 
 
+def test_a_new_image_list_copies_what_other_caches_computed(encoder, image_paths, fresh_grids, tmp_path,
+                                                            monkeypatch):
+    """Images shared with an earlier list (the dev half of a train+dev cache) are not re-encoded."""
+    first = FeatureCache(tmp_path / "cache", encoder, image_paths[:10])
+    first.extract(batch_size=8, num_workers=0, progress=False)
+    monkeypatch.chdir(image_paths[0].parent)  # the same images, named by relative paths
+    overlapping = [p.name for p in image_paths[4:16]]  # 6 shared, 6 new
+    cache = FeatureCache(tmp_path / "cache", encoder, overlapping)
+    stats = cache.extract(batch_size=8, num_workers=0, progress=False)
+    assert (stats["copied"], stats["images"]) == (6, 6)
+    assert np.array_equal(np.array(cache.load())[:6], np.array(first.load())[4:10])
+    assert torch.allclose(cache.batch(range(12)), fresh_grids[4:16], rtol=2e-3, atol=2e-3)
+
+
 def test_unreadable_image_stops_extraction_and_the_rest_is_kept(encoder, image_paths, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
