@@ -76,6 +76,7 @@ class TrainConfig:
     scst_samples: int = 5
     scst_max_length: int = 16
     scst_dropout: bool = True  # sample with dropout on (False: sample the test-time policy)
+    scst_xe_weight: float = 0.0  # SCST loss + this x cross-entropy on the references
     val_beam_size: int = 3
     val_max_length: int = 20
     patience: int = 4  # epochs without a better validation CIDEr before a stage ends
@@ -521,15 +522,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups[:1]:
                     group["lr"] = lr_at(cfg, progress["global_step"], total_xe_steps)
             captions, lengths, image_index = caption_batch(data.encoded, rows)
+            teacher_forcing = (net, x, captions.to(device), lengths.to(device), image_index.to(device),
+                               inputs.encode, cfg, d, device)
             with torch.autocast(device.type, enabled=use_amp):
                 if stage == "xe":
-                    loss, stats = _xe_loss(net, x, captions.to(device), lengths.to(device),
-                                           image_index.to(device), inputs.encode, cfg, d, device)
+                    loss, stats = _xe_loss(*teacher_forcing)
                 else:
                     tokens, log_probs, mask, _ = net(x, encode=inputs.encode, samples=cfg.scst_samples,
                                                      max_length=cfg.scst_max_length)
                     loss, stats = scst_loss(tokens, log_probs, mask, [data.references[r] for r in rows],
                                             cider, data.vocab, cfg.scst_samples)
+                    if cfg.scst_xe_weight:  # mixed objective: stay close to the human captions
+                        xe, xe_stats = _xe_loss(*teacher_forcing)
+                        loss = loss + cfg.scst_xe_weight * xe
+                        stats |= xe_stats
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

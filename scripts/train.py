@@ -7,6 +7,7 @@
 
 import argparse
 import json
+import os
 
 from captioner.configs import add_config_arguments, config_from_args, load_config_file
 from captioner.training import TrainConfig, train
@@ -20,7 +21,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
     summary = train(cfg)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, from rank 0
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

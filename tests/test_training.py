@@ -498,3 +498,33 @@ def test_scst_patience_lets_self_critical_training_recover_from_its_first_dip(
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["xe"] + ["scst"] * scst_epochs_run
     assert summary["best_epoch"] == ("xe-1" if scst_patience is None else "scst-3")
+
+
+@pytest.mark.parametrize("xe_weight", [0.0, 0.5])
+def test_mixed_scst_adds_weighted_cross_entropy(dataset, cache_dir, tmp_path, monkeypatch, xe_weight):
+    """--scst_xe_weight w: each SCST step minimises the policy-gradient loss + w x cross-entropy."""
+    parts = []
+    real_scst, real_xe = training_module.scst_loss, training_module._xe_loss
+
+    def recording_scst(*args, **kwargs):
+        loss, stats = real_scst(*args, **kwargs)
+        parts.append(["scst", loss.item()])
+        return loss, stats
+
+    def recording_xe(*args, **kwargs):
+        loss, stats = real_xe(*args, **kwargs)
+        parts.append(["xe", loss.item()])
+        return loss, stats
+
+    monkeypatch.setattr(training_module, "scst_loss", recording_scst)
+    monkeypatch.setattr(training_module, "_xe_loss", recording_xe)
+    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_xe_weight=xe_weight)
+    train(cfg)
+    scst_steps = parts[next(i for i, (kind, _) in enumerate(parts) if kind == "scst"):]
+    kinds = [kind for kind, _ in scst_steps]
+    assert kinds == (["scst", "xe"] * 4 if xe_weight else ["scst"] * 4)  # 4 steps per epoch
+    per_step = len(kinds) // 4
+    steps = [scst_steps[i : i + per_step] for i in range(0, len(kinds), per_step)]
+    expected = np.mean([sum(v * (xe_weight if kind == "xe" else 1.0) for kind, v in step) for step in steps])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["stage"] == "scst" and rows[-1]["train_loss"] == pytest.approx(expected, rel=1e-5)
