@@ -395,6 +395,7 @@ def caption_files(
     batch_size: int = 32,
     beam_size: int = 3,
     max_length: int = 20,
+    length_penalty: float = 0.0,
     n_best: int = 1,
     num_workers: int = DEFAULT_NUM_WORKERS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -434,8 +435,8 @@ def caption_files(
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, smoothing=0.05)
     try:
         for batch in loader:
-            results = iter(captioner.caption_tensors(batch.pixels, beam_size, max_length, n_best=n_best)
-                           if batch.pixels is not None else ())
+            results = iter(captioner.caption_tensors(batch.pixels, beam_size, max_length, length_penalty,
+                                                     n_best) if batch.pixels is not None else ())
             for item in batch.items:
                 if item.error:
                     writer.write(failure_record(item.path, item.error))

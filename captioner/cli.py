@@ -38,6 +38,9 @@ def caption_folder_parser() -> argparse.ArgumentParser:
                         help="1 = greedy decoding (default: %(default)s)")
     parser.add_argument("--max-length", type=_positive, default=20,
                         help="most words per caption (default: %(default)s)")
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="rank beams by log-probability / length^P; 1.0 favours longer captions "
+                             "(default: %(default)s)")
     parser.add_argument("--n-best", type=_positive, default=1,
                         help="also store the N best captions with their scores (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS,
@@ -80,7 +83,8 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = caption_files(
             captioner, paths, args.output, fmt=args.format, batch_size=args.batch_size,
-            beam_size=args.beam_size, max_length=args.max_length, n_best=args.n_best,
+            beam_size=args.beam_size, max_length=args.max_length,
+            length_penalty=args.length_penalty, n_best=args.n_best,
             num_workers=args.num_workers, max_pixels=args.max_pixels,
             retry_failed=args.retry_failed, attention_dir=args.save_attention,
             progress=not args.no_progress,

@@ -154,6 +154,29 @@ def test_workers_csv_n_best_and_attention(tmp_path, monkeypatch, shapes_checkpoi
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
+def test_length_penalty_reaches_the_beam_search(tmp_path, monkeypatch, shapes_checkpoint):
+    """--length-penalty ranks beams by log-probability / length^P, as Captioner.caption does."""
+    photos = make_photos(tmp_path, monkeypatch)
+    files = [photos / name for name, *_ in GOOD]
+    captioner = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
+    for penalty in ("0.0", "1.0"):
+        output = tmp_path / f"captions-{penalty}.jsonl"
+        assert run(files, output, shapes_checkpoint, "--length-penalty", penalty, "--n-best", "2",
+                   "--num-workers", "0") == 0
+        rows = by_name(read_jsonl(output))
+        for path in files:
+            expected = captioner.caption(str(path), beam_size=3, length_penalty=float(penalty), n_best=2)
+            row = rows[path.name]
+            assert row["caption"] == expected.text
+            assert row["score"] == pytest.approx(expected.score, abs=1e-4)  # stored to 4 decimals
+            assert [a["score"] for a in row["alternatives"]] == pytest.approx(
+                [a.score for a in expected.alternatives], abs=1e-4)
+    normalised = by_name(read_jsonl(tmp_path / "captions-1.0.jsonl"))["red_left.jpg"]
+    plain = by_name(read_jsonl(tmp_path / "captions-0.0.jsonl"))["red_left.jpg"]
+    words = len(plain["caption"].split()) + 1  # with <end>
+    assert normalised["score"] == pytest.approx(plain["score"] / words, abs=1e-4)
+
+
 def test_resume_after_crash_and_partial_line(tmp_path, monkeypatch, shapes_checkpoint):
     photos = make_photos(tmp_path, monkeypatch)
     output = tmp_path / "captions.jsonl"
