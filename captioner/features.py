@@ -158,6 +158,8 @@ class FeatureCache:
             other_done = np.fromfile(other.with_suffix(".done"), dtype=np.uint8)
             pairs = [(mine, theirs) for theirs, path in enumerate(info["paths"]) if other_done[theirs]
                      for mine in rows_of.get(os.path.abspath(path), []) if not done[mine]]
+            if not pairs:
+                continue
             source = np.memmap(other.with_suffix(".f16"), dtype=np.float16, mode="r",
                                shape=tuple(info["shape"]))
             for start in range(0, len(pairs), 256):
