@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -67,6 +68,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 5.0
+    ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
     alpha_reg: float = 1.0  # doubly stochastic attention regularisation (lambda)
     label_smoothing: float = 0.0
     fine_tune_from: int | None = None  # train encoder stages from this index (no feature cache)
@@ -327,9 +329,12 @@ def _optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: d
 
 
 def save_run_state(path: Path, model: CaptionModel, optimizer, vocab: Vocabulary,
-                   progress: dict[str, Any]) -> None:
-    """Model + optimizer + RNG + progress in one safetensors file, replaced atomically."""
+                   progress: dict[str, Any], average: AveragedModel | None = None) -> None:
+    """Model (+ its moving average) + optimizer + RNG + progress in one safetensors file,
+    replaced atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
     tensors |= opt_tensors
     tensors["rng.torch"] = torch.get_rng_state()
@@ -340,10 +345,17 @@ def save_run_state(path: Path, model: CaptionModel, optimizer, vocab: Vocabulary
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
 
 
-def load_run_state(path: Path, model: CaptionModel, optimizer) -> dict[str, Any]:
+def load_run_state(path: Path, model: CaptionModel, optimizer,
+                   average: AveragedModel | None = None) -> dict[str, Any]:
     meta = _run_metadata(path)
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        saved = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not saved:
+            raise ValueError(f"{path} holds no moving average of the weights, but ema_decay is set: "
+                             "resume with the run's own train_config.json")
+        average.load_state_dict(saved)
     _optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
@@ -437,6 +449,14 @@ def _make_optimizer(cfg: TrainConfig, model: CaptionModel, stage: str) -> torch.
     return torch.optim.Adam(groups)
 
 
+def _make_average(cfg: TrainConfig, model: CaptionModel) -> AveragedModel | None:
+    """EMA of the weights: a cheap ensemble over the last ~1/(1 - decay) steps, which scores
+    better than the weights of the last step while the learning rate is still high."""
+    if not cfg.ema_decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -466,10 +486,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress = {"stage": "xe", "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": None,
                 "best_epoch": None, "bad_epochs": 0, "done": False}
     optimizer = _make_optimizer(cfg, model, "xe")
+    average = _make_average(cfg, model)
     if resuming:
         if _peek_stage(state_path) == "scst":
             optimizer = _make_optimizer(cfg, model, "scst")
-        progress = load_run_state(state_path, model, optimizer)
+        progress = load_run_state(state_path, model, optimizer, average)
         if d.is_main:
             print(f"resumed {state_path}: stage {progress['stage']} epoch {progress['epoch']} "
                   f"step {progress['step_in_epoch']}")
@@ -490,7 +511,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if sums is not None:
             progress.update(epoch_sums=_sum_over_ranks(sums, d, device), epoch_seconds=seconds)
         if d.is_main:
-            save_run_state(state_path, model, optimizer, data.vocab, progress)
+            save_run_state(state_path, model, optimizer, data.vocab, progress, average)
 
     while not progress["done"]:
         stage, epoch = progress["stage"], progress["epoch"]
@@ -500,6 +521,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if stage == "xe" and cfg.scst_epochs > 0:
                 _load_best(model, out, d)
                 optimizer = _make_optimizer(cfg, model, "scst")
+                average = _make_average(cfg, model)  # SCST averages its own weights
                 progress.update(stage="scst", epoch=0, step_in_epoch=0, bad_epochs=0)
                 checkpoint()
                 continue
@@ -542,6 +564,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update_parameters(model)
             sums["captions"] += len(captions)
             sums["loss"] += loss.item()
             sums["n"] += 1
@@ -557,7 +581,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar.close()
         seconds = time.perf_counter() - start
         totals = _sum_over_ranks(sums, d, device)
-        metrics, _ = validate(model, inputs, data, cfg, d) if data.val_rows else ({}, {})
+        evaluated = model if average is None else average.module  # what is validated and saved
+        metrics, _ = validate(evaluated, inputs, data, cfg, d) if data.val_rows else ({}, {})
         row = {"stage": stage, "epoch": epoch + 1, "train_loss": totals["loss"] / max(totals["n"], 1),
                "reward": totals["reward"] / totals["n"] if "reward" in totals else None,
                "captions_per_second": totals["captions"] / seconds, "epoch_seconds": seconds,
@@ -566,7 +591,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if progress["best_score"] is None or score > progress["best_score"]:
             progress.update(best_score=score, best_epoch=f"{stage}-{epoch + 1}", bad_epochs=0)
             if d.is_main:
-                save_model(out / "best", model, data.vocab, metadata={
+                save_model(out / "best", evaluated, data.vocab, metadata={
                     "val_scores": metrics, "epoch": f"{stage}-{epoch + 1}", "train_config": asdict(cfg)})
         else:
             progress["bad_epochs"] += 1

@@ -53,12 +53,14 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def make_config(dataset, output_dir, cache_dir, dropout=0.3, **overrides) -> TrainConfig:
-    """16 images, validated on themselves; 4 steps per epoch; 3 XE epochs then 1 SCST epoch."""
+    """16 images, validated on themselves; 4 steps per epoch; 3 XE epochs then 1 SCST epoch.
+    The weights' moving average is on (so resume and torchrun cover it), with a short memory."""
     captions, images = dataset
     data = DataConfig(kind="coco", train=str(captions), train_images=str(images), val=str(captions),
                       val_images=str(images))
     settings = dict(min_word_count=1, epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, scst_epochs=1,
-                    scst_samples=3, checkpoint_every=2, num_workers=0, progress=False, device="cpu")
+                    scst_samples=3, checkpoint_every=2, num_workers=0, progress=False, device="cpu",
+                    ema_decay=0.5)
     return TrainConfig(data=data, model=ModelConfig(**TINY_DECODER, dropout=dropout),
                        output_dir=str(output_dir), cache_dir=str(cache_dir), **(settings | overrides))
 
@@ -528,3 +530,39 @@ def test_mixed_scst_adds_weighted_cross_entropy(dataset, cache_dir, tmp_path, mo
     expected = np.mean([sum(v * (xe_weight if kind == "xe" else 1.0) for kind, v in step) for step in steps])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["stage"] == "scst" and rows[-1]["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp_path, monkeypatch):
+    """--ema_decay d: best/ holds e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the steps' weights
+    w_k, not the last step's weights; without it best/ holds the raw weights."""
+    snapshots = []
+
+    class RecordingAverage(training_module.AveragedModel):
+        def update_parameters(self, model):
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            super().update_parameters(model)
+
+    monkeypatch.setattr(training_module, "AveragedModel", RecordingAverage)
+    decay = 0.7
+    train(make_config(dataset, tmp_path / "ema", cache_dir, epochs=1, scst_epochs=0, ema_decay=decay))
+    assert len(snapshots) == 4  # one update per optimizer step
+    expected = dict(snapshots[0])
+    for weights in snapshots[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    best = load_file(str(tmp_path / "ema" / "best" / "model.safetensors"))
+    decoder = [k for k in best if k.startswith("decoder.")]
+    assert len(decoder) > 20
+    for key in decoder:
+        assert torch.allclose(best[key], expected[key], atol=1e-6), key
+    raw = state_tensors(tmp_path / "ema")
+    assert not torch.allclose(best["decoder.classifier.weight"], raw["model.decoder.classifier.weight"])
+    ema = {k.removeprefix("ema.module."): v for k, v in raw.items() if k.startswith("ema.module.")}
+    assert all(torch.equal(ema[k], best[k]) for k in decoder)  # the run state keeps the average
+
+    snapshots.clear()
+    train(make_config(dataset, tmp_path / "plain", cache_dir, epochs=1, scst_epochs=0, ema_decay=0.0))
+    assert snapshots == []
+    best = load_file(str(tmp_path / "plain" / "best" / "model.safetensors"))
+    raw = state_tensors(tmp_path / "plain")
+    assert not any(k.startswith("ema.") for k in raw)
+    assert all(torch.equal(best[k], raw[f"model.{k}"]) for k in best if k.startswith("decoder."))
