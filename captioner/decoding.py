@@ -36,6 +36,18 @@ def _log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def _block_repeated_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
+    """Forbid, per row, each word that would complete an n-gram the caption already holds
+    ("a man in a red shirt and a man in a red shirt" cannot happen with n = 3)."""
+    if n <= 0 or tokens.shape[1] < n - 1:
+        return
+    for row, seq in enumerate(tokens.tolist()):
+        prefix = seq[len(seq) - n + 1 :] if n > 1 else []
+        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == prefix]
+        if banned:
+            logp[row, banned] = float("-inf")
+
+
 def _length_normalised(log_prob: float, length: int, length_penalty: float) -> float:
     return log_prob / max(length, 1) ** length_penalty if length_penalty else log_prob
 
@@ -48,6 +60,7 @@ def decode_tensors(
     temperature: float = 1.0,
     top_k: int = 0,
     samples_per_image: int = 1,
+    no_repeat_ngram_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy or sampled decoding that keeps the autograd graph (self-critical training uses it).
 
@@ -67,6 +80,8 @@ def decode_tensors(
     for _ in range(max_length):
         logits, state, alpha = decoder.step(features, keys, words, state)
         logp = _log_probs(logits, 1.0 if greedy else temperature)  # (B, V)
+        if no_repeat_ngram_size and tokens:
+            _block_repeated_ngrams(logp, torch.stack(tokens, 1), no_repeat_ngram_size)
         if greedy:
             words = logp.argmax(dim=-1)
         else:
@@ -100,9 +115,10 @@ def _to_hypotheses(tokens, log_probs, mask, alphas) -> list[Hypothesis]:
 
 
 @torch.no_grad()
-def greedy_decode(decoder: AttentionDecoder, features: torch.Tensor,
-                  max_length: int = 20) -> list[Hypothesis]:
-    return _to_hypotheses(*decode_tensors(decoder, features, max_length, greedy=True))
+def greedy_decode(decoder: AttentionDecoder, features: torch.Tensor, max_length: int = 20,
+                  no_repeat_ngram_size: int = 0) -> list[Hypothesis]:
+    return _to_hypotheses(*decode_tensors(decoder, features, max_length, greedy=True,
+                                          no_repeat_ngram_size=no_repeat_ngram_size))
 
 
 @torch.no_grad()
@@ -121,6 +137,7 @@ def beam_search(
     max_length: int = 20,
     length_penalty: float = 0.0,
     n_best: int | None = None,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search over all images x beams in one tensor batch.
 
@@ -129,6 +146,7 @@ def beam_search(
     (it then leaves the batch); beams still alive at `max_length` count as (unfinished)
     candidates, so there is always an answer.
     Ranking: log_prob / length**length_penalty (0 = plain log-probability).
+    no_repeat_ngram_size = n > 0: no caption contains the same n-gram twice.
     Returns, per image, the `n_best` (default: beam_size) hypotheses, best first.
     """
     batch, num_cells = features.shape[:2]
@@ -148,6 +166,7 @@ def beam_search(
     for step in range(max_length):
         logits, state, alpha = decoder.step(feats, keys, words, state)
         logp = _log_probs(logits)
+        _block_repeated_ngrams(logp, tokens, no_repeat_ngram_size)
         (n, beams), vocab = beam_scores.shape, logp.shape[-1]
         candidates = (beam_scores.unsqueeze(-1) + logp.view(n, beams, vocab)).view(n, -1)
         top_scores, top_index = candidates.topk(k, dim=1)  # (n, K)
@@ -196,3 +215,19 @@ def beam_search(
                     alphas[row].cpu(), False,
                 ))
     return [sorted(f, key=lambda h: h.score, reverse=True)[:n_best] for f in finished]
+
+
+def decode(
+    decoder: AttentionDecoder,
+    features: torch.Tensor,  # (B, L, D)
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    n_best: int | None = None,
+    no_repeat_ngram_size: int = 0,
+) -> list[list[Hypothesis]]:
+    """Per image, its best captions: beam search, or the greedy caption for beam_size 1."""
+    if beam_size <= 1:
+        return [[h] for h in greedy_decode(decoder, features, max_length, no_repeat_ngram_size)]
+    return beam_search(decoder, features, beam_size, max_length, length_penalty, n_best,
+                       no_repeat_ngram_size)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .data import ImageCaptions
-from .decoding import beam_search, greedy_decode
+from .decoding import decode
 from .features import FeatureCache
 from .images import load_image
 from .model import CaptionModel
@@ -178,6 +178,7 @@ def caption_split(
     beam_size: int = 3,
     max_length: int = 20,
     length_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
     batch_size: int = 32,
     num_workers: int = 2,
     cache_dir: str | Path | None = None,
@@ -201,7 +202,8 @@ def caption_split(
     captions: list[str] = []
     bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
     for features in grids:
-        batch = best_captions(model, features.to(device), vocab, beam_size, max_length, length_penalty)
+        batch = best_captions(model, features.to(device), vocab, beam_size, max_length, length_penalty,
+                              no_repeat_ngram_size)
         captions += batch
         bar.update(len(batch))
     bar.close()
@@ -209,13 +211,10 @@ def caption_split(
 
 
 def best_captions(model: CaptionModel, features: torch.Tensor, vocab: Vocabulary, beam_size: int,
-                  max_length: int, length_penalty: float = 0.0) -> list[str]:
+                  max_length: int, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0) -> list[str]:
     """The best caption of each grid (B, L, D): beam search, or greedy for beam_size 1."""
-    if beam_size <= 1:
-        best = greedy_decode(model.decoder, features, max_length)
-    else:
-        best = [h[0] for h in beam_search(model.decoder, features, beam_size, max_length, length_penalty)]
-    return [" ".join(vocab.decode(h.tokens)) for h in best]
+    beams = decode(model.decoder, features, beam_size, max_length, length_penalty, 1, no_repeat_ngram_size)
+    return [" ".join(vocab.decode(hyps[0].tokens)) for hyps in beams]
 
 
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, images: Sequence[ImageCaptions],

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .checkpoint import atomic_write
@@ -27,10 +29,11 @@ from .encoder import Encoder
 from .images import ImageLoadError, load_image
 
 
-def encoder_key(encoder: Encoder) -> str:
-    """Names what determines the features: backbone, input size, grid (ImageNet weights)."""
+def encoder_key(encoder: Encoder, mirrored: bool = False) -> str:
+    """Names what determines the features: backbone, input size, grid (ImageNet weights), and
+    whether the photos were mirrored first."""
     g = encoder.grid_size
-    return f"{encoder.backbone_name}-{encoder.image_size}px-{g}x{g}"
+    return f"{encoder.backbone_name}-{encoder.image_size}px-{g}x{g}" + ("-hflip" if mirrored else "")
 
 
 class _ImageFiles(Dataset):
@@ -57,12 +60,19 @@ def _collate(items):
 
 
 class FeatureCache:
-    """The (N, L, D) fp16 grids of one list of images under one encoder."""
+    """The (N, L, D) fp16 grids of one list of images under one encoder.
 
-    def __init__(self, root: str | Path, encoder: Encoder, paths: Sequence[str | Path]):
+    `mirrored=True`: the grids of the left-right mirrored photos (training augmentation; a CNN's
+    features of a mirrored photo are not its grid mirrored, so they are computed for real).
+    """
+
+    def __init__(self, root: str | Path, encoder: Encoder, paths: Sequence[str | Path],
+                 mirrored: bool = False):
         self.paths = [str(p) for p in paths]
         digest = hashlib.sha1("\n".join(self.paths).encode()).hexdigest()[:12]
-        self.folder = Path(root) / encoder_key(encoder)
+        self.key = encoder_key(encoder, mirrored)
+        self.transform = transforms.Compose([TF.hflip, encoder.transform]) if mirrored else encoder.transform
+        self.folder = Path(root) / self.key
         self.stem = self.folder / f"{len(self.paths)}-{digest}"
         self.shape = (len(self.paths), encoder.grid_size**2, encoder.feature_dim)
         self.encoder = encoder
@@ -100,7 +110,7 @@ class FeatureCache:
             return stats
         if rank == 0 and not self.done_file.exists():  # new cache: allocate (sparse) files
             np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
-            info = {"encoder": encoder_key(self.encoder), "shape": self.shape, "paths": self.paths}
+            info = {"encoder": self.key, "shape": self.shape, "paths": self.paths}
             atomic_write(self.stem.with_suffix(".json"),
                          lambda tmp: Path(tmp).write_text(json.dumps(info)))
             np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
@@ -115,13 +125,13 @@ class FeatureCache:
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
         # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a
         # training run would then depend on whether its features were already cached.
-        loader = DataLoader(_ImageFiles(self.paths, todo, self.encoder.transform),
+        loader = DataLoader(_ImageFiles(self.paths, todo, self.transform),
                             batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                             generator=torch.Generator())
         encoder = self.encoder.to(device).eval()
         errors: list[str] = []
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"features {encoder_key(self.encoder)}", unit="img",
+        bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img",
                    disable=not progress)
         with torch.inference_mode():
             for rows, pixels, batch_errors in loader:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .checkpoint import atomic_write, save_model
@@ -71,6 +72,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
     alpha_reg: float = 1.0  # doubly stochastic attention regularisation (lambda)
     label_smoothing: float = 0.0
+    hflip: bool = False  # show each training photo mirrored in a random half of the epochs
     fine_tune_from: int | None = None  # train encoder stages from this index (no feature cache)
     encoder_lr: float = 1e-4
     scst_epochs: int = 0  # self-critical epochs after cross-entropy
@@ -196,16 +198,19 @@ def caption_batch(encoded: list[list[list[int]]], rows: list[int]):
 
 
 class _PixelRows(Dataset):
-    """Images by row, for training with a fine-tuned encoder (no cache)."""
+    """Images by row, for training with a fine-tuned encoder (no cache). Index row + N is
+    image `row` mirrored."""
 
     def __init__(self, images: list[ImageCaptions], transform):
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return 2 * len(self.images)
 
-    def __getitem__(self, row: int) -> torch.Tensor:
-        return self.transform(load_image(self.images[row].path))
+    def __getitem__(self, index: int) -> torch.Tensor:
+        mirrored, row = divmod(index, len(self.images))
+        image = load_image(self.images[row].path)
+        return self.transform(TF.hflip(image) if mirrored else image)
 
 
 class Inputs:
@@ -217,24 +222,37 @@ class Inputs:
         self.fine_tune = cfg.fine_tune_from is not None
         self.num_workers = cfg.num_workers
         self.pixels = _PixelRows(data.images, model.encoder.transform)
-        self.cache = None
+        self.cache = self.mirrored = None
         if not self.fine_tune:
+            extract = dict(num_workers=cfg.num_workers, device=device, rank=dist_info.rank,
+                           world_size=dist_info.world_size, progress=cfg.progress and dist_info.is_main)
             self.cache = FeatureCache(cfg.cache_dir, model.encoder, [i.path for i in data.images])
-            self.extract_stats = self.cache.extract(
-                num_workers=cfg.num_workers, device=device, rank=dist_info.rank,
-                world_size=dist_info.world_size, progress=cfg.progress and dist_info.is_main)
+            self.extract_stats = self.cache.extract(**extract)
+            if cfg.hflip:  # only training photos are ever shown mirrored
+                self.mirrored = FeatureCache(cfg.cache_dir, model.encoder,
+                                             [i.path for i in data.images[: data.num_train]], mirrored=True)
+                self.extract_stats["mirrored"] = self.mirrored.extract(**extract)
             if dist_info.world_size > 1:
                 dist.barrier()
 
-    def batches(self, row_batches: list[list[int]]):
-        """Yields (rows, input tensor on device) for each batch of rows."""
+    def batches(self, row_batches: list[list[int]], mirror: np.ndarray | None = None):
+        """Yields (rows, input tensor on device) for each batch of rows; rows r with mirror[r]
+        come from the mirrored photo."""
+        flags = [[bool(mirror is not None and mirror[r]) for r in rows] for rows in row_batches]
         if self.cache is not None:
-            for rows in row_batches:
-                yield rows, self.cache.batch(rows).to(self.device)
+            for rows, flipped in zip(row_batches, flags, strict=True):
+                x = self.cache.batch(rows)
+                if any(flipped):
+                    which = [i for i, f in enumerate(flipped) if f]
+                    x[which] = self.mirrored.batch([rows[i] for i in which])
+                yield rows, x.to(self.device)
             return
         # Own generator: drawing worker seeds from the global RNG would shift the dropout and
         # sampling streams, so a run resumed mid-epoch would no longer match an unbroken one.
-        loader = DataLoader(self.pixels, batch_sampler=row_batches, num_workers=self.num_workers,
+        n = len(self.pixels.images)
+        indices = [[r + n * f for r, f in zip(rows, flipped, strict=True)]
+                   for rows, flipped in zip(row_batches, flags, strict=True)]
+        loader = DataLoader(self.pixels, batch_sampler=indices, num_workers=self.num_workers,
                             generator=torch.Generator())
         for rows, pixels in zip(row_batches, loader, strict=True):
             yield rows, pixels.to(self.device)
@@ -246,6 +264,14 @@ class Inputs:
     def encode(self) -> bool:
         """Whether the model must run the encoder on these inputs (pixels) or not (grids)."""
         return self.fine_tune
+
+
+def mirrored_rows(cfg: TrainConfig, num_images: int, order_seed: int) -> np.ndarray | None:
+    """Which training images are shown mirrored this epoch (about half): drawn per image from
+    the seed and the epoch, so every rank and every resume agrees."""
+    if not cfg.hflip:
+        return None
+    return np.random.default_rng([cfg.seed, order_seed]).random(num_images) < 0.5
 
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
@@ -539,7 +565,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start = time.perf_counter() - (progress.get("epoch_seconds") or 0.0)
         bar = tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"{stage} epoch {epoch + 1}",
                    disable=not (cfg.progress and d.is_main))
-        for rows, x in inputs.batches(batches[progress["step_in_epoch"] :]):
+        mirror = mirrored_rows(cfg, data.num_train, order_seed)
+        for rows, x in inputs.batches(batches[progress["step_in_epoch"] :], mirror):
             if stage == "xe":
                 for group in optimizer.param_groups[:1]:
                     group["lr"] = lr_at(cfg, progress["global_step"], total_xe_steps)

@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--beam_size", type=int, default=3, help="1 = greedy")
     parser.add_argument("--max_length", type=int, default=20)
     parser.add_argument("--length_penalty", type=float, default=0.0)
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                        help="n > 0: no caption repeats an n-gram (3 blocks 'a man ... a man')")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--cache_dir", help="reuse/extract the frozen encoder's feature cache here")
@@ -44,9 +46,12 @@ def main() -> None:
     metrics, _ = evaluate_model(
         model, vocab, images, args.output_dir, meteor=args.meteor, spice=args.spice,
         beam_size=args.beam_size, max_length=args.max_length, length_penalty=args.length_penalty,
-        batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir)
+        no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, cache_dir=args.cache_dir)
     summary = {"checkpoint": args.checkpoint, "split": args.split, "images": len(images),
-               "beam_size": args.beam_size, **{k: round(v, 2) for k, v in metrics.items()}}
+               "beam_size": args.beam_size, "length_penalty": args.length_penalty,
+               "no_repeat_ngram_size": args.no_repeat_ngram_size,
+               **{k: round(v, 2) for k, v in metrics.items()}}
     print(json.dumps(summary, indent=2))
 
 

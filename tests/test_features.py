@@ -46,6 +46,26 @@ def test_cache_key_names_backbone_input_size_and_grid(encoder, image_paths, tmp_
     assert whole.folder == part.folder and whole.features_file != part.features_file
 
 
+def test_mirrored_cache_holds_the_grids_of_the_mirrored_photos(encoder, image_paths, fresh_grids, tmp_path):
+    from PIL import ImageOps
+
+    from captioner.images import load_image
+
+    mirrored = FeatureCache(tmp_path, encoder, image_paths, mirrored=True)
+    plain = FeatureCache(tmp_path, encoder, image_paths)
+    assert mirrored.folder.name == "efficientnet_lite0-128px-4x4-hflip" and mirrored.folder != plain.folder
+    assert mirrored.extract(batch_size=8, num_workers=0, progress=False)["copied"] == 0  # not plain rows
+    with torch.inference_mode():
+        expected = encoder(torch.stack([encoder.transform(ImageOps.mirror(load_image(p)))
+                                        for p in image_paths]))
+    assert torch.allclose(mirrored.batch(range(16)), expected, rtol=2e-3, atol=2e-3)
+    # Not the plain grids, and not the plain grids mirrored cell by cell either.
+    assert not torch.allclose(expected, fresh_grids, atol=1e-2)
+    side = encoder.grid_size
+    cellwise = fresh_grids.view(16, side, side, -1).flip(2).reshape(16, side * side, -1)
+    assert not torch.allclose(expected, cellwise, atol=1e-2)
+
+
 def test_extraction_resumes_after_an_interruption(encoder, image_paths, fresh_grids, tmp_path):
     cache = FeatureCache(tmp_path, encoder, image_paths)
     with pytest.raises(RuntimeError, match="incomplete"):

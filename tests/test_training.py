@@ -251,10 +251,11 @@ def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir
 
 
 def test_fine_tuning_run_resumes_to_the_same_result(dataset, tmp_path, monkeypatch):
-    """With the encoder's last stage trained (pixels through a DataLoader, no feature cache)."""
+    """With the encoder's last stage trained (pixels through a DataLoader, no feature cache),
+    and mirrored photos mixed in."""
     def config(name):
         return make_config(dataset, tmp_path / name, tmp_path / "unused-cache", epochs=1, scst_epochs=0,
-                           fine_tune_from=8, encoder_lr=1e-3)
+                           fine_tune_from=8, encoder_lr=1e-3, hflip=True)
 
     summary = train(config("reference"))
     assert "feature_extraction" not in summary and not (tmp_path / "unused-cache").exists()
@@ -566,3 +567,48 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     raw = state_tensors(tmp_path / "plain")
     assert not any(k.startswith("ema.") for k in raw)
     assert all(torch.equal(best[k], raw[f"model.{k}"]) for k in best if k.startswith("decoder."))
+
+
+def test_hflip_trains_on_plain_or_mirrored_grids_chosen_per_image_and_epoch(
+        dataset, cache_dir, tmp_path, monkeypatch):
+    """--hflip true: each training image's grid comes, per epoch, from the plain or the mirrored
+    photo (about half each, as `mirrored_rows` says); validation always sees the plain photo."""
+    seen = []  # (epoch index, rows, grids) of every training step
+    real_xe = training_module._xe_loss
+
+    def recording_xe(net, x, *args):
+        seen.append(x.clone())
+        return real_xe(net, x, *args)
+
+    batches_seen = []
+    real_batches = training_module.Inputs.batches
+
+    def recording_batches(self, row_batches, mirror=None):
+        batches_seen.append((row_batches, mirror))
+        yield from real_batches(self, row_batches, mirror)
+
+    monkeypatch.setattr(training_module, "_xe_loss", recording_xe)
+    monkeypatch.setattr(training_module.Inputs, "batches", recording_batches)
+    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=2, scst_epochs=0, hflip=True)
+    summary = train(cfg)
+    assert summary["feature_extraction"]["mirrored"]["images"] == 16  # training photos only
+
+    encoder = Encoder("efficientnet_lite0", 128)
+    paths = [p for _, p in sorted(_image_paths(cfg).items())]
+    plain = FeatureCache(cache_dir, encoder, [*paths, *paths])
+    mirrored = FeatureCache(cache_dir, encoder, paths, mirrored=True)
+    training_calls = [(rows, mirror) for rows, mirror in batches_seen if mirror is not None]
+    assert len(training_calls) == 2  # one per epoch; validation calls pass no mirror
+    steps = iter(seen)
+    choices = []
+    for epoch, (row_batches, mirror) in enumerate(training_calls):
+        assert np.array_equal(mirror, training_module.mirrored_rows(cfg, 16, epoch))
+        for rows in row_batches:
+            x = next(steps)
+            for i, row in enumerate(rows):
+                source = mirrored if mirror[row] else plain
+                assert torch.equal(x[i], source.batch([row])[0]), (epoch, row)
+                choices.append(bool(mirror[row]))
+    assert 0 < sum(choices) < len(choices)
+    assert not np.array_equal(training_calls[0][1], training_calls[1][1])  # new draw each epoch
+    assert len(batches_seen) == 4  # and two validations, which pass no mirror
