@@ -255,3 +255,35 @@ def test_unk_is_never_written_even_when_the_model_prefers_it():
     assert len(hypotheses) == 4 + 4 + 12
     assert sum(len(h.tokens) for h in hypotheses) > 20  # real words were written instead
     assert all(Vocabulary.unk_id not in h.tokens for h in hypotheses)
+
+
+
+# ----------------------------------------------------------------------------- repetition
+
+
+def test_no_repeat_ngram_size_blocks_a_repeated_phrase():
+    """A bigram model that loops `x y x y ...`: with n = 2 no caption says `x y` twice, with
+    n = 3 none says `x y x` twice; the blocked word gives way to the next-best one."""
+    table = {Vocabulary.start_id: {X: 0.9, Z: 0.1}, X: {Y: 0.8, END: 0.2}, Y: {X: 0.6, Z: 0.3, END: 0.1},
+             Z: {END: 0.9, Z: 0.1}}
+    decoder = BigramDecoder(7, table)
+    features = torch.zeros(2, 4, 8)
+    (loop,) = greedy_decode(decoder, features[:1], max_length=8)
+    assert loop.tokens == [X, Y, X, Y, X, Y, X, Y] and not loop.finished  # it never stops
+    (two,) = greedy_decode(decoder, features[:1], max_length=8, no_repeat_ngram_size=2)
+    assert two.tokens == [X, Y, X] and two.finished  # x -> y would repeat "x y": <end> instead
+    assert two.log_prob == pytest.approx(math.log(0.9 * 0.8 * 0.6 * 0.2), abs=1e-5)
+    (three,) = greedy_decode(decoder, features[:1], max_length=8, no_repeat_ngram_size=3)
+    assert three.tokens == [X, Y, X, Y, Z] and three.finished  # y -> x would repeat "x y x"
+    assert three.log_prob == pytest.approx(math.log(0.9 * 0.8 * 0.6 * 0.8 * 0.3 * 0.9), abs=1e-5)
+
+    for n in (2, 3):
+        for hyps in beam_search(decoder, features, beam_size=3, max_length=8, no_repeat_ngram_size=n):
+            assert len(hyps) == 3
+            for h in hyps:
+                grams = list(zip(*(h.tokens[i:] for i in range(n)), strict=False))
+                assert len(grams) == len(set(grams)), (n, h.tokens)
+                words = [Vocabulary.start_id, *h.tokens] + ([END] if h.finished else [])
+                exact = sum(math.log(table[a].get(b, math.exp(-30)))  # the decoder's floor
+                            for a, b in zip(words, words[1:], strict=False))
+                assert h.log_prob == pytest.approx(exact, abs=1e-4)
