@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .decoding import Hypothesis, beam_search, greedy_decode
+from .decoding import Hypothesis, decode
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
@@ -103,17 +103,14 @@ class Captioner:
 
     @torch.inference_mode()
     def caption_tensors(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int = 20,
-                        length_penalty: float = 0.0, n_best: int | None = None
-                        ) -> list[CaptionResult]:
+                        length_penalty: float = 0.0, n_best: int | None = None,
+                        no_repeat_ngram_size: int = 0) -> list[CaptionResult]:
         """Caption a preprocessed batch (B, 3, S, S)."""
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
-        decoder = self.model.decoder
-        if beam_size <= 1:
-            beams = [[h] for h in greedy_decode(decoder, features, max_length)]
-        else:
-            beams = beam_search(decoder, features, beam_size, max_length, length_penalty, n_best)
+        beams = decode(self.model.decoder, features, beam_size, max_length, length_penalty, n_best,
+                       no_repeat_ngram_size)
         return [self._result(hyps) for hyps in beams]
 
     def caption(
@@ -124,18 +121,21 @@ class Captioner:
         length_penalty: float = 0.0,
         n_best: int | None = None,
         batch_size: int = 32,
+        no_repeat_ngram_size: int = 0,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image (returns one result) or a list of images (returns a list).
 
         Images may be file paths, PIL images or numpy arrays. Bad inputs raise ImageLoadError
-        naming the input.
+        naming the input. `no_repeat_ngram_size=3` stops "a man in a red shirt and a man in a
+        red shirt".
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
             pixels = torch.stack([self.preprocess(x) for x in items[start : start + batch_size]])
-            results += self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best)
+            results += self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
+                                            no_repeat_ngram_size)
         return results[0] if single else results
 
     def _result(self, hypotheses: list[Hypothesis]) -> CaptionResult:

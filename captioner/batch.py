@@ -397,6 +397,7 @@ def caption_files(
     max_length: int = 20,
     length_penalty: float = 0.0,
     n_best: int = 1,
+    no_repeat_ngram_size: int = 0,
     num_workers: int = DEFAULT_NUM_WORKERS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     retry_failed: bool = False,
@@ -436,7 +437,8 @@ def caption_files(
     try:
         for batch in loader:
             results = iter(captioner.caption_tensors(batch.pixels, beam_size, max_length, length_penalty,
-                                                     n_best) if batch.pixels is not None else ())
+                                                     n_best, no_repeat_ngram_size)
+                           if batch.pixels is not None else ())
             for item in batch.items:
                 if item.error:
                     writer.write(failure_record(item.path, item.error))

@@ -41,6 +41,9 @@ def caption_folder_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-penalty", type=float, default=0.0,
                         help="rank beams by log-probability / length^P; 1.0 favours longer captions "
                              "(default: %(default)s)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="N > 0: no caption repeats a phrase of N words; 3 stops "
+                             "'a man in a red shirt and a man in a red shirt' (default: %(default)s)")
     parser.add_argument("--n-best", type=_positive, default=1,
                         help="also store the N best captions with their scores (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS,
@@ -85,6 +88,7 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
             captioner, paths, args.output, fmt=args.format, batch_size=args.batch_size,
             beam_size=args.beam_size, max_length=args.max_length,
             length_penalty=args.length_penalty, n_best=args.n_best,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
             num_workers=args.num_workers, max_pixels=args.max_pixels,
             retry_failed=args.retry_failed, attention_dir=args.save_attention,
             progress=not args.no_progress,

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from captioner import Captioner
+from captioner import api as api_module
 from captioner.batch import attention_filename, caption_files, find_images, looks_like_image
 from captioner.cli import caption_folder_main
 
@@ -175,6 +176,30 @@ def test_length_penalty_reaches_the_beam_search(tmp_path, monkeypatch, shapes_ch
     plain = by_name(read_jsonl(tmp_path / "captions-0.0.jsonl"))["red_left.jpg"]
     words = len(plain["caption"].split()) + 1  # with <end>
     assert normalised["score"] == pytest.approx(plain["score"] / words, abs=1e-4)
+
+
+def test_no_repeat_ngram_size_reaches_the_decoder(tmp_path, monkeypatch, shapes_checkpoint):
+    """--no-repeat-ngram-size N: the rows are Captioner.caption(..., no_repeat_ngram_size=N)'s."""
+    photos = make_photos(tmp_path, monkeypatch)
+    files = [photos / name for name, *_ in GOOD]
+    captioner = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
+    output = tmp_path / "captions.jsonl"
+    asked = []
+    real_decode = api_module.decode
+
+    def spying_decode(*args):
+        asked.append(args[-1])
+        return real_decode(*args)
+
+    monkeypatch.setattr(api_module, "decode", spying_decode)
+    assert run(files, output, shapes_checkpoint, "--no-repeat-ngram-size", "1", "--num-workers", "0") == 0
+    assert asked and set(asked) == {1}
+    rows = by_name(read_jsonl(output))
+    for path in files:
+        expected = captioner.caption(str(path), no_repeat_ngram_size=1)
+        assert rows[path.name]["caption"] == expected.text
+        assert rows[path.name]["score"] == pytest.approx(expected.score, abs=1e-4)
+        assert len(set(expected.words)) == len(expected.words)  # n = 1: no word twice
 
 
 def test_resume_after_crash_and_partial_line(tmp_path, monkeypatch, shapes_checkpoint):
