@@ -67,11 +67,11 @@ def test_encoder_chunks_give_the_same_features(captioner, monkeypatch):
         whole = captioner.model.encoder(pixels)
     captured = []
 
-    def beam_search(decoder, features, *args):
+    def decode(decoder, features, *args):
         captured.append(features)
         return []
 
-    monkeypatch.setattr("captioner.api.beam_search", beam_search)
+    monkeypatch.setattr("captioner.api.decode", decode)
     for chunk in (2, 5, 64):
         monkeypatch.setattr("captioner.api.CPU_ENCODER_BATCH", chunk)
         captioner.caption_tensors(pixels)
