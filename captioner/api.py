@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .decoding import Hypothesis, decode
+from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, decode
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
@@ -104,7 +104,7 @@ class Captioner:
     @torch.inference_mode()
     def caption_tensors(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int = 20,
                         length_penalty: float = 0.0, n_best: int | None = None,
-                        no_repeat_ngram_size: int = 0) -> list[CaptionResult]:
+                        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> list[CaptionResult]:
         """Caption a preprocessed batch (B, 3, S, S)."""
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
@@ -121,13 +121,13 @@ class Captioner:
         length_penalty: float = 0.0,
         n_best: int | None = None,
         batch_size: int = 32,
-        no_repeat_ngram_size: int = 0,
+        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image (returns one result) or a list of images (returns a list).
 
         Images may be file paths, PIL images or numpy arrays. Bad inputs raise ImageLoadError
-        naming the input. `no_repeat_ngram_size=3` stops "a man in a red shirt and a man in a
-        red shirt".
+        naming the input. `no_repeat_ngram_size=3` (the default; 0 turns it off) stops "a man in
+        a red shirt and a man in a red shirt".
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)

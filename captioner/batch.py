@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .api import Captioner, CaptionResult
 from .checkpoint import atomic_write
+from .decoding import NO_REPEAT_NGRAM_SIZE
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .visualize import save_attention_grid
 
@@ -397,7 +398,7 @@ def caption_files(
     max_length: int = 20,
     length_penalty: float = 0.0,
     n_best: int = 1,
-    no_repeat_ngram_size: int = 0,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
     num_workers: int = DEFAULT_NUM_WORKERS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     retry_failed: bool = False,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from .api import Captioner
 from .batch import DEFAULT_NUM_WORKERS, FORMATS, OutputError, caption_files, find_images
+from .decoding import NO_REPEAT_NGRAM_SIZE
 from .images import DEFAULT_MAX_PIXELS
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
@@ -41,9 +42,9 @@ def caption_folder_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-penalty", type=float, default=0.0,
                         help="rank beams by log-probability / length^P; 1.0 favours longer captions "
                              "(default: %(default)s)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
-                        help="N > 0: no caption repeats a phrase of N words; 3 stops "
-                             "'a man in a red shirt and a man in a red shirt' (default: %(default)s)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=NO_REPEAT_NGRAM_SIZE, metavar="N",
+                        help="no caption repeats a phrase of N words; 3 stops 'a man in a red shirt "
+                             "and a man in a red shirt'; 0 allows repeats (default: %(default)s)")
     parser.add_argument("--n-best", type=_positive, default=1,
                         help="also store the N best captions with their scores (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS,

@@ -24,6 +24,11 @@ class Hypothesis:
     finished: bool  # False when max_length cut the caption before <end>
 
 
+# What the user-facing layers (Captioner, captioner-caption, the app, scripts/evaluate.py) pass
+# by default: no caption repeats a 3-word phrase. On the Flickr8k dev split it raised every
+# metric of the shipped model a little (beam 3: CIDEr 51.96 -> 52.36, BLEU-4 21.37 -> 21.53).
+NO_REPEAT_NGRAM_SIZE = 3
+
 # Never written: <pad> and <start> are not words, and "<unk>" tells a reader nothing (the model
 # still learns rare words' share of probability in training; decoding picks the best real word).
 BANNED_IDS = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .data import ImageCaptions
-from .decoding import decode
+from .decoding import NO_REPEAT_NGRAM_SIZE, decode
 from .features import FeatureCache
 from .images import load_image
 from .model import CaptionModel
@@ -178,7 +178,7 @@ def caption_split(
     beam_size: int = 3,
     max_length: int = 20,
     length_penalty: float = 0.0,
-    no_repeat_ngram_size: int = 0,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
     batch_size: int = 32,
     num_workers: int = 2,
     cache_dir: str | Path | None = None,

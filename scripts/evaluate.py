@@ -12,6 +12,7 @@ import json
 from captioner.api import DEFAULT_WEIGHTS, default_device, quantize_decoder
 from captioner.checkpoint import load_model
 from captioner.configs import add_config_arguments, parse_bool
+from captioner.decoding import NO_REPEAT_NGRAM_SIZE
 from captioner.evaluation import evaluate_model
 from captioner.training import DataConfig, load_configured_dataset
 
@@ -25,8 +26,8 @@ def main() -> None:
     parser.add_argument("--beam_size", type=int, default=3, help="1 = greedy")
     parser.add_argument("--max_length", type=int, default=20)
     parser.add_argument("--length_penalty", type=float, default=0.0)
-    parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
-                        help="n > 0: no caption repeats an n-gram (3 blocks 'a man ... a man')")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=NO_REPEAT_NGRAM_SIZE,
+                        help="no caption repeats a phrase of N words (0: repeats allowed)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--cache_dir", help="reuse/extract the frozen encoder's feature cache here")

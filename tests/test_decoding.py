@@ -287,3 +287,23 @@ def test_no_repeat_ngram_size_blocks_a_repeated_phrase():
                 exact = sum(math.log(table[a].get(b, math.exp(-30)))  # the decoder's floor
                             for a, b in zip(words, words[1:], strict=False))
                 assert h.log_prob == pytest.approx(exact, abs=1e-4)
+
+
+def test_captioner_blocks_repeated_trigrams_by_default(trained_shapes_model):
+    """A model that can't say <end> rambles on and repeats itself unless told not to."""
+    model, vocab, _ = trained_shapes_model
+    endless = copy.deepcopy(model)
+    with torch.no_grad():
+        endless.decoder.classifier.bias[END] = float("-inf")
+    captioner = Captioner(endless, vocab, device="cpu")
+    images = [img for img, _, _ in all_examples()[:4]]
+
+    def repeats(words):
+        trigrams = list(zip(words, words[1:], words[2:], strict=False))
+        return len(trigrams) - len(set(trigrams))
+
+    for beam_size in (1, 3):
+        allowed = captioner.caption(images, beam_size=beam_size, max_length=16, no_repeat_ngram_size=0)
+        default = captioner.caption(images, beam_size=beam_size, max_length=16)
+        assert sum(repeats(r.words) for r in allowed) > 0
+        assert all(repeats(r.words) == 0 and len(r.words) == 16 for r in default)
