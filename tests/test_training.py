@@ -534,8 +534,9 @@ def test_mixed_scst_adds_weighted_cross_entropy(dataset, cache_dir, tmp_path, mo
 
 
 def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp_path, monkeypatch):
-    """--ema_decay d: best/ holds e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the steps' weights
-    w_k, not the last step's weights; without it best/ holds the raw weights."""
+    """--ema_decay d: best/ holds e_1 = w_1, e_k = d_k e_(k-1) + (1 - d_k) w_k over the steps'
+    weights w_k, with d_k = min(d, k / (k + 9)); not the last step's weights. Without it, best/
+    holds the raw weights."""
     snapshots = []
 
     class RecordingAverage(training_module.AveragedModel):
@@ -544,12 +545,13 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
             super().update_parameters(model)
 
     monkeypatch.setattr(training_module, "AveragedModel", RecordingAverage)
-    decay = 0.7
-    train(make_config(dataset, tmp_path / "ema", cache_dir, epochs=1, scst_epochs=0, ema_decay=decay))
+    train(make_config(dataset, tmp_path / "ema", cache_dir, epochs=1, scst_epochs=0, ema_decay=0.25))
     assert len(snapshots) == 4  # one update per optimizer step
     expected = dict(snapshots[0])
-    for weights in snapshots[1:]:
-        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    for k, weights in enumerate(snapshots[1:], start=2):
+        decay = min(0.25, k / (k + 9))  # 2/11 = 0.18, then capped at 0.25
+        assert decay == training_module.ema_decay_at(0.25, k - 1)
+        expected = {name: decay * expected[name] + (1 - decay) * w for name, w in weights.items()}
     best = load_file(str(tmp_path / "ema" / "best" / "model.safetensors"))
     decoder = [k for k in best if k.startswith("decoder.")]
     assert len(decoder) > 20
