@@ -391,6 +391,26 @@ def load_run_state(path: Path, model: CaptionModel, optimizer,
     return meta["progress"]
 
 
+def last_step_model(run_dir: str | Path, averaged: bool = False
+                    ) -> tuple[CaptionModel, Vocabulary, TrainConfig]:
+    """The model of a run's last saved step: its raw weights (or, with `averaged`, their moving
+    average), which need not be best/'s. With a cosine schedule the last step can score as well."""
+    run_dir = Path(run_dir)
+    state_path = run_dir / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path} does not exist: not a training run folder")
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+    vocab = read_run_vocabulary(state_path)
+    prefix = "ema.module." if averaged else "model."
+    saved = load_file(str(state_path))
+    tensors = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"{state_path} holds no moving average of the weights (ema_decay was 0)")
+    model = CaptionModel(cfg.model, len(vocab), encoder_weights="random")  # the state holds all weights
+    model.load_state_dict(tensors)
+    return model.eval(), vocab, cfg
+
+
 def read_run_vocabulary(path: Path) -> Vocabulary:
     return Vocabulary(_run_metadata(path)["vocabulary"])
 

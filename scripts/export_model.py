@@ -1,15 +1,18 @@
 """Copy a trained model folder (e.g. runs/x/best) to a release folder, optionally as fp16.
 
   python scripts/export_model.py runs/f8k/best weights --dtype float16
+  python scripts/export_model.py runs/f8k weights --last-step     # the run's last weights, not best/
 
 The weights are stored in fp16 to halve the file; they are loaded back as fp32.
 """
 
 import argparse
+from dataclasses import asdict
 
 import torch
 
 from captioner.checkpoint import load_model, save_model
+from captioner.training import last_step_model
 
 
 def main() -> None:
@@ -18,10 +21,17 @@ def main() -> None:
     parser.add_argument("source", help="a model folder written by training (model.safetensors + config.json)")
     parser.add_argument("target", help="the folder to write, e.g. weights")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    parser.add_argument("--last-step", action="store_true",
+                        help="source is a run folder: export its last saved step's raw weights")
     args = parser.parse_args()
-    model, vocab, config = load_model(args.source)
+    if args.last_step:
+        model, vocab, cfg = last_step_model(args.source)
+        metadata = {"weights": "last step, raw (not averaged)", "train_config": asdict(cfg)}
+    else:
+        model, vocab, config = load_model(args.source)
+        metadata = config["metadata"]
     dtype = getattr(torch, args.dtype)
-    path = save_model(args.target, model, vocab, metadata=config["metadata"], dtype=dtype)
+    path = save_model(args.target, model, vocab, metadata=metadata, dtype=dtype)
     print(f"wrote {path} ({args.dtype})")
 
 

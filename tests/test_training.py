@@ -562,6 +562,18 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     ema = {k.removeprefix("ema.module."): v for k, v in raw.items() if k.startswith("ema.module.")}
     assert all(torch.equal(ema[k], best[k]) for k in decoder)  # the run state keeps the average
 
+    # scripts/export_model.py --last-step: the raw weights of the last step, as a model folder.
+    exported = tmp_path / "last-step"
+    subprocess.run([sys.executable, "scripts/export_model.py", str(tmp_path / "ema"), str(exported),
+                    "--last-step", "--dtype", "float32"], cwd=ROOT, env=subprocess_env(), check=True)
+    last = load_file(str(exported / "model.safetensors"))
+    assert last.keys() == best.keys()
+    assert all(torch.equal(last[k], raw[f"model.{k}"]) for k in last)
+    averaged, _, _ = training_module.last_step_model(tmp_path / "ema", averaged=True)
+    assert all(torch.equal(averaged.state_dict()[k], best[k]) for k in decoder)
+    image = next(Path(dataset[1]).glob("*.jpg"))
+    assert Captioner.from_pretrained(exported, device="cpu").caption(image).words
+
     snapshots.clear()
     train(make_config(dataset, tmp_path / "plain", cache_dir, epochs=1, scst_epochs=0, ema_decay=0.0))
     assert snapshots == []
