@@ -241,10 +241,14 @@ class Inputs:
         flags = [[bool(mirror is not None and mirror[r]) for r in rows] for rows in row_batches]
         if self.cache is not None:
             for rows, flipped in zip(row_batches, flags, strict=True):
-                x = self.cache.batch(rows)
-                if any(flipped):
-                    which = [i for i, f in enumerate(flipped) if f]
-                    x[which] = self.mirrored.batch([rows[i] for i in which])
+                if not any(flipped):
+                    yield rows, self.cache.batch(rows).to(self.device)
+                    continue
+                x = torch.empty(len(rows), *self.cache.shape[1:])  # each row read from one cache only
+                for source, mirrored in ((self.cache, False), (self.mirrored, True)):
+                    picked = [i for i, f in enumerate(flipped) if f == mirrored]
+                    if picked:
+                        x[picked] = source.batch([rows[i] for i in picked])
                 yield rows, x.to(self.device)
             return
         # Own generator: drawing worker seeds from the global RNG would shift the dropout and
@@ -404,7 +408,7 @@ def last_step_model(run_dir: str | Path, averaged: bool = False
     prefix = "ema.module." if averaged else "model."
     saved = load_file(str(state_path))
     tensors = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
-    if not tensors:
+    if averaged and not tensors:
         raise ValueError(f"{state_path} holds no moving average of the weights (ema_decay was 0)")
     model = CaptionModel(cfg.model, len(vocab), encoder_weights="random")  # the state holds all weights
     model.load_state_dict(tensors)
