@@ -64,7 +64,9 @@ class TrainConfig:
     min_word_count: int = 5
     max_caption_words: int = 30  # longer training captions are truncated
     epochs: int = 20  # cross-entropy epochs (at most: early stopping may end sooner)
-    batch_size: int = 32  # images per batch, each with all its captions
+    batch_size: int = 32  # images per batch (batch_by "image") or captions (batch_by "caption")
+    batch_by: str = "image"  # "image": each image with all its captions; "caption": captions alone,
+    #   shuffled across images (cross-entropy only: SCST always batches images)
     lr: float = 4e-4
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
@@ -183,11 +185,24 @@ def _truncate(ids: list[int], max_words: int) -> list[int]:
     return ids if len(ids) <= max_words + 2 else [*ids[: max_words + 1], Vocabulary.end_id]
 
 
-def caption_batch(encoded: list[list[list[int]]], rows: list[int]):
-    """All captions of the given training images -> (captions (N, T), lengths (N,), image_index (N,))."""
+BATCH_BY = ("image", "caption")
+
+
+def training_items(data: PreparedData, batch_by: str) -> list[tuple[int, list[list[int]]]]:
+    """What an epoch shuffles and batches, as (image row, its captions' ids): every training
+    image with all its captions, or every caption on its own (its image then recurs in 5
+    different batches an epoch instead of once)."""
+    if batch_by == "image":
+        return list(enumerate(data.encoded))
+    return [(row, [ids]) for row, captions in enumerate(data.encoded) for ids in captions]
+
+
+def caption_batch(caption_lists: list[list[list[int]]]):
+    """The captions of a batch's items -> (captions (N, T), lengths (N,), image_index (N,)),
+    where image_index says which item (input grid) each caption belongs to."""
     seqs, owner = [], []
-    for i, row in enumerate(rows):
-        for ids in encoded[row]:
+    for i, captions in enumerate(caption_lists):
+        for ids in captions:
             seqs.append(ids)
             owner.append(i)
     lengths = torch.tensor([len(s) for s in seqs])
@@ -278,13 +293,13 @@ def mirrored_rows(cfg: TrainConfig, num_images: int, order_seed: int) -> np.ndar
     return np.random.default_rng([cfg.seed, order_seed]).random(num_images) < 0.5
 
 
-def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
-    """This rank's batches of training-image rows for an epoch (the same on every resume).
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
+    """This rank's batches of training-item indices for an epoch (the same on every resume).
 
-    DistributedSampler hands rank r every world_size-th image of one shuffled order, so at
-    equal global batch the ranks together see exactly the images one process would.
+    DistributedSampler hands rank r every world_size-th item of one shuffled order, so at
+    equal global batch the ranks together see exactly the items one process would.
     """
-    sampler = DistributedSampler(range(num_images), num_replicas=d.world_size, rank=d.rank,
+    sampler = DistributedSampler(range(num_items), num_replicas=d.world_size, rank=d.rank,
                                  shuffle=True, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     rows = list(sampler)
@@ -530,6 +545,8 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run. Returns a summary with the best validation scores."""
+    if cfg.batch_by not in BATCH_BY:
+        raise ValueError(f"batch_by {cfg.batch_by!r}: expected one of {', '.join(BATCH_BY)}")
     d, device = setup_distributed(cfg.device)
     out = Path(cfg.output_dir)
     state_path = out / STATE_FILE
@@ -567,7 +584,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     log = MetricsLog(out)
-    steps_per_epoch = len(epoch_batches(data.num_train, cfg.batch_size, cfg.seed, 0, d))
+    items = {"xe": training_items(data, cfg.batch_by), "scst": training_items(data, "image")}
+    steps_per_epoch = len(epoch_batches(len(items["xe"]), cfg.batch_size, cfg.seed, 0, d))
     total_xe_steps = steps_per_epoch * cfg.epochs
 
     def checkpoint(sums: dict[str, float] | None = None, seconds: float = 0.0) -> None:
@@ -594,7 +612,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             checkpoint()
             break
         order_seed = epoch if stage == "xe" else 1000 + epoch  # SCST epochs get fresh orders
-        batches = epoch_batches(data.num_train, cfg.batch_size, cfg.seed, order_seed, d)
+        batches = epoch_batches(len(items[stage]), cfg.batch_size, cfg.seed, order_seed, d)
         model.train(stage == "xe" or cfg.scst_dropout)
         # Running sums of this epoch: resumed mid-epoch, rank 0 restarts from the saved totals
         # of all ranks and the other ranks from zero.
@@ -605,11 +623,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar = tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"{stage} epoch {epoch + 1}",
                    disable=not (cfg.progress and d.is_main))
         mirror = mirrored_rows(cfg, data.num_train, order_seed)
-        for rows, x in inputs.batches(batches[progress["step_in_epoch"] :], mirror):
+        todo = batches[progress["step_in_epoch"] :]
+        row_batches = [[items[stage][i][0] for i in batch] for batch in todo]
+        for batch, (rows, x) in zip(todo, inputs.batches(row_batches, mirror), strict=True):
             if stage == "xe":
                 for group in optimizer.param_groups[:1]:
                     group["lr"] = lr_at(cfg, progress["global_step"], total_xe_steps)
-            captions, lengths, image_index = caption_batch(data.encoded, rows)
+            captions, lengths, image_index = caption_batch([items[stage][i][1] for i in batch])
             teacher_forcing = (net, x, captions.to(device), lengths.to(device), image_index.to(device),
                                inputs.encode, cfg, d, device)
             with torch.autocast(device.type, enabled=use_amp):

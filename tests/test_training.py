@@ -626,3 +626,69 @@ def test_hflip_trains_on_plain_or_mirrored_grids_chosen_per_image_and_epoch(
     assert 0 < sum(choices) < len(choices)
     assert not np.array_equal(training_calls[0][1], training_calls[1][1])  # new draw each epoch
     assert len(batches_seen) == 4  # and two validations, which pass no mirror
+
+
+def test_caption_batches_hold_single_captions_shuffled_across_images(
+        dataset, cache_dir, tmp_path, monkeypatch):
+    """--batch_by caption: a cross-entropy epoch is every training caption once, in batches of
+    batch_size captions, each caption paired with its own image's grid; SCST still batches
+    whole images."""
+    captions_json, images = dataset
+    coco = json.loads(captions_json.read_text())
+    coco["annotations"] += [
+        {"id": 1000 * k + a["id"], "image_id": a["image_id"], "caption": f"{word} {a['caption']}"}
+        for k, word in ((1, "look"), (2, "here")) for a in coco["annotations"]]
+    three_each = tmp_path / "three_captions.json"
+    three_each.write_text(json.dumps(coco))
+
+    steps = []  # (grids, captions, lengths, image_index) of every cross-entropy step
+    real_xe = training_module._xe_loss
+
+    def recording_xe(net, x, captions, lengths, image_index, *args):
+        steps.append((x.clone(), captions.clone(), lengths.clone(), image_index.clone()))
+        return real_xe(net, x, captions, lengths, image_index, *args)
+
+    row_batches_seen = []
+    real_batches = training_module.Inputs.batches
+
+    def recording_batches(self, row_batches, mirror=None):
+        if all(r < 16 for rows in row_batches for r in rows):  # training; validation rows are 16-31
+            row_batches_seen.append(row_batches)
+        yield from real_batches(self, row_batches, mirror)
+
+    monkeypatch.setattr(training_module, "_xe_loss", recording_xe)
+    monkeypatch.setattr(training_module.Inputs, "batches", recording_batches)
+    cfg = make_config((three_each, images), tmp_path / "run", cache_dir, epochs=2, scst_epochs=1,
+                      batch_size=8, batch_by="caption")
+    train(cfg)
+
+    data = training_module.prepare_data(cfg)
+    every_caption = sorted((row, tuple(ids)) for row, caps in enumerate(data.encoded) for ids in caps)
+    assert len(every_caption) == 48
+    paths = [p for _, p in sorted(_image_paths(cfg).items())]
+    grids = FeatureCache(cache_dir, Encoder("efficientnet_lite0", 128), [*paths, *paths]).batch(range(16))
+    xe_epochs, scst_epochs = row_batches_seen[:2], row_batches_seen[2:]
+    step = iter(steps)
+    for row_batches in xe_epochs:
+        assert [len(rows) for rows in row_batches] == [8] * 6
+        seen = []
+        for rows in row_batches:
+            x, captions, lengths, image_index = next(step)
+            assert torch.equal(image_index, torch.arange(8))  # one grid per caption
+            for i, row in enumerate(rows):
+                assert torch.equal(x[i], grids[row])
+                seen.append((row, tuple(captions[i, : lengths[i]].tolist())))
+        assert sorted(seen) == every_caption
+        # Shuffled across images: whole images (3 captions each) would give at most 4 per batch.
+        assert np.mean([len(set(rows)) for rows in row_batches]) > 5
+    assert next(step, None) is None
+    assert len(scst_epochs) == 1
+    assert all(len(set(rows)) == len(rows) == 8 for rows in scst_epochs[0])  # 8 distinct images
+    assert sorted(r for rows in scst_epochs[0] for r in rows) == list(range(16))
+
+
+def test_unknown_batch_by_is_refused_before_anything_is_written(dataset, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="batch_by 'sentence': expected one of image, caption"):
+        train(make_config(dataset, out, cache_dir, batch_by="sentence"))
+    assert not out.exists()
