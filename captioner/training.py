@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .checkpoint import atomic_write, save_model
+from .configs import load_config_file
 from .data import CaptionDataset, DatasetError, ImageCaptions, load_dataset
 from .evaluation import best_captions, score_captions
 from .features import FeatureCache
@@ -418,7 +419,7 @@ def last_step_model(run_dir: str | Path, averaged: bool = False
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path} does not exist: not a training run folder")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+    cfg = TrainConfig.from_dict(load_config_file(run_dir / "train_config.json"))
     vocab = read_run_vocabulary(state_path)
     prefix = "ema.module." if averaged else "model."
     saved = load_file(str(state_path))
@@ -623,13 +624,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar = tqdm(total=len(batches), initial=progress["step_in_epoch"], desc=f"{stage} epoch {epoch + 1}",
                    disable=not (cfg.progress and d.is_main))
         mirror = mirrored_rows(cfg, data.num_train, order_seed)
-        todo = batches[progress["step_in_epoch"] :]
-        row_batches = [[items[stage][i][0] for i in batch] for batch in todo]
+        todo, stage_items = batches[progress["step_in_epoch"] :], items[stage]
+        row_batches = [[stage_items[i][0] for i in batch] for batch in todo]
         for batch, (rows, x) in zip(todo, inputs.batches(row_batches, mirror), strict=True):
             if stage == "xe":
                 for group in optimizer.param_groups[:1]:
                     group["lr"] = lr_at(cfg, progress["global_step"], total_xe_steps)
-            captions, lengths, image_index = caption_batch([items[stage][i][1] for i in batch])
+            captions, lengths, image_index = caption_batch([stage_items[i][1] for i in batch])
             teacher_forcing = (net, x, captions.to(device), lengths.to(device), image_index.to(device),
                                inputs.encode, cfg, d, device)
             with torch.autocast(device.type, enabled=use_amp):
