@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ from tqdm import tqdm
 from .checkpoint import atomic_write
 from .encoder import Encoder
 from .images import ImageLoadError, load_image
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; start one extraction per cache at a time
+    fcntl = None
 
 
 def encoder_key(encoder: Encoder, mirrored: bool = False) -> str:
@@ -57,6 +63,20 @@ def _collate(items):
     rows = torch.tensor([row for row, _ in good], dtype=torch.long)
     pixels = torch.stack([x for _, x in good]) if good else None
     return rows, pixels, errors
+
+
+@contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an OS file lock: two processes (say, two evaluations started together) creating the
+    same cache would otherwise each truncate the files the other is filling."""
+    with open(lock_file, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class FeatureCache:
@@ -108,13 +128,15 @@ class FeatureCache:
                  len(self.paths) - len(missing), "copied": 0}
         if len(missing) == 0:  # the same answer on every rank: nobody writes before the barrier
             return stats
-        if rank == 0 and not self.done_file.exists():  # new cache: allocate (sparse) files
-            np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
-            info = {"encoder": self.key, "shape": self.shape, "paths": self.paths}
-            atomic_write(self.stem.with_suffix(".json"),
-                         lambda tmp: Path(tmp).write_text(json.dumps(info)))
-            np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
-            stats["copied"] = self._copy_from_other_caches()
+        if rank == 0:
+            with _exclusive(self.stem.with_suffix(".lock")):
+                if not self.done_file.exists():  # new cache: allocate (sparse) files
+                    np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
+                    info = {"encoder": self.key, "shape": self.shape, "paths": self.paths}
+                    atomic_write(self.stem.with_suffix(".json"),
+                                 lambda tmp: Path(tmp).write_text(json.dumps(info)))
+                    np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
+                    stats["copied"] = self._copy_from_other_caches()
         if world_size > 1:  # every rank, even one with no rows of its own, meets here
             torch.distributed.barrier()
         missing = self.missing_rows()

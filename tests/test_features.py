@@ -3,6 +3,9 @@
 Reuse of the cache by a second train() run is checked in test_training.py.
 """
 
+import sys
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +115,26 @@ def test_a_new_image_list_copies_what_other_caches_computed(encoder, image_paths
     assert (stats["copied"], stats["images"]) == (6, 6)
     assert np.array_equal(np.array(cache.load())[:6], np.array(first.load())[4:10])
     assert torch.allclose(cache.batch(range(12)), fresh_grids[4:16], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl file locks on Windows")
+def test_a_second_process_waits_while_another_creates_the_same_cache(encoder, image_paths, fresh_grids,
+                                                                     tmp_path):
+    """Two evaluations started together once truncated each other's new cache: creation is locked."""
+    import fcntl
+
+    cache = FeatureCache(tmp_path, encoder, image_paths[:6])
+    cache.folder.mkdir(parents=True)
+    with open(cache.stem.with_suffix(".lock"), "a") as held:  # another process creating the cache
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=cache.extract, kwargs={"num_workers": 0, "progress": False})
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not cache.done_file.exists()  # waiting, nothing written
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert not worker.is_alive() and cache.is_complete()
+    assert torch.allclose(cache.batch(range(6)), fresh_grids[:6], rtol=2e-3, atol=2e-3)
 
 
 def test_unreadable_image_stops_extraction_and_the_rest_is_kept(encoder, image_paths, tmp_path):
