@@ -5,7 +5,8 @@ The grids live in one fp16 memory-mapped file per (encoder, image list), so a CO
 "done" byte is set only after the row is flushed, and a rerun computes just the missing rows.
 Under torchrun every rank extracts its own share of rows. A new image list first copies the
 rows it shares with the encoder's other caches (the dev half of a train+dev cache, a run with a
-different `max_val_images`), so each image goes through the encoder once.
+different `max_val_images`), so each image goes through the encoder once. Creating a cache
+holds a file lock, so two processes started together do not truncate each other's files.
 """
 
 from __future__ import annotations

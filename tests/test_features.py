@@ -127,7 +127,8 @@ def test_a_second_process_waits_while_another_creates_the_same_cache(encoder, im
     cache.folder.mkdir(parents=True)
     with open(cache.stem.with_suffix(".lock"), "a") as held:  # another process creating the cache
         fcntl.flock(held, fcntl.LOCK_EX)
-        worker = threading.Thread(target=cache.extract, kwargs={"num_workers": 0, "progress": False})
+        worker = threading.Thread(target=cache.extract, kwargs={"num_workers": 0, "progress": False},
+                                  daemon=True)  # a hang fails the test, not the whole run
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive() and not cache.done_file.exists()  # waiting, nothing written
