@@ -70,14 +70,12 @@ def _collate(items):
 def _exclusive(lock_file: Path):
     """Hold an OS file lock: two processes (say, two evaluations started together) creating the
     same cache would otherwise each truncate the files the other is filling."""
+    if fcntl is None:
+        yield
+        return
     with open(lock_file, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 class FeatureCache:
@@ -130,14 +128,7 @@ class FeatureCache:
         if len(missing) == 0:  # the same answer on every rank: nobody writes before the barrier
             return stats
         if rank == 0:
-            with _exclusive(self.stem.with_suffix(".lock")):
-                if not self.done_file.exists():  # new cache: allocate (sparse) files
-                    np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
-                    info = {"encoder": self.key, "shape": self.shape, "paths": self.paths}
-                    atomic_write(self.stem.with_suffix(".json"),
-                                 lambda tmp: Path(tmp).write_text(json.dumps(info)))
-                    np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
-                    stats["copied"] = self._copy_from_other_caches()
+            stats["copied"] = self._create_once()
         if world_size > 1:  # every rank, even one with no rows of its own, meets here
             torch.distributed.barrier()
         missing = self.missing_rows()
@@ -173,6 +164,18 @@ class FeatureCache:
             listed = "\n  ".join(errors[:10])
             raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
         return stats
+
+    def _create_once(self) -> int:
+        """Allocate a new cache (sparse files) and copy what other caches hold; returns the rows
+        copied, 0 if the cache already existed. Locked: another process may be creating it too."""
+        with _exclusive(self.stem.with_suffix(".lock")):
+            if self.done_file.exists():
+                return 0
+            np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
+            info = {"encoder": self.key, "shape": self.shape, "paths": self.paths}
+            atomic_write(self.stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info)))
+            np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
+            return self._copy_from_other_caches()
 
     def _copy_from_other_caches(self) -> int:
         """Fill this new cache with the rows other caches of the encoder already computed."""
