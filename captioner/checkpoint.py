@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,42 @@ def load_model(
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(device).eval(), vocab, config
+
+
+def _shape(config: ModelConfig) -> ModelConfig:
+    """The settings that must match for decoders to vote (dropout acts in training only)."""
+    return replace(config, dropout=0.0, input_dropout=0.0)
+
+
+def load_ensemble(
+    paths: Sequence[str | Path], device: str | torch.device = "cpu"
+) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
+    """Load trained model folders as one model whose decoders vote (see captioner.ensemble).
+
+    The members must share everything but their decoder weights: the encoder (the same frozen
+    backbone at the same size), the decoder's shape and the vocabulary.
+    """
+    if len(paths) < 2:
+        raise CheckpointError(f"an ensemble needs at least 2 model folders, got {len(paths)}")
+    loaded = [load_model(p) for p in paths]
+    first_model, vocab, _ = loaded[0]
+    first_encoder = first_model.encoder.state_dict()
+    for path, (model, member_vocab, _) in zip(paths, loaded, strict=True):
+        if model.config.decoders != 1:
+            raise CheckpointError(f"{path} is already an ensemble; list its members instead")
+        if _shape(model.config) != _shape(first_model.config):
+            raise CheckpointError(f"{path}: model settings {asdict(model.config)} differ from "
+                                  f"{paths[0]}'s {asdict(first_model.config)}")
+        if member_vocab.to_json() != vocab.to_json():
+            raise CheckpointError(f"{path}: its vocabulary differs from {paths[0]}'s")
+        if any(not torch.equal(v, first_encoder[k]) for k, v in model.encoder.state_dict().items()):
+            raise CheckpointError(f"{path}: its encoder weights differ from {paths[0]}'s "
+                                  "(only decoders trained on the same frozen encoder can vote)")
+    ensemble = CaptionModel(replace(first_model.config, decoders=len(loaded)), len(vocab),
+                            encoder_weights="random")
+    ensemble.encoder.load_state_dict(first_model.encoder.state_dict())
+    for member, (model, _, _) in zip(ensemble.decoder.members, loaded, strict=True):
+        member.load_state_dict(model.decoder.state_dict())
+    metadata = {"ensemble_of": [{"path": str(p), **config["metadata"]}
+                                for p, (_, _, config) in zip(paths, loaded, strict=True)]}
+    return ensemble.to(device).eval(), vocab, metadata

@@ -10,6 +10,7 @@ from torch import nn
 from .decoder import AttentionDecoder
 from .decoding import decode_tensors
 from .encoder import Encoder
+from .ensemble import DecoderEnsemble
 
 
 @dataclass
@@ -24,24 +25,23 @@ class ModelConfig:
     attention_dim: int = 512
     dropout: float = 0.5  # before the output layer
     input_dropout: float = 0.0  # on word embeddings and projected annotations
+    decoders: int = 1  # > 1: an ensemble of decoders trained apart (see captioner.ensemble)
 
 
 class CaptionModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int, encoder_weights: str = "imagenet"):
         super().__init__()
+        if config.decoders < 1:
+            raise ValueError(f"model.decoders must be at least 1, got {config.decoders}")
         self.encoder = Encoder(config.backbone, config.image_size, config.grid_size, encoder_weights)
         self.config = replace(config, grid_size=self.encoder.grid_size)  # resolved, caller's untouched
-        self.decoder = AttentionDecoder(
-            vocab_size,
-            self.encoder.feature_dim,
-            config.annotation_dim,
-            config.embed_dim,
-            config.hidden_dim,
-            config.attention_dim,
-            config.attention,
-            config.dropout,
-            config.input_dropout,
-        )
+        members = [
+            AttentionDecoder(vocab_size, self.encoder.feature_dim, config.annotation_dim,
+                             config.embed_dim, config.hidden_dim, config.attention_dim,
+                             config.attention, config.dropout, config.input_dropout)
+            for _ in range(config.decoders)
+        ]
+        self.decoder = members[0] if config.decoders == 1 else DecoderEnsemble(members)
 
     @property
     def grid_shape(self) -> tuple[int, int]:

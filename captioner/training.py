@@ -548,6 +548,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run. Returns a summary with the best validation scores."""
     if cfg.batch_by not in BATCH_BY:
         raise ValueError(f"batch_by {cfg.batch_by!r}: expected one of {', '.join(BATCH_BY)}")
+    if cfg.model.decoders != 1:
+        raise ValueError(f"model.decoders {cfg.model.decoders}: an ensemble is not trained; train "
+                         "each member alone and combine them with scripts/export_model.py")
     d, device = setup_distributed(cfg.device)
     out = Path(cfg.output_dir)
     state_path = out / STATE_FILE

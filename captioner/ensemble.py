@@ -1,0 +1,63 @@
+"""Several decoders, trained apart on the same annotation grid, that write one caption together.
+
+Each member reads the same grid and keeps its own LSTM state; at every word the ensemble
+averages the members' word log-probabilities (a product of experts: a word wins only if every
+member finds it likely). Independently trained models make partly independent
+mistakes, so the average is a better model than any one of them, at the cost of running each
+decoder. `DecoderEnsemble` has the decoding interface of `AttentionDecoder` (prepare,
+init_state, step), so greedy, beam search and sampling run it unchanged; the members' tensors
+are stacked on a second axis, so a beam's row indexing moves every member's state at once.
+Ensembles are built from trained models (`scripts/export_model.py A B target`), not trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decoder import AttentionDecoder
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class DecoderEnsemble(nn.Module):
+    def __init__(self, members: Sequence[AttentionDecoder]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 decoders, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.vocab_size = members[0].vocab_size
+
+    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (B, L, D) -> every member's annotations (B, M, L, A) and keys."""
+        prepared = [member.prepare(features) for member in self.members]
+        return torch.stack([a for a, _ in prepared], 1), torch.stack([k for _, k in prepared], 1)
+
+    def init_state(self, annotations: torch.Tensor) -> State:
+        """Each member's h0 and c0 from its own annotations: (B, M, H) each."""
+        states = [member.init_state(annotations[:, i]) for i, member in enumerate(self.members)]
+        return torch.stack([h for h, _ in states], 1), torch.stack([c for _, c in states], 1)
+
+    def step(self, annotations: torch.Tensor, keys: torch.Tensor, words: torch.Tensor,
+             state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One word: the members' mean word log-probabilities (B, V; decoding renormalises
+        them), the new states, and the members' mean attention (B, L), which the attention maps
+        then show."""
+        log_probs, hidden, cells, alphas = [], [], [], []
+        for i, member in enumerate(self.members):
+            logits, (h, c), alpha = member.step(annotations[:, i], keys[:, i], words,
+                                                (state[0][:, i], state[1][:, i]))
+            log_probs.append(F.log_softmax(logits, dim=-1))
+            hidden.append(h)
+            cells.append(c)
+            alphas.append(alpha)
+        state = (torch.stack(hidden, 1), torch.stack(cells, 1))
+        return torch.stack(log_probs).mean(0), state, torch.stack(alphas).mean(0)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(
+            "an ensemble of decoders is not trained: train each member as a normal model, then "
+            "combine them with `python scripts/export_model.py RUN_A/best RUN_B/best TARGET`")
