@@ -143,6 +143,11 @@ def _shape(config: ModelConfig) -> ModelConfig:
     return replace(config, dropout=0.0, input_dropout=0.0)
 
 
+def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
+    """Rounded to fp16, so a member exported in fp16 matches the same encoder kept in fp32."""
+    return tensor.half() if tensor.is_floating_point() else tensor
+
+
 def load_ensemble(
     paths: Sequence[str | Path], device: str | torch.device = "cpu"
 ) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
@@ -164,7 +169,8 @@ def load_ensemble(
                                   f"{paths[0]}'s {asdict(first_model.config)}")
         if member_vocab.to_json() != vocab.to_json():
             raise CheckpointError(f"{path}: its vocabulary differs from {paths[0]}'s")
-        if any(not torch.equal(v, first_encoder[k]) for k, v in model.encoder.state_dict().items()):
+        if any(not torch.equal(_as_stored(v), _as_stored(first_encoder[k]))
+               for k, v in model.encoder.state_dict().items()):
             raise CheckpointError(f"{path}: its encoder weights differ from {paths[0]}'s "
                                   "(only decoders trained on the same frozen encoder can vote)")
     ensemble = CaptionModel(replace(first_model.config, decoders=len(loaded)), len(vocab),

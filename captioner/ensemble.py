@@ -2,12 +2,13 @@
 
 Each member reads the same grid and keeps its own LSTM state; at every word the ensemble
 averages the members' word log-probabilities (a product of experts: a word wins only if every
-member finds it likely). Independently trained models make partly independent mistakes,
-so the average usually scores a little above each of them (the README has measurements), at
-the cost of running every decoder. `DecoderEnsemble` has the decoding interface of `AttentionDecoder` (prepare,
-init_state, step), so greedy, beam search and sampling run it unchanged; the members' tensors
-are stacked on a second axis, so a beam's row indexing moves every member's state at once.
-Ensembles are built from trained models (`scripts/export_model.py A B target`), not trained.
+member finds it likely). Independently trained models make partly independent mistakes, so
+the average usually scores a little above each of them (the README has measurements), at the
+cost of running every decoder. `DecoderEnsemble` has the decoding interface of
+`AttentionDecoder` (prepare, init_state, step), so greedy, beam search and sampling run it
+unchanged; the members' tensors are stacked on a second axis, so a beam's row indexing moves
+every member's state at once. Ensembles are built from trained models
+(`scripts/export_model.py A B target`), not trained.
 """
 
 from __future__ import annotations

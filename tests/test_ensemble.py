@@ -120,6 +120,8 @@ def test_members_that_cannot_vote_together_are_refused(shapes_checkpoint, second
     fine_tuned = save_model(tmp_path / "tuned", tuned, vocab)
     with pytest.raises(CheckpointError, match=f"{fine_tuned}: its encoder weights differ"):
         load_ensemble([shapes_checkpoint, fine_tuned])
+    half = save_model(tmp_path / "half", model, vocab, dtype=torch.float16)  # same encoder, fp16 file
+    assert load_ensemble([shapes_checkpoint, half])[0].config.decoders == 2
     pair = save_model(tmp_path / "pair", *load_ensemble([shapes_checkpoint, second_shapes_checkpoint])[:2])
     with pytest.raises(CheckpointError, match=f"{pair} is already an ensemble"):
         load_ensemble([pair, shapes_checkpoint])
