@@ -165,17 +165,20 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     model = config["model"]
     params = sum(p.numel() for p in captioner.model.parameters())
     grid = "×".join(map(str, captioner.grid_shape))
+    decoders = model.get("decoders", 1)
+    decoder = ("an LSTM decoder" if decoders == 1 else
+               f"{decoders} LSTM decoders, trained apart and averaging their word probabilities, each")
     lines = [
         f"**Model.** Show, Attend and Tell: a `{model['backbone']}` CNN sees the image at "
-        f"{model['image_size']} px as a {grid} grid of regions; an LSTM decoder with "
+        f"{model['image_size']} px as a {grid} grid of regions; {decoder} with "
         f"{model['attention']} attention weighs those regions afresh before each word. "
         f"{params / 1e6:.1f} M parameters, {len(captioner.vocab.words):,}-word vocabulary.",
         f"**Checkpoint.** `{directory}`",
     ]
     for key, value in config.get("metadata", {}).items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
-        lines.append(f"**{key.replace('_', ' ').capitalize()}.** {_fmt(value)}")
+        items = value if isinstance(value, list) else [value]  # a list: one entry per member
+        text = " | ".join(_fmt_dict(v) if isinstance(v, dict) else _fmt(v) for v in items)
+        lines.append(f"**{key.replace('_', ' ').capitalize()}.** {text}")
     card = directory / "MODEL_CARD.md"
     lines.append("---\n" + card.read_text(encoding="utf-8") if card.is_file()
                  else "_No model card (MODEL_CARD.md) ships with this checkpoint._")
@@ -184,6 +187,10 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _fmt_dict(value: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
 
 
 def example_images(folder: Path | None = None) -> list[list[str]]:

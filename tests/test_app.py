@@ -12,7 +12,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from captioner import Captioner, load_image, webapp
+from captioner import Captioner, load_image, save_model, webapp
+from captioner.checkpoint import load_ensemble
 from captioner.webapp import DISPLAY_SIZE
 
 from .app_server import ROOT, running_app
@@ -67,6 +68,13 @@ def test_about_panel_reads_config_metadata_and_model_card(shapes_checkpoint, tmp
     (with_card / "MODEL_CARD.md").write_text("## Shapes model\n\nCIDEr 9.87 on held-out shapes.\n")
     about = webapp.describe_model(with_card, captioner)
     assert "CIDEr 9.87 on held-out shapes" in about and "No model card" not in about
+
+    members = [{"path": "a", "epoch": "xe-7"}, {"path": "b", "epoch": "xe-5"}]
+    pair = save_model(tmp_path / "pair", *load_ensemble([shapes_checkpoint, shapes_checkpoint])[:2],
+                      metadata={"ensemble_of": members})
+    about = webapp.describe_model(pair, Captioner.from_pretrained(pair, device="cpu"))
+    assert "2 LSTM decoders, trained apart" in about
+    assert "**Ensemble of.** path a, epoch xe-7 | path b, epoch xe-5" in about
 
 
 def test_example_photos_are_written_and_readable(tmp_path):
