@@ -19,7 +19,8 @@ class AttentionDecoder(nn.Module):
 
     Per step: attention from h_{t-1}; gating scalar beta = sigmoid(f_beta(h_{t-1})) scales the
     context z_t; the LSTM reads [E y_{t-1}; z_t]; the deep output layer predicts
-    y_t from L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)).
+    y_t from L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or, with deep_output=False, a plain
+    L_o(h_t) (the common simplification, kept for comparison).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class AttentionDecoder(nn.Module):
         attention: str = "additive",
         dropout: float = 0.5,
         input_dropout: float = 0.0,
+        deep_output: bool = True,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -44,11 +46,13 @@ class AttentionDecoder(nn.Module):
         self.init_c = nn.Linear(feature_dim, hidden_dim)
         self.f_beta = nn.Linear(hidden_dim, feature_dim)
         self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
-        self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
-        self.out_context = nn.Linear(feature_dim, embed_dim)  # L_z
+        self.deep_output = deep_output
+        if deep_output:
+            self.out_hidden = nn.Linear(hidden_dim, embed_dim)  # L_h
+            self.out_context = nn.Linear(feature_dim, embed_dim)  # L_z
         self.dropout = nn.Dropout(dropout)
         self.input_dropout = nn.Dropout(input_dropout)  # on words and annotations: Flickr8k is small
-        self.classifier = nn.Linear(embed_dim, vocab_size)  # L_o
+        self.classifier = nn.Linear(embed_dim if deep_output else hidden_dim, vocab_size)  # L_o
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image work done once: backbone features (B, L, D) -> annotations (B, L, A)
@@ -82,7 +86,9 @@ class AttentionDecoder(nn.Module):
         return (h, c), context, alpha
 
     def _output(self, embedded, h, context) -> torch.Tensor:
-        """Deep output layer: L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t))."""
+        """Deep output layer: L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or plain L_o(h_t)."""
+        if not self.deep_output:
+            return self.classifier(self.dropout(h))
         deep = torch.tanh(embedded + self.out_hidden(h) + self.out_context(context))
         return self.classifier(self.dropout(deep))
 

@@ -25,6 +25,7 @@ class ModelConfig:
     attention_dim: int = 512
     dropout: float = 0.5  # before the output layer
     input_dropout: float = 0.0  # on word embeddings and projected annotations
+    deep_output: bool = True  # False: words are predicted from h_t alone (an ablation)
     decoders: int = 1  # > 1: an ensemble of decoders trained apart (see captioner.ensemble)
 
 
@@ -38,7 +39,8 @@ class CaptionModel(nn.Module):
         members = [
             AttentionDecoder(vocab_size, self.encoder.feature_dim, config.annotation_dim,
                              config.embed_dim, config.hidden_dim, config.attention_dim,
-                             config.attention, config.dropout, config.input_dropout)
+                             config.attention, config.dropout, config.input_dropout,
+                             config.deep_output)
             for _ in range(config.decoders)
         ]
         self.decoder = members[0] if config.decoders == 1 else DecoderEnsemble(members)

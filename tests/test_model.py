@@ -194,6 +194,18 @@ def test_teacher_forcing_image_index_shares_features_between_captions():
         torch.testing.assert_close(a, b)
 
 
+def test_plain_output_layer_predicts_from_the_hidden_state_and_learns(shapes_vocab):
+    decoder = _random_decoder(deep_output=False)
+    assert not hasattr(decoder, "out_hidden") and decoder.classifier.in_features == 24
+    annotations, keys = decoder.prepare(torch.randn(2, 9, 20))
+    logits, (h, _), _ = decoder.step(annotations, keys, torch.tensor([1, 1]), decoder.init_state(annotations))
+    torch.testing.assert_close(logits, decoder.classifier(h))
+    torch.manual_seed(0)
+    model = CaptionModel(ModelConfig(**{**vars(TINY), "deep_output": False}), len(shapes_vocab))
+    losses = train_decoder(model, shapes_vocab, all_examples(), steps=40)
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
 def test_input_dropout_acts_in_training_only():
     """Dropout on words and annotations regularises training and leaves inference unchanged."""
     plain, dropped = _random_decoder(), _random_decoder(input_dropout=0.5)  # the same weights
