@@ -30,7 +30,6 @@ class DecoderEnsemble(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 decoders, got {len(members)}")
         self.members = nn.ModuleList(members)
-        self.vocab_size = members[0].vocab_size
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features (B, L, D) -> every member's annotations (B, M, L, A) and keys."""

@@ -167,7 +167,7 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     grid = "×".join(map(str, captioner.grid_shape))
     decoders = model.get("decoders", 1)
     decoder = ("an LSTM decoder" if decoders == 1 else
-               f"{decoders} LSTM decoders, trained apart and averaging their word probabilities, each")
+               f"{decoders} LSTM decoders, trained apart, that average their word log-probabilities, each")
     lines = [
         f"**Model.** Show, Attend and Tell: a `{model['backbone']}` CNN sees the image at "
         f"{model['image_size']} px as a {grid} grid of regions; {decoder} with "

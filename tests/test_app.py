@@ -73,7 +73,7 @@ def test_about_panel_reads_config_metadata_and_model_card(shapes_checkpoint, tmp
     pair = save_model(tmp_path / "pair", *load_ensemble([shapes_checkpoint, shapes_checkpoint])[:2],
                       metadata={"ensemble_of": members})
     about = webapp.describe_model(pair, Captioner.from_pretrained(pair, device="cpu"))
-    assert "2 LSTM decoders, trained apart" in about
+    assert "2 LSTM decoders, trained apart, that average" in about
     assert "**Ensemble of.** path a, epoch xe-7 | path b, epoch xe-5" in about
 
 

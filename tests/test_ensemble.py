@@ -83,7 +83,7 @@ def second_shapes_checkpoint(trained_shapes_model, tmp_path_factory):
 
 
 def test_export_writes_an_ensemble_that_loads_and_captions(shapes_checkpoint, second_shapes_checkpoint,
-                                                           trained_shapes_model, tmp_path):
+                                                           tmp_path):
     target = tmp_path / "ensemble"
     subprocess.run([sys.executable, "scripts/export_model.py", str(shapes_checkpoint),
                     str(second_shapes_checkpoint), str(target), "--dtype", "float32"], check=True)
