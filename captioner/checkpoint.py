@@ -175,7 +175,7 @@ def load_ensemble(
                                   "(only decoders trained on the same frozen encoder can vote)")
     ensemble = CaptionModel(replace(first_model.config, decoders=len(loaded)), len(vocab),
                             encoder_weights="random")
-    ensemble.encoder.load_state_dict(first_model.encoder.state_dict())
+    ensemble.encoder.load_state_dict(first_encoder)
     for member, (model, _, _) in zip(ensemble.decoder.members, loaded, strict=True):
         member.load_state_dict(model.decoder.state_dict())
     metadata = {"ensemble_of": [{"path": str(p), **config["metadata"]}

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import AttentionDecoder
-
-State = tuple[torch.Tensor, torch.Tensor]
+from .decoder import AttentionDecoder, State
 
 
 class DecoderEnsemble(nn.Module):
