@@ -15,19 +15,20 @@ class AttentionDecoder(nn.Module):
 
     The backbone's annotation vectors (D = 1280 or 2048) are first projected to
     `annotation_dim` (512, the D of the paper's VGG features): this keeps the per-word cost,
-    which dominates beam search on a CPU, small.
+    which dominates beam search on a CPU, small. `annotation_dim=None` attends over the
+    backbone's vectors as they are (an ablation).
 
     Per step: attention from h_{t-1}; gating scalar beta = sigmoid(f_beta(h_{t-1})) scales the
-    context z_t; the LSTM reads [E y_{t-1}; z_t]; the deep output layer predicts
-    y_t from L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or, with deep_output=False, a plain
-    L_o(h_t) (the common simplification, kept for comparison).
+    context z_t (gate=False: z_t unscaled, an ablation); the LSTM reads [E y_{t-1}; z_t]; the
+    deep output layer predicts y_t from L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or, with
+    deep_output=False, a plain L_o(h_t) (the common simplification, kept for comparison).
     """
 
     def __init__(
         self,
         vocab_size: int,
         feature_dim: int,
-        annotation_dim: int = 512,
+        annotation_dim: int | None = 512,
         embed_dim: int = 512,
         hidden_dim: int = 512,
         attention_dim: int = 512,
@@ -35,16 +36,20 @@ class AttentionDecoder(nn.Module):
         dropout: float = 0.5,
         input_dropout: float = 0.0,
         deep_output: bool = True,
+        gate: bool = True,
     ):
         super().__init__()
         self.vocab_size = vocab_size
-        self.feature_proj = nn.Linear(feature_dim, annotation_dim)
-        feature_dim = annotation_dim
+        if annotation_dim is None:
+            self.feature_proj = nn.Identity()
+        else:
+            self.feature_proj = nn.Linear(feature_dim, annotation_dim)
+            feature_dim = annotation_dim
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.attention = build_attention(attention, feature_dim, hidden_dim, attention_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)
         self.init_c = nn.Linear(feature_dim, hidden_dim)
-        self.f_beta = nn.Linear(hidden_dim, feature_dim)
+        self.f_beta = nn.Linear(hidden_dim, feature_dim) if gate else None
         self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
         self.deep_output = deep_output
         if deep_output:
@@ -81,7 +86,8 @@ class AttentionDecoder(nn.Module):
         """Attention from h_{t-1}, gated context z_t, then the LSTM update."""
         h, c = state
         context, alpha = self.attention(features, h, keys=keys)
-        context = torch.sigmoid(self.f_beta(h)) * context  # gated z_t, (B, A)
+        if self.f_beta is not None:
+            context = torch.sigmoid(self.f_beta(h)) * context  # gated z_t, (B, A)
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
         return (h, c), context, alpha
 

@@ -19,13 +19,14 @@ class ModelConfig:
     image_size: int = 224
     grid_size: int | None = None  # None: the backbone's natural grid at image_size
     attention: str = "additive"  # or "multiplicative"
-    annotation_dim: int = 512  # backbone features are projected to this size
+    annotation_dim: int | None = 512  # backbone features are projected to this size (None: not)
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
     dropout: float = 0.5  # before the output layer
     input_dropout: float = 0.0  # on word embeddings and projected annotations
     deep_output: bool = True  # False: words are predicted from h_t alone (an ablation)
+    gate: bool = True  # False: no gating scalar beta on the context (an ablation)
     decoders: int = 1  # > 1: an ensemble of decoders trained apart (see captioner.ensemble)
 
 
@@ -40,7 +41,7 @@ class CaptionModel(nn.Module):
             AttentionDecoder(vocab_size, self.encoder.feature_dim, config.annotation_dim,
                              config.embed_dim, config.hidden_dim, config.attention_dim,
                              config.attention, config.dropout, config.input_dropout,
-                             config.deep_output)
+                             config.deep_output, config.gate)
             for _ in range(config.decoders)
         ]
         self.decoder = members[0] if config.decoders == 1 else DecoderEnsemble(members)

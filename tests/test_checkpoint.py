@@ -10,7 +10,9 @@ from safetensors import safe_open
 
 from captioner import Captioner, CheckpointError, load_model, save_model
 from captioner.checkpoint import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from captioner.model import CaptionModel, ModelConfig
 
+from .conftest import TINY
 from .shapes import all_examples
 
 
@@ -165,3 +167,21 @@ def test_missing_files(checkpoint, tmp_path):
     _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), "missing")
     (checkpoint / CONFIG_FILE).unlink()
     _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "missing")
+
+
+def test_ablation_model_round_trip_and_older_configs_load_gated(shapes_vocab, checkpoint, tmp_path):
+    """The ablation switches live in the saved config; configs written before they existed
+    (no `gate` key) load as the gated model they were."""
+    torch.manual_seed(0)
+    config = ModelConfig(**{**vars(TINY), "gate": False, "annotation_dim": None})
+    model = CaptionModel(config, len(shapes_vocab), encoder_weights="random").eval()
+    loaded, _, saved = load_model(save_model(tmp_path / "ablation", model, shapes_vocab))
+    assert saved["model"]["gate"] is False and saved["model"]["annotation_dim"] is None
+    assert loaded.decoder.f_beta is None
+    images = _images()
+    before = Captioner(model, shapes_vocab, device="cpu").caption(images, beam_size=2)
+    after = Captioner(loaded, shapes_vocab, device="cpu").caption(images, beam_size=2)
+    assert [r.text for r in after] == [r.text for r in before]
+
+    _edit_config(checkpoint, lambda c: c["model"].pop("gate"))
+    assert load_model(checkpoint)[0].decoder.f_beta is not None

@@ -206,6 +206,25 @@ def test_plain_output_layer_predicts_from_the_hidden_state_and_learns(shapes_voc
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
 
 
+def test_ungated_unprojected_decoder_attends_over_backbone_vectors_and_learns(shapes_vocab):
+    """The two ablations: no gating scalar beta, and attention over the raw backbone vectors."""
+    decoder = _random_decoder(gate=False, annotation_dim=None)
+    assert decoder.f_beta is None and isinstance(decoder.feature_proj, torch.nn.Identity)
+    features = torch.randn(2, 9, 20)
+    annotations, keys = decoder.prepare(features)
+    torch.testing.assert_close(annotations, features)
+    state = decoder.init_state(annotations)
+    context, _ = decoder.attention(annotations, state[0], keys=keys)
+    expected = decoder.lstm(torch.cat([decoder.embedding(torch.tensor([1, 1])), context], dim=1), state)
+    _, (h, c), _ = decoder.step(annotations, keys, torch.tensor([1, 1]), state)
+    torch.testing.assert_close(h, expected[0])  # the context enters the LSTM unscaled
+    torch.manual_seed(0)
+    config = ModelConfig(**{**vars(TINY), "gate": False, "annotation_dim": None})
+    model = CaptionModel(config, len(shapes_vocab))
+    losses = train_decoder(model, shapes_vocab, all_examples(), steps=40)
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
 def test_input_dropout_acts_in_training_only():
     """Dropout on words and annotations regularises training and leaves inference unchanged."""
     plain, dropped = _random_decoder(), _random_decoder(input_dropout=0.5)  # the same weights
