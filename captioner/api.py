@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -109,9 +110,8 @@ class Captioner:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
-        beams = decode(self.model.decoder, features, beam_size, max_length, length_penalty, n_best,
-                       no_repeat_ngram_size)
-        return [self._result(hyps) for hyps in beams]
+        return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
+                                length_penalty, n_best, no_repeat_ngram_size)
 
     def caption(
         self,
@@ -138,14 +138,27 @@ class Captioner:
                                             no_repeat_ngram_size)
         return results[0] if single else results
 
-    def _result(self, hypotheses: list[Hypothesis]) -> CaptionResult:
-        best = hypotheses[0]
-        words = self.vocab.decode(best.tokens)
-        grid = self.grid_shape
-        attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
-        alternatives = []
-        for h in hypotheses:
-            alt_words = self.vocab.decode(h.tokens)
-            alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
-        return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                             alternatives, best.finished)
+
+@torch.inference_mode()
+def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
+                     beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
+                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE
+                     ) -> list[CaptionResult]:
+    """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
+    Captioner, evaluation and validation during training."""
+    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
+                   no_repeat_ngram_size)
+    side = math.isqrt(features.shape[1])  # grids are square
+    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
+
+
+def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
+    best = hypotheses[0]
+    words = vocab.decode(best.tokens)
+    attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
+    alternatives = []
+    for h in hypotheses:
+        alt_words = vocab.decode(h.tokens)
+        alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
+    return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
+                         alternatives, best.finished)
