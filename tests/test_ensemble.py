@@ -82,6 +82,7 @@ def second_shapes_checkpoint(trained_shapes_model, tmp_path_factory):
                       metadata={"member": "second"})
 
 
+@pytest.mark.slow
 def test_export_writes_an_ensemble_that_loads_and_captions(shapes_checkpoint, second_shapes_checkpoint,
                                                            tmp_path):
     target = tmp_path / "ensemble"
