@@ -19,7 +19,8 @@ from captioner.focus_evaluation import HOW, evaluate_focus
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON")
     parser.add_argument("--checkpoint", help="model folder (default: the shipped model)")
@@ -37,7 +38,8 @@ def main() -> None:
             report = evaluate_focus(captioner, args.images, args.instances, strength, how, args.beam_size,
                                     args.limit)
             key = f"{how}-{strength:g}"
-            results[key] = {k: round(v, 2) if isinstance(v, float) else v for k, v in report.summary().items()}
+            summary = report.summary()
+            results[key] = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
             print(json.dumps({key: results[key]}), flush=True)
             if args.output_dir:
                 args.output_dir.mkdir(parents=True, exist_ok=True)
