@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, decode
+from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, decode, replay
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
@@ -45,6 +45,9 @@ class CaptionResult:
     attention: np.ndarray  # (len(words), h, w): where the model looked for each word
     alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
     finished: bool = True  # False if max_length cut the caption before <end>
+    # (len(words),): the gating scalar beta of each word, 0-1 (mean over its channels): how much
+    # the image fed that word; low values mark words the language model filled in by itself.
+    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 def default_device() -> torch.device:
@@ -111,7 +114,18 @@ class Captioner:
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
         beams = decode(self.model.decoder, features, beam_size, max_length, length_penalty, n_best,
                        no_repeat_ngram_size)
-        return [self._result(hyps) for hyps in beams]
+        return [self._result(hyps, gate) for hyps, gate in zip(beams, self._gates(features, beams),
+                                                                  strict=True)]
+
+    def _gates(self, features: torch.Tensor, beams: list[list[Hypothesis]]) -> list[np.ndarray]:
+        """Each best caption's per-word gate, from one teacher-forced replay of the batch."""
+        longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
+        tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
+        for row, hyps in enumerate(beams):
+            tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
+        _, gates = replay(self.model.decoder, features, tokens.to(features.device))  # (B, T)
+        gates = gates.float().cpu().numpy()
+        return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
 
     def caption(
         self,
@@ -138,7 +152,7 @@ class Captioner:
                                             no_repeat_ngram_size)
         return results[0] if single else results
 
-    def _result(self, hypotheses: list[Hypothesis]) -> CaptionResult:
+    def _result(self, hypotheses: list[Hypothesis], gate: np.ndarray) -> CaptionResult:
         best = hypotheses[0]
         words = self.vocab.decode(best.tokens)
         grid = self.grid_shape
@@ -148,4 +162,4 @@ class Captioner:
             alt_words = self.vocab.decode(h.tokens)
             alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
         return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                             alternatives, best.finished)
+                             alternatives, best.finished, gate)
