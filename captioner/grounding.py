@@ -36,8 +36,8 @@ from scipy import ndimage
 POINTING_TOLERANCE = 15  # px around the masks that still count as a hit (Zhang et al. 2016)
 
 # COCO category -> the caption words and phrases that name it (singular; plurals are found by
-# `singular`). Left out on purpose: "orange" (in Flickr8k-style captions it is nearly always a
-# colour), sport names that usually mean the game ("football", "baseball", "basketball"),
+# `singular`). Left out on purpose: a single "orange" (in Flickr8k-style captions it is nearly
+# always a colour), sport names that usually mean the game ("football", "baseball", "basketball"),
 # and words that name several categories ("bag", "board", "glass").
 COCO_SYNONYMS: dict[str, list[str]] = {
     "person": ["person", "people", "man", "woman", "boy", "girl", "child", "kid", "baby",
@@ -98,6 +98,7 @@ COCO_SYNONYMS: dict[str, list[str]] = {
     "bowl": ["bowl"],
     "banana": ["banana"],
     "apple": ["apple"],
+    "orange": ["oranges", "tangerine"],  # not "orange": in captions it is mostly a colour
     "sandwich": ["sandwich", "burger", "hamburger"],
     "broccoli": ["broccoli"],
     "carrot": ["carrot"],

@@ -13,9 +13,10 @@ image's caption and object words. Definitions and the synonym table: captioner/g
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from captioner.api import DEFAULT_WEIGHTS, Captioner
-from captioner.grounding import evaluate_grounding, write_report
+from captioner.grounding import COCO_SYNONYMS, evaluate_grounding, write_report
 
 
 def main() -> None:
@@ -28,11 +29,14 @@ def main() -> None:
     parser.add_argument("--beam_size", type=int, default=3, help="1 = greedy")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--synonyms", help="JSON {category: [words]} for non-COCO categories "
+                        "(default: captioner.grounding.COCO_SYNONYMS)")
     parser.add_argument("--output_dir", help="where metrics.json and details.jsonl go")
     args = parser.parse_args()
+    synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
     report = evaluate_grounding(captioner, args.images, args.instances, beam_size=args.beam_size,
-                                batch_size=args.batch_size, progress=True)
+                                batch_size=args.batch_size, synonyms=synonyms, progress=True)
     if report.skipped:
         print(f"skipped {len(report.skipped)} images without instance annotations", file=sys.stderr)
     if args.output_dir:
