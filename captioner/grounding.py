@@ -9,8 +9,9 @@ first mention: that word is the caption's *object mention* of the category.
 Against an image's COCO instance masks (pycocotools `annToMask`, crowd regions included):
 
 - pointing game (Zhang et al. 2016): a grounded mention (its category is in the image) is a hit
-  when the peak of its attention, bilinearly upsampled to the image, lies on the category's
-  masks dilated by 15 px. Centre baseline: the same test for a fixed peak at the image centre.
+  when the peak of its attention, bilinearly upsampled to the image (the centre of its
+  strongest grid cell), lies on the category's masks dilated by 15 px. Centre baseline: the
+  same test for a fixed peak at the image centre.
 - attention mass (Liu et al. 2017, "attention correctness"): the share of the mention's
   attention (upsampled, normalised to sum 1) that lies on the category's masks. Uniform
   baseline: the masks' share of the image, which is what uniform attention scores.
@@ -223,6 +224,22 @@ def upsample_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (heat / total).numpy()
 
 
+def attention_peak(alpha: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    """(row, col) in an image of `size` (H, W) where the upsampled attention peaks.
+
+    Bilinear upsampling takes its maximum at the centre of the grid cell with the most
+    attention (and, for a cell on the border, also out to the image edge, where the map is
+    flat): the cell centre is the peak, without the arbitrary tie-break an argmax over pixels
+    would make.
+    """
+    alpha = np.asarray(alpha)
+    row, col = np.unravel_index(int(np.argmax(alpha)), alpha.shape)
+    height, width = size
+    y = (row + 0.5) * height / alpha.shape[0] - 0.5  # align_corners=False
+    x = (col + 0.5) * width / alpha.shape[1] - 0.5
+    return min(max(round(y), 0), height - 1), min(max(round(x), 0), width - 1)
+
+
 def dilate(mask: np.ndarray, radius: int = POINTING_TOLERANCE) -> np.ndarray:
     """The mask grown by `radius` px (Euclidean): every pixel within that distance of it."""
     if not mask.any():
@@ -275,8 +292,7 @@ def ground_caption(words: Sequence[str], attention: np.ndarray, masks: Mapping[s
             height, width = mask.shape
             heat = upsample_attention(attention[mention.index], (height, width))
             near = dilate(mask)
-            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-            word.hit = bool(near[peak])
+            word.hit = bool(near[attention_peak(attention[mention.index], (height, width))])
             word.centre_hit = bool(near[height // 2, width // 2])
             word.mass = float(heat[mask].sum()) * 100
             word.mask_share = float(mask.mean()) * 100

@@ -40,7 +40,8 @@ EXAMPLES = {
 }
 
 API_DESCRIPTION = ("Caption an image. Returns the caption, the n-best alternatives with their scores "
-                   "(log-probabilities) and one attention overlay per word, labelled with the word.")
+                   "(log-probabilities) and one attention overlay per word, labelled with the word "
+                   "and its gate β (0-1: how much the image fed the word).")
 
 CSS = """
 #caption textarea { font-size: 1.7rem !important; font-weight: 600; line-height: 1.35; }
@@ -62,6 +63,7 @@ class Shown:
     score: float
     log_prob: float
     finished: bool  # False if the maximum length cut the caption short
+    gate: np.ndarray  # (len(words),): each word's gating scalar beta, 0-1
 
 
 def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -90,10 +92,15 @@ def read_upload(payload: dict[str, Any] | None) -> Image.Image:
                        print_exception=False) from err
 
 
+def word_label(word: str, gate: float) -> str:
+    """A word's panel title: the word and its gate beta, how much the image fed it."""
+    return f"{word} · β {gate:.2f}"
+
+
 def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
-    """One (overlay, word) pair per generated word, for the gallery."""
-    return [(overlay_attention(shown.image, alpha, opacity), word)
-            for word, alpha in zip(shown.words, shown.attention, strict=True)]
+    """One (overlay, "word · β") pair per generated word, for the gallery."""
+    return [(overlay_attention(shown.image, alpha, opacity), word_label(word, gate))
+            for word, alpha, gate in zip(shown.words, shown.attention, shown.gate, strict=True)]
 
 
 def probability(log_prob: float) -> float:
@@ -131,7 +138,7 @@ def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size
     max_length = _bounded_int(max_length, 1, MAX_WORDS, "maximum length")
     result = captioner.caption(picture, beam_size=beam_size, max_length=max_length)
     shown = Shown(display_copy(picture), result.words, result.attention, result.score,
-                  result.log_prob, result.finished)
+                  result.log_prob, result.finished, result.gate)
     return result.text, alternatives_table(result), overlays(shown, _opacity(opacity)), shown
 
 
@@ -152,7 +159,8 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
         return gr.update(value=None, label="Attention for the selected word"), []
     i = _bounded_int(index, 1, len(shown.words), "word") - 1
     big = overlay_attention(shown.image, shown.attention[i], _opacity(opacity))
-    label = f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}”"
+    label = (f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}” · image gate β = "
+             f"{shown.gate[i]:.2f}")
     tokens = [(" ", None)] * (2 * len(shown.words) - 1)  # word, space, word, ...: word j is token 2j
     tokens[::2] = [(word, "looking at" if j == i else None) for j, word in enumerate(shown.words)]
     return gr.update(value=big, label=label), tokens
@@ -252,7 +260,10 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                                  elem_id="word-slider")
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
                 gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
-                            "model looked most when it chose the word, blue where it looked least.")
+                            "model looked most when it chose the word, blue where it looked least. "
+                            "**β** (0-1) is how much of the image the model let into that word: "
+                            "compare the words of one caption, a word with a β lower than its "
+                            "neighbours' came more from the language model than from the photo.")
                 gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
                                      object_fit="contain", allow_preview=False,
                                      elem_id="attention-gallery")
