@@ -268,6 +268,7 @@ class ImageGrounding:
     file_name: str
     caption: str
     objects: list[ObjectWord] = field(default_factory=list)
+    gates: list[float] = field(default_factory=list)  # every word's beta, if the result has it
 
     @property
     def hallucinated(self) -> bool:
@@ -282,7 +283,8 @@ def ground_caption(words: Sequence[str], attention: np.ndarray, masks: Mapping[s
     if len(attention) != len(words):
         raise ValueError(f"{file_name or 'caption'}: {len(words)} words but {len(attention)} "
                          "attention maps")
-    result = ImageGrounding(image_id, file_name, " ".join(words))
+    result = ImageGrounding(image_id, file_name, " ".join(words),
+                            gates=[] if gate is None else [float(g) for g in gate])
     for mention in objects.mentions(words):
         word = ObjectWord(mention.phrase, mention.category, mention.index,
                           in_image=mention.category in masks,

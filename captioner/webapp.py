@@ -261,9 +261,10 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
                 gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
                             "model looked most when it chose the word, blue where it looked least. "
-                            "**β** (0-1) is how much of the image the model let into that word: "
-                            "compare the words of one caption, a word with a β lower than its "
-                            "neighbours' came more from the language model than from the photo.")
+                            "**β** (0-1) is how much of the image the model let into that word; "
+                            "a word with a lower β than its neighbours came more from the "
+                            "language model. It is the model's own weighting, not a check: an "
+                            "object it invents can have as high a β as one it sees.")
                 gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
                                      object_fit="contain", allow_preview=False,
                                      elem_id="attention-gallery")

@@ -214,6 +214,7 @@ def test_a_trained_model_points_at_the_shapes_it_names(shapes_captioner, shapes_
     assert metrics["centre_baseline"] == 0.0  # the shapes sit left or right of the centre
     assert metrics["attention_mass"] > 1.5 * metrics["uniform_baseline"]
     assert all(0 < o.gate < 1 for r in report.images for o in r.objects)
+    assert all(len(r.gates) == len(r.caption.split()) for r in report.images)
 
 
 @pytest.mark.slow
@@ -283,6 +284,7 @@ def test_write_report_keeps_exactly_the_metric_keys(tmp_path):
     assert list(json.loads((tmp_path / "metrics.json").read_text())) == METRIC_KEYS
     (detail,) = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
     assert detail["objects"][0]["gate"] == pytest.approx(0.3) and detail["objects"][0]["hit"]
+    assert detail["gates"] == [pytest.approx(0.3)]  # every word's beta
 
 
 # --- real COCO photos ------------------------------------------------------------------------------
