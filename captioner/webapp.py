@@ -48,7 +48,7 @@ CSS = """
 #word-caption { font-size: 1.25rem; }
 #attention-gallery .grid-wrap { min-height: 0; max-height: none; }
 #attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
-#attention-gallery .caption-label { font-size: 0.95rem; }
+#attention-gallery .caption-label { font-size: 0.95rem; max-width: 96%; }
 .small-print { font-size: 0.85rem; opacity: 0.8; }
 """
 
