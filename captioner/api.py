@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -112,20 +113,8 @@ class Captioner:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
-        beams = decode(self.model.decoder, features, beam_size, max_length, length_penalty, n_best,
-                       no_repeat_ngram_size)
-        return [self._result(hyps, gate) for hyps, gate in zip(beams, self._gates(features, beams),
-                                                                  strict=True)]
-
-    def _gates(self, features: torch.Tensor, beams: list[list[Hypothesis]]) -> list[np.ndarray]:
-        """Each best caption's per-word gate, from one teacher-forced replay of the batch."""
-        longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
-        tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
-        for row, hyps in enumerate(beams):
-            tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
-        _, gates = replay(self.model.decoder, features, tokens.to(features.device))  # (B, T)
-        gates = gates.float().cpu().numpy()
-        return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
+        return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
+                                length_penalty, n_best, no_repeat_ngram_size, gates=True)
 
     def caption(
         self,
@@ -152,14 +141,43 @@ class Captioner:
                                             no_repeat_ngram_size)
         return results[0] if single else results
 
-    def _result(self, hypotheses: list[Hypothesis], gate: np.ndarray) -> CaptionResult:
-        best = hypotheses[0]
-        words = self.vocab.decode(best.tokens)
-        grid = self.grid_shape
-        attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
-        alternatives = []
-        for h in hypotheses:
-            alt_words = self.vocab.decode(h.tokens)
-            alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
-        return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                             alternatives, best.finished, gate)
+
+@torch.inference_mode()
+def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
+                     beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
+                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+                     gates: bool = False) -> list[CaptionResult]:
+    """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
+    Captioner, evaluation and validation during training. gates=True (the Captioner) also fills
+    each result's `gate`, from one teacher-forced replay of the chosen words (scoring skips it)."""
+    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
+                   no_repeat_ngram_size)
+    side = math.isqrt(features.shape[1])  # grids are square
+    gate = _gates(decoder, features, beams) if gates else [np.zeros(0, np.float32)] * len(beams)
+    return [_result(hypotheses, vocab, (side, side), g)
+            for hypotheses, g in zip(beams, gate, strict=True)]
+
+
+def _gates(decoder: torch.nn.Module, features: torch.Tensor,
+           beams: list[list[Hypothesis]]) -> list[np.ndarray]:
+    """Each best caption's per-word gate, from one replay of the whole batch."""
+    longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
+    tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
+    for row, hyps in enumerate(beams):
+        tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
+    _, gates = replay(decoder, features, tokens.to(features.device))  # (B, T)
+    gates = gates.float().cpu().numpy()
+    return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
+
+
+def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int],
+            gate: np.ndarray) -> CaptionResult:
+    best = hypotheses[0]
+    words = vocab.decode(best.tokens)
+    attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
+    alternatives = []
+    for h in hypotheses:
+        alt_words = vocab.decode(h.tokens)
+        alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
+    return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
+                         alternatives, best.finished, gate)

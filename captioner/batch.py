@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .api import Captioner, CaptionResult
 from .checkpoint import atomic_write
 from .decoding import NO_REPEAT_NGRAM_SIZE
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageFiles, LoadedImage, collate_images
 from .visualize import save_attention_grid
 
 # Folder scans take files with these extensions (a bad one becomes an error row), plus files of
@@ -130,58 +128,6 @@ def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()
             else:
                 add(os.path.normpath(path))
     return list(found.values())
-
-
-# ----------------------------------------------------------------------------- loading in workers
-
-@dataclass
-class LoadedImage:
-    index: int
-    path: str
-    size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
-    error: str | None = None
-    thumbnail: np.ndarray | None = None  # small RGB copy for attention grids
-
-
-@dataclass
-class Batch:
-    items: list[LoadedImage]  # every image of the batch, in input order
-    pixels: torch.Tensor | None  # (n, 3, S, S) for the items without an error, in order
-
-
-class ImageFiles(Dataset):
-    """Decodes and preprocesses one file; a bad file yields an error instead of raising."""
-
-    def __init__(self, paths: Sequence[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 thumbnails: bool = False):
-        self.paths, self.transform = list(paths), transform
-        self.max_pixels, self.thumbnails = max_pixels, thumbnails
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[LoadedImage, torch.Tensor | None]:
-        item = LoadedImage(index, self.paths[index])
-        try:
-            image = load_image(item.path, self.max_pixels)
-            pixels = self.transform(image)
-        except ImageLoadError as err:
-            item.error = str(err)
-            return item, None
-        except Exception as err:  # a decoder bug on a hostile file must not end the run
-            item.error = f"{item.path}: unexpected {type(err).__name__} while reading: {err}"
-            return item, None
-        item.size = image.size
-        if self.thumbnails:
-            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-            item.thumbnail = np.asarray(image)
-        return item, pixels
-
-
-def collate(samples: list[tuple[LoadedImage, torch.Tensor | None]]) -> Batch:
-    """Stack the good images; failures travel alongside as metadata only."""
-    good = [pixels for _, pixels in samples if pixels is not None]
-    return Batch([item for item, _ in samples], torch.stack(good) if good else None)
 
 
 # ----------------------------------------------------------------------------- records
@@ -430,8 +376,9 @@ def caption_files(
             (attention_dir / ATTENTION_MARKER).touch()
         except OSError as err:
             raise OutputError(f"cannot create the attention folder {attention_dir}: {err}") from err
-    dataset = ImageFiles(todo, captioner.transform, max_pixels, thumbnails=attention_dir is not None)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    dataset = ImageFiles(todo, captioner.transform, max_pixels,
+                         thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                         pin_memory=captioner.device.type == "cuda")
     writer = RecordWriter(output, fmt)
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, smoothing=0.05)

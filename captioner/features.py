@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .encoder import Encoder
-from .images import ImageLoadError, load_image
+from .images import ImageBatch, ImageFiles, collate_images
 
 try:
     import fcntl
@@ -41,29 +41,6 @@ def encoder_key(encoder: Encoder, mirrored: bool = False) -> str:
     whether the photos were mirrored first."""
     g = encoder.grid_size
     return f"{encoder.backbone_name}-{encoder.image_size}px-{g}x{g}" + ("-hflip" if mirrored else "")
-
-
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[str | Path], indices: Sequence[int], transform):
-        self.paths, self.indices, self.transform = paths, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        row = self.indices[i]
-        try:
-            return row, self.transform(load_image(self.paths[row])), ""
-        except ImageLoadError as err:
-            return row, None, str(err)
-
-
-def _collate(items):
-    good = [(row, x) for row, x, _ in items if x is not None]
-    errors = [err for _, x, err in items if x is None]
-    rows = torch.tensor([row for row, _ in good], dtype=torch.long)
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return rows, pixels, errors
 
 
 @contextmanager
@@ -139,30 +116,27 @@ class FeatureCache:
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
         # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a
         # training run would then depend on whether its features were already cached.
-        loader = DataLoader(_ImageFiles(self.paths, todo, self.transform),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        loader = DataLoader(ImageFiles([self.paths[r] for r in todo], self.transform),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                             generator=torch.Generator())
         encoder = self.encoder.to(device).eval()
-        errors: list[str] = []
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img",
-                   disable=not progress)
+        bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img", disable=not progress)
+        failed = []
         with torch.inference_mode():
-            for rows, pixels, batch_errors in loader:
-                errors += batch_errors
-                if pixels is not None:
-                    grids = encoder(pixels.to(device)).to(torch.float16).cpu().numpy()
-                    features[rows.numpy()] = grids
+            for batch in loader:
+                failed += [item for item in batch.items if item.error]
+                rows = np.array([todo[item.index] for item in batch.items if not item.error], dtype=np.int64)
+                if batch.pixels is not None:
+                    features[rows] = encoder(batch.pixels.to(device)).to(torch.float16).cpu().numpy()
                     features.flush()
-                    done[rows.numpy()] = 1
+                    done[rows] = 1
                     done.flush()
-                bar.update(len(rows) + len(batch_errors))
+                bar.update(len(batch.items))
         bar.close()
         seconds = time.perf_counter() - start
         stats.update(images=len(todo), seconds=seconds, images_per_second=len(todo) / seconds)
-        if errors:
-            listed = "\n  ".join(errors[:10])
-            raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
+        ImageBatch(failed, None).raise_errors()
         return stats
 
     def _create_once(self) -> int:

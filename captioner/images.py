@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger files are treated as decompression bombs
 
@@ -114,3 +118,68 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise ImageLoadError(f"{name}: cannot decode image ({err})") from err
     except ValueError as err:
         raise ImageLoadError(f"{name}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- files in workers
+
+
+@dataclass
+class LoadedImage:
+    index: int  # position in the ImageFiles list
+    path: str
+    size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
+    error: str | None = None  # why the file could not be used; then it has no pixels
+    thumbnail: np.ndarray | None = None  # small RGB copy, when asked for (attention grids)
+
+
+@dataclass
+class ImageBatch:
+    items: list[LoadedImage]  # every image of the batch, in order, failures included
+    pixels: torch.Tensor | None  # (n, 3, S, S) of the items without an error, in order
+
+    def raise_errors(self) -> None:
+        """For callers that cannot go on without every image (training, feature caches)."""
+        errors = [item.error for item in self.items if item.error]
+        if errors:
+            listed = "\n  ".join(errors[:10])
+            raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
+
+
+class ImageFiles(Dataset):
+    """Image files -> preprocessed tensors, for a DataLoader's workers.
+
+    The one image-reading dataset of the library (feature extraction, fine-tuning, evaluation,
+    the batch captioner): a bad file yields an item with an `error` instead of raising, so a
+    batch job can record it and go on, and a training job can list every bad file at once.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor],
+                 max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail_size: int | None = None):
+        self.paths, self.transform = [str(p) for p in paths], transform
+        self.max_pixels, self.thumbnail_size = max_pixels, thumbnail_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[LoadedImage, torch.Tensor | None]:
+        item = LoadedImage(index, self.paths[index])
+        try:
+            image = load_image(item.path, self.max_pixels)
+            pixels = self.transform(image)
+        except ImageLoadError as err:
+            item.error = str(err)
+            return item, None
+        except Exception as err:  # a decoder bug on a hostile file must not end a batch job
+            item.error = f"{item.path}: unexpected {type(err).__name__} while reading: {err}"
+            return item, None
+        item.size = image.size
+        if self.thumbnail_size:
+            image.thumbnail((self.thumbnail_size, self.thumbnail_size))
+            item.thumbnail = np.asarray(image)
+        return item, pixels
+
+
+def collate_images(samples: list[tuple[LoadedImage, torch.Tensor | None]]) -> ImageBatch:
+    """Stack the good images; failures travel alongside as metadata only."""
+    good = [pixels for _, pixels in samples if pixels is not None]
+    return ImageBatch([item for item, _ in samples], torch.stack(good) if good else None)

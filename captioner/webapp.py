@@ -173,7 +173,7 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     model = config["model"]
     params = sum(p.numel() for p in captioner.model.parameters())
     grid = "×".join(map(str, captioner.grid_shape))
-    decoders = model.get("decoders", 1)
+    decoders = config.get("ensemble_size", model.get("decoders", 1))
     decoder = ("an LSTM decoder" if decoders == 1 else
                f"{decoders} LSTM decoders, trained apart, that average their word log-probabilities, each")
     lines = [

@@ -18,7 +18,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REVIEW_SCREENSHOT = Path("/tmp/app_screenshot.png")
 ALL_IMAGES_SHOWN = "[...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}"),
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,7 @@ def test_folder_with_good_and_bad_files(tmp_path, monkeypatch, shapes_checkpoint
         assert row["caption"] is None
 
 
+@pytest.mark.slow
 def test_workers_csv_n_best_and_attention(tmp_path, monkeypatch, shapes_checkpoint):
     photos = make_photos(tmp_path, monkeypatch)
     (photos / "locked.jpg").unlink()  # its denial may be simulated in this process only
