@@ -28,6 +28,9 @@ from .app_server import ROOT
 from .conftest import SHARED_DATA
 from .shapes import COLOURS, SHAPES, SIDES, shape_image
 
+# pycocotools' RLE decoding warns under numpy 2 (its __array__ lacks a copy argument): harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 SHAPE_WORDS = {"circle": ["circle"], "square": ["square"]}
 METRIC_KEYS = ["pointing_game", "centre_baseline", "attention_mass", "uniform_baseline", "chair_i",
                "chair_s", "images", "grounded_words", "object_mentions"]
