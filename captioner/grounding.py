@@ -355,7 +355,10 @@ def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
         raise FileNotFoundError(f"instances file {instances} does not exist")
     if not images_dir.is_dir():
         raise FileNotFoundError(f"image folder {images_dir} does not exist")
-    coco = _quiet_coco(COCO, instances)
+    try:
+        coco = _quiet_coco(COCO, instances)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{instances} is not a COCO instances file (not JSON: {err})") from err
     if "annotations" not in coco.dataset or "categories" not in coco.dataset:
         raise ValueError(f"{instances} is not a COCO instances file (needs 'annotations' and "
                          "'categories')")

@@ -277,6 +277,14 @@ def test_bad_inputs_are_named(shapes_world, tmp_path):
         evaluate_grounding(None, image_dir, instances)  # COCO's table has no circles
     with pytest.raises(FileNotFoundError, match="16 images of .* are not in"):
         evaluate_grounding(None, tmp_path, instances, synonyms=SHAPE_WORDS)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1,
+                                                                    "caption": "a dog"}]}))
+    with pytest.raises(ValueError, match="captions.json is not a COCO instances file .*'categories'"):
+        evaluate_grounding(None, image_dir, captions)
+    (tmp_path / "notes.txt").write_text("not json")
+    with pytest.raises(ValueError, match="notes.txt is not a COCO instances file \\(not JSON"):
+        evaluate_grounding(None, image_dir, tmp_path / "notes.txt")
 
 
 def test_write_report_keeps_exactly_the_metric_keys(tmp_path):
