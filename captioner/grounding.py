@@ -283,12 +283,12 @@ def ground_caption(words: Sequence[str], attention: np.ndarray, masks: Mapping[s
     if len(attention) != len(words):
         raise ValueError(f"{file_name or 'caption'}: {len(words)} words but {len(attention)} "
                          "attention maps")
-    result = ImageGrounding(image_id, file_name, " ".join(words),
-                            gates=[] if gate is None else [float(g) for g in gate])
+    gates = [] if gate is None else [float(g) for g in gate]
+    result = ImageGrounding(image_id, file_name, " ".join(words), gates=gates)
     for mention in objects.mentions(words):
         word = ObjectWord(mention.phrase, mention.category, mention.index,
                           in_image=mention.category in masks,
-                          gate=None if gate is None or len(gate) == 0 else float(gate[mention.index]))
+                          gate=gates[mention.index] if gates else None)
         if word.in_image:
             mask = masks[mention.category]
             height, width = mask.shape
@@ -322,6 +322,15 @@ def summarise(results: Sequence[ImageGrounding]) -> dict[str, float | int]:
         "grounded_words": len(grounded),
         "object_mentions": len(mentions),
     }
+
+
+def plain_metrics(metrics: Mapping[str, float | int], digits: int | None = None) -> dict:
+    """The metrics as strict JSON values: NaN (nothing to count) becomes null; rounded if asked."""
+    def plain(value):
+        if isinstance(value, float):
+            return None if np.isnan(value) else round(value, digits) if digits is not None else value
+        return value
+    return {key: plain(value) for key, value in metrics.items()}
 
 
 def category_masks(coco, image_id: int) -> dict[str, np.ndarray]:
@@ -399,7 +408,7 @@ def write_report(report: GroundingReport, output_dir: str | Path) -> Path:
     """metrics.json and details.jsonl (one line per image; skipped images say so)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(report.metrics, indent=2) + "\n")
+    (output_dir / "metrics.json").write_text(json.dumps(plain_metrics(report.metrics), indent=2) + "\n")
     with open(output_dir / "details.jsonl", "w", encoding="utf-8") as out:
         for image in report.images:
             out.write(json.dumps(asdict(image)) + "\n")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from captioner.api import DEFAULT_WEIGHTS, Captioner
-from captioner.grounding import COCO_SYNONYMS, evaluate_grounding, write_report
+from captioner.grounding import COCO_SYNONYMS, evaluate_grounding, plain_metrics, write_report
 
 
 def main() -> None:
@@ -41,8 +41,7 @@ def main() -> None:
         print(f"skipped {len(report.skipped)} images without instance annotations", file=sys.stderr)
     if args.output_dir:
         write_report(report, args.output_dir)
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
-                      for k, v in report.metrics.items()}, indent=2))
+    print(json.dumps(plain_metrics(report.metrics, digits=2), indent=2))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,10 @@ def test_a_shape_that_is_not_there_counts_toward_chair(shapes_captioner, tmp_pat
     assert without.images[0].caption == both.images[0].caption
     assert without.metrics["chair_i"] == without.metrics["chair_s"] == 100.0
     assert without.metrics["grounded_words"] == 0 and np.isnan(without.metrics["pointing_game"])
+    write_report(without, tmp_path / "report")  # strict JSON: nothing to point at is null, not NaN
+    text = (tmp_path / "report" / "metrics.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["pointing_game"] is None and json.loads(text)["chair_s"] == 100.0
 
 
 @pytest.mark.slow
