@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, decode, replay
+from .decoding import (
+    NO_REPEAT_NGRAM_SIZE,
+    Hypothesis,
+    check_decoding_options,
+    check_whole_number,
+    decode,
+    replay,
+)
+from .focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
@@ -23,6 +31,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 # makes it ~2x faster per image than one batch of 32 (scripts/benchmark.py). Decoding still
 # runs the whole batch at once.
 CPU_ENCODER_BATCH = 4
+TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -46,6 +55,7 @@ class CaptionResult:
     attention: np.ndarray  # (len(words), h, w): where the model looked for each word
     alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
     finished: bool = True  # False if max_length cut the caption before <end>
+    notes: list[str] = field(default_factory=list)  # what makes this caption less trustworthy
     # (len(words),): the gating scalar beta of each word, 0-1 (mean over its channels): how much
     # the image fed that word; low values mark words the language model filled in by itself.
     gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
@@ -108,13 +118,21 @@ class Captioner:
     @torch.inference_mode()
     def caption_tensors(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int = 20,
                         length_penalty: float = 0.0, n_best: int | None = None,
-                        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> list[CaptionResult]:
-        """Caption a preprocessed batch (B, 3, S, S)."""
+                        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+                        focus: torch.Tensor | None = None) -> list[CaptionResult]:
+        """Caption a preprocessed batch (B, 3, S, S); `focus` is an attention bias (B, L)."""
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
         return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
-                                length_penalty, n_best, no_repeat_ngram_size, gates=True)
+                                length_penalty, n_best, no_repeat_ngram_size,
+                                None if focus is None else focus.to(self.device), gates=True)
+
+    def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:
+        """A box or mask on an image of (width, height) pixels -> its attention bias (L,)."""
+        if focus is None:
+            return torch.zeros(self.grid_shape[0] * self.grid_shape[1])
+        return check_strength(strength) * focus_weights(focus, image_size, self.grid_shape)
 
     def caption(
         self,
@@ -125,47 +143,77 @@ class Captioner:
         n_best: int | None = None,
         batch_size: int = 32,
         no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+        focus: Focus | Sequence[Focus | None] | None = None,
+        focus_strength: float = DEFAULT_STRENGTH,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image (returns one result) or a list of images (returns a list).
 
-        Images may be file paths, PIL images or numpy arrays. Bad inputs raise ImageLoadError
-        naming the input. `no_repeat_ngram_size=3` (the default; 0 turns it off) stops "a man in
-        a red shirt and a man in a red shirt".
+        `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
+        pixels or a boolean mask of its size (a list of those, or None, for a list of images);
+        `focus_strength` is how hard (captioner.focus). focus=None decodes as without it.
+
+        Images may be file paths, PIL images, numpy arrays or torch tensors ((3, H, W) or
+        (H, W, 3)). Bad inputs raise ImageLoadError naming the input; decoding options out of
+        range raise ValueError naming the option. `no_repeat_ngram_size=3` (the default; 0 turns
+        it off) stops "a man in a red shirt and a man in a red shirt".
         """
+        check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
+        check_whole_number("batch_size", batch_size, 1)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        focuses = [focus] if single else list(focus) if focus is not None else [None] * len(items)
+        if len(focuses) != len(items):
+            raise ValueError(f"focus: {len(focuses)} regions for {len(items)} images")
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
-            pixels = torch.stack([self.preprocess(x) for x in items[start : start + batch_size]])
-            results += self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
-                                            no_repeat_ngram_size)
+            loaded = [load_image(x, self.max_pixels) for x in items[start : start + batch_size]]
+            pixels = torch.stack([self.transform(image) for image in loaded])
+            regions = focuses[start : start + batch_size]
+            bias = None if all(r is None for r in regions) else torch.stack(
+                [self.focus_bias(r, im.size, focus_strength) for r, im in zip(regions, loaded, strict=True)])
+            batch = self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
+                                         no_repeat_ngram_size, bias)
+            for image, result in zip(loaded, batch, strict=True):
+                result.notes += self.input_notes(image.size)
+            results += batch
         return results[0] if single else results
+
+    def input_notes(self, size: tuple[int, int]) -> list[str]:
+        """Warnings about an input image of (width, height) pixels."""
+        width, height = size
+        if min(width, height) >= TINY_IMAGE:
+            return []
+        side = self.model.encoder.image_size
+        return [f"the image is only {width}x{height} pixels: the model sees it blown up to {side}x{side}, "
+                "so the caption says little about it"]
 
 
 @torch.inference_mode()
 def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
                      beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
                      n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-                     gates: bool = False) -> list[CaptionResult]:
+                     focus: torch.Tensor | None = None, gates: bool = False) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
-    Captioner, evaluation and validation during training. gates=True (the Captioner) also fills
-    each result's `gate`, from one teacher-forced replay of the chosen words (scoring skips it)."""
+    Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
+    gates=True (the Captioner) also fills each result's `gate`, from one teacher-forced replay
+    of the chosen words (scoring skips it)."""
+    check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
     beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
-                   no_repeat_ngram_size)
+                   no_repeat_ngram_size, focus)
     side = math.isqrt(features.shape[1])  # grids are square
-    gate = _gates(decoder, features, beams) if gates else [np.zeros(0, np.float32)] * len(beams)
+    gate = _gates(decoder, features, beams, focus) if gates else [np.zeros(0, np.float32)] * len(beams)
     return [_result(hypotheses, vocab, (side, side), g)
             for hypotheses, g in zip(beams, gate, strict=True)]
 
 
-def _gates(decoder: torch.nn.Module, features: torch.Tensor,
-           beams: list[list[Hypothesis]]) -> list[np.ndarray]:
+def _gates(decoder: torch.nn.Module, features: torch.Tensor, beams: list[list[Hypothesis]],
+           focus: torch.Tensor | None = None) -> list[np.ndarray]:
     """Each best caption's per-word gate, from one replay of the whole batch."""
     longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
     tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
     for row, hyps in enumerate(beams):
         tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
-    _, gates = replay(decoder, features, tokens.to(features.device))  # (B, T)
+    _, gates = replay(decoder, features, tokens.to(features.device), focus)  # (B, T)
     gates = gates.float().cpu().numpy()
     return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
 
@@ -180,4 +228,4 @@ def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, in
         alt_words = vocab.decode(h.tokens)
         alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
     return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                         alternatives, best.finished, gate)
+                         alternatives, best.finished, gate=gate)

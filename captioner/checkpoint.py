@@ -121,6 +121,11 @@ def load_model(
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from err
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(
+            f"{weights_path}: {len(broken)} tensors hold NaN or infinite values (a training run that "
+            f"diverged?): {', '.join(broken[:5])}" + (" ..." if len(broken) > 5 else ""))
     try:
         model_config = ModelConfig(**settings)
         model = CaptionModel(model_config, len(vocab), encoder_weights="random")

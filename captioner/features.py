@@ -92,8 +92,10 @@ class FeatureCache:
         return len(self.missing_rows()) == 0
 
     def extract(self, batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu",
-                rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, float]:
-        """Compute the missing rows (this rank's share). Returns timing stats.
+                rank: int = 0, world_size: int = 1, progress: bool = True,
+                rows: Sequence[int] | None = None) -> dict[str, float]:
+        """Compute the missing rows (this rank's share; only those in `rows` if given). Returns
+        timing stats.
 
         Unreadable images stop extraction with one error listing them: training on a silently
         zero-filled grid would be worse than failing.
@@ -109,6 +111,8 @@ class FeatureCache:
         if world_size > 1:  # every rank, even one with no rows of its own, meets here
             torch.distributed.barrier()
         missing = self.missing_rows()
+        if rows is not None:
+            missing = np.intersect1d(missing, np.asarray(rows))
         todo = [int(r) for r in missing if r % world_size == rank]
         if not todo:
             return stats
@@ -190,9 +194,16 @@ class FeatureCache:
         return self._features
 
     def batch(self, rows: Sequence[int]) -> torch.Tensor:
-        """Float32 grids (B, L, D) of the given rows."""
+        """Float32 grids (B, L, D) of the given rows (of a partly extracted cache: rows it has)."""
         rows = np.asarray(rows)
+        if self._features is None and not self.is_complete():
+            if np.isin(rows, self.missing_rows()).any():
+                raise RuntimeError(f"feature cache {self.stem} is incomplete: it lacks some of rows "
+                                   f"{rows.tolist()[:8]}; run extract() first")
+            features = np.memmap(self.features_file, dtype=np.float16, mode="r", shape=self.shape)
+        else:
+            features = self.load()
         order = np.argsort(rows)  # sorted reads are kinder to the page cache
         grids = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
-        grids[order] = self.load()[rows[order]]
+        grids[order] = features[rows[order]]
         return torch.from_numpy(grids).float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,19 +16,23 @@ from torch.utils.data import Dataset
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger files are treated as decompression bombs
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageLoadError(ValueError):
     """An input that is not a usable image. The message names the input."""
 
 
-def _describe(source: ImageInput) -> str:
+def _describe(source: object) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, np.ndarray):
         return f"numpy array {source.shape} {source.dtype}"
-    return f"PIL image {getattr(source, 'size', '')} {getattr(source, 'mode', '')}".strip()
+    if isinstance(source, torch.Tensor):
+        return f"torch tensor {tuple(source.shape)} {str(source.dtype).removeprefix('torch.')}"
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size} {source.mode}"
+    return "None" if source is None else f"{type(source).__name__} object"
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -70,6 +75,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
 
 
+def _why_missing(path: Path) -> str:
+    if not path.is_symlink():
+        return "file does not exist"
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself)"
+    return "file does not exist (broken link)"
+
+
 def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Path, PIL image or numpy array -> upright 8-bit RGB PIL image.
 
@@ -78,14 +94,17 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     """
     name = _describe(source)
     try:
-        if isinstance(source, np.ndarray):
+        if isinstance(source, torch.Tensor):  # like an array: (3, H, W) or (H, W, 3)
+            tensor = source.detach().cpu()
+            image = _from_array((tensor.float() if tensor.is_floating_point() else tensor).numpy())
+        elif isinstance(source, np.ndarray):
             image = _from_array(source)
         elif isinstance(source, Image.Image):
             image = source
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.exists():
-                raise ValueError("file does not exist" + (" (broken link)" if path.is_symlink() else ""))
+                raise ValueError(_why_missing(path))
             if path.is_dir():
                 raise ValueError("is a folder, not an image file")
             if path.stat().st_size == 0:
@@ -94,7 +113,8 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(path)
         else:
-            raise ValueError(f"unsupported input type {type(source).__name__}")
+            raise ValueError("not an image: expected a file path, a PIL image, a numpy array or a "
+                             "torch tensor")
         width, height = image.size
         if width * height > max_pixels:
             raise ValueError(

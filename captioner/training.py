@@ -218,6 +218,7 @@ def train_one_epoch(run: Run, stage: Stage, optimizer: torch.optim.Optimizer,
         step = step_batch(rows, x, [stage.items[i][1] for i in batch], run.inputs.encode, run.device)
         with torch.autocast(run.device.type, enabled=run.scaler.is_enabled()):
             loss, stats = stage.loss(step)
+        check_finite(loss, run, stage)
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(optimizer)
@@ -240,6 +241,24 @@ def train_one_epoch(run: Run, stage: Stage, optimizer: torch.optim.Optimizer,
             return None, time.perf_counter() - start
     bar.close()
     return d.sum_dict(sums, run.device), time.perf_counter() - start
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the run state on disk is the last good one."""
+
+
+def check_finite(loss: torch.Tensor, run: Run, stage: Stage) -> None:
+    """Stop before a non-finite loss reaches the weights (on every rank at once under DDP)."""
+    finite = bool(torch.isfinite(loss))
+    if run.dist.world_size > 1:
+        finite = run.dist.all_sum([float(not finite)], run.device)[0] == 0
+    if not finite:
+        progress = run.progress
+        raise TrainingDiverged(
+            f"the {stage.name} loss became {loss.item()} at step {progress.global_step + 1} (epoch "
+            f"{progress.epoch + 1}, batch {progress.step_in_epoch + 1}); the weights were not updated and "
+            f"{run.folder / STATE_FILE} holds the last good run state. Lower the learning rate or "
+            "check the inputs (a NaN in the feature cache?), then rerun with --resume true.")
 
 
 @torch.no_grad()

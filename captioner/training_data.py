@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -28,11 +29,16 @@ class PreparedData:
     images: list[ImageCaptions]  # train images first, then validation images
     num_train: int
     encoded: list[list[list[int]]]  # per training image: its captions as ids
-    references: list[list[list[str]]]  # per training image: tokenised captions (SCST rewards)
 
     @property
     def val_rows(self) -> range:
         return range(self.num_train, len(self.images))
+
+    @cached_property
+    def references(self) -> list[list[list[str]]]:
+        """Per training image: its tokenised captions (SCST rewards). Made on first use only:
+        at COCO scale they are ~600k lists of strings, which cross-entropy never reads."""
+        return [[tokenize(c) for c in item.captions] for item in self.images[: self.num_train]]
 
 
 def prepare_data(config: DataConfig, min_word_count: int, max_caption_words: int,
@@ -42,9 +48,12 @@ def prepare_data(config: DataConfig, min_word_count: int, max_caption_words: int
     train = dataset["train"]
     val = dataset.splits.get("val", [])[: config.max_val_images]
     vocab = vocab or Vocabulary.build((c for item in train for c in item.captions), min_word_count)
-    encoded = [[_truncate(vocab.encode(c), max_caption_words) for c in item.captions] for item in train]
-    references = [[tokenize(c) for c in item.captions] for item in train]
-    return PreparedData(vocab, train + val, len(train), encoded, references)
+    return PreparedData(vocab, train + val, len(train), encode_captions(train, vocab, max_caption_words))
+
+
+def encode_captions(images: Sequence[ImageCaptions], vocab: Vocabulary, max_words: int
+                    ) -> list[list[list[int]]]:
+    return [[_truncate(vocab.encode(c), max_words) for c in item.captions] for item in images]
 
 
 def _truncate(ids: list[int], max_words: int) -> list[int]:

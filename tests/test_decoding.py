@@ -342,6 +342,18 @@ def test_replaying_the_chosen_words_reproduces_decoding(beam_size):
     assert ((gates > 0) & (gates < 1)).all()
 
 
+def test_replay_with_a_focus_follows_the_focused_decoding():
+    decoder, features = _random_decoder(), _random_features(4)
+    focus = torch.zeros(4, features.shape[1])
+    focus[:, :3] = 4.0  # a strong pull towards the first three cells
+    best = [hyps[0] for hyps in beam_search(decoder, features, 3, max_length=10, focus=focus)]
+    alphas, _ = replay(decoder, features, _padded(best), focus)
+    for row, h in enumerate(best):
+        torch.testing.assert_close(alphas[row, : len(h.tokens)], h.alphas, atol=1e-6, rtol=1e-5)
+    unfocused, _ = replay(decoder, features, _padded(best))
+    assert not torch.allclose(unfocused, alphas)
+
+
 def test_a_decoder_without_the_gate_replays_a_gate_of_one():
     torch.manual_seed(0)
     decoder = AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24,

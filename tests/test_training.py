@@ -611,6 +611,33 @@ def test_caption_batches_hold_single_captions_shuffled_across_images(dataset, ca
     assert state_progress(tmp_path / "run")["global_step"] == 2 * 6 + 2
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(dataset, cache_dir, tmp_path):
+    """A NaN in the inputs (here: one image's cached grid) makes the loss NaN: the run stops with
+    an error before the weights change, the saved run state is the step before, and once the
+    input is fixed the run resumes."""
+    poisoned = tmp_path / "cache"
+    shutil.copytree(cache_dir, poisoned)
+    cfg = make_config(dataset, tmp_path / "run", poisoned, epochs=1, scst_epochs=0, checkpoint_every=1)
+    paths = [p for _, p in sorted(_image_paths(cfg).items())]
+    cache = FeatureCache(poisoned, Encoder("efficientnet_lite0", 128), [*paths, *paths])
+    cache.extract(num_workers=0, progress=False)
+    row = epoch_batches(16, cfg.batch_size, cfg.seed, 0, Dist())[2][0]  # in the third step
+    grids = np.memmap(cache.features_file, dtype=np.float16, mode="r+", shape=cache.shape)
+    grids[row, 0, 0] = np.nan
+    grids.flush()
+    with pytest.raises(training_module.TrainingDiverged, match=r"loss became nan at step 3 .*last good"):
+        train(cfg)
+    assert state_progress(tmp_path / "run")["global_step"] == 2
+    saved = state_tensors(tmp_path / "run").values()
+    assert all(torch.isfinite(v).all() for v in saved if v.is_floating_point())
+
+    done = np.memmap(cache.done_file, dtype=np.uint8, mode="r+")
+    done[row] = 0  # recompute that row
+    done.flush()
+    train(dataclasses.replace(cfg, resume=True))
+    assert state_progress(tmp_path / "run")["done"] is True
+
+
 def test_unknown_batch_by_is_refused_before_anything_is_written(dataset, cache_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="batch_by 'sentence': expected one of image, caption"):
