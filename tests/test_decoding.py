@@ -47,11 +47,11 @@ class BigramDecoder(nn.Module):
     def prepare(self, features):
         return features, features
 
-    def init_state(self, features):
+    def init_state(self, features, focus=None):
         zeros = features.new_zeros(features.shape[0], 1)
         return zeros, zeros
 
-    def step(self, features, keys, words, state):
+    def step(self, features, keys, words, state, focus=None):
         num_cells = features.shape[1]
         return self.table[words], state, features.new_full((len(words), num_cells), 1.0 / num_cells)
 
