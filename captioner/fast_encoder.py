@@ -1,0 +1,186 @@
+"""Inference-only encoder: the Encoder's features, computed faster (mostly for CPUs).
+
+A frozen encoder at a fixed input size carries work that inference does not need:
+- every batch norm after a convolution is a fixed affine map: it is folded into the
+  convolution's weights and bias (one op instead of two, one pass over memory less);
+- timm's TF-"same" convolutions (Conv2dSame, the stride-2 ones) compute their asymmetric padding
+  on every call: at a fixed input size it is fixed, so it becomes a static ZeroPad2d;
+- in channels_last memory PyTorch sends every convolution to oneDNN; in NCHW it sends the
+  1x1 and depthwise convolutions of a single photo to its generic, much slower kernel.
+
+InferenceEncoder is a separate copy built from an Encoder: the Encoder itself, its state dict
+(what checkpoints save and load) and fine-tuning (Encoder.set_trainable) stay untouched. Build it
+again after the Encoder's weights change.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, Conv2dSame
+from torch import nn
+from torchvision import transforms
+
+from .encoder import Encoder, build_transform
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold each eval-mode BatchNorm2d into the convolution registered just before it, in place.
+
+    Relies on the backbones' layout (timm EfficientNet blocks, torchvision ResNets): a conv and
+    its batch norm are consecutive children of one parent, applied one after the other. timm's
+    BatchNormAct2d keeps its activation. Returns how many batch norms were folded.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in itertools.pairwise(children):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or bn.num_features != conv.out_channels:
+                raise ValueError(f"cannot fold {bn_name} ({bn}) into {conv}")
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+            after = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+            setattr(parent, bn_name, after)
+            folded += 1
+    return folded
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) of one spatial dimension."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+@torch.no_grad()
+def pad_statically(module: nn.Module, image_size: int) -> int:
+    """Replace each timm Conv2dSame by a plain convolution with fixed padding, exact for inputs
+    of image_size x image_size. Returns how many were replaced.
+
+    A stride-2 TF "SAME" convolution pads one more pixel after than before: (p, p + 1). PyTorch
+    pads symmetrically, so the kernel gets one leading row and column of zeros and the padding
+    becomes p + 1 on both sides: every output reads the same pixels with the same weights, and no
+    padded copy of the input is made.
+    """
+    input_sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(conv: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        input_sizes[conv] = tuple(args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, Conv2dSame)]
+    was_training = module.training
+    module.eval()
+    module(torch.zeros(1, 3, image_size, image_size, device=next(module.parameters()).device))
+    module.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    for parent in list(module.modules()):
+        for name, conv in list(parent.named_children()):
+            if conv in input_sizes:
+                setattr(parent, name, _symmetric_conv(conv, input_sizes[conv]))
+    return len(input_sizes)
+
+
+def _symmetric_conv(conv: nn.Conv2d, input_size: tuple[int, int]) -> nn.Conv2d:
+    """A plain nn.Conv2d equal to a TF-"SAME" convolution at one input size."""
+    padding, leading = [], []
+    for size, kernel, stride, dilation in zip(input_size, conv.kernel_size, conv.stride, conv.dilation,
+                                              strict=True):
+        before, after = _same_padding(size, kernel, stride, dilation)
+        if after - before not in (0, 1) or (after > before and dilation != 1):
+            raise ValueError(f"cannot pad {conv} statically for input {input_size}")
+        padding.append(after)
+        leading.append(after - before)  # zero rows/columns to put in front of the kernel
+    weight = F.pad(conv.weight, (leading[1], 0, leading[0], 0))  # (C_out, C_in / groups, kh', kw')
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(weight.shape[-2:]), conv.stride,
+                      tuple(padding), conv.dilation, conv.groups, conv.bias is not None,
+                      device=weight.device)
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    plain.bias = conv.bias
+    return plain
+
+
+class PointwiseMatmul(nn.Module):
+    """A 1x1, stride-1 convolution as one matrix product over channels_last pixels.
+
+    PyTorch runs a single-threaded 1x1 convolution of a small batch on its generic kernel (and in
+    channels_last, with two layout copies around it); as a matrix product (B*H*W, C_in) x
+    (C_in, C_out) it goes to the BLAS library instead.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)  # (C_out, C_in)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C_in), contiguous when x is channels_last
+        return F.linear(pixels, self.weight, self.bias).permute(0, 3, 1, 2)  # a channels_last view
+
+
+def pointwise_as_matmul(module: nn.Module) -> int:
+    """Replace each 1x1, stride-1, ungrouped convolution by a PointwiseMatmul. Returns the count."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, conv in list(parent.named_children()):
+            if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                    and conv.padding == (0, 0) and conv.groups == 1):
+                setattr(parent, name, PointwiseMatmul(conv))
+                replaced += 1
+    return replaced
+
+
+class InferenceEncoder(nn.Module):
+    """A frozen, eval-mode copy of an Encoder for inference: same inputs, same (B, L, D) grids.
+
+    Each option can be turned off (to measure its gain). `compile=True` runs the backbone
+    through torch.compile (inductor): the first call per batch size compiles for a minute or so.
+    Inputs must be image_size x image_size, the size the padding was fixed for.
+    """
+
+    def __init__(self, encoder: Encoder, fold_bn: bool = True, static_padding: bool = True,
+                 channels_last: bool = True, matmul_pointwise: bool = True, compile: bool = False):
+        super().__init__()
+        self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
+        self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
+        self.is_timm = encoder.spec.source == "timm"
+        body = copy.deepcopy(encoder.body).eval().requires_grad_(False)
+        if fold_bn:
+            fold_batchnorm(body)
+        if static_padding:
+            pad_statically(body, self.image_size)
+        if matmul_pointwise:
+            if not channels_last:
+                raise ValueError("matmul_pointwise needs channels_last")
+            pointwise_as_matmul(body)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.body = body.to(memory_format=self.memory_format)
+        forward = body.forward_features if self.is_timm else body
+        self._feature_map = torch.compile(forward, dynamic=False) if compile else forward
+        self.eval()
+
+    @property
+    def transform(self) -> transforms.Compose:
+        return build_transform(self.backbone_name, self.image_size)
+
+    def train(self, mode: bool = True) -> InferenceEncoder:
+        if mode:
+            raise RuntimeError("InferenceEncoder is for inference only: train the Encoder it was built from")
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"InferenceEncoder expects images (B, 3, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(images.shape)}")
+        fmap = self._feature_map(images.contiguous(memory_format=self.memory_format))  # (B, D, h, w)
+        if fmap.shape[-1] != self.grid_size or fmap.shape[-2] != self.grid_size:
+            fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
+        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
