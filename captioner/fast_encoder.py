@@ -138,34 +138,105 @@ def pointwise_as_matmul(module: nn.Module) -> int:
     return replaced
 
 
+class FeatureMap(nn.Module):
+    """A backbone's last feature map (B, D, h, w), as one module (what torch.export needs)."""
+
+    def __init__(self, body: nn.Module, is_timm: bool):
+        super().__init__()
+        self.body, self.is_timm = body, is_timm
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body.forward_features(images) if self.is_timm else self.body(images)
+
+
+def calibration_photos(transform: transforms.Compose) -> torch.Tensor:
+    """Preprocessed (N, 3, S, S) sample photos shipped with scikit-image: int8 calibration that
+    needs no download. Calibrating on photos like the ones to caption is better."""
+    from PIL import Image
+    from skimage import data
+
+    names = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "grass", "gravel", "brick",
+             "moon")
+    return torch.stack([transform(Image.fromarray(getattr(data, n)()).convert("RGB")) for n in names])
+
+
+class _Compiled(nn.Module):
+    """torch.compile with freezing: the weights are constants, so inductor pre-packs them and
+    fuses each convolution with its activation (oneDNN post-ops). Freezing is switched on while
+    the module runs, when compilation happens (passed as a torch.compile option, int8
+    weight packing fails)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(module, dynamic=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(images)
+
+
+@torch.no_grad()
+def _int8(net: FeatureMap, calibration: torch.Tensor) -> nn.Module:
+    """Static int8 (activations and weights) by PyTorch's current quantization path: torchao's
+    PT2E flow with the x86 inductor quantizer, calibrated on `calibration`, then compiled."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as err:
+        raise ImportError("an int8 encoder needs the torchao package (pip install torchao)") from err
+    # Exported for one photo at a time: oneDNN's int8 weight packing fails under a dynamic batch.
+    exported = torch.export.export(net, (calibration[:1],)).module()
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    for image in calibration.split(1):
+        prepared(image)
+    return _OnePhotoAtATime(_Compiled(convert_pt2e(prepared)))
+
+
+class _OnePhotoAtATime(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(image) for image in images.split(1)])
+
+
 class InferenceEncoder(nn.Module):
     """A frozen, eval-mode copy of an Encoder for inference: same inputs, same (B, L, D) grids.
 
-    Each option can be turned off (to measure its gain). `compile=True` runs the backbone
-    through torch.compile (inductor): the first call per batch size compiles for a minute or so.
+    Each exact optimisation can be turned off (to measure its gain). Two opt-ins compile the
+    backbone with torch.compile (inductor); the first call per batch size then takes from ten
+    seconds to minutes:
+    - compile=True: fp32, the same grids (within float rounding);
+    - int8_calibration=(N, 3, S, S) photos: static int8, needs torchao; changes the grids
+      noticeably (see the README's benchmark section for what it costs in CIDEr).
     Inputs must be image_size x image_size, the size the padding was fixed for.
     """
 
     def __init__(self, encoder: Encoder, fold_bn: bool = True, static_padding: bool = True,
-                 channels_last: bool = True, matmul_pointwise: bool = True, compile: bool = False):
+                 channels_last: bool = True, matmul_pointwise: bool = True, compile: bool = False,
+                 int8_calibration: torch.Tensor | None = None):
         super().__init__()
         self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
         self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
-        self.is_timm = encoder.spec.source == "timm"
         body = copy.deepcopy(encoder.body).eval().requires_grad_(False)
         if fold_bn:
             fold_batchnorm(body)
         if static_padding:
             pad_statically(body, self.image_size)
-        if matmul_pointwise:
+        if matmul_pointwise and int8_calibration is None:  # the int8 quantizer wants convolutions
             if not channels_last:
                 raise ValueError("matmul_pointwise needs channels_last")
             pointwise_as_matmul(body)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.body = body.to(memory_format=self.memory_format)
-        forward = body.forward_features if self.is_timm else body
-        self._feature_map = torch.compile(forward, dynamic=False) if compile else forward
+        self.net = FeatureMap(body, encoder.spec.source == "timm").to(memory_format=self.memory_format)
         self.eval()
+        self.compiled: nn.Module | None = None
+        if int8_calibration is not None:
+            self.compiled = _int8(self.net, int8_calibration.contiguous(memory_format=self.memory_format))
+        elif compile:
+            self.compiled = _Compiled(self.net)
 
     @property
     def transform(self) -> transforms.Compose:
@@ -180,7 +251,8 @@ class InferenceEncoder(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"InferenceEncoder expects images (B, 3, {self.image_size}, {self.image_size}), "
                              f"got {tuple(images.shape)}")
-        fmap = self._feature_map(images.contiguous(memory_format=self.memory_format))  # (B, D, h, w)
+        net = self.net if self.compiled is None else self.compiled
+        fmap = net(images.contiguous(memory_format=self.memory_format))  # (B, D, h, w)
         if fmap.shape[-1] != self.grid_size or fmap.shape[-2] != self.grid_size:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
         return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
