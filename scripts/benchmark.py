@@ -36,7 +36,9 @@ from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
 from captioner import Captioner, CaptionModel, ModelConfig, Vocabulary, api, features
-from captioner.fast_encoder import InferenceEncoder
+from captioner.data import load_flickr
+from captioner.evaluation import score_captions
+from captioner.fast_encoder import InferenceEncoder, calibration_photos
 from captioner.vocabulary import SPECIAL_TOKENS
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -58,6 +60,8 @@ parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torc
 parser.add_argument("--extract-images", type=int, default=64,
                     help="photos per feature-extraction run (Flickr8k dev photos if present; 0: skip)")
 parser.add_argument("--extract-runs", type=int, default=3)
+parser.add_argument("--dev-cider", type=int, default=0, metavar="N",
+                    help="instead of timing: CIDEr of each encoder option on the first N Flickr8k dev photos")
 parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process time, steadier on a shared machine (sums over threads)")
 args = parser.parse_args()
@@ -146,6 +150,48 @@ def extract(paths: list[str], fast: bool) -> float:
             features.InferenceEncoder = original
 
 
+def dev_cider() -> None:
+    """Caption the first --dev-cider Flickr8k dev photos with each encoder option and score them."""
+    images = load_flickr(FLICKR)["val"][: args.dev_cider]
+    references = {i.image_id: i.captions for i in images}
+    pixels = torch.stack([captioner.preprocess(i.path) for i in images])
+    train_photos = load_flickr(FLICKR)["train"][:32]
+    options = {
+        "today (plain Encoder)": lambda: encoder,
+        "project (fp32)": lambda: captioner.encoder,
+        "+ torch.compile": lambda: InferenceEncoder(encoder, compile=True),
+        "int8, calibrated on 10 scikit-image photos": lambda: InferenceEncoder(
+            encoder, int8_calibration=calibration_photos(encoder.transform)),
+        "int8, calibrated on 32 Flickr8k train photos": lambda: InferenceEncoder(
+            encoder, int8_calibration=torch.stack([captioner.preprocess(i.path) for i in train_photos])),
+    }
+    print(f"{len(images)} Flickr8k dev photos, beam {args.beam_size}, {torch.get_num_threads()} thread(s), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'encoder':<46} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
+    plain = None
+    for name, build in options.items():
+        captioner.encoder = build()
+        with torch.inference_mode():
+            captioner.encoder(pixels[:1])  # compiles, if it does, for each batch size to come
+            captioner.encoder(pixels[: api.CPU_ENCODER_BATCH])
+            t0 = time.perf_counter()
+            for part in pixels.split(api.CPU_ENCODER_BATCH):
+                captioner.encoder(part)
+            seconds = time.perf_counter() - t0
+        texts = [r.text for batch in pixels.split(32)
+                 for r in captioner.caption_tensors(batch, args.beam_size)]
+        plain = plain or texts
+        scores = score_captions(dict(zip(references, texts, strict=True)), references, meteor=False)
+        same = sum(a == b for a, b in zip(texts, plain, strict=True))
+        print(f"{name:<46} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
+              f"{seconds:>10.1f}")
+
+
+if args.dev_cider:
+    if args.threads:
+        torch.set_num_threads(args.threads[0])
+    dev_cider()
+    raise SystemExit
 image = sample_image()
 pixels = captioner.preprocess(image)[None]  # (1, 3, S, S)
 c = model.config
