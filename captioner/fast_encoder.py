@@ -6,7 +6,10 @@ A frozen encoder at a fixed input size carries work that inference does not need
 - timm's TF-"same" convolutions (Conv2dSame, the stride-2 ones) compute their asymmetric padding
   on every call: at a fixed input size it is fixed, so it becomes a static ZeroPad2d;
 - in channels_last memory PyTorch sends every convolution to oneDNN; in NCHW it sends the
-  1x1 and depthwise convolutions of a single photo to its generic, much slower kernel.
+  1x1 and depthwise convolutions of a single photo to its generic, much slower kernel;
+- a 1x1 convolution is a matrix product over pixels;
+- on a CPU, each convolution and the ReLU6 after it run as one oneDNN call (the fused kernels
+  torch.compile uses), so the activation costs no extra pass over memory.
 
 InferenceEncoder is a separate copy built from an Encoder: the Encoder itself, its state dict
 (what checkpoints save and load) and fine-tuning (Encoder.set_trainable) stay untouched. Build it
@@ -138,6 +141,75 @@ def pointwise_as_matmul(module: nn.Module) -> int:
     return replaced
 
 
+def _activation_bounds(module: nn.Module) -> tuple[float, float] | None | bool:
+    """(min, max) of a clamping activation (ReLU, ReLU6, Hardtanh, or one in a Sequential of
+    Identities), None for an identity, False for anything else."""
+    layers = [m for m in (module if isinstance(module, nn.Sequential) else [module])
+              if not isinstance(m, nn.Identity)]
+    if not layers:
+        return None
+    if len(layers) == 1 and isinstance(layers[0], nn.Hardtanh):  # ReLU6 is a Hardtanh
+        return (layers[0].min_val, layers[0].max_val)
+    if len(layers) == 1 and isinstance(layers[0], nn.ReLU):
+        return (0.0, float("inf"))
+    return False
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's fused CPU kernels (the ones inductor uses)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class OneDNNConv(nn.Module):
+    """A convolution (or PointwiseMatmul) and the clamping activation after it, as one oneDNN
+    call: the activation is applied while the output is still in cache, not in a second pass.
+    CPU only, channels_last inputs."""
+
+    def __init__(self, conv: nn.Module, bounds: tuple[float, float] | None):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+        self.pointwise = isinstance(conv, PointwiseMatmul)
+        if not self.pointwise:
+            self.padding, self.stride = list(conv.padding), list(conv.stride)
+            self.dilation, self.groups = list(conv.dilation), conv.groups
+        if bounds is None:
+            self.attr, self.scalars = "none", []
+        elif bounds[1] == float("inf"):
+            self.attr, self.scalars = "relu", []
+        else:
+            self.attr, self.scalars = "hardtanh", [float(bounds[0]), float(bounds[1])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise:
+            pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C_in)
+            out = torch.ops.mkldnn._linear_pointwise(pixels, self.weight, self.bias, self.attr,
+                                                     self.scalars, "")
+            return out.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels_last
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            self.attr, self.scalars, "")
+
+
+def fuse_activations(module: nn.Module) -> int:
+    """Replace each convolution (or PointwiseMatmul) with the clamping activation registered just
+    after it (after batch-norm folding: timm's BatchNormAct2d's activation) by one OneDNNConv.
+    Returns the count."""
+    fused = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (act_name, act) in itertools.pairwise(children):
+            if type(conv) not in (nn.Conv2d, PointwiseMatmul):
+                continue
+            bounds = _activation_bounds(act)
+            if bounds is not False:
+                setattr(parent, conv_name, OneDNNConv(conv, bounds))
+                setattr(parent, act_name, nn.Identity())
+                fused += 1
+    return fused
+
+
 class FeatureMap(nn.Module):
     """A backbone's last feature map (B, D, h, w), as one module (what torch.export needs)."""
 
@@ -215,8 +287,8 @@ class InferenceEncoder(nn.Module):
     """
 
     def __init__(self, encoder: Encoder, fold_bn: bool = True, static_padding: bool = True,
-                 channels_last: bool = True, matmul_pointwise: bool = True, compile: bool = False,
-                 int8_calibration: torch.Tensor | None = None):
+                 channels_last: bool = True, matmul_pointwise: bool = True, fuse: bool = True,
+                 compile: bool = False, int8_calibration: torch.Tensor | None = None):
         super().__init__()
         self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
         self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
@@ -229,6 +301,10 @@ class InferenceEncoder(nn.Module):
             if not channels_last:
                 raise ValueError("matmul_pointwise needs channels_last")
             pointwise_as_matmul(body)
+        on_cpu = next(body.parameters()).device.type == "cpu"
+        eager = int8_calibration is None and not compile  # inductor fuses on its own
+        if fuse and channels_last and on_cpu and onednn_available() and eager:
+            fuse_activations(body)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = FeatureMap(body, encoder.spec.source == "timm").to(memory_format=self.memory_format)
         self.eval()

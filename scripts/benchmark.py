@@ -201,10 +201,12 @@ with FlopCounterMode(display=False) as flop_counter:
 encoder_gflop = flop_counter.get_total_flops() / 1e9
 variants = {
     "+ batch norm folded": InferenceEncoder(encoder, static_padding=False, channels_last=False,
-                                            matmul_pointwise=False),
-    "+ static padding": InferenceEncoder(encoder, channels_last=False, matmul_pointwise=False),
-    "+ channels_last": InferenceEncoder(encoder, matmul_pointwise=False),
-    "+ 1x1 convs as matmuls (project)": captioner.encoder,
+                                            matmul_pointwise=False, fuse=False),
+    "+ static padding": InferenceEncoder(encoder, channels_last=False, matmul_pointwise=False,
+                                         fuse=False),
+    "+ channels_last": InferenceEncoder(encoder, matmul_pointwise=False, fuse=False),
+    "+ 1x1 convs as matmuls": InferenceEncoder(encoder, fuse=False),
+    "+ oneDNN conv+ReLU6 fused (project)": captioner.encoder,
 }
 if args.compile:
     variants["+ torch.compile (inductor)"] = InferenceEncoder(encoder, compile=True)

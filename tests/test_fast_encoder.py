@@ -78,7 +78,7 @@ def test_lite2_at_448_px_equals_timm_on_flickr_photos():
         assert_same_grids(InferenceEncoder(encoder)(pixels), encoder(pixels))
 
 
-@pytest.mark.parametrize("options", [dict(fold_bn=False), dict(static_padding=False),
+@pytest.mark.parametrize("options", [dict(fold_bn=False), dict(static_padding=False), dict(fuse=False),
                                      dict(channels_last=False, matmul_pointwise=False)])
 def test_each_optimisation_can_be_turned_off(options):
     encoder = Encoder("efficientnet_lite0", 128).eval()
@@ -130,3 +130,29 @@ def test_shipped_model_captions_on_100_dev_photos_are_unchanged():
     for a, b in zip(fast, plain, strict=True):
         assert a.log_prob == pytest.approx(b.log_prob, abs=1e-3)
         np.testing.assert_allclose(a.attention, b.attention, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_grids():
+    encoder = Encoder("efficientnet_lite0", 128).eval()
+    pixels = torch.stack([encoder.transform(photo) for photo in skimage_photos()])
+    with torch.inference_mode():
+        assert_same_grids(InferenceEncoder(encoder, compile=True)(pixels), encoder(pixels))
+
+
+@pytest.mark.slow
+def test_int8_encoder_stays_close_to_the_fp32_grids():
+    """int8 changes the grids (its cost in CIDEr is measured by scripts/benchmark.py
+    --dev-cider); here: every photo's grid still points the same way as the fp32 one."""
+    pytest.importorskip("torchao")
+    from captioner.fast_encoder import calibration_photos
+
+    encoder = Encoder("efficientnet_lite0", 128).eval()
+    pixels = torch.stack([encoder.transform(photo) for photo in skimage_photos()])
+    int8 = InferenceEncoder(encoder, int8_calibration=calibration_photos(encoder.transform))
+    with torch.inference_mode():
+        fast, plain = int8(pixels), encoder(pixels)
+    assert fast.shape == plain.shape
+    similarity = torch.nn.functional.cosine_similarity(fast.flatten(1), plain.flatten(1))
+    assert similarity.min() > 0.8, similarity
+    assert not torch.equal(fast, plain)
