@@ -12,6 +12,8 @@ For each thread count (--threads, default 1 and 2), in one run:
    the project's;
 3. feature extraction for training (FeatureCache.extract, batch 32, photos loaded in the main
    process): photos/s, plain encoder against inference encoder.
+--compile and --int8 add the inference encoder's opt-ins to 1 and 2. `--dev-cider N` instead
+scores every encoder option on the first N Flickr8k dev photos (what each costs in CIDEr).
 Every comparison interleaves its contenders run by run, so that a change in the machine's load
 hits them alike, and reports medians over --runs after --warmup untimed runs.
 
@@ -48,6 +50,8 @@ parser.add_argument("--checkpoint", help="model folder to time (default: random 
 parser.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the decoder")
 parser.add_argument("--compile", action="store_true",
                     help="also time the inference encoder under torch.compile (compiles for minutes)")
+parser.add_argument("--int8", action="store_true",
+                    help="also time the static int8 encoder (needs torchao; compiles for a minute)")
 parser.add_argument("--vocab-size", type=int, default=3000, help="words of the random-decoder vocabulary")
 parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="photos per caption() call")
 parser.add_argument("--beam-size", type=int, default=3)
@@ -62,6 +66,9 @@ parser.add_argument("--extract-images", type=int, default=64,
 parser.add_argument("--extract-runs", type=int, default=3)
 parser.add_argument("--dev-cider", type=int, default=0, metavar="N",
                     help="instead of timing: CIDEr of each encoder option on the first N Flickr8k dev photos")
+ENCODER_OPTIONS = ["today", "project", "compile", "int8-skimage", "int8-flickr"]
+parser.add_argument("--encoders", nargs="+", default=ENCODER_OPTIONS, choices=ENCODER_OPTIONS,
+                    help="with --dev-cider: the encoder options to score (the first is the reference)")
 parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process time, steadier on a shared machine (sums over threads)")
 args = parser.parse_args()
@@ -157,19 +164,19 @@ def dev_cider() -> None:
     pixels = torch.stack([captioner.preprocess(i.path) for i in images])
     train_photos = load_flickr(FLICKR)["train"][:32]
     options = {
-        "today (plain Encoder)": lambda: encoder,
-        "project (fp32)": lambda: captioner.encoder,
-        "+ torch.compile": lambda: InferenceEncoder(encoder, compile=True),
-        "int8, calibrated on 10 scikit-image photos": lambda: InferenceEncoder(
-            encoder, int8_calibration=calibration_photos(encoder.transform)),
-        "int8, calibrated on 32 Flickr8k train photos": lambda: InferenceEncoder(
-            encoder, int8_calibration=torch.stack([captioner.preprocess(i.path) for i in train_photos])),
+        "today": ("today (plain Encoder)", lambda: encoder),
+        "project": ("project (fp32)", lambda: captioner.encoder),
+        "compile": ("project + torch.compile", lambda: InferenceEncoder(encoder, compile=True)),
+        "int8-skimage": ("int8, calibrated on 10 scikit-image photos", lambda: InferenceEncoder(
+            encoder, int8_calibration=calibration_photos(encoder.transform))),
+        "int8-flickr": ("int8, calibrated on 32 Flickr8k train photos", lambda: InferenceEncoder(
+            encoder, int8_calibration=torch.stack([captioner.preprocess(i.path) for i in train_photos]))),
     }
     print(f"{len(images)} Flickr8k dev photos, beam {args.beam_size}, {torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'encoder':<46} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
     plain = None
-    for name, build in options.items():
+    for name, build in (options[key] for key in args.encoders):
         captioner.encoder = build()
         with torch.inference_mode():
             captioner.encoder(pixels[:1])  # compiles, if it does, for each batch size to come
@@ -208,8 +215,16 @@ variants = {
     "+ 1x1 convs as matmuls": InferenceEncoder(encoder, fuse=False),
     "+ oneDNN conv+ReLU6 fused (project)": captioner.encoder,
 }
+opt_ins = {}  # name -> encoder, timed alone and inside caption()
 if args.compile:
-    variants["+ torch.compile (inductor)"] = InferenceEncoder(encoder, compile=True)
+    opt_ins["opt-in: torch.compile (inductor)"] = InferenceEncoder(encoder, compile=True)
+if args.int8:
+    opt_ins["opt-in: int8 (torchao, skimage calib.)"] = InferenceEncoder(
+        encoder, int8_calibration=calibration_photos(encoder.transform))
+captioners = {"today (plain Encoder)": todays, "project": captioner}
+for name, fast_encoder in opt_ins.items():
+    captioners[f"project, {name[8:]}"] = Captioner(model, captioner.vocab, device="cpu")
+    captioners[f"project, {name[8:]}"].encoder = fast_encoder
 
 print(f"model: {what}")
 print(f"  {c.backbone} at {c.image_size}px, {c.grid_size}x{c.grid_size} grid, {c.attention} attention, "
@@ -226,29 +241,30 @@ for threads in args.threads:
     forward = reference.forward_features if encoder.spec.source == "timm" else reference
     calls = {f"{encoder.spec.arch} unmodified": (forward, (pixels,)),
              "project Encoder (today)": (encoder, (pixels,)),
-             **{name: (module, (pixels,)) for name, module in variants.items()}}
+             **{name: (module, (pixels,)) for name, module in {**variants, **opt_ins}.items()}}
     with torch.inference_mode():
         ms, _ = interleaved(calls)
     base = ms[f"{encoder.spec.arch} unmodified"]
     matmul = matmul_gflops()
-    print(f"encoder, 1 photo at {c.image_size}px     ms   x unmodified  GFLOP/s  % of matmul")
+    print(f"encoder, 1 photo at {c.image_size}px {'ms':>20}  x unmodified  GFLOP/s  % of matmul")
     for name, value in ms.items():
         gflops = encoder_gflop / value * 1000
         share = 100 * gflops / matmul
-        print(f"  {name:<34} {value:>6.1f} {value / base:>8.2f} {gflops:>11.1f} {share:>8.0f}%")
+        print(f"  {name:<38} {value:>6.1f} {value / base:>8.2f} {gflops:>11.1f} {share:>8.0f}%")
     print(f"  fp32 2048x2048 matmul: {matmul:.1f} GFLOP/s")
 
-    print(f"caption(), beam {args.beam_size}, attention maps    today ms  project ms  project/today  "
-          "ms/photo  words")
+    print(f"caption(), beam {args.beam_size}, attention maps {'photos':>12} {'ms':>8} {'x today':>8} "
+          f"{'ms/photo':>9} {'words':>6}")
     for batch in args.batch_sizes:
         photos = image if batch == 1 else [image] * batch
-        ms, results = interleaved({
-            "today": (partial(todays.caption, batch_size=batch, **options), (photos,)),
-            "project": (partial(captioner.caption, batch_size=batch, **options), (photos,)),
-        }, runs=args.runs if batch == 1 else max(3, args.runs // 2))
-        result = results["project"] if batch == 1 else results["project"][0]
-        print(f"  {batch:>3} photo(s) {ms['today']:>27.1f} {ms['project']:>11.1f} "
-              f"{ms['project'] / ms['today']:>14.2f} {ms['project'] / batch:>9.1f} {len(result.words):>6}")
+        ms, results = interleaved(
+            {name: (partial(each.caption, batch_size=batch, **options), (photos,))
+             for name, each in captioners.items()},
+            runs=args.runs if batch == 1 else max(3, args.runs // 2))
+        for name, value in ms.items():
+            result = results[name] if batch == 1 else results[name][0]
+            print(f"  {name:<44} {batch:>6} {value:>8.1f} {value / ms['today (plain Encoder)']:>8.2f} "
+                  f"{value / batch:>9.1f} {len(result.words):>6}")
 
     if args.extract_images:
         with tempfile.TemporaryDirectory() as folder:
