@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, decode
+from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, check_decoding_options, check_whole_number, decode
 from .fast_encoder import InferenceEncoder
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
@@ -23,6 +24,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 # makes it ~2x faster per image than one batch of 32 (scripts/benchmark.py). Decoding still
 # runs the whole batch at once.
 CPU_ENCODER_BATCH = 4
+TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -46,6 +48,7 @@ class CaptionResult:
     attention: np.ndarray  # (len(words), h, w): where the model looked for each word
     alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
     finished: bool = True  # False if max_length cut the caption before <end>
+    notes: list[str] = field(default_factory=list)  # what makes this caption less trustworthy
 
 
 def default_device() -> torch.device:
@@ -111,9 +114,8 @@ class Captioner:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.encoder(part) for part in pixels.split(chunk)])
-        beams = decode(self.model.decoder, features, beam_size, max_length, length_penalty, n_best,
-                       no_repeat_ngram_size)
-        return [self._result(hyps) for hyps in beams]
+        return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
+                                length_penalty, n_best, no_repeat_ngram_size)
 
     def caption(
         self,
@@ -127,27 +129,57 @@ class Captioner:
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image (returns one result) or a list of images (returns a list).
 
-        Images may be file paths, PIL images or numpy arrays. Bad inputs raise ImageLoadError
-        naming the input. `no_repeat_ngram_size=3` (the default; 0 turns it off) stops "a man in
-        a red shirt and a man in a red shirt".
+        Images may be file paths, PIL images, numpy arrays or torch tensors ((3, H, W) or
+        (H, W, 3)). Bad inputs raise ImageLoadError naming the input; decoding options out of
+        range raise ValueError naming the option. `no_repeat_ngram_size=3` (the default; 0 turns
+        it off) stops "a man in a red shirt and a man in a red shirt".
         """
+        check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
+        check_whole_number("batch_size", batch_size, 1)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
-            pixels = torch.stack([self.preprocess(x) for x in items[start : start + batch_size]])
-            results += self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
-                                            no_repeat_ngram_size)
+            loaded = [load_image(x, self.max_pixels) for x in items[start : start + batch_size]]
+            pixels = torch.stack([self.transform(image) for image in loaded])
+            batch = self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
+                                         no_repeat_ngram_size)
+            for image, result in zip(loaded, batch, strict=True):
+                result.notes += self.input_notes(image.size)
+            results += batch
         return results[0] if single else results
 
-    def _result(self, hypotheses: list[Hypothesis]) -> CaptionResult:
-        best = hypotheses[0]
-        words = self.vocab.decode(best.tokens)
-        grid = self.grid_shape
-        attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
-        alternatives = []
-        for h in hypotheses:
-            alt_words = self.vocab.decode(h.tokens)
-            alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
-        return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                             alternatives, best.finished)
+    def input_notes(self, size: tuple[int, int]) -> list[str]:
+        """Warnings about an input image of (width, height) pixels."""
+        width, height = size
+        if min(width, height) >= TINY_IMAGE:
+            return []
+        side = self.model.encoder.image_size
+        return [f"the image is only {width}x{height} pixels: the model sees it blown up to {side}x{side}, "
+                "so the caption says little about it"]
+
+
+@torch.inference_mode()
+def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
+                     beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
+                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE
+                     ) -> list[CaptionResult]:
+    """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
+    Captioner, evaluation and validation during training."""
+    check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
+    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
+                   no_repeat_ngram_size)
+    side = math.isqrt(features.shape[1])  # grids are square
+    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
+
+
+def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
+    best = hypotheses[0]
+    words = vocab.decode(best.tokens)
+    attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
+    alternatives = []
+    for h in hypotheses:
+        alt_words = vocab.decode(h.tokens)
+        alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
+    return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
+                         alternatives, best.finished)

@@ -1,6 +1,6 @@
 """Soft attention over the annotation grid: one interface, two scoring functions.
 
-Both modules take `(features (B, L, D), hidden (B, H), mask (B, L) or None)` and return
+Both modules take `(features (B, L, D), hidden (B, H))` (and optionally precomputed keys) and return
 `(context (B, D), alpha (B, L))`. `prepare(features)` computes the part of the score that
 does not depend on the hidden state, so the decoder can do it once per image, not per word.
 """
@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _attend(scores: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None):
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+def _attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     alpha = F.softmax(scores, dim=-1)  # (B, L)
     context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
     return context, alpha
@@ -34,10 +32,10 @@ class AdditiveAttention(nn.Module):
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         return self.feature_proj(features)  # (B, L, A)
 
-    def forward(self, features, hidden, mask=None, keys=None):
+    def forward(self, features, hidden, keys=None):
         keys = self.prepare(features) if keys is None else keys
         energy = torch.tanh(keys + self.hidden_proj(hidden).unsqueeze(1))  # (B, L, A)
-        return _attend(self.score(energy).squeeze(-1), features, mask)
+        return _attend(self.score(energy).squeeze(-1), features)
 
 
 class MultiplicativeAttention(nn.Module):
@@ -51,11 +49,11 @@ class MultiplicativeAttention(nn.Module):
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         return features  # the keys are the annotation vectors themselves
 
-    def forward(self, features, hidden, mask=None, keys=None):
+    def forward(self, features, hidden, keys=None):
         keys = features if keys is None else keys
         query = self.query_proj(hidden).unsqueeze(-1)  # (B, D, 1)
         scores = torch.bmm(keys, query).squeeze(-1) * self.scale  # (B, L)
-        return _attend(scores, features, mask)
+        return _attend(scores, features)
 
 
 ATTENTION_TYPES = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention}

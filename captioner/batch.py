@@ -8,30 +8,33 @@ or interrupted run stopped.
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
-import io
-import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .api import Captioner, CaptionResult
-from .checkpoint import atomic_write
 from .decoding import NO_REPEAT_NGRAM_SIZE
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageFiles, LoadedImage, collate_images
+from .records import (
+    CSV_FIELDS,
+    CSV_FIELDS_N_BEST,
+    OutputError,
+    RecordWriter,
+    drop_failures,
+    output_format,
+    path_key,
+    read_output,
+)
 from .visualize import save_attention_grid
 
 # Folder scans take files with these extensions (a bad one becomes an error row), plus files of
@@ -46,17 +49,11 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 _ISO_MEDIA_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
-FORMATS = ("jsonl", "csv")
-CSV_FIELDS = ("path", "caption", "score", "width", "height", "alternatives", "error")
 DEFAULT_NUM_WORKERS = min(2, os.cpu_count() or 1)
 THUMBNAIL_SIZE = 320  # images kept for --save-attention grids (panels are ~200 px wide)
 # Marks an attention folder, so that later scans of a folder containing it leave it out even
 # when --save-attention is not given again.
 ATTENTION_MARKER = ".captioner-attention"
-
-
-class OutputError(RuntimeError):
-    """The output file (or attention folder) cannot be read back or written."""
 
 
 # ----------------------------------------------------------------------------- finding images
@@ -77,18 +74,13 @@ def looks_like_image(path: str | Path) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _ISO_MEDIA_BRANDS
 
 
-def _key(path: str | Path) -> str:
-    """One name per file, whatever relative spelling found it."""
-    return os.path.normpath(os.path.abspath(path))
-
-
 def _scan(folder: str, excluded: set[str]) -> Iterator[str]:
     """Image files under `folder`, recursively and sorted. Hidden files and folders (.DS_Store,
     macOS `._x.jpg` sidecars, our temporary files) and attention folders are skipped."""
     seen_dirs: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        skipped = _key(root) in excluded or os.path.exists(os.path.join(root, ATTENTION_MARKER))
+        skipped = path_key(root) in excluded or os.path.exists(os.path.join(root, ATTENTION_MARKER))
         if real in seen_dirs or skipped:  # seen: a symlink loop
             dirs.clear()
             continue
@@ -96,7 +88,7 @@ def _scan(folder: str, excluded: set[str]) -> Iterator[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = os.path.join(root, name)
-            if name.startswith(".") or _key(path) in excluded:
+            if name.startswith(".") or path_key(path) in excluded:
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or looks_like_image(path):
                 yield path
@@ -111,11 +103,11 @@ def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()
     nothing is kept as a literal name, as the shell does. Duplicates are dropped; `exclude`
     (the output file, the attention folder) is never captioned.
     """
-    excluded = {_key(p) for p in exclude}
+    excluded = {path_key(p) for p in exclude}
     found: dict[str, str] = {}
 
     def add(path: str) -> None:
-        key = _key(path)
+        key = path_key(path)
         if key not in excluded:
             found.setdefault(key, path)
 
@@ -132,56 +124,41 @@ def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()
     return list(found.values())
 
 
-# ----------------------------------------------------------------------------- loading in workers
+# ----------------------------------------------------------------------------- shards
 
-@dataclass
-class LoadedImage:
-    index: int
-    path: str
-    size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
-    error: str | None = None
-    thumbnail: np.ndarray | None = None  # small RGB copy for attention grids
-
-
-@dataclass
-class Batch:
-    items: list[LoadedImage]  # every image of the batch, in input order
-    pixels: torch.Tensor | None  # (n, 3, S, S) for the items without an error, in order
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 0 <= K < N: this process takes shard K of N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard {text!r}: expected K/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {text!r}: need 0 <= K < N")
+    return index, count
 
 
-class ImageFiles(Dataset):
-    """Decodes and preprocesses one file; a bad file yields an error instead of raising."""
-
-    def __init__(self, paths: Sequence[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 thumbnails: bool = False):
-        self.paths, self.transform = list(paths), transform
-        self.max_pixels, self.thumbnails = max_pixels, thumbnails
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[LoadedImage, torch.Tensor | None]:
-        item = LoadedImage(index, self.paths[index])
-        try:
-            image = load_image(item.path, self.max_pixels)
-            pixels = self.transform(image)
-        except ImageLoadError as err:
-            item.error = str(err)
-            return item, None
-        except Exception as err:  # a decoder bug on a hostile file must not end the run
-            item.error = f"{item.path}: unexpected {type(err).__name__} while reading: {err}"
-            return item, None
-        item.size = image.size
-        if self.thumbnails:
-            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-            item.thumbnail = np.asarray(image)
-        return item, pixels
+def shard_of(path: str, count: int) -> int:
+    """A stable shard for a file: from a hash of its absolute path, so every file lands in
+    exactly one shard whatever order or spelling found it."""
+    return int.from_bytes(hashlib.sha1(os.fsencode(path_key(path))).digest()[:8], "big") % count
 
 
-def collate(samples: list[tuple[LoadedImage, torch.Tensor | None]]) -> Batch:
-    """Stack the good images; failures travel alongside as metadata only."""
-    good = [pixels for _, pixels in samples if pixels is not None]
-    return Batch([item for item, _ in samples], torch.stack(good) if good else None)
+def select_shard(paths: Sequence[str], index: int, count: int) -> list[str]:
+    return [p for p in paths if shard_of(p, count) == index]
+
+
+def torchrun_rank() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_output(output: str | Path, rank: int) -> Path:
+    """out.jsonl -> out.rank3.jsonl: one output per torchrun process."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.rank{rank}{output.suffix}")
 
 
 # ----------------------------------------------------------------------------- records
@@ -202,159 +179,13 @@ def failure_record(path: str, error: str) -> dict[str, Any]:
             "error": " ".join(error.split())}  # one line, so every record is one line
 
 
-def _format_line(record: dict[str, Any], fmt: str) -> str:
-    if fmt == "jsonl":
-        return json.dumps(record, ensure_ascii=False) + "\n"
-    row = {k: record.get(k) for k in CSV_FIELDS}
-    if row["alternatives"] is not None:
-        row["alternatives"] = json.dumps(row["alternatives"], ensure_ascii=False)
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(["" if v is None else v for v in row.values()])
-    return buffer.getvalue()
-
-
-def _csv_header() -> str:
-    return ",".join(CSV_FIELDS) + "\n"
-
-
-def _parse_line(line: str, fmt: str) -> dict[str, Any]:
-    """One stored record -> dict with at least `path` and `error` (None when captioned)."""
-    if fmt == "jsonl":
-        record = json.loads(line)
-        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-            raise ValueError("not a record with a 'path'")
-        return record
-    values = next(csv.reader([line]))
-    if len(values) != len(CSV_FIELDS):
-        raise ValueError(f"{len(values)} columns, expected {len(CSV_FIELDS)}")
-    record = dict(zip(CSV_FIELDS, values, strict=True))
-    record["error"] = record["error"] or None
-    return record
-
-
-def output_format(path: str | Path, fmt: str | None = None) -> str:
-    """The explicit format, else CSV for a .csv file and JSONL for anything else."""
-    if fmt is None:
-        return "csv" if Path(path).suffix.lower() == ".csv" else "jsonl"
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown output format {fmt!r}; choose from {FORMATS}")
-    return fmt
-
-
-# ----------------------------------------------------------------------------- the output file
-
-@dataclass
-class ExistingOutput:
-    lines: list[str]  # complete record lines (no header)
-    records: list[dict[str, Any]]
-
-    def done(self) -> set[str]:
-        return {_key(r["path"]) for r in self.records if r["error"] is None}
-
-    def failed(self) -> set[str]:
-        return {_key(r["path"]) for r in self.records if r["error"] is not None} - self.done()
-
-
-def read_output(path: Path, fmt: str) -> ExistingOutput:
-    """Read the records of an earlier run.
-
-    A partial last line (a crash mid-write) is cut off the file, so appending continues on a
-    clean line. Anything else that is not our format is an OutputError, and such a file is
-    never modified: `-o` pointing at the wrong file must not damage it.
-    """
-    if not path.exists():
-        return ExistingOutput([], [])
-    try:
-        data = path.read_bytes()
-        complete = data.rfind(b"\n") + 1
-        text = data[:complete].decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise OutputError(f"cannot read {path} as an earlier run's {fmt} output: {err}") from err
-    lines = text.splitlines(keepends=True)
-    first = _csv_header() if fmt == "csv" else '{"path": '
-    if fmt == "csv" and lines:
-        if lines[0] != first:
-            raise OutputError(f"{path} is not a captions CSV (first line {lines[0].strip()!r}, "
-                              f"expected {first.strip()!r}); pick another output file")
-        lines = lines[1:]
-    records = []
-    for number, line in enumerate(lines, start=2 if fmt == "csv" else 1):
-        try:
-            records.append(_parse_line(line, fmt))
-        except (ValueError, StopIteration) as err:
-            raise OutputError(f"{path} line {number} is not a {fmt} caption record ({err}); "
-                              "pick another output file or --format") from err
-    tail = data[complete:]
-    if tail:
-        if complete == 0 and not (tail.startswith(first.encode()) or first.encode().startswith(tail)):
-            raise OutputError(f"{path} is not a captions {fmt} file; pick another output file")
-        try:
-            os.truncate(path, complete)
-        except OSError as err:
-            raise OutputError(f"cannot repair the partial last line of {path}: {err}") from err
-    return ExistingOutput(lines, records)
-
-
-def drop_failures(path: Path, fmt: str, existing: ExistingOutput, retry: set[str]) -> None:
-    """Rewrite the output without the failure rows of files about to be retried.
-
-    Atomic: a crash leaves either the old file or the new one. Either way the retried files
-    end up with exactly one row after the next run.
-    """
-    kept = [line for line, r in zip(existing.lines, existing.records, strict=True)
-            if r["error"] is None or _key(r["path"]) not in retry]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write((_csv_header() if fmt == "csv" else "") + "".join(kept))
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.copymode(path, tmp)
-
-    try:
-        atomic_write(path, write)
-    except OSError as err:
-        raise OutputError(f"cannot rewrite {path} without its old failure rows: {err}") from err
-
-
-class RecordWriter:
-    """Appends records, one line each, flushed as written; `sync` makes a batch durable."""
-
-    def __init__(self, path: Path, fmt: str):
-        self.path, self.fmt = path, fmt
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8", newline="")
-            if fmt == "csv" and self.file.tell() == 0:
-                self.file.write(_csv_header())
-                self.file.flush()
-        except OSError as err:
-            raise OutputError(f"cannot write {path}: {err}") from err
-
-    def write(self, record: dict[str, Any]) -> None:
-        try:
-            self.file.write(_format_line(record, self.fmt))
-            self.file.flush()
-        except OSError as err:
-            raise OutputError(f"cannot write {self.path}: {err}") from err
-
-    def sync(self) -> None:
-        try:
-            os.fsync(self.file.fileno())
-        except OSError as err:
-            raise OutputError(f"cannot write {self.path}: {err}") from err
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def attention_filename(path: str) -> str:
     """A flat, collision-free PNG name: the path's readable tail plus a hash of the full path."""
     readable = re.sub(r"[^\w.-]+", "_", path.replace(os.sep, "__").replace("/", "__")).strip("._")
     if len(readable) > 80:  # keep the tail, starting at a folder boundary if there is one
         tail = readable[-80:]
         readable = tail.partition("__")[2] or tail
-    digest = hashlib.sha1(_key(path).encode("utf-8")).hexdigest()[:10]
+    digest = hashlib.sha1(os.fsencode(path_key(path))).hexdigest()[:10]
     return f"{readable or 'image'}-{digest}.png"
 
 
@@ -413,13 +244,13 @@ def caption_files(
     start = time.perf_counter()
     output = Path(output)
     fmt = output_format(output, fmt)
-    existing = read_output(output, fmt)
+    existing = read_output(output, fmt, CSV_FIELDS_N_BEST if n_best > 1 else CSV_FIELDS)
     done, failed = existing.done(), existing.failed()
     skip = done if retry_failed else done | failed
-    todo = list({_key(p): p for p in paths if _key(p) not in skip}.values())  # no duplicates
-    summary = Summary(len(paths), already_done=sum(_key(p) in done for p in paths),
-                      failed_before=0 if retry_failed else sum(_key(p) in failed for p in paths))
-    retry = {_key(p) for p in todo} & failed
+    todo = list({path_key(p): p for p in paths if path_key(p) not in skip}.values())  # no duplicates
+    summary = Summary(len(paths), already_done=sum(path_key(p) in done for p in paths),
+                      failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths))
+    retry = {path_key(p) for p in todo} & failed
     if retry:
         drop_failures(output, fmt, existing, retry)
 
@@ -430,10 +261,11 @@ def caption_files(
             (attention_dir / ATTENTION_MARKER).touch()
         except OSError as err:
             raise OutputError(f"cannot create the attention folder {attention_dir}: {err}") from err
-    dataset = ImageFiles(todo, captioner.transform, max_pixels, thumbnails=attention_dir is not None)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    dataset = ImageFiles(todo, captioner.transform, max_pixels,
+                         thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                         pin_memory=captioner.device.type == "cuda")
-    writer = RecordWriter(output, fmt)
+    writer = RecordWriter(output, fmt, existing.fields)
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, smoothing=0.05)
     try:
         for batch in loader:
@@ -450,7 +282,8 @@ def caption_files(
                 result = next(results)
                 if attention_dir is not None:
                     _save_attention(attention_dir, item, result)
-                writer.write(success_record(item.path, result, item.size, alternatives=n_best > 1))
+                writer.write(success_record(item.path, result, item.size,
+                                            alternatives=n_best > 1 or "alternatives" in existing.fields))
                 summary.captioned += 1
             writer.sync()
             bar.update(len(batch.items))

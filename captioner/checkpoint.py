@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import CaptionModel, ModelConfig
+from .ensemble import DecoderEnsemble
+from .model import CaptionModel, ModelConfig, build_decoder
 from .vocabulary import Vocabulary
 
 FORMAT_NAME = "captioner"
@@ -61,6 +62,7 @@ def save_model(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model": asdict(model.config),
+        "ensemble_size": len(model.decoder.members) if isinstance(model.decoder, DecoderEnsemble) else 1,
         "weights_dtype": str(dtype).removeprefix("torch."),
         "vocabulary": vocab.to_json(),
         "metadata": metadata or {},
@@ -101,8 +103,11 @@ def load_model(
     config = read_config(directory)
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{directory / CONFIG_FILE}: no 'model' settings")
+    settings = dict(config["model"])
+    # Written as a model setting before ensembles became an inference-time wrapper.
+    ensemble_size = config.get("ensemble_size", settings.pop("decoders", 1))
     known = {f.name for f in fields(ModelConfig)}
-    unknown = set(config["model"]) - known
+    unknown = set(settings) - known
     if unknown:
         raise CheckpointError(f"{directory / CONFIG_FILE}: unknown model settings {sorted(unknown)}")
     try:
@@ -116,8 +121,18 @@ def load_model(
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from err
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(
+            f"{weights_path}: {len(broken)} tensors hold NaN or infinite values (a training run that "
+            f"diverged?): {', '.join(broken[:5])}" + (" ..." if len(broken) > 5 else ""))
     try:
-        model = CaptionModel(ModelConfig(**config["model"]), len(vocab), encoder_weights="random")
+        model_config = ModelConfig(**settings)
+        model = CaptionModel(model_config, len(vocab), encoder_weights="random")
+        if ensemble_size != 1:
+            feature_dim = model.encoder.feature_dim
+            model.decoder = DecoderEnsemble([build_decoder(model_config, len(vocab), feature_dim)
+                                             for _ in range(ensemble_size)])
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. a typo'd backbone, a size as text
         raise CheckpointError(
             f"{directory / CONFIG_FILE}: bad model settings {config['model']} ({err})"
@@ -162,7 +177,7 @@ def load_ensemble(
     first_model, vocab, _ = loaded[0]
     first_encoder = first_model.encoder.state_dict()
     for path, (model, member_vocab, _) in zip(paths, loaded, strict=True):
-        if model.config.decoders != 1:
+        if isinstance(model.decoder, DecoderEnsemble):
             raise CheckpointError(f"{path} is already an ensemble; list its members instead")
         if _shape(model.config) != _shape(first_model.config):
             raise CheckpointError(f"{path}: model settings {asdict(model.config)} differ from "
@@ -173,11 +188,8 @@ def load_ensemble(
                for k, v in model.encoder.state_dict().items()):
             raise CheckpointError(f"{path}: its encoder weights differ from {paths[0]}'s "
                                   "(only decoders trained on the same frozen encoder can vote)")
-    ensemble = CaptionModel(replace(first_model.config, decoders=len(loaded)), len(vocab),
-                            encoder_weights="random")
-    ensemble.encoder.load_state_dict(first_encoder)
-    for member, (model, _, _) in zip(ensemble.decoder.members, loaded, strict=True):
-        member.load_state_dict(model.decoder.state_dict())
+    ensemble = first_model
+    ensemble.decoder = DecoderEnsemble([model.decoder for model, _, _ in loaded])
     metadata = {"ensemble_of": [{"path": str(p), **config["metadata"]}
                                 for p, (_, _, config) in zip(paths, loaded, strict=True)]}
     return ensemble.to(device).eval(), vocab, metadata

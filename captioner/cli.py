@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .api import Captioner
-from .batch import DEFAULT_NUM_WORKERS, FORMATS, OutputError, caption_files, find_images
-from .decoding import NO_REPEAT_NGRAM_SIZE
+from .batch import (
+    DEFAULT_NUM_WORKERS,
+    caption_files,
+    find_images,
+    parse_shard,
+    rank_output,
+    select_shard,
+    torchrun_rank,
+)
+from .decoding import NO_REPEAT_NGRAM_SIZE, check_decoding_options
 from .images import DEFAULT_MAX_PIXELS
+from .records import FORMATS, OutputError, merge_outputs
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
 
@@ -24,7 +34,8 @@ def caption_folder_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 when at least one input has a caption, 1 when none could be "
                "captioned, 2 when the model cannot be loaded or the output cannot be written.",
     )
-    parser.add_argument("inputs", nargs="+", help="image folders, image files or glob patterns")
+    parser.add_argument("inputs", nargs="+",
+                        help="image folders, image files or glob patterns; with --merge: the shard outputs")
     parser.add_argument("-o", "--output", default="captions.jsonl",
                         help="JSONL or CSV file to append to (default: %(default)s)")
     parser.add_argument("--format", choices=FORMATS,
@@ -58,6 +69,11 @@ def caption_folder_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-attention", metavar="DIR",
                         help="write a PNG of each image's per-word attention into DIR (slow)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="caption only shard K of N (0-based; a stable split by path hash). Under "
+                             "torchrun each process takes the shard of its rank and writes OUTPUT.rankK")
+    parser.add_argument("--merge", action="store_true",
+                        help="join the shard outputs given as inputs into --output, one record per image")
     return parser
 
 
@@ -76,17 +92,40 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
     if args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
-
     try:
-        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize)
+        check_decoding_options(args.beam_size, args.max_length, args.length_penalty, args.n_best,
+                               args.no_repeat_ngram_size)
+    except ValueError as err:  # "no_repeat_ngram_size must be ..." -> "--no-repeat-ngram-size must be ..."
+        name, _, rest = str(err).partition(" ")
+        parser.error(f"--{name.replace('_', '-')} {rest}")
+
+    if args.merge:
+        return _merge(args.inputs, args.output, args.format)
+    shard, device, output = None, args.device, args.output
+    try:
+        shard = parse_shard(args.shard) if args.shard else None
+    except ValueError as err:
+        parser.error(f"--{err}")
+    ranks = torchrun_rank()
+    if ranks is not None:  # one process per GPU (or CPU share), one output file per process
+        rank, world, local_rank = ranks
+        shard, output = (rank, world), str(rank_output(args.output, rank))
+        import torch
+
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+    try:
+        captioner = Captioner.from_pretrained(args.checkpoint, device=device, quantize=args.quantize)
     except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
         print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
 
-    paths = find_images(args.inputs, exclude=[args.output, *filter(None, [args.save_attention])])
+    paths = find_images(args.inputs, exclude=[output, *filter(None, [args.save_attention])])
+    if shard is not None:
+        paths = select_shard(paths, *shard)
     try:
         summary = caption_files(
-            captioner, paths, args.output, fmt=args.format, batch_size=args.batch_size,
+            captioner, paths, output, fmt=args.format, batch_size=args.batch_size,
             beam_size=args.beam_size, max_length=args.max_length,
             length_penalty=args.length_penalty, n_best=args.n_best,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -98,7 +137,7 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
     except KeyboardInterrupt:
-        print(f"interrupted; rerun the same command to continue where {args.output} stops",
+        print(f"interrupted; rerun the same command to continue where {output} stops",
               file=sys.stderr)
         return 130
 
@@ -106,10 +145,24 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
         print(f"failed: {error}", file=sys.stderr)
     if summary.failed > len(summary.first_errors):
         print(f"... and {summary.failed - len(summary.first_errors)} more; see the rows with an "
-              f"error in {args.output}", file=sys.stderr)
-    print(f"{summary} -> {args.output}")
+              f"error in {output}", file=sys.stderr)
+    print(f"{summary} -> {output}")
     if not summary.any_captioned:
         print("error: no image could be captioned" + ("" if paths else " (no image files found)"),
               file=sys.stderr)
         return EXIT_NOTHING_CAPTIONED
+    return 0
+
+
+def _merge(sources: Sequence[str], target: str, fmt: str | None) -> int:
+    missing = [s for s in sources if not Path(s).is_file()]
+    if missing:
+        print(f"error: --merge: no shard output {missing[0]}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    try:
+        written, dropped = merge_outputs([Path(s) for s in sources], Path(target), fmt)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    print(f"merged {len(sources)} files: {written} records, {dropped} duplicates dropped -> {target}")
     return 0

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-SPLITS = ("train", "val", "test")
 FLICKR_TOKEN_FILES = ("Flickr8k.token.txt", "results_20130124.token")
 FLICKR_IMAGE_DIRS = (
     "images",
@@ -92,14 +91,8 @@ def load_coco(
             if isinstance(a.get("caption"), str) and a["caption"].strip()
         ]
         if captions:
-            items.append(
-                ImageCaptions(
-                    image_id=str(image["id"]),
-                    path=image_dir / image["file_name"],
-                    captions=captions,
-                    coco_id=int(image["id"]),
-                )
-            )
+            items.append(ImageCaptions(str(image["id"]), image_dir / image["file_name"], captions,
+                                       coco_id=int(image["id"])))
     if not items:
         raise DatasetError(
             f"{annotation_file}: no images with captions "
@@ -141,14 +134,9 @@ def load_karpathy(
         if not captions:
             continue
         coco_id = image.get("cocoid")
-        splits.setdefault(split, []).append(
-            ImageCaptions(
-                image_id=str(coco_id) if coco_id is not None else image["filename"],
-                path=path,
-                captions=captions,
-                coco_id=int(coco_id) if coco_id is not None else None,
-            )
-        )
+        splits.setdefault(split, []).append(ImageCaptions(
+            image_id=str(coco_id) if coco_id is not None else image["filename"], path=path,
+            captions=captions, coco_id=int(coco_id) if coco_id is not None else None))
     if not splits:
         raise DatasetError(f"{split_json}: no images with captions")
     return _checked_dataset(splits, image_root, str(split_json), skip_missing)
@@ -321,53 +309,58 @@ def _read_jsonl_rows(file: Path) -> Iterable[tuple[int, object, object]]:
 # ----------------------------------------------------------------------------- dispatcher
 
 
-def load_dataset(
-    kind: str, *, skip_missing: bool = False, **paths: str | Path | None
-) -> CaptionDataset:
-    """One entry point for command lines: `kind` picks the reader, `paths` are its paths.
+@dataclass
+class DataConfig:
+    """Which dataset to read: `kind` picks the reader, the paths it needs are set, the rest None."""
 
-    coco:      train=, train_images=, and optionally val=/val_images=, test=/test_images=
-    karpathy:  split_json=, image_root=
-    flickr:    root=
-    pairs:     train=, optionally val=, test= (.csv/.jsonl), image_root=
-    """
-    given = {k for k, v in paths.items() if v is not None}
-    if kind == "coco":
-        allowed = {*SPLITS, *(f"{s}_images" for s in SPLITS)}
-    elif kind == "karpathy":
-        allowed = {"split_json", "image_root"}
-    elif kind == "flickr":
-        allowed = {"root"}
-    elif kind == "pairs":
-        allowed = {*SPLITS, "image_root"}
-    else:
-        raise DatasetError(
-            f"unknown dataset kind {kind!r} (expected coco, karpathy, flickr, pairs)"
-        )
-    required = {"coco": {"train", "train_images"}, "pairs": {"train"}}.get(kind, allowed)
+    kind: str = "flickr"  # flickr | coco | karpathy | pairs
+    root: str | None = None  # flickr: the folder with the token file, split lists and images
+    train: str | None = None  # coco / pairs: annotation file of the training split
+    train_images: str | None = None  # coco: image folder of the training split
+    val: str | None = None  # coco / pairs: annotation file of the validation split
+    val_images: str | None = None  # coco: image folder of the validation split
+    split_json: str | None = None  # karpathy: dataset_{coco,flickr8k,flickr30k}.json
+    image_root: str | None = None  # karpathy / pairs: where relative image paths start
+    skip_missing: bool = False  # drop (and warn about) captions whose image file is missing
+    max_val_images: int | None = None  # validate on the first N images only (faster epochs)
+
+
+DATASET_PATHS = {
+    "flickr": ({"root"}, {"root"}),  # (paths it takes, paths it requires)
+    "karpathy": ({"split_json", "image_root"}, {"split_json", "image_root"}),
+    "coco": ({"train", "train_images", "val", "val_images"}, {"train", "train_images"}),
+    "pairs": ({"train", "val", "image_root"}, {"train"}),
+}
+ALL_PATHS = set().union(*(takes for takes, _ in DATASET_PATHS.values()))
+
+
+def load_dataset(config: DataConfig) -> CaptionDataset:
+    """One entry point for command lines and training: reads the dataset `config` names."""
+    if config.kind not in DATASET_PATHS:
+        raise DatasetError(f"unknown dataset kind {config.kind!r} (expected {', '.join(DATASET_PATHS)})")
+    allowed, required = DATASET_PATHS[config.kind]
+    paths = {name: getattr(config, name) for name in allowed}
+    given = {name for name in ALL_PATHS if getattr(config, name) is not None}
     if given - allowed or required - given:
         raise DatasetError(
-            f"dataset kind {kind!r} takes paths {sorted(allowed)} (required: {sorted(required)}); "
+            f"dataset kind {config.kind!r} takes paths {sorted(allowed)} (required: {sorted(required)}); "
             f"got {sorted(given)}"
         )
-
-    if kind == "karpathy":
-        return load_karpathy(paths["split_json"], paths["image_root"], skip_missing=skip_missing)
-    if kind == "flickr":
-        return load_flickr(paths["root"], skip_missing=skip_missing)
+    skip = config.skip_missing
+    if config.kind == "karpathy":
+        return load_karpathy(paths["split_json"], paths["image_root"], skip_missing=skip)
+    if config.kind == "flickr":
+        return load_flickr(paths["root"], skip_missing=skip)
     splits = {}
-    for split in SPLITS:
-        if split not in given:
+    for split in ("train", "val"):
+        if paths[split] is None:
             continue
-        if kind == "coco":
-            images = paths.get(f"{split}_images")
-            if images is None:
-                raise DatasetError(f"coco: {split}= given without {split}_images=")
-            splits[split] = load_coco(paths[split], images, split, skip_missing=skip_missing)
+        if config.kind == "pairs":
+            splits[split] = load_pairs(paths[split], paths["image_root"], skip_missing=skip)
+        elif paths[f"{split}_images"] is None:
+            raise DatasetError(f"coco: {split} given without {split}_images")
         else:
-            splits[split] = load_pairs(
-                paths[split], paths.get("image_root"), skip_missing=skip_missing
-            )
+            splits[split] = load_coco(paths[split], paths[f"{split}_images"], split, skip_missing=skip)
     return CaptionDataset(splits)
 
 

@@ -6,6 +6,8 @@ the latest) and always return a caption, even if `<end>` is never produced.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,27 @@ NO_REPEAT_NGRAM_SIZE = 3
 # Never written: <pad> and <start> are not words, and "<unk>" tells a reader nothing (the model
 # still learns rare words' share of probability in training; decoding picks the best real word).
 BANNED_IDS = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
+
+
+def check_whole_number(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ValueError naming the argument and its allowed range (bools and 2.5 are not numbers of beams)."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
+
+
+def check_decoding_options(beam_size: int, max_length: int, length_penalty: float = 0.0,
+                           n_best: int | None = None, no_repeat_ngram_size: int = 0) -> None:
+    """Refuse options that make no sense before they reach torch (whose errors would not say which)."""
+    check_whole_number("beam_size", beam_size, 1)
+    check_whole_number("max_length", max_length, 1)
+    if n_best is not None:
+        check_whole_number("n_best", n_best, 1, beam_size)
+    check_whole_number("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
 
 def _log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -7,8 +7,9 @@ the average usually scores a little above each of them (the README has measureme
 cost of running every decoder. `DecoderEnsemble` has the decoding interface of
 `AttentionDecoder` (prepare, init_state, step), so greedy, beam search and sampling run it
 unchanged; the members' tensors are stacked on a second axis, so a beam's row indexing moves
-every member's state at once. Ensembles are built from trained models
-(`scripts/export_model.py A B target`), not trained.
+every member's state at once. Ensembles are an inference-time wrapper, built from trained
+models (`scripts/export_model.py A B target`, `checkpoint.load_ensemble`), never trained: it has
+no teacher-forcing forward.
 """
 
 from __future__ import annotations
@@ -54,8 +55,3 @@ class DecoderEnsemble(nn.Module):
             alphas.append(alpha)
         state = (torch.stack(hidden, 1), torch.stack(cells, 1))
         return torch.stack(log_probs).mean(0), state, torch.stack(alphas).mean(0)
-
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError(
-            "an ensemble of decoders is not trained: train each member as a normal model, then "
-            "combine them with `python scripts/export_model.py RUN_A/best RUN_B/best TARGET`")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,15 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .api import caption_features
 from .checkpoint import atomic_write
 from .data import ImageCaptions
-from .decoding import NO_REPEAT_NGRAM_SIZE, decode
+from .decoding import NO_REPEAT_NGRAM_SIZE
 from .features import FeatureCache
-from .images import load_image
+from .images import ImageFiles, collate_images
 from .model import CaptionModel
 from .vocabulary import Vocabulary, tokenize
 
@@ -158,15 +159,24 @@ def _write_json_atomic(path: Path, data: object) -> None:
 # ----------------------------------------------------------------------------- a whole split
 
 
-def _pixel_batches(images: Sequence[ImageCaptions], transform, batch_size: int, num_workers: int):
-    class Pixels(Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, i: int) -> torch.Tensor:
-            return transform(load_image(images[i].path))
-
-    yield from DataLoader(Pixels(), batch_size=batch_size, num_workers=num_workers)
+def image_grids(model: CaptionModel, images: Sequence[ImageCaptions], batch_size: int = 32,
+                num_workers: int = 2, cache_dir: str | Path | None = None,
+                progress: bool = True) -> Iterator[torch.Tensor]:
+    """The annotation grids (B, L, D) of `images`, batch by batch, in order: from the photos, or
+    with `cache_dir` from (and into) the feature cache, which only a model whose encoder is the
+    frozen ImageNet backbone may use."""
+    device = next(model.decoder.parameters()).device
+    if cache_dir is not None:
+        cache = FeatureCache(cache_dir, model.encoder, [i.path for i in images])
+        cache.extract(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        for start in range(0, len(images), batch_size):
+            yield cache.batch(range(start, min(start + batch_size, len(images)))).to(device)
+        return
+    loader = DataLoader(ImageFiles([i.path for i in images], model.encoder.transform),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
+    for batch in loader:
+        batch.raise_errors()  # a score over fewer images than asked for would mislead
+        yield model.encoder(batch.pixels.to(device))
 
 
 @torch.inference_mode()
@@ -184,37 +194,17 @@ def caption_split(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Real beam-search captions for every image, in order.
-
-    With `cache_dir`, the encoder's grids come from (or go into) the feature cache: only valid
-    for a model whose encoder is the frozen ImageNet backbone.
-    """
+    """Real beam-search captions for every image, in order (see image_grids for `cache_dir`)."""
     model.eval()
-    device = next(model.decoder.parameters()).device
-    if cache_dir is not None:
-        cache = FeatureCache(cache_dir, model.encoder, [i.path for i in images])
-        cache.extract(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-        rows = list(range(len(images)))
-        grids = (cache.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
-    else:
-        grids = (model.encoder(x.to(device)) for x in
-                 _pixel_batches(images, model.encoder.transform, batch_size, num_workers))
     captions: list[str] = []
     bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
-    for features in grids:
-        batch = best_captions(model, features.to(device), vocab, beam_size, max_length, length_penalty,
-                              no_repeat_ngram_size)
-        captions += batch
-        bar.update(len(batch))
+    for features in image_grids(model, images, batch_size, num_workers, cache_dir, progress):
+        results = caption_features(model.decoder, vocab, features, beam_size, max_length,
+                                   length_penalty, 1, no_repeat_ngram_size)
+        captions += [r.text for r in results]
+        bar.update(len(results))
     bar.close()
     return captions
-
-
-def best_captions(model: CaptionModel, features: torch.Tensor, vocab: Vocabulary, beam_size: int,
-                  max_length: int, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0) -> list[str]:
-    """The best caption of each grid (B, L, D): beam search, or greedy for beam_size 1."""
-    beams = decode(model.decoder, features, beam_size, max_length, length_penalty, 1, no_repeat_ngram_size)
-    return [" ".join(vocab.decode(hyps[0].tokens)) for hyps in beams]
 
 
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, images: Sequence[ImageCaptions],

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write
 from .encoder import Encoder
 from .fast_encoder import InferenceEncoder
-from .images import ImageLoadError, load_image
+from .images import ImageBatch, ImageFiles, collate_images
 
 try:
     import fcntl
@@ -42,29 +42,6 @@ def encoder_key(encoder: Encoder, mirrored: bool = False) -> str:
     whether the photos were mirrored first."""
     g = encoder.grid_size
     return f"{encoder.backbone_name}-{encoder.image_size}px-{g}x{g}" + ("-hflip" if mirrored else "")
-
-
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[str | Path], indices: Sequence[int], transform):
-        self.paths, self.indices, self.transform = paths, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        row = self.indices[i]
-        try:
-            return row, self.transform(load_image(self.paths[row])), ""
-        except ImageLoadError as err:
-            return row, None, str(err)
-
-
-def _collate(items):
-    good = [(row, x) for row, x, _ in items if x is not None]
-    errors = [err for _, x, err in items if x is None]
-    rows = torch.tensor([row for row, _ in good], dtype=torch.long)
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return rows, pixels, errors
 
 
 @contextmanager
@@ -116,8 +93,10 @@ class FeatureCache:
         return len(self.missing_rows()) == 0
 
     def extract(self, batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu",
-                rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, float]:
-        """Compute the missing rows (this rank's share). Returns timing stats.
+                rank: int = 0, world_size: int = 1, progress: bool = True,
+                rows: Sequence[int] | None = None) -> dict[str, float]:
+        """Compute the missing rows (this rank's share; only those in `rows` if given). Returns
+        timing stats.
 
         Unreadable images stop extraction with one error listing them: training on a silently
         zero-filled grid would be worse than failing.
@@ -133,6 +112,8 @@ class FeatureCache:
         if world_size > 1:  # every rank, even one with no rows of its own, meets here
             torch.distributed.barrier()
         missing = self.missing_rows()
+        if rows is not None:
+            missing = np.intersect1d(missing, np.asarray(rows))
         todo = [int(r) for r in missing if r % world_size == rank]
         if not todo:
             return stats
@@ -140,30 +121,27 @@ class FeatureCache:
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
         # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a
         # training run would then depend on whether its features were already cached.
-        loader = DataLoader(_ImageFiles(self.paths, todo, self.transform),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        loader = DataLoader(ImageFiles([self.paths[r] for r in todo], self.transform),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                             generator=torch.Generator())
         encoder = InferenceEncoder(self.encoder.to(device).eval())  # the same grids, faster
-        errors: list[str] = []
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img",
-                   disable=not progress)
+        bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img", disable=not progress)
+        failed = []
         with torch.inference_mode():
-            for rows, pixels, batch_errors in loader:
-                errors += batch_errors
-                if pixels is not None:
-                    grids = encoder(pixels.to(device)).to(torch.float16).cpu().numpy()
-                    features[rows.numpy()] = grids
+            for batch in loader:
+                failed += [item for item in batch.items if item.error]
+                rows = np.array([todo[item.index] for item in batch.items if not item.error], dtype=np.int64)
+                if batch.pixels is not None:
+                    features[rows] = encoder(batch.pixels.to(device)).to(torch.float16).cpu().numpy()
                     features.flush()
-                    done[rows.numpy()] = 1
+                    done[rows] = 1
                     done.flush()
-                bar.update(len(rows) + len(batch_errors))
+                bar.update(len(batch.items))
         bar.close()
         seconds = time.perf_counter() - start
         stats.update(images=len(todo), seconds=seconds, images_per_second=len(todo) / seconds)
-        if errors:
-            listed = "\n  ".join(errors[:10])
-            raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
+        ImageBatch(failed, None).raise_errors()
         return stats
 
     def _create_once(self) -> int:

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger files are treated as decompression bombs
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageLoadError(ValueError):
     """An input that is not a usable image. The message names the input."""
 
 
-def _describe(source: ImageInput) -> str:
+def _describe(source: object) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, np.ndarray):
         return f"numpy array {source.shape} {source.dtype}"
-    return f"PIL image {getattr(source, 'size', '')} {getattr(source, 'mode', '')}".strip()
+    if isinstance(source, torch.Tensor):
+        return f"torch tensor {tuple(source.shape)} {str(source.dtype).removeprefix('torch.')}"
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size} {source.mode}"
+    return "None" if source is None else f"{type(source).__name__} object"
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -66,6 +75,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
 
 
+def _why_missing(path: Path) -> str:
+    if not path.is_symlink():
+        return "file does not exist"
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back to itself)"
+    return "file does not exist (broken link)"
+
+
 def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Path, PIL image or numpy array -> upright 8-bit RGB PIL image.
 
@@ -74,14 +94,17 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     """
     name = _describe(source)
     try:
-        if isinstance(source, np.ndarray):
+        if isinstance(source, torch.Tensor):  # like an array: (3, H, W) or (H, W, 3)
+            tensor = source.detach().cpu()
+            image = _from_array((tensor.float() if tensor.is_floating_point() else tensor).numpy())
+        elif isinstance(source, np.ndarray):
             image = _from_array(source)
         elif isinstance(source, Image.Image):
             image = source
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.exists():
-                raise ValueError("file does not exist" + (" (broken link)" if path.is_symlink() else ""))
+                raise ValueError(_why_missing(path))
             if path.is_dir():
                 raise ValueError("is a folder, not an image file")
             if path.stat().st_size == 0:
@@ -90,7 +113,8 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(path)
         else:
-            raise ValueError(f"unsupported input type {type(source).__name__}")
+            raise ValueError("not an image: expected a file path, a PIL image, a numpy array or a "
+                             "torch tensor")
         width, height = image.size
         if width * height > max_pixels:
             raise ValueError(
@@ -114,3 +138,68 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise ImageLoadError(f"{name}: cannot decode image ({err})") from err
     except ValueError as err:
         raise ImageLoadError(f"{name}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- files in workers
+
+
+@dataclass
+class LoadedImage:
+    index: int  # position in the ImageFiles list
+    path: str
+    size: tuple[int, int] | None = None  # (width, height) after EXIF rotation
+    error: str | None = None  # why the file could not be used; then it has no pixels
+    thumbnail: np.ndarray | None = None  # small RGB copy, when asked for (attention grids)
+
+
+@dataclass
+class ImageBatch:
+    items: list[LoadedImage]  # every image of the batch, in order, failures included
+    pixels: torch.Tensor | None  # (n, 3, S, S) of the items without an error, in order
+
+    def raise_errors(self) -> None:
+        """For callers that cannot go on without every image (training, feature caches)."""
+        errors = [item.error for item in self.items if item.error]
+        if errors:
+            listed = "\n  ".join(errors[:10])
+            raise ImageLoadError(f"{len(errors)} images could not be read:\n  {listed}")
+
+
+class ImageFiles(Dataset):
+    """Image files -> preprocessed tensors, for a DataLoader's workers.
+
+    The one image-reading dataset of the library (feature extraction, fine-tuning, evaluation,
+    the batch captioner): a bad file yields an item with an `error` instead of raising, so a
+    batch job can record it and go on, and a training job can list every bad file at once.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor],
+                 max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail_size: int | None = None):
+        self.paths, self.transform = [str(p) for p in paths], transform
+        self.max_pixels, self.thumbnail_size = max_pixels, thumbnail_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[LoadedImage, torch.Tensor | None]:
+        item = LoadedImage(index, self.paths[index])
+        try:
+            image = load_image(item.path, self.max_pixels)
+            pixels = self.transform(image)
+        except ImageLoadError as err:
+            item.error = str(err)
+            return item, None
+        except Exception as err:  # a decoder bug on a hostile file must not end a batch job
+            item.error = f"{item.path}: unexpected {type(err).__name__} while reading: {err}"
+            return item, None
+        item.size = image.size
+        if self.thumbnail_size:
+            image.thumbnail((self.thumbnail_size, self.thumbnail_size))
+            item.thumbnail = np.asarray(image)
+        return item, pixels
+
+
+def collate_images(samples: list[tuple[LoadedImage, torch.Tensor | None]]) -> ImageBatch:
+    """Stack the good images; failures travel alongside as metadata only."""
+    good = [pixels for _, pixels in samples if pixels is not None]
+    return ImageBatch([item for item, _ in samples], torch.stack(good) if good else None)

@@ -10,7 +10,6 @@ from torch import nn
 from .decoder import AttentionDecoder
 from .decoding import decode_tensors
 from .encoder import Encoder
-from .ensemble import DecoderEnsemble
 
 
 @dataclass
@@ -27,24 +26,21 @@ class ModelConfig:
     input_dropout: float = 0.0  # on word embeddings and projected annotations
     deep_output: bool = True  # False: words are predicted from h_t alone (an ablation)
     gate: bool = True  # False: no gating scalar beta on the context (an ablation)
-    decoders: int = 1  # > 1: an ensemble of decoders trained apart (see captioner.ensemble)
+
+
+def build_decoder(config: ModelConfig, vocab_size: int, feature_dim: int) -> AttentionDecoder:
+    return AttentionDecoder(vocab_size, feature_dim, config.annotation_dim, config.embed_dim,
+                            config.hidden_dim, config.attention_dim, config.attention, config.dropout,
+                            config.input_dropout, config.deep_output, config.gate)
 
 
 class CaptionModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int, encoder_weights: str = "imagenet"):
         super().__init__()
-        if config.decoders < 1:
-            raise ValueError(f"model.decoders must be at least 1, got {config.decoders}")
         self.encoder = Encoder(config.backbone, config.image_size, config.grid_size, encoder_weights)
         self.config = replace(config, grid_size=self.encoder.grid_size)  # resolved, caller's untouched
-        members = [
-            AttentionDecoder(vocab_size, self.encoder.feature_dim, config.annotation_dim,
-                             config.embed_dim, config.hidden_dim, config.attention_dim,
-                             config.attention, config.dropout, config.input_dropout,
-                             config.deep_output, config.gate)
-            for _ in range(config.decoders)
-        ]
-        self.decoder = members[0] if config.decoders == 1 else DecoderEnsemble(members)
+        # An AttentionDecoder, or at inference a DecoderEnsemble (checkpoint.load_ensemble).
+        self.decoder: nn.Module = build_decoder(config, vocab_size, self.encoder.feature_dim)
 
     @property
     def grid_shape(self) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -49,6 +49,13 @@ CSS = """
 #attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
 #attention-gallery .caption-label { font-size: 0.95rem; }
 .small-print { font-size: 0.85rem; opacity: 0.8; }
+/* On a phone the numbers keep one line (a smaller font, no wrapping) and the caption gives way. */
+@media (max-width: 640px) {
+  #alternatives { font-size: 0.72rem; }
+  #alternatives [data-col="2"] span, #alternatives [data-col="3"] span,
+  #alternatives th:nth-child(n+3) span { white-space: nowrap; }
+  #alternatives .cell-wrap { padding-left: 2px; padding-right: 2px; }
+}
 """
 
 
@@ -62,6 +69,7 @@ class Shown:
     score: float
     log_prob: float
     finished: bool  # False if the maximum length cut the caption short
+    notes: list[str] = field(default_factory=list)  # e.g. the input is tiny
 
 
 def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -106,20 +114,26 @@ def alternatives_table(result: CaptionResult) -> list[list]:
             for rank, alt in enumerate(result.alternatives, start=1)]
 
 
-def _bounded_int(value: Any, low: int, high: int, name: str) -> int:
+def _int_in_range(value: Any, low: int, high: int, name: str) -> int:
+    """The API's number, or a clear error naming the argument and its range."""
     try:
-        number = int(value)
-    except (TypeError, ValueError) as err:
-        raise gr.Error(f"{name} must be a whole number, got {value!r}", print_exception=False) from err
-    return min(max(number, low), high)
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer() or not low <= number <= high:
+        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}",
+                       print_exception=False)
+    return int(number)
 
 
 def _opacity(value: Any) -> float:
     try:
-        return min(max(float(value), 0.0), 1.0)
-    except (TypeError, ValueError) as err:
-        raise gr.Error(f"opacity must be a number from 0 to 1, got {value!r}",
-                       print_exception=False) from err
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 <= number <= 1.0:
+        raise gr.Error(f"opacity must be a number from 0 to 1, got {value!r}", print_exception=False)
+    return number
 
 
 def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = 3,
@@ -127,12 +141,13 @@ def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size
                    ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
     """Run the model once: (caption, n-best table, one attention overlay per word, state)."""
     picture = read_upload(image)
-    beam_size = _bounded_int(beam_size, 1, MAX_BEAM, "beam size")
-    max_length = _bounded_int(max_length, 1, MAX_WORDS, "maximum length")
+    beam_size = _int_in_range(beam_size, 1, MAX_BEAM, "beam size")
+    max_length = _int_in_range(max_length, 1, MAX_WORDS, "maximum length")
+    opacity = _opacity(opacity)
     result = captioner.caption(picture, beam_size=beam_size, max_length=max_length)
     shown = Shown(display_copy(picture), result.words, result.attention, result.score,
-                  result.log_prob, result.finished)
-    return result.text, alternatives_table(result), overlays(shown, _opacity(opacity)), shown
+                  result.log_prob, result.finished, result.notes)
+    return result.text, alternatives_table(result), overlays(shown, opacity), shown
 
 
 def details(shown: Shown | None) -> str:
@@ -143,6 +158,7 @@ def details(shown: Shown | None) -> str:
              f"**p** = {probability(shown.log_prob):g}", f"{len(shown.words)} words"]
     if not shown.finished:
         parts.append("⚠️ cut at the maximum length")
+    parts += [f"⚠️ {note}" for note in shown.notes]
     return " · ".join(parts)
 
 
@@ -150,7 +166,7 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
     """The large overlay for word `index` (1-based) and the caption with that word highlighted."""
     if shown is None or not shown.words:
         return gr.update(value=None, label="Attention for the selected word"), []
-    i = _bounded_int(index, 1, len(shown.words), "word") - 1
+    i = _int_in_range(index, 1, len(shown.words), "word") - 1
     big = overlay_attention(shown.image, shown.attention[i], _opacity(opacity))
     label = f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}”"
     tokens = [(" ", None)] * (2 * len(shown.words) - 1)  # word, space, word, ...: word j is token 2j
@@ -165,7 +181,7 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     model = config["model"]
     params = sum(p.numel() for p in captioner.model.parameters())
     grid = "×".join(map(str, captioner.grid_shape))
-    decoders = model.get("decoders", 1)
+    decoders = config.get("ensemble_size", model.get("decoders", 1))
     decoder = ("an LSTM decoder" if decoders == 1 else
                f"{decoders} LSTM decoders, trained apart, that average their word log-probabilities, each")
     lines = [
@@ -231,7 +247,7 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                 table = gr.Dataframe(headers=["#", "caption", "score", "p"],
                                      datatype=["number", "str", "number", "number"],
                                      label="Alternatives (beam search n-best, best first)",
-                                     interactive=False, wrap=True, column_widths=["8%", "64%", "14%", "14%"],
+                                     interactive=False, wrap=True, column_widths=["7%", "51%", "18%", "24%"],
                                      elem_id="alternatives")
                 gallery_examples = gr.Examples(examples, inputs=[image], label="Examples (click one)",
                                                examples_per_page=len(examples), elem_id="examples",

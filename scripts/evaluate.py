@@ -12,9 +12,9 @@ import json
 from captioner.api import DEFAULT_WEIGHTS, default_device, quantize_decoder
 from captioner.checkpoint import load_model
 from captioner.configs import add_config_arguments, parse_bool
+from captioner.data import DataConfig, load_dataset
 from captioner.decoding import NO_REPEAT_NGRAM_SIZE
 from captioner.evaluation import evaluate_model
-from captioner.training import DataConfig, load_configured_dataset
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     add_config_arguments(parser, DataConfig, prefix="data.")
     args = parser.parse_args()
     data_cfg = DataConfig(**{k[5:]: v for k, v in vars(args).items() if k.startswith("data.")})
-    images = load_configured_dataset(data_cfg)[args.split][: args.max_images]
+    images = load_dataset(data_cfg)[args.split][: args.max_images]
     model, vocab, _ = load_model(args.checkpoint, args.device or default_device())
     if args.quantize:
         model.decoder = quantize_decoder(model.decoder)

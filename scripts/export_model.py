@@ -8,12 +8,11 @@ The weights are stored in fp16 to halve the file; they are loaded back as fp32.
 """
 
 import argparse
-from dataclasses import asdict
 
 import torch
 
 from captioner.checkpoint import load_ensemble, load_model, save_model
-from captioner.training import last_step_model
+from captioner.run_state import last_step_model
 
 
 def main() -> None:
@@ -30,8 +29,8 @@ def main() -> None:
     if args.last_step and len(args.sources) > 1:
         parser.error("--last-step exports one run")
     if args.last_step:
-        model, vocab, cfg = last_step_model(args.sources[0])
-        metadata = {"weights": "last step, raw (not averaged)", "train_config": asdict(cfg)}
+        model, vocab, train_config = last_step_model(args.sources[0])
+        metadata = {"weights": "last step, raw (not averaged)", "train_config": train_config}
     elif len(args.sources) > 1:
         model, vocab, metadata = load_ensemble(args.sources)
     else:

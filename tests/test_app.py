@@ -83,6 +83,7 @@ def test_example_photos_are_written_and_readable(tmp_path):
     assert all(min(load_image(p).size) >= 256 for p in paths)
 
 
+@pytest.mark.slow
 def test_app_without_a_model_exits_with_a_clear_message(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
@@ -104,10 +105,12 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
+@pytest.mark.slow
 def test_only_the_caption_endpoint_is_public(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/caption"}
 
 
+@pytest.mark.slow
 def test_caption_endpoint(client, tmp_path):
     path = save_shape(tmp_path, "red", "circle", "left")
     caption, alternatives, attention = client.predict(handle_file(str(path)), 3, 20, 0.6,
@@ -127,6 +130,7 @@ def test_caption_endpoint(client, tmp_path):
     assert len({image.tobytes() for image in images}) > 1  # each word has its own map
 
 
+@pytest.mark.slow
 def test_greedy_and_opacity(client, tmp_path):
     path = handle_file(str(save_shape(tmp_path, "blue", "square", "right")))
     caption, alternatives, faint = client.predict(path, 1, 20, 0.0, api_name="/caption")
@@ -154,6 +158,7 @@ def make_bad_file(folder, kind):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("text", "notes.txt: not a recognised image file"),
     ("fake", "fake.png: not a recognised image file"),
@@ -168,11 +173,13 @@ def test_bad_files_are_clear_errors_and_the_server_carries_on(client, tmp_path, 
     assert client.predict(handle_file(str(good)), api_name="/caption")[0] == "a yellow circle on the right"
 
 
+@pytest.mark.slow
 def test_no_image_is_a_clear_error(client):
     with pytest.raises(AppError, match="Upload an image first"):
         client.predict(None, api_name="/caption")
 
 
+@pytest.mark.slow
 def test_oversized_upload_is_refused(app_url):
     response = httpx.post(f"{app_url}gradio_api/upload", trust_env=False,
                           files={"files": ("big.png", b"\0" * (10 * 2**20 + 1))})

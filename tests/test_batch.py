@@ -3,6 +3,10 @@
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,10 +14,10 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner import api as api_module
-from captioner.batch import attention_filename, caption_files, find_images, looks_like_image
+from captioner.batch import attention_filename, caption_files, find_images, looks_like_image, select_shard
 from captioner.cli import caption_folder_main
 
-from .shapes import shape_image
+from .shapes import all_examples, shape_image
 
 # Good images: (relative path, colour, shape, side, size, PIL format)
 GOOD = [
@@ -124,6 +128,7 @@ def test_folder_with_good_and_bad_files(tmp_path, monkeypatch, shapes_checkpoint
         assert row["caption"] is None
 
 
+@pytest.mark.slow
 def test_workers_csv_n_best_and_attention(tmp_path, monkeypatch, shapes_checkpoint):
     photos = make_photos(tmp_path, monkeypatch)
     (photos / "locked.jpg").unlink()  # its denial may be simulated in this process only
@@ -282,3 +287,157 @@ def test_attention_filenames_do_not_collide():
     assert len(names) == 4
     long = attention_filename("x" * 300 + "/photo.jpg")
     assert len(long) < 100 and "photo.jpg" in long and long.endswith(".png")
+
+
+# ----------------------------------------------------------------------------- odd names, CSV safety
+
+
+def odd_names_folder(root: Path) -> tuple[Path, bytes, Path]:
+    """A folder with a Latin-1 file name (not valid UTF-8) and a name that reads as a formula."""
+    photos = root / "odd"
+    photos.mkdir()
+    latin1 = os.fsencode(photos) + b"/latin1_\xe9t\xe9.jpg"
+    shape_image("red", "circle", "left").save(latin1.decode("utf-8", "surrogateescape"), "JPEG")
+    formula = photos / "=HYPERLINK(1).jpg"
+    shape_image("blue", "square", "right").save(formula, "JPEG")
+    return photos, latin1, formula
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_file_names_that_are_not_utf8_are_captioned_recorded_exactly_and_resumed(
+        tmp_path, shapes_checkpoint, suffix):
+    photos, latin1, formula = odd_names_folder(tmp_path)
+    output = tmp_path / f"captions.{suffix}"
+    assert run(photos, output, shapes_checkpoint, "--num-workers", "0") == 0
+    if suffix == "jsonl":
+        records = read_jsonl(output)  # the file is valid UTF-8 JSON: \udcXX escapes
+        assert "\\udce9" in output.read_text(encoding="utf-8")
+    else:
+        with output.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            records = list(csv.DictReader(f))  # the name's own bytes, as on the disk
+        assert b"latin1_\xe9t\xe9.jpg" in output.read_bytes()
+    paths = {os.fsencode(r["path"].removeprefix("'")): r for r in records}
+    assert paths[latin1]["caption"] == expected_caption("red", "circle", "left")
+    assert paths[os.fsencode(formula)]["caption"] == expected_caption("blue", "square", "right")
+
+    before = output.read_bytes()
+    assert run(photos, output, shapes_checkpoint, "--num-workers", "0") == 0  # resumes: nothing to do
+    assert output.read_bytes() == before
+
+
+def test_csv_cells_that_would_run_as_formulas_are_neutralised(tmp_path, shapes_checkpoint, monkeypatch):
+    """A path or error starting with = + - @ gets a leading ' in the CSV (OWASP's advice), and
+    reading the file back to resume strips it again."""
+    photos, _, _ = odd_names_folder(tmp_path)
+    (photos / "+cmd.jpg").write_text("not an image")  # its error message starts with + too
+    (photos / "@sum.jpg").symlink_to(photos / "=HYPERLINK(1).jpg")
+    monkeypatch.chdir(photos)  # relative names: the cells start with the file name
+    output = tmp_path / "captions.csv"
+    names = ["=HYPERLINK(1).jpg", "+cmd.jpg", "@sum.jpg"]
+    assert run(names, output, shapes_checkpoint, "--num-workers", "0") == 0
+    with output.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "caption", "score", "width", "height", "error"]  # no --n-best column
+    assert [row[0] for row in rows[1:]] == ["'=HYPERLINK(1).jpg", "'+cmd.jpg", "'@sum.jpg"]
+    assert rows[2][5].startswith("'+cmd.jpg: not a recognised image")
+    text_cells = [cell for row in rows[1:] for cell in (row[0], row[1], row[5])]
+    assert not [c for c in text_cells if c[:1] in ("=", "+", "-", "@")]
+
+    before = output.read_bytes()
+    assert run(names, output, shapes_checkpoint, "--num-workers", "0") == 0  # all known: nothing new
+    assert output.read_bytes() == before
+    assert run(names, output, shapes_checkpoint, "--num-workers", "0", "--retry-failed") == 0
+    with output.open(newline="", encoding="utf-8") as f:
+        assert sorted(row[0] for row in list(csv.reader(f))[1:]) == sorted(f"'{n}" for n in names)
+
+
+# ----------------------------------------------------------------------------- scale-out
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shapes_folder(root: Path) -> Path:
+    photos = root / "shapes"
+    photos.mkdir()
+    for i, (image, _, _) in enumerate(all_examples()):
+        image.save(photos / f"{i:02d}.jpg", quality=95)
+    return photos
+
+
+def captions_of(output: Path) -> dict[str, tuple[str, float]]:
+    records = read_jsonl(output)
+    assert len({r["path"] for r in records}) == len(records), "duplicate records"
+    return {Path(r["path"]).name: (r["caption"], r["score"]) for r in records}
+
+
+def test_shards_split_a_folder_into_disjoint_parts_that_merge_back(tmp_path, shapes_checkpoint):
+    photos = shapes_folder(tmp_path)
+    assert run(photos, tmp_path / "all.jsonl", shapes_checkpoint, "--num-workers", "0") == 0
+    parts = [tmp_path / f"part{k}.jsonl" for k in range(2)]
+    for k, part in enumerate(parts):
+        assert run(photos, part, shapes_checkpoint, "--num-workers", "0", "--shard", f"{k}/2") == 0
+    first, second = (set(captions_of(part)) for part in parts)
+    assert first and second and not first & second
+    assert first | second == set(captions_of(tmp_path / "all.jsonl"))
+    # The split is by path: another spelling or order of the same files gives the same shards.
+    shuffled = sorted(photos.glob("*.jpg"), reverse=True)
+    assert {Path(p).name for p in select_shard([str(p) for p in shuffled], 0, 2)} == first
+
+    merged = tmp_path / "merged.jsonl"
+    again = tmp_path / "again.jsonl"  # a shard output listed twice must not duplicate records
+    again.write_bytes(parts[0].read_bytes())
+    assert caption_folder_main([str(parts[0]), str(parts[1]), str(again), "-o", str(merged), "--merge"]) == 0
+    assert captions_of(merged) == captions_of(tmp_path / "all.jsonl")
+    assert caption_folder_main([str(parts[0]), "-o", str(merged), "--merge"]) == 2  # never overwrites
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_caption_their_shards_like_one_process(tmp_path, shapes_checkpoint):
+    photos = shapes_folder(tmp_path)
+    flags = ["--checkpoint", str(shapes_checkpoint), "--num-workers", "0", "--no-progress"]
+    assert run(photos, tmp_path / "one.jsonl", shapes_checkpoint, "--num-workers", "0") == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "scripts/caption_folder.py", str(photos), "-o", str(tmp_path / "out.jsonl"), *flags]
+    done = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ranks = [tmp_path / f"out.rank{k}.jsonl" for k in range(2)]
+    assert all(captions_of(r) for r in ranks) and not (tmp_path / "out.jsonl").exists()
+    assert caption_folder_main([*map(str, ranks), "-o", str(tmp_path / "out.jsonl"), "--merge"]) == 0
+    one, merged = captions_of(tmp_path / "one.jsonl"), captions_of(tmp_path / "out.jsonl")
+    assert merged.keys() == one.keys()
+    for name, (caption, score) in one.items():
+        assert merged[name][0] == caption and merged[name][1] == pytest.approx(score, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_resumes_its_shard(tmp_path, shapes_checkpoint):
+    """What one torchrun rank sees (RANK, WORLD_SIZE), killed with SIGKILL mid-run, then rerun."""
+    photos = shapes_folder(tmp_path)
+    rank_env = subprocess_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0")
+    command = [sys.executable, "scripts/caption_folder.py", str(photos), "-o", str(tmp_path / "out.jsonl"),
+               "--checkpoint", str(shapes_checkpoint), "--num-workers", "0", "--batch-size", "1",
+               "--no-progress"]
+    output = tmp_path / "out.rank1.jsonl"
+    proc = subprocess.Popen(command, cwd=ROOT, env=rank_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (output.exists() and output.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no record within 120 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    partial = output.read_text().count("\n")
+    expected = {Path(p).name for p in select_shard(find_images([photos]), 1, 2)}
+    assert 1 <= partial <= len(expected)
+    done = subprocess.run(command, cwd=ROOT, env=rank_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(captions_of(output)) == expected

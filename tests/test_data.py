@@ -6,6 +6,7 @@ from PIL import Image
 
 from captioner.data import (
     CaptionDataset,
+    DataConfig,
     DatasetError,
     load_coco,
     load_dataset,
@@ -355,14 +356,8 @@ def test_load_dataset_coco_train_and_val(tmp_path):
     val = coco_json(tmp_path / "captions_val.json", {2: ["b"]})
     write_images(tmp_path / "train", "000000000001.jpg")
     write_images(tmp_path / "val", "000000000002.jpg")
-    data = load_dataset(
-        "coco",
-        train=train,
-        train_images=tmp_path / "train",
-        val=val,
-        val_images=tmp_path / "val",
-        test=None,
-    )
+    data = load_dataset(DataConfig("coco", train=str(train), train_images=str(tmp_path / "train"),
+                                   val=str(val), val_images=str(tmp_path / "val")))
     assert isinstance(data, CaptionDataset)
     assert {s: [i.image_id for i in v] for s, v in data.splits.items()} == {
         "train": ["1"],
@@ -373,19 +368,20 @@ def test_load_dataset_coco_train_and_val(tmp_path):
 
 
 def test_load_dataset_other_kinds(tmp_path):
-    assert sorted(load_dataset("flickr", root=flickr8k(tmp_path / "f")).splits) == ["train", "val"]
+    flickr = load_dataset(DataConfig("flickr", root=str(flickr8k(tmp_path / "f"))))
+    assert sorted(flickr.splits) == ["train", "val"]
     write_images(tmp_path / "p", "a.png")
     (tmp_path / "p" / "train.csv").write_text("image,caption\na.png,x\n")
-    assert len(load_dataset("pairs", train=tmp_path / "p" / "train.csv")["train"]) == 1
+    assert len(load_dataset(DataConfig("pairs", train=str(tmp_path / "p" / "train.csv")))["train"]) == 1
 
 
 def test_load_dataset_rejects_bad_arguments(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset kind 'imagenet'"):
-        load_dataset("imagenet", root=tmp_path)
+        load_dataset(DataConfig("imagenet", root=str(tmp_path)))
     with pytest.raises(DatasetError, match=r"takes paths .*required: \['train', 'train_images'\]"):
-        load_dataset("coco", train=tmp_path / "a.json")
+        load_dataset(DataConfig("coco", train=str(tmp_path / "a.json")))
     with pytest.raises(DatasetError, match="got \\['root', 'split_json'\\]"):
-        load_dataset("karpathy", split_json=tmp_path, root=tmp_path)
+        load_dataset(DataConfig("karpathy", split_json=str(tmp_path), root=str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------- real data

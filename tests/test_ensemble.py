@@ -2,6 +2,7 @@
 load and save like any model, and refuse members that cannot vote together."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,6 @@ from captioner.decoder import AttentionDecoder
 from captioner.decoding import _log_probs, beam_search, greedy_decode
 from captioner.ensemble import DecoderEnsemble
 from captioner.model import CaptionModel, ModelConfig
-from captioner.training import TrainConfig, train
 from captioner.vocabulary import Vocabulary
 
 from .conftest import TINY
@@ -82,13 +82,14 @@ def second_shapes_checkpoint(trained_shapes_model, tmp_path_factory):
                       metadata={"member": "second"})
 
 
+@pytest.mark.slow
 def test_export_writes_an_ensemble_that_loads_and_captions(shapes_checkpoint, second_shapes_checkpoint,
                                                            tmp_path):
     target = tmp_path / "ensemble"
     subprocess.run([sys.executable, "scripts/export_model.py", str(shapes_checkpoint),
                     str(second_shapes_checkpoint), str(target), "--dtype", "float32"], check=True)
     model, vocab, config = load_model(target)
-    assert model.config.decoders == 2 and isinstance(model.decoder, DecoderEnsemble)
+    assert isinstance(model.decoder, DecoderEnsemble) and len(model.decoder.members) == 2
     assert [m["path"] for m in config["metadata"]["ensemble_of"]] == [
         str(shapes_checkpoint), str(second_shapes_checkpoint)]
     first, _, _ = load_model(shapes_checkpoint)
@@ -121,16 +122,26 @@ def test_members_that_cannot_vote_together_are_refused(shapes_checkpoint, second
     with pytest.raises(CheckpointError, match=f"{fine_tuned}: its encoder weights differ"):
         load_ensemble([shapes_checkpoint, fine_tuned])
     half = save_model(tmp_path / "half", model, vocab, dtype=torch.float16)  # same encoder, fp16 file
-    assert load_ensemble([shapes_checkpoint, half])[0].config.decoders == 2
+    assert len(load_ensemble([shapes_checkpoint, half])[0].decoder.members) == 2
     pair = save_model(tmp_path / "pair", *load_ensemble([shapes_checkpoint, second_shapes_checkpoint])[:2])
     with pytest.raises(CheckpointError, match=f"{pair} is already an ensemble"):
         load_ensemble([pair, shapes_checkpoint])
 
 
-def test_training_refuses_an_ensemble_config(tmp_path):
-    cfg = TrainConfig(model=ModelConfig(**{**vars(TINY), "decoders": 2}), output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="an ensemble is not trained"):
-        train(cfg)
-    model = CaptionModel(cfg.model, 12, encoder_weights="random")
-    with pytest.raises(NotImplementedError, match="export_model.py"):
-        model(torch.zeros(1, 3, 128, 128), torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]))
+def test_an_ensemble_is_stored_beside_the_model_settings_and_old_exports_load(
+        shapes_checkpoint, second_shapes_checkpoint, tmp_path):
+    """The ensemble is an inference-time wrapper: `ensemble_size` sits beside the model settings
+    (which describe one decoder, as training builds it); folders exported when it was a model
+    setting (`model.decoders`) load the same."""
+    pair = save_model(tmp_path / "pair", *load_ensemble([shapes_checkpoint, second_shapes_checkpoint])[:2])
+    config = json.loads((pair / "config.json").read_text())
+    assert config["ensemble_size"] == 2 and "decoders" not in config["model"]
+    assert json.loads((shapes_checkpoint / "config.json").read_text())["ensemble_size"] == 1
+    old = json.loads(json.dumps(config))
+    del old["ensemble_size"]
+    old["model"]["decoders"] = 2
+    (pair / "config.json").write_text(json.dumps(old))
+    model, _, _ = load_model(pair)
+    assert isinstance(model.decoder, DecoderEnsemble) and len(model.decoder.members) == 2
+    with pytest.raises(NotImplementedError):  # no teacher forcing: an ensemble is never trained
+        model.decoder(torch.zeros(1, 16, 1280), torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]))

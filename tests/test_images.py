@@ -184,4 +184,25 @@ def test_bad_arrays(array, fragment):
 
 
 def test_unsupported_type():
-    _assert_error(12345, "unsupported input type int")
+    _assert_error(12345, "int object: not an image: expected a file path, a PIL image, a numpy array")
+    _assert_error(None, "None: not an image")
+
+
+def test_torch_tensors_are_read_like_arrays():
+    import torch
+
+    hwc = np.random.default_rng(0).random((20, 30, 3)).astype(np.float32)
+    from_array = np.asarray(load_image(hwc))
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(hwc))), from_array)
+    assert np.array_equal(np.asarray(load_image(torch.from_numpy(hwc).permute(2, 0, 1))), from_array)
+    assert load_image(torch.zeros(3, 8, 5, dtype=torch.bfloat16)).size == (5, 8)
+    _assert_error(torch.zeros(2, 2, 2, 2), "torch tensor (2, 2, 2, 2) float32", "expected an H x W")
+
+
+def test_symlink_loop_is_named_as_such(tmp_path):
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    _assert_error(loop, "symbolic link loop")
+    broken = tmp_path / "broken.jpg"
+    broken.symlink_to(tmp_path / "gone.jpg")
+    _assert_error(broken, "broken link")

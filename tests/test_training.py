@@ -22,17 +22,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from captioner import Captioner
+from captioner import Captioner, CaptionModel
 from captioner import training as training_module
 from captioner.checkpoint import atomic_write
 from captioner.configs import add_config_arguments, config_from_args, load_config_file
-from captioner.data import DatasetError
+from captioner.data import DataConfig, DatasetError
 from captioner.decoding import beam_search
+from captioner.distributed import Dist
 from captioner.encoder import Encoder
 from captioner.evaluation import score_captions
 from captioner.features import FeatureCache
 from captioner.model import ModelConfig
-from captioner.training import STATE_FILE, DataConfig, TrainConfig, train
+from captioner.run_state import STATE_FILE, last_step_model
+from captioner.stages import SelfCritical, step_batch
+from captioner.training import TrainConfig, train
+from captioner.training_data import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items
 
 from .conftest import SHARED_DATA
 from .shapes import write_coco_dataset
@@ -192,8 +196,9 @@ def test_second_run_reuses_the_feature_cache(reference_run, dataset, cache_dir, 
 # ----------------------------------------------------------------------------- resume
 
 
-def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir, tmp_path, monkeypatch):
-    """SIGKILL mid-XE-epoch, then a crash mid-SCST-epoch: the run still ends bit for bit where
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir, tmp_path):
+    """SIGKILL mid-XE-epoch, then a stop mid-SCST-epoch: the run still ends bit for bit where
     the uninterrupted one did (weights, optimizer state, best model, logged metrics)."""
     ref_cfg, ref_out, _ = reference_run
     out = tmp_path / "interrupted"
@@ -218,23 +223,13 @@ def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir
     assert progress["step_in_epoch"] > 0, f"not killed mid-epoch: {progress}"
     assert saved_config(out) == cfg  # the command line gave the very same config
 
-    # Resume in-process, and crash again at the third SCST step.
-    real_scst_loss, calls = training_module.scst_loss, []
-
-    def crashing_scst_loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_scst_loss(*args, **kwargs)
-
+    # Resume in-process, and stop again at the third SCST step (12 XE steps, then SCST).
     resume = dataclasses.replace(cfg, resume=True)
-    monkeypatch.setattr(training_module, "scst_loss", crashing_scst_loss)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(resume)
+    stopped = train(dataclasses.replace(resume, stop_after_step=15))
+    assert stopped["stopped_at_step"] == 15
     progress = state_progress(out)
-    assert (progress["stage"], progress["step_in_epoch"], progress["done"]) == ("scst", 2, False)
+    assert (progress["stage"], progress["step_in_epoch"], progress["done"]) == ("scst", 3, False)
 
-    monkeypatch.setattr(training_module, "scst_loss", real_scst_loss)
     summary = train(resume)
     assert summary["feature_extraction"]["images"] == 0
 
@@ -250,30 +245,20 @@ def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir
     assert not list(out.rglob("*.tmp"))
 
 
-def test_fine_tuning_run_resumes_to_the_same_result(dataset, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_fine_tuning_run_resumes_to_the_same_result(dataset, tmp_path):
     """With the encoder's last stage trained (pixels through a DataLoader, no feature cache),
     and mirrored photos mixed in."""
-    def config(name):
+    def config(name, **overrides):
         return make_config(dataset, tmp_path / name, tmp_path / "unused-cache", epochs=1, scst_epochs=0,
-                           fine_tune_from=8, encoder_lr=1e-3, hflip=True)
+                           fine_tune_from=8, encoder_lr=1e-3, hflip=True, **overrides)
 
     summary = train(config("reference"))
     assert "feature_extraction" not in summary and not (tmp_path / "unused-cache").exists()
 
-    real_loss, calls = training_module.caption_loss, []
-
-    def crashing_loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training_module, "caption_loss", crashing_loss)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config("interrupted"))
-    monkeypatch.setattr(training_module, "caption_loss", real_loss)
+    train(config("interrupted", stop_after_step=2))
     assert state_progress(tmp_path / "interrupted")["step_in_epoch"] == 2
-    train(dataclasses.replace(config("interrupted"), resume=True))
+    train(config("interrupted", resume=True))
 
     expected, actual = state_tensors(tmp_path / "reference"), state_tensors(tmp_path / "interrupted")
     assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
@@ -314,6 +299,7 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(dataset, cache_dir, t
 # ----------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_run, tmp_path):
     """2 ranks x 2 images = 1 process x 4 images: the same weights, losses and scores.
 
@@ -462,30 +448,29 @@ def test_saved_config_plus_flags_reproduces_a_config(tmp_path):
         parse(["--config", str(tmp_path / "missing.json")])
 
 
+def stage_batch(dataset, cache_dir, cfg, rows=(0, 1, 2, 3)):
+    """A real batch of the first images' cached grids with all their captions, and the data."""
+    data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words)
+    model = CaptionModel(cfg.model, len(data.vocab))
+    inputs = Inputs(model, data, torch.device("cpu"), str(cache_dir), False, 0, Dist(), progress=False)
+    ((rows, grids),) = inputs.batches([list(rows)])
+    batch = step_batch(rows, grids, [data.encoded[r] for r in rows], False, torch.device("cpu"))
+    return model, data, batch
+
+
 @pytest.mark.parametrize("scst_dropout", [True, False])
-def test_scst_samples_with_dropout_only_when_asked(dataset, cache_dir, tmp_path, monkeypatch, scst_dropout):
+def test_scst_samples_with_dropout_only_when_asked(dataset, cache_dir, tmp_path, scst_dropout):
     """--scst_dropout false samples the policy used at test time (the model in eval mode)."""
-    from captioner import training
-
-    modes = []
-    real_loss = training.scst_loss
-
-    def recording_loss(*args, **kwargs):
-        modes.append(training_model[0].decoder.dropout.training)
-        return real_loss(*args, **kwargs)
-
-    training_model = []
-    real_init = training.CaptionModel.__init__
-
-    def recording_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        training_model.append(self)
-
-    monkeypatch.setattr(training, "scst_loss", recording_loss)
-    monkeypatch.setattr(training.CaptionModel, "__init__", recording_init)
-    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_dropout=scst_dropout)
-    training.train(cfg)
-    assert modes and set(modes) == {scst_dropout}
+    cfg = make_config(dataset, tmp_path / "run", cache_dir, dropout=0.5, scst_dropout=scst_dropout)
+    model, data, batch = stage_batch(dataset, cache_dir, cfg)
+    stage = SelfCritical(cfg, model, data, Dist(), torch.device("cpu"))
+    assert stage.dropout is scst_dropout
+    losses = []
+    for training_mode in (stage.dropout, False):  # as an epoch of this stage runs, then eval mode
+        model.train(training_mode)
+        torch.manual_seed(1)
+        losses.append(stage.loss(batch)[0].item())
+    assert (losses[0] == losses[1]) is (not scst_dropout)
 
 
 @pytest.mark.parametrize(("scst_patience", "scst_epochs_run"), [(None, 1), (3, 5)])
@@ -493,8 +478,7 @@ def test_scst_patience_lets_self_critical_training_recover_from_its_first_dip(
         dataset, cache_dir, tmp_path, monkeypatch, scst_patience, scst_epochs_run):
     """SCST usually starts below the cross-entropy best: its own patience keeps it going."""
     scripted_cider = iter([50.0, 40.0, 41.0, 60.0, 45.0, 46.0])  # XE 1, then SCST 1..5
-    monkeypatch.setattr(training_module, "validate",
-                        lambda *args, **kwargs: ({"CIDEr": next(scripted_cider)}, {}))
+    monkeypatch.setattr(training_module, "validate", lambda *args, **kwargs: {"CIDEr": next(scripted_cider)})
     cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_epochs=5, patience=1,
                       scst_patience=scst_patience)
     summary = train(cfg)
@@ -504,49 +488,29 @@ def test_scst_patience_lets_self_critical_training_recover_from_its_first_dip(
 
 
 @pytest.mark.parametrize("xe_weight", [0.0, 0.5])
-def test_mixed_scst_adds_weighted_cross_entropy(dataset, cache_dir, tmp_path, monkeypatch, xe_weight):
+def test_mixed_scst_adds_weighted_cross_entropy(dataset, cache_dir, tmp_path, xe_weight):
     """--scst_xe_weight w: each SCST step minimises the policy-gradient loss + w x cross-entropy."""
-    parts = []
-    real_scst, real_xe = training_module.scst_loss, training_module._xe_loss
-
-    def recording_scst(*args, **kwargs):
-        loss, stats = real_scst(*args, **kwargs)
-        parts.append(["scst", loss.item()])
-        return loss, stats
-
-    def recording_xe(*args, **kwargs):
-        loss, stats = real_xe(*args, **kwargs)
-        parts.append(["xe", loss.item()])
-        return loss, stats
-
-    monkeypatch.setattr(training_module, "scst_loss", recording_scst)
-    monkeypatch.setattr(training_module, "_xe_loss", recording_xe)
-    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_xe_weight=xe_weight)
-    train(cfg)
-    scst_steps = parts[next(i for i, (kind, _) in enumerate(parts) if kind == "scst"):]
-    kinds = [kind for kind, _ in scst_steps]
-    assert kinds == (["scst", "xe"] * 4 if xe_weight else ["scst"] * 4)  # 4 steps per epoch
-    per_step = len(kinds) // 4
-    steps = [scst_steps[i : i + per_step] for i in range(0, len(kinds), per_step)]
-    expected = np.mean([sum(v * (xe_weight if kind == "xe" else 1.0) for kind, v in step) for step in steps])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["stage"] == "scst" and rows[-1]["train_loss"] == pytest.approx(expected, rel=1e-5)
+    cfg = make_config(dataset, tmp_path / "run", cache_dir, scst_xe_weight=xe_weight, alpha_reg=0.5)
+    model, data, batch = stage_batch(dataset, cache_dir, cfg)
+    loss, stats = SelfCritical(cfg, model, data, Dist(), torch.device("cpu")).loss(batch)
+    cross_entropy = stats.get("xent", 0.0) + cfg.alpha_reg * stats.get("attention_reg", 0.0)
+    assert ("xent" in stats) is bool(xe_weight)
+    assert loss.item() == pytest.approx(stats["scst_loss"] + xe_weight * cross_entropy, rel=1e-5)
+    loss.backward()
+    assert model.decoder.classifier.weight.grad.abs().sum() > 0
 
 
-def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp_path):
     """--ema_decay d: best/ holds e_1 = w_1, e_k = d_k e_(k-1) + (1 - d_k) w_k over the steps'
     weights w_k, with d_k = min(d, k / (k + 9)); not the last step's weights. Without it, best/
     holds the raw weights."""
-    snapshots = []
-
-    class RecordingAverage(training_module.AveragedModel):
-        def update_parameters(self, model):
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            super().update_parameters(model)
-
-    monkeypatch.setattr(training_module, "AveragedModel", RecordingAverage)
-    train(make_config(dataset, tmp_path / "ema", cache_dir, epochs=1, scst_epochs=0, ema_decay=0.25))
-    assert len(snapshots) == 4  # one update per optimizer step
+    cfg = make_config(dataset, tmp_path / "ema", cache_dir, epochs=1, scst_epochs=0, ema_decay=0.25)
+    snapshots = []  # the raw weights after each of the epoch's 4 steps, from the saved run state
+    for step in (1, 2, 3, None):
+        train(dataclasses.replace(cfg, resume=step != 1, stop_after_step=step))
+        snapshots.append({k.removeprefix("model."): v for k, v in state_tensors(tmp_path / "ema").items()
+                          if k.startswith("model.")})
     expected = dict(snapshots[0])
     for k, weights in enumerate(snapshots[1:], start=2):
         decay = min(0.25, k / (k + 9))  # 2/11 = 0.18, then capped at 0.25
@@ -569,67 +533,49 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     last = load_file(str(exported / "model.safetensors"))
     assert last.keys() == best.keys()
     assert all(torch.equal(last[k], raw[f"model.{k}"]) for k in last)
-    averaged, _, _ = training_module.last_step_model(tmp_path / "ema", averaged=True)
+    averaged, _, _ = last_step_model(tmp_path / "ema", averaged=True)
     assert all(torch.equal(averaged.state_dict()[k], best[k]) for k in decoder)
     image = next(Path(dataset[1]).glob("*.jpg"))
     assert Captioner.from_pretrained(exported, device="cpu").caption(image).words
 
-    snapshots.clear()
     train(make_config(dataset, tmp_path / "plain", cache_dir, epochs=1, scst_epochs=0, ema_decay=0.0))
-    assert snapshots == []
     best = load_file(str(tmp_path / "plain" / "best" / "model.safetensors"))
     raw = state_tensors(tmp_path / "plain")
     assert not any(k.startswith("ema.") for k in raw)
     assert all(torch.equal(best[k], raw[f"model.{k}"]) for k in best if k.startswith("decoder."))
 
 
-def test_hflip_trains_on_plain_or_mirrored_grids_chosen_per_image_and_epoch(
-        dataset, cache_dir, tmp_path, monkeypatch):
+def test_hflip_trains_on_plain_or_mirrored_grids_chosen_per_image_and_epoch(dataset, cache_dir, tmp_path):
     """--hflip true: each training image's grid comes, per epoch, from the plain or the mirrored
-    photo (about half each, as `mirrored_rows` says); validation always sees the plain photo."""
-    seen = []  # (epoch index, rows, grids) of every training step
-    real_xe = training_module._xe_loss
-
-    def recording_xe(net, x, *args):
-        seen.append(x.clone())
-        return real_xe(net, x, *args)
-
-    batches_seen = []
-    real_batches = training_module.Inputs.batches
-
-    def recording_batches(self, row_batches, mirror=None):
-        batches_seen.append((row_batches, mirror))
-        yield from real_batches(self, row_batches, mirror)
-
-    monkeypatch.setattr(training_module, "_xe_loss", recording_xe)
-    monkeypatch.setattr(training_module.Inputs, "batches", recording_batches)
-    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=2, scst_epochs=0, hflip=True)
+    photo (about half each, drawn per epoch); validation always sees the plain photo."""
+    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_epochs=0, hflip=True)
     summary = train(cfg)
     assert summary["feature_extraction"]["mirrored"]["images"] == 16  # training photos only
 
+    data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words)
+    model = CaptionModel(cfg.model, len(data.vocab))
+    inputs = Inputs(model, data, torch.device("cpu"), str(cache_dir), True, 0, Dist(), progress=False)
     encoder = Encoder("efficientnet_lite0", 128)
     paths = [p for _, p in sorted(_image_paths(cfg).items())]
     plain = FeatureCache(cache_dir, encoder, [*paths, *paths])
     mirrored = FeatureCache(cache_dir, encoder, paths, mirrored=True)
-    training_calls = [(rows, mirror) for rows, mirror in batches_seen if mirror is not None]
-    assert len(training_calls) == 2  # one per epoch; validation calls pass no mirror
-    steps = iter(seen)
+    draws = [mirrored_rows(True, cfg.seed, 16, epoch) for epoch in range(2)]
+    assert not np.array_equal(*draws)  # a new draw each epoch
+    assert np.array_equal(draws[0], mirrored_rows(True, cfg.seed, 16, 0))  # the same on resume
     choices = []
-    for epoch, (row_batches, mirror) in enumerate(training_calls):
-        assert np.array_equal(mirror, training_module.mirrored_rows(cfg, 16, epoch))
-        for rows in row_batches:
-            x = next(steps)
+    for mirror in draws:
+        row_batches = epoch_batches(16, 4, cfg.seed, 0, Dist())
+        for rows, x in inputs.batches(row_batches, mirror):
             for i, row in enumerate(rows):
                 source = mirrored if mirror[row] else plain
-                assert torch.equal(x[i], source.batch([row])[0]), (epoch, row)
+                assert torch.equal(x[i], source.batch([row])[0]), row
                 choices.append(bool(mirror[row]))
     assert 0 < sum(choices) < len(choices)
-    assert not np.array_equal(training_calls[0][1], training_calls[1][1])  # new draw each epoch
-    assert len(batches_seen) == 4  # and two validations, which pass no mirror
+    ((_, x),) = inputs.batches([[16, 17]])  # validation rows: never mirrored
+    assert torch.equal(x, plain.batch([16, 17]))
 
 
-def test_caption_batches_hold_single_captions_shuffled_across_images(
-        dataset, cache_dir, tmp_path, monkeypatch):
+def test_caption_batches_hold_single_captions_shuffled_across_images(dataset, cache_dir, tmp_path):
     """--batch_by caption: a cross-entropy epoch is every training caption once, in batches of
     batch_size captions, each caption paired with its own image's grid; SCST still batches
     whole images."""
@@ -640,51 +586,56 @@ def test_caption_batches_hold_single_captions_shuffled_across_images(
         for k, word in ((1, "look"), (2, "here")) for a in coco["annotations"]]
     three_each = tmp_path / "three_captions.json"
     three_each.write_text(json.dumps(coco))
-
-    steps = []  # (grids, captions, lengths, image_index) of every cross-entropy step
-    real_xe = training_module._xe_loss
-
-    def recording_xe(net, x, captions, lengths, image_index, *args):
-        steps.append((x.clone(), captions.clone(), lengths.clone(), image_index.clone()))
-        return real_xe(net, x, captions, lengths, image_index, *args)
-
-    row_batches_seen = []
-    real_batches = training_module.Inputs.batches
-
-    def recording_batches(self, row_batches, mirror=None):
-        if all(r < 16 for rows in row_batches for r in rows):  # training; validation rows are 16-31
-            row_batches_seen.append(row_batches)
-        yield from real_batches(self, row_batches, mirror)
-
-    monkeypatch.setattr(training_module, "_xe_loss", recording_xe)
-    monkeypatch.setattr(training_module.Inputs, "batches", recording_batches)
     cfg = make_config((three_each, images), tmp_path / "run", cache_dir, epochs=2, scst_epochs=1,
                       batch_size=8, batch_by="caption")
-    train(cfg)
-
-    data = training_module.prepare_data(cfg)
+    data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words)
     every_caption = sorted((row, tuple(ids)) for row, caps in enumerate(data.encoded) for ids in caps)
     assert len(every_caption) == 48
-    paths = [p for _, p in sorted(_image_paths(cfg).items())]
-    grids = FeatureCache(cache_dir, Encoder("efficientnet_lite0", 128), [*paths, *paths]).batch(range(16))
-    xe_epochs, scst_epochs = row_batches_seen[:2], row_batches_seen[2:]
-    step = iter(steps)
-    for row_batches in xe_epochs:
-        assert [len(rows) for rows in row_batches] == [8] * 6
+    items = training_items(data, "caption")
+    for epoch in range(2):
+        batches = epoch_batches(len(items), cfg.batch_size, cfg.seed, epoch, Dist())
+        assert [len(b) for b in batches] == [8] * 6
         seen = []
-        for rows in row_batches:
-            x, captions, lengths, image_index = next(step)
-            assert torch.equal(image_index, torch.arange(8))  # one grid per caption
-            for i, row in enumerate(rows):
-                assert torch.equal(x[i], grids[row])
-                seen.append((row, tuple(captions[i, : lengths[i]].tolist())))
+        for batch in batches:
+            rows = [items[i][0] for i in batch]
+            step = step_batch(rows, torch.zeros(8, 1), [items[i][1] for i in batch], False, "cpu")
+            assert torch.equal(step.image_index, torch.arange(8))  # one grid per caption
+            seen += [(row, tuple(step.captions[i, : step.lengths[i]].tolist())) for i, row in enumerate(rows)]
         assert sorted(seen) == every_caption
         # Shuffled across images: whole images (3 captions each) would give at most 4 per batch.
-        assert np.mean([len(set(rows)) for rows in row_batches]) > 5
-    assert next(step, None) is None
-    assert len(scst_epochs) == 1
-    assert all(len(set(rows)) == len(rows) == 8 for rows in scst_epochs[0])  # 8 distinct images
-    assert sorted(r for rows in scst_epochs[0] for r in rows) == list(range(16))
+        assert np.mean([len({items[i][0] for i in b}) for b in batches]) > 5
+    scst_items = training_items(data, "image")
+    assert [row for row, _ in scst_items] == list(range(16)) and all(len(c) == 3 for _, c in scst_items)
+
+    train(cfg)  # 2 epochs of 6 caption batches, then SCST over 2 batches of 8 images
+    assert state_progress(tmp_path / "run")["global_step"] == 2 * 6 + 2
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(dataset, cache_dir, tmp_path):
+    """A NaN in the inputs (here: one image's cached grid) makes the loss NaN: the run stops with
+    an error before the weights change, the saved run state is the step before, and once the
+    input is fixed the run resumes."""
+    poisoned = tmp_path / "cache"
+    shutil.copytree(cache_dir, poisoned)
+    cfg = make_config(dataset, tmp_path / "run", poisoned, epochs=1, scst_epochs=0, checkpoint_every=1)
+    paths = [p for _, p in sorted(_image_paths(cfg).items())]
+    cache = FeatureCache(poisoned, Encoder("efficientnet_lite0", 128), [*paths, *paths])
+    cache.extract(num_workers=0, progress=False)
+    row = epoch_batches(16, cfg.batch_size, cfg.seed, 0, Dist())[2][0]  # in the third step
+    grids = np.memmap(cache.features_file, dtype=np.float16, mode="r+", shape=cache.shape)
+    grids[row, 0, 0] = np.nan
+    grids.flush()
+    with pytest.raises(training_module.TrainingDiverged, match=r"loss became nan at step 3 .*last good"):
+        train(cfg)
+    assert state_progress(tmp_path / "run")["global_step"] == 2
+    saved = state_tensors(tmp_path / "run").values()
+    assert all(torch.isfinite(v).all() for v in saved if v.is_floating_point())
+
+    done = np.memmap(cache.done_file, dtype=np.uint8, mode="r+")
+    done[row] = 0  # recompute that row
+    done.flush()
+    train(dataclasses.replace(cfg, resume=True))
+    assert state_progress(tmp_path / "run")["done"] is True
 
 
 def test_unknown_batch_by_is_refused_before_anything_is_written(dataset, cache_dir, tmp_path):

@@ -1,0 +1,119 @@
+"""The two training stages, as objects with one small interface: what an epoch batches
+(`items`), how its order is drawn (`order_seed`), whether dropout is on, the learning rate of a
+step, and `loss(batch)` -> (loss, what to log).
+
+Cross-entropy: teacher forcing with the doubly stochastic attention penalty (Xu et al. eq. 14).
+Self-critical (Rennie et al. 2017): sample captions, reward their CIDEr-D (captioner.scst).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .distributed import Dist
+from .losses import caption_loss
+from .scst import reward_scorer, scst_loss
+from .training_data import PreparedData, caption_batch, training_items
+
+
+@dataclass
+class StepBatch:
+    rows: list[int]  # image rows of the batch's items
+    inputs: torch.Tensor  # (B, L, D) cached grids, or (B, 3, S, S) pixels when encode is set
+    captions: torch.Tensor  # (N, T) <start> w1 .. wn <end> <pad>..
+    lengths: torch.Tensor  # (N,)
+    image_index: torch.Tensor  # (N,) the item (row of `inputs`) of each caption
+    encode: bool  # inputs are pixels: the model runs its encoder
+
+
+def step_batch(rows: list[int], inputs: torch.Tensor, caption_lists: list[list[list[int]]],
+               encode: bool, device: torch.device) -> StepBatch:
+    captions, lengths, image_index = caption_batch(caption_lists)
+    return StepBatch(rows, inputs, captions.to(device), lengths.to(device), image_index.to(device), encode)
+
+
+class Stage(Protocol):
+    name: str
+    epochs: int
+    patience: int
+    lr: float  # the decoder's starting learning rate
+    dropout: bool  # train with dropout on
+    items: list[tuple[int, list[list[int]]]]  # see training_data.training_items
+
+    def order_seed(self, epoch: int) -> int: ...
+    def step_lr(self, global_step: int) -> float | None: ...
+    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class CrossEntropy:
+    name = "xe"
+
+    def __init__(self, cfg, net: torch.nn.Module, data: PreparedData, d: Dist, device: torch.device,
+                 steps_per_epoch: int):
+        self.cfg, self.net, self.dist, self.device = cfg, net, d, device
+        self.epochs, self.patience, self.lr, self.dropout = cfg.epochs, cfg.patience, cfg.lr, True
+        self.items = training_items(data, cfg.batch_by)
+        self.total_steps = steps_per_epoch * cfg.epochs
+
+    def order_seed(self, epoch: int) -> int:
+        return epoch
+
+    def step_lr(self, global_step: int) -> float:
+        """Linear warm-up, then cosine decay to lr * min_lr_ratio over the stage."""
+        cfg = self.cfg
+        if global_step < cfg.warmup_steps:
+            return cfg.lr * (global_step + 1) / cfg.warmup_steps
+        progress = min(1.0, (global_step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, alphas = self.net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
+                                  encode=batch.encode)
+        tokens, caps = float((batch.lengths - 1).sum()), float(len(batch.lengths))
+        if self.dist.world_size > 1:  # global denominators: DDP's gradient mean then equals one big batch
+            tokens, caps = self.dist.all_sum([tokens, caps], self.device)
+            tokens, caps = tokens / self.dist.world_size, caps / self.dist.world_size
+        return caption_loss(logits, batch.captions, alphas, self.cfg.alpha_reg, self.cfg.label_smoothing,
+                            token_count=tokens, caption_count=caps)
+
+
+class SelfCritical:
+    """Optionally mixed: loss = SCST + scst_xe_weight x cross-entropy on the references."""
+
+    name = "scst"
+
+    def __init__(self, cfg, net: torch.nn.Module, data: PreparedData, d: Dist, device: torch.device,
+                 steps_per_epoch: int = 0):
+        self.cfg, self.net, self.data = cfg, net, data
+        self.epochs, self.lr, self.dropout = cfg.scst_epochs, cfg.scst_lr, cfg.scst_dropout
+        self.patience = cfg.patience if cfg.scst_patience is None else cfg.scst_patience
+        self.items = training_items(data, "image")  # rewards compare samples of one image
+        self.cider = reward_scorer(data.references)
+        self.cross_entropy = CrossEntropy(cfg, net, data, d, device, steps_per_epoch)
+
+    def order_seed(self, epoch: int) -> int:
+        return 1000 + epoch  # fresh orders, not the cross-entropy epochs' again
+
+    def step_lr(self, global_step: int) -> None:
+        return None  # constant
+
+    def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        tokens, log_probs, mask, _ = self.net(batch.inputs, encode=batch.encode, samples=cfg.scst_samples,
+                                              max_length=cfg.scst_max_length)
+        references = [self.data.references[r] for r in batch.rows]
+        loss, stats = scst_loss(tokens, log_probs, mask, references, self.cider, self.data.vocab,
+                                cfg.scst_samples)
+        if cfg.scst_xe_weight:  # mixed objective: stay close to the human captions
+            xe, xe_stats = self.cross_entropy.loss(batch)
+            loss = loss + cfg.scst_xe_weight * xe
+            stats |= xe_stats
+        return loss, stats
+
+
+STAGES = {"xe": CrossEntropy, "scst": SelfCritical}
