@@ -245,7 +245,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .api import Captioner, CheckpointError, ModelNotFoundError
+    from .api import Captioner
+    from .checkpoint import CheckpointError
+    from .hub import ModelNotFoundError
 
     try:
         captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize,
