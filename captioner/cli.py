@@ -47,7 +47,8 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--quantize", action=Switch, default=False,
                         help="int8 decoder on CPU: faster, slightly different captions (default: off)")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive, default=32,
+                        help="images captioned together (default: %(default)s)")
     parser.add_argument("--beam-size", type=_positive, default=3,
                         help="1 = greedy decoding (default: %(default)s)")
     parser.add_argument("--max-length", type=_positive, default=20,
@@ -173,7 +174,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--checkpoint", help=MODEL_HELP)
     parser.add_argument("--revision", help="Hub revision of a --checkpoint repo id")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"],
-                        help="(default: %(default)s)")
+                        help="the dataset split to score (default: %(default)s)")
     parser.add_argument("--beam-size", type=_positive, default=3, help="1 = greedy (default: %(default)s)")
     parser.add_argument("--max-length", type=_positive, default=20,
                         help="most words per caption (default: %(default)s)")
@@ -183,7 +184,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         default=source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE"),
                         help="no caption repeats a phrase of N words; 0: repeats allowed "
                              "(default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive, default=32,
+                        help="images captioned together (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=2,
                         help="processes loading images (default: %(default)s)")
     parser.add_argument("--cache-dir", help="reuse/extract the frozen encoder's feature cache here")
