@@ -86,7 +86,8 @@ CAPTION_HELP = dict(
 
 
 def caption_folder_parser() -> argparse.ArgumentParser:
-    return add_caption_arguments(FlagParser(prog="captioner-caption", **CAPTION_HELP))
+    return add_caption_arguments(FlagParser(prog="captioner-caption", description=CAPTION_HELP["description"],
+                                            epilog=CAPTION_HELP["epilog"]))
 
 
 def _positive(text: str) -> int:
@@ -260,6 +261,7 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sys.exit(f"{parser.prog}: device {args.device!r} is not usable here: {err}")
     from . import webapp  # imports gradio: only worth it once there is a model
 
+    assert captioner.path is not None  # from_pretrained records where the model came from
     about = webapp.describe_model(captioner.path, captioner)
     demo = webapp.build_app(captioner, about, webapp.example_images())
     webapp.serve(demo, args.host, args.port, args.share)

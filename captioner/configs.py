@@ -77,8 +77,9 @@ def config_fields(config: ConfigRef, prefix: str = "") -> list[ConfigField]:
             flags += config_fields(nested, f"{prefix}{field_name}.")
             continue
         kind, optional, choices = _annotation(statement.annotation, where)
-        doc = following.value.value if (isinstance(following, ast.Expr) and isinstance(
-            following.value, ast.Constant) and isinstance(following.value.value, str)) else ""
+        doc = ""
+        if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            doc = following.value.value if isinstance(following.value.value, str) else ""
         if statement.value is None:
             raise TypeError(f"{where}: config fields need a default")
         flags.append(ConfigField(f"{prefix}{field_name}", kind, optional, choices,
@@ -99,10 +100,14 @@ def source_constant(module: str, name: str) -> Any:
     the module: what --help shows as a default when the module itself imports torch."""
     tree, source_file = _parse_module(module)
     for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else (
-            node.target if isinstance(node, ast.AnnAssign) else None)
-        if isinstance(target, ast.Name) and target.id == name and node.value is not None:
-            return ast.literal_eval(node.value)
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == name:
+            return ast.literal_eval(value)
     raise LookupError(f"no literal {name} = ... at the top level of {source_file}")
 
 
