@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,9 +13,8 @@ import numpy as np
 import torch
 
 from . import hub
-from .checkpoint import CONFIG_FILE, load_model
+from .checkpoint import load_model
 from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, decode
-from .hub import ModelNotFoundError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
@@ -85,14 +83,7 @@ class Captioner:
         CPU is bound by reading its weights, so this makes captioning ~2-3x faster, at the cost
         of slightly different scores.
         """
-        default = path is None
-        path = hub.resolve_model(path or os.environ.get("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS, revision)
-        if (path.is_dir() and not (path / CONFIG_FILE).exists()) or (default and not path.exists()):
-            raise ModelNotFoundError(
-                f"no trained model in {path} (expected {CONFIG_FILE} and model.safetensors). "
-                "Train one with `captioner train` (scripts/train.py) and pass its output folder, "
-                "e.g. Captioner.from_pretrained('runs/my-run/best'), or set CAPTIONER_WEIGHTS."
-            )
+        path = hub.find_model(path, revision, default=DEFAULT_WEIGHTS)
         model, vocab, config = load_model(path)
         captioner = cls(model, vocab, device, quantize=quantize)
         captioner.path, captioner.config = (path.parent if path.is_file() else path), config

@@ -8,6 +8,7 @@ actually resolved or pushed.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -74,6 +75,21 @@ def resolve_model(name: str | Path, revision: str | None = None) -> Path:
             f"({type(err).__name__}: {err})"
         ) from err
     return Path(str(folder))
+
+
+def find_model(path: str | Path | None, revision: str | None = None, default: Path | None = None) -> Path:
+    """The model folder `Captioner.from_pretrained(path)` loads: `path` (a folder, file or Hub
+    repo id), else $CAPTIONER_WEIGHTS, else `default` (the shipped model). Cheap: no torch, so
+    the app can fail fast, and serve its page while the model loads."""
+    folder = resolve_model(path or os.environ.get("CAPTIONER_WEIGHTS") or default or default_weights(),
+                           revision)
+    if (folder.is_dir() and not (folder / "config.json").exists()) or (path is None and not folder.exists()):
+        raise ModelNotFoundError(
+            f"no trained model in {folder} (expected config.json and model.safetensors). "
+            "Train one with `captioner train` (scripts/train.py) and pass its output folder, "
+            "e.g. Captioner.from_pretrained('runs/my-run/best'), or set CAPTIONER_WEIGHTS."
+        )
+    return folder
 
 
 def save_pretrained(captioner: Captioner, directory: str | Path, dtype: Any = None) -> Path:

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .api import Captioner, CaptionResult
-from .checkpoint import read_config
 from .images import ImageLoadError, load_image
 from .visualize import overlay_attention
+
+if TYPE_CHECKING:  # the model's modules (timm) load in the background while the page is served
+    from collections.abc import Callable
+
+    from .api import Captioner, CaptionResult
 
 TITLE = "captioner — Show, Attend and Tell"
 MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
@@ -160,6 +163,8 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
 
 def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     """Markdown for the About panel: the architecture, the checkpoint's metadata and model card."""
+    from .checkpoint import read_config
+
     directory = checkpoint.parent if checkpoint.is_file() else checkpoint
     config = read_config(directory)
     model = config["model"]
@@ -208,7 +213,7 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     return paths
 
 
-def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr.Blocks:
+def build_app(captioner: Captioner, about: str | Callable[[], str], examples: list[list[str]]) -> gr.Blocks:
     """The UI: image and controls left, caption and alternatives right, attention below."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
