@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from .configs import (
     FlagParser,
@@ -23,6 +24,9 @@ from .configs import (
     load_config_file,
     source_constant,
 )
+
+if TYPE_CHECKING:
+    from .api import Captioner
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
 TRAIN_CONFIG, DATA_CONFIG = "captioner.training:TrainConfig", "captioner.data:DataConfig"
@@ -248,24 +252,78 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .api import Captioner
-    from .checkpoint import CheckpointError
-    from .hub import ModelNotFoundError
+    """Serve the page first, load the model beside it: the page needs gradio, not the model's
+    modules (torch.nn, timm), so the model loads in the background once the server is up and a
+    click on Caption waits for it. A missing model is still refused before anything starts."""
+    from . import hub
 
     try:
-        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize,
-                                              revision=args.revision)
-    except (ModelNotFoundError, CheckpointError) as err:
+        folder = hub.find_model(args.checkpoint, args.revision)
+    except hub.ModelNotFoundError as err:
         sys.exit(f"{parser.prog}: cannot start without a model: {err}")
-    except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without one
-        sys.exit(f"{parser.prog}: device {args.device!r} is not usable here: {err}")
-    from . import webapp  # imports gradio: only worth it once there is a model
+    from . import webapp  # imports gradio
 
-    assert captioner.path is not None  # from_pretrained records where the model came from
-    about = webapp.describe_model(captioner.path, captioner)
-    demo = webapp.build_app(captioner, about, webapp.example_images())
-    webapp.serve(demo, args.host, args.port, args.share)
+    captioner = BackgroundCaptioner(folder, args.device, args.quantize)
+
+    def about() -> str:
+        """Gradio asks once while building the page (the model is not loading yet: a placeholder),
+        then at each page load (which waits for the model)."""
+        if not captioner.thread.is_alive() and not captioner.ready.is_set():
+            return "_The model is loading…_"
+        return webapp.describe_model(folder, captioner.loaded())
+
+    demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images())
+    captioner.start()
+    webapp.serve(demo, args.host, args.port, args.share)  # returns when interrupted
+    if captioner.error is not None:
+        sys.exit(f"{parser.prog}: {captioner.error}")
     return 0
+
+
+class BackgroundCaptioner:
+    """Stands for a Captioner that loads in a background thread: any attribute waits for it. If
+    loading fails, the server is stopped (the main thread is interrupted) and `error` says why."""
+
+    def __init__(self, folder: Path, device: str | None, quantize: bool):
+        import threading
+
+        self.folder, self.device, self.quantize = folder, device, quantize
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._load, name="load-model", daemon=True)
+        self.captioner: Any = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _load(self) -> None:
+        import _thread
+
+        from .api import Captioner
+        from .checkpoint import CheckpointError
+
+        try:
+            self.captioner = Captioner.from_pretrained(self.folder, device=self.device,
+                                                       quantize=self.quantize)
+        except CheckpointError as err:
+            self.error = f"cannot start without a model: {err}"
+        except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without one
+            self.error = f"device {self.device!r} is not usable here: {err}"
+        finally:
+            self.ready.set()
+        if self.error is not None:
+            print(f"error: {self.error}", file=sys.stderr)
+            _thread.interrupt_main()  # ends the server's launch(); run_app then exits with the error
+
+    def loaded(self) -> Any:
+        """The Captioner, once loaded (waits for it)."""
+        self.ready.wait()
+        if self.captioner is None:
+            raise RuntimeError(f"the model did not load: {self.error}")
+        return self.captioner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loaded(), name)
 
 
 # ----------------------------------------------------------------------------- export

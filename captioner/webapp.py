@@ -20,10 +20,9 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .images import ImageLoadError, load_image
-from .visualize import overlay_attention
-
-if TYPE_CHECKING:  # the model's modules (timm) load in the background while the page is served
+# captioner.images (torch), .visualize (matplotlib) and the model's modules (timm) are imported
+# where they are used: the page is served first, the model loads behind it (cli.run_app).
+if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .api import Captioner, CaptionResult
@@ -83,6 +82,8 @@ def read_upload(payload: dict[str, Any] | None) -> Image.Image:
     if not payload or not payload.get("path"):
         raise gr.Error("Upload an image first (drop a file, paste one, or use the webcam).",
                        print_exception=False)
+    from .images import ImageLoadError, load_image
+
     path = payload["path"]
     name = payload.get("orig_name") or Path(path).name
     try:
@@ -95,6 +96,8 @@ def read_upload(payload: dict[str, Any] | None) -> Image.Image:
 
 def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
     """One (overlay, word) pair per generated word, for the gallery."""
+    from .visualize import overlay_attention
+
     return [(overlay_attention(shown.image, alpha, opacity), word)
             for word, alpha in zip(shown.words, shown.attention, strict=True)]
 
@@ -153,6 +156,8 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
     """The large overlay for word `index` (1-based) and the caption with that word highlighted."""
     if shown is None or not shown.words:
         return gr.update(value=None, label="Attention for the selected word"), []
+    from .visualize import overlay_attention
+
     i = _bounded_int(index, 1, len(shown.words), "word") - 1
     big = overlay_attention(shown.image, shown.attention[i], _opacity(opacity))
     label = f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}”"
@@ -207,6 +212,8 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     for name, (file, _) in EXAMPLES.items():
         path = folder / f"{name}.jpg"
         if not path.is_file():
+            from .images import load_image
+
             with resources.as_file(data / file) as source:
                 load_image(source).save(path, quality=90)
         paths.append([str(path)])
