@@ -265,11 +265,7 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     captioner = BackgroundCaptioner(folder, args.device, args.quantize)
 
-    def about() -> str:
-        """Gradio asks once while building the page (the model is not loading yet: a placeholder),
-        then at each page load (which waits for the model)."""
-        if not captioner.thread.is_alive() and not captioner.ready.is_set():
-            return "_The model is loading…_"
+    def about() -> str:  # called when a page opens; waits for the model
         return webapp.describe_model(folder, captioner.loaded())
 
     demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images())

@@ -269,7 +269,10 @@ def build_app(captioner: Captioner, about: str | Callable[[], str], examples: li
                                      object_fit="contain", allow_preview=False,
                                      elem_id="attention-gallery")
         with gr.Accordion("About the model", open=False):
-            gr.Markdown(about, elem_classes="small-print")
+            about_text = gr.Markdown(about if isinstance(about, str) else "_The model is loading…_",
+                                     elem_classes="small-print")
+        if callable(about):  # a model still loading (cli.run_app): filled in when a page opens
+            demo.load(about, None, about_text, api_visibility="private")
 
         def show_result(state: Shown | None, alpha: float):
             big_image, tokens = word_view(state, 1, alpha)

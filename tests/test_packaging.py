@@ -14,6 +14,8 @@ import venv
 from pathlib import Path
 
 import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
 from skimage import data
 
 from captioner.checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -75,8 +77,6 @@ def test_installed_api_captions_with_the_shipped_model_from_anywhere(installed):
         "                  'caption': cap.caption(sys.argv[1]).text}))\n"
     )
     photo = installed["cwd"] / "astronaut.png"
-    from PIL import Image
-
     Image.fromarray(data.astronaut()).save(photo)
     result = run(installed, str(installed["python"]), "-c", script, str(photo), check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -88,8 +88,6 @@ def test_installed_api_captions_with_the_shipped_model_from_anywhere(installed):
 def test_installed_command_captions_a_folder(installed):
     photos = installed["cwd"] / "photos"
     photos.mkdir()
-    from PIL import Image
-
     Image.fromarray(data.chelsea()).save(photos / "cat.jpg")
     result = run(installed, str(installed["bin"] / "captioner"), "caption", "photos", "-o", "out.jsonl",
                  "--no-progress", "--num-workers", "0")
@@ -113,14 +111,17 @@ def test_installed_app_serves_the_shipped_model(installed):
         while True:
             assert server.poll() is None, server.stdout.read() if server.stdout else ""
             try:
-                with direct.open(url, timeout=5) as response:
-                    page = response.read().decode()
+                direct.open(url, timeout=5).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, f"the installed app did not answer at {url}"
                 time.sleep(0.5)
-        # The About panel names the checkpoint: the model inside the installed package.
-        assert str(installed["site"] / "captioner" / "weights") in page
+        photo = installed["cwd"] / "app-photo.png"
+        Image.fromarray(data.astronaut()).save(photo)
+        caption, alternatives, attention = Client(url, verbose=False).predict(
+            handle_file(str(photo)), 3, 20, 0.6, api_name="/caption")
+        assert "man" in caption.split(), caption
+        assert len(attention) == len(caption.split()) and alternatives["data"]
     finally:
         server.terminate()
         server.wait(timeout=30)
