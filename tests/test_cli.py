@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -179,3 +180,20 @@ def test_scripts_and_app_py_are_aliases_of_the_subcommands():
                                 capture_output=True, text=True, check=True,
                                 env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
         assert alias.stdout == direct.stdout and f"usage: captioner {command}" in alias.stdout, script
+
+
+@pytest.mark.slow
+def test_app_stops_with_a_clear_error_when_the_model_fails_behind_the_page(shapes_checkpoint, tmp_path):
+    """The page is served while the model loads; if loading then fails, the app stops, exit 1."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((shapes_checkpoint / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    from .app_server import OFFLINE_ENV, free_port
+
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(broken),
+                          "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1, run.stderr
+    assert "cannot start without a model" in run.stderr and "corrupt or not a safetensors file" in run.stderr
+    assert "Traceback" not in run.stderr
