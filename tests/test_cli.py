@@ -197,3 +197,11 @@ def test_app_stops_with_a_clear_error_when_the_model_fails_behind_the_page(shape
     assert run.returncode == 1, run.stderr
     assert "cannot start without a model" in run.stderr and "corrupt or not a safetensors file" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_passes_its_arguments_to_the_checkout_benchmark():
+    run = subprocess.run([sys.executable, "-m", "captioner", "benchmark", "--flags"], cwd=ROOT, timeout=300,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert "--checkpoint" in run.stdout and "--quantize" in run.stdout  # scripts/benchmark.py's own flags
