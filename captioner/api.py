@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG_FILE, load_model
+from . import hub
+from .checkpoint import load_model
 from .decoding import (
     NO_REPEAT_NGRAM_SIZE,
     Hypothesis,
@@ -27,16 +28,12 @@ from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = hub.default_weights()
 # On a CPU the encoder runs a few images at a time: their activations stay in cache, which
 # makes it ~2x faster per image than one batch of 32 (scripts/benchmark.py). Decoding still
 # runs the whole batch at once.
 CPU_ENCODER_BATCH = 4
 TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
-
-
-class ModelNotFoundError(FileNotFoundError):
-    pass
 
 
 @dataclass
@@ -88,26 +85,36 @@ class Captioner:
         self.vocab = vocab
         self.transform = model.encoder.transform
         self.max_pixels = max_pixels
+        self.path: Path | None = None  # the model folder it was loaded from, if any
+        self.config: dict[str, Any] = {}  # that folder's config.json (metadata, stored dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        quantize: bool = False) -> Captioner:
-        """Load a model folder; by default the one shipped in `weights/` (or $CAPTIONER_WEIGHTS).
+                        quantize: bool = False, revision: str | None = None) -> Captioner:
+        """Load a model folder, or a Hugging Face Hub repo id ("user/model", at `revision`);
+        by default the shipped model (or $CAPTIONER_WEIGHTS). A local path wins over a repo id.
 
         quantize=True (CPU only) runs the decoder's matrix products in int8: a decoder step on a
         CPU is bound by reading its weights, so this makes captioning ~2-3x faster, at the cost
         of slightly different scores.
         """
-        default = path is None
-        path = Path(path or os.environ.get("CAPTIONER_WEIGHTS") or DEFAULT_WEIGHTS)
-        if (path.is_dir() and not (path / CONFIG_FILE).exists()) or (default and not path.exists()):
-            raise ModelNotFoundError(
-                f"no trained model in {path} (expected {CONFIG_FILE} and model.safetensors). "
-                "Train one with `python scripts/train.py` and pass its output folder, e.g. "
-                "Captioner.from_pretrained('runs/my-run/best'), or set CAPTIONER_WEIGHTS."
-            )
-        model, vocab, _ = load_model(path)
-        return cls(model, vocab, device, quantize=quantize)
+        path = hub.find_model(path, revision, default=DEFAULT_WEIGHTS)
+        model, vocab, config = load_model(path)
+        captioner = cls(model, vocab, device, quantize=quantize)
+        captioner.path, captioner.config = (path.parent if path.is_file() else path), config
+        return captioner
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write this model as a folder `from_pretrained` loads (and the Hub hosts): weights (in
+        the dtype they were stored in, unless `dtype`), config.json and the model card if any."""
+        return hub.save_pretrained(self, directory, dtype)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload captioner model") -> str:
+        """Upload this model to the Hugging Face Hub as `repo_id` (created if needed), with its
+        model card as README.md. Returns the commit URL."""
+        return hub.push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                               commit_message=commit_message)
 
     @property
     def grid_shape(self) -> tuple[int, int]:

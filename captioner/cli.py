@@ -1,53 +1,59 @@
-"""Command-line entry points (installed as console scripts by pyproject.toml)."""
+"""The `captioner` command: caption | train | evaluate | app | export | benchmark.
+
+Each subcommand's flags are defined by an `add_*_arguments(parser)` function and run by a
+`run_*(args, parser)` function that imports torch, timm or gradio only once it runs, so that
+`captioner --help` and `captioner SUB --help` answer at once. `captioner-caption`, `python
+app.py` and `scripts/*.py` are aliases of the subcommands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-from .api import Captioner
-from .batch import (
-    DEFAULT_NUM_WORKERS,
-    caption_files,
-    find_images,
-    parse_shard,
-    rank_output,
-    select_shard,
-    torchrun_rank,
+from .configs import (
+    FlagParser,
+    Switch,
+    add_config_arguments,
+    config_from_args,
+    load_config_file,
+    source_constant,
 )
-from .decoding import NO_REPEAT_NGRAM_SIZE, check_decoding_options
-from .focus import DEFAULT_STRENGTH
-from .images import DEFAULT_MAX_PIXELS
-from .records import FORMATS, OutputError, merge_outputs
+
+if TYPE_CHECKING:
+    from .api import Captioner
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
+TRAIN_CONFIG, DATA_CONFIG = "captioner.training:TrainConfig", "captioner.data:DataConfig"
+MODEL_HELP = ("model folder or Hugging Face Hub repo id, e.g. user/captioner-flickr8k "
+              "(default: the shipped model, or $CAPTIONER_WEIGHTS)")
+OLD_SPELLINGS = "Flags also accept their old spellings: --beam_size for --beam-size, --resume true/false."
+Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
-def caption_folder_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="captioner-caption",
-        description="Caption every image in folders, files or glob patterns into a JSONL or CSV "
-                    "file. Folders are searched recursively for image files (by extension or by "
-                    "content); hidden files are skipped. Rerunning with the same output skips "
-                    "images already in it.",
-        epilog="Exit status: 0 when at least one input has a caption, 1 when none could be "
-               "captioned, 2 when the model cannot be loaded or the output cannot be written.",
-    )
+# ----------------------------------------------------------------------------- caption
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `captioner caption` (and `captioner-caption`); extend them here."""
+    no_repeat = source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE")
     parser.add_argument("inputs", nargs="+",
                         help="image folders, image files or glob patterns; with --merge: the shard outputs")
     parser.add_argument("-o", "--output", default="captions.jsonl",
                         help="JSONL or CSV file to append to (default: %(default)s)")
-    parser.add_argument("--format", choices=FORMATS,
+    parser.add_argument("--format", choices=source_constant("captioner.records", "FORMATS"),
                         help="output format (default: csv for a .csv output, else jsonl)")
-    parser.add_argument("--checkpoint",
-                        help="model folder (default: the shipped model, or $CAPTIONER_WEIGHTS)")
+    parser.add_argument("--checkpoint", help=MODEL_HELP)
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of a --checkpoint repo id")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--quantize", action="store_true",
-                        help="int8 decoder on CPU: faster, slightly different captions")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    parser.add_argument("--quantize", action=Switch, default=False,
+                        help="int8 decoder on CPU: faster, slightly different captions (default: off)")
+    parser.add_argument("--batch-size", type=_positive, default=32,
+                        help="images captioned together (default: %(default)s)")
     parser.add_argument("--beam-size", type=_positive, default=3,
                         help="1 = greedy decoding (default: %(default)s)")
     parser.add_argument("--max-length", type=_positive, default=20,
@@ -55,33 +61,49 @@ def caption_folder_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-penalty", type=float, default=0.0,
                         help="rank beams by log-probability / length^P; 1.0 favours longer captions "
                              "(default: %(default)s)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=NO_REPEAT_NGRAM_SIZE, metavar="N",
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=no_repeat, metavar="N",
                         help="no caption repeats a phrase of N words; 3 stops 'a man in a red shirt "
                              "and a man in a red shirt'; 0 allows repeats (default: %(default)s)")
     parser.add_argument("--n-best", type=_positive, default=1,
                         help="also store the N best captions with their scores (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=DEFAULT_NUM_WORKERS,
+    parser.add_argument("--num-workers", type=int, default=None,
                         help="processes decoding images while the model runs; 0 = decode in the "
-                             "main process (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                             "main process (default: 2, or 1 on a 1-core machine)")
+    parser.add_argument("--max-pixels", type=_positive,
+                        default=source_constant("captioner.images", "DEFAULT_MAX_PIXELS"),
                         help="larger images are refused as possible decompression bombs "
                              "(default: %(default)s)")
-    parser.add_argument("--retry-failed", action="store_true",
+    parser.add_argument("--retry-failed", action=Switch, default=False,
                         help="retry images that failed in an earlier run (their rows are replaced)")
     parser.add_argument("--save-attention", metavar="DIR",
                         help="write a PNG of each image's per-word attention into DIR (slow)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--progress", action=Switch, default=True, help="show a progress bar (default: on)")
     parser.add_argument("--shard", metavar="K/N",
                         help="caption only shard K of N (0-based; a stable split by path hash). Under "
                              "torchrun each process takes the shard of its rank and writes OUTPUT.rankK")
+    parser.add_argument("--merge", action="store_true",
+                        help="join the shard outputs given as inputs into --output, one record per image")
     parser.add_argument("--focus-json", metavar="FILE",
                         help='caption a region of some images: a JSON object {"path": [x0, y0, x1, y1], ...} '
                              "(pixels); other images are captioned whole")
-    parser.add_argument("--focus-strength", type=float, default=DEFAULT_STRENGTH,
+    parser.add_argument("--focus-strength", type=float,
+                        default=source_constant("captioner.focus", "DEFAULT_STRENGTH"),
                         help="how hard attention is pulled into a --focus-json box (default: %(default)s)")
-    parser.add_argument("--merge", action="store_true",
-                        help="join the shard outputs given as inputs into --output, one record per image")
     return parser
+
+
+CAPTION_HELP = dict(
+    description="Caption every image in folders, files or glob patterns into a JSONL or CSV file. "
+                "Folders are searched recursively for image files (by extension or by content); "
+                "hidden files are skipped. Rerunning with the same output skips images already in it.",
+    epilog="Exit status: 0 when at least one input has a caption, 1 when none could be captioned, "
+           "2 when the model cannot be loaded or the output cannot be written. " + OLD_SPELLINGS,
+)
+
+
+def caption_folder_parser() -> argparse.ArgumentParser:
+    return add_caption_arguments(FlagParser(prog="captioner-caption", description=CAPTION_HELP["description"],
+                                            epilog=CAPTION_HELP["epilog"]))
 
 
 def _positive(text: str) -> int:
@@ -91,29 +113,25 @@ def _positive(text: str) -> int:
     return value
 
 
-def caption_folder_main(argv: Sequence[str] | None = None) -> int:
-    """`captioner-caption photos/ -o captions.jsonl`; returns the exit status."""
-    parser = caption_folder_parser()
-    args = parser.parse_args(argv)
+def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.n_best > args.beam_size:
         parser.error(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
+    from .batch import parse_shard, rank_output, select_shard, torchrun_rank
+    from .decoding import check_decoding_options
+
     try:
         check_decoding_options(args.beam_size, args.max_length, args.length_penalty, args.n_best,
                                args.no_repeat_ngram_size)
+        shard = parse_shard(args.shard) if args.shard else None
     except ValueError as err:  # "no_repeat_ngram_size must be ..." -> "--no-repeat-ngram-size must be ..."
         name, _, rest = str(err).partition(" ")
         parser.error(f"--{name.replace('_', '-')} {rest}")
-
     if args.merge:
         return _merge(args.inputs, args.output, args.format)
     focus = _read_focus(parser, args.focus_json) if args.focus_json else None
-    shard, device, output = None, args.device, args.output
-    try:
-        shard = parse_shard(args.shard) if args.shard else None
-    except ValueError as err:
-        parser.error(f"--{err}")
+    device, output = args.device, args.output
     ranks = torchrun_rank()
     if ranks is not None:  # one process per GPU (or CPU share), one output file per process
         rank, world, local_rank = ranks
@@ -122,8 +140,13 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
 
         if device is None and torch.cuda.is_available():
             device = f"cuda:{local_rank}"
+    from .api import Captioner
+    from .batch import DEFAULT_NUM_WORKERS, caption_files, find_images
+    from .records import OutputError
+
     try:
-        captioner = Captioner.from_pretrained(args.checkpoint, device=device, quantize=args.quantize)
+        captioner = Captioner.from_pretrained(args.checkpoint, device=device, quantize=args.quantize,
+                                              revision=args.revision)
     except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
         print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
@@ -137,9 +160,10 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
             beam_size=args.beam_size, max_length=args.max_length,
             length_penalty=args.length_penalty, n_best=args.n_best,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
-            num_workers=args.num_workers, max_pixels=args.max_pixels,
-            retry_failed=args.retry_failed, attention_dir=args.save_attention,
-            progress=not args.no_progress, focus=focus, focus_strength=args.focus_strength,
+            num_workers=DEFAULT_NUM_WORKERS if args.num_workers is None else args.num_workers,
+            max_pixels=args.max_pixels, retry_failed=args.retry_failed,
+            attention_dir=args.save_attention, progress=args.progress, focus=focus,
+            focus_strength=args.focus_strength,
         )
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -173,6 +197,8 @@ def _read_focus(parser: argparse.ArgumentParser, path: str) -> dict[str, list[fl
 
 
 def _merge(sources: Sequence[str], target: str, fmt: str | None) -> int:
+    from .records import OutputError, merge_outputs
+
     missing = [s for s in sources if not Path(s).is_file()]
     if missing:
         print(f"error: --merge: no shard output {missing[0]}", file=sys.stderr)
@@ -184,3 +210,292 @@ def _merge(sources: Sequence[str], target: str, fmt: str | None) -> int:
         return EXIT_SETUP_FAILED
     print(f"merged {len(sources)} files: {written} records, {dropped} duplicates dropped -> {target}")
     return 0
+
+
+def caption_folder_main(argv: Sequence[str] | None = None) -> int:
+    """`captioner-caption photos/ -o captions.jsonl`; returns the exit status."""
+    parser = caption_folder_parser()
+    return run_caption(parser.parse_args(argv), parser)
+
+
+# ----------------------------------------------------------------------------- train
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", metavar="JSON",
+                        help="a saved train_config.json to start from; the flags given override it")
+    add_config_arguments(parser, TRAIN_CONFIG)
+    return parser
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .training import TrainConfig, train
+
+    cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
+    summary = train(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, from rank 0
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint", help=MODEL_HELP)
+    parser.add_argument("--revision", help="Hub revision of a --checkpoint repo id")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"],
+                        help="the dataset split to score (default: %(default)s)")
+    parser.add_argument("--beam-size", type=_positive, default=3, help="1 = greedy (default: %(default)s)")
+    parser.add_argument("--max-length", type=_positive, default=20,
+                        help="most words per caption (default: %(default)s)")
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="rank beams by log-probability / length^P (default: %(default)s)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
+                        default=source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE"),
+                        help="no caption repeats a phrase of N words; 0: repeats allowed "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive, default=32,
+                        help="images captioned together (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="processes loading images (default: %(default)s)")
+    parser.add_argument("--cache-dir", help="reuse/extract the frozen encoder's feature cache here")
+    parser.add_argument("--max-images", type=_positive, help="score only the first N images of the split")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--quantize", action=Switch, default=False,
+                        help="score the int8 decoder (CPU) (default: off)")
+    parser.add_argument("--meteor", action=Switch, default=True,
+                        help="also score METEOR (needs Java) (default: on)")
+    parser.add_argument("--spice", action=Switch, default=False,
+                        help="also score SPICE (needs Java and a one-off download) (default: off)")
+    parser.add_argument("--output-dir", help="where results.json and metrics.json go")
+    add_config_arguments(parser, DATA_CONFIG, prefix="data.")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .api import Captioner
+    from .data import DataConfig, load_dataset
+    from .evaluation import evaluate_model
+
+    data_cfg = config_from_args(DataConfig, args, prefix="data.")
+    images = load_dataset(data_cfg)[args.split][: args.max_images]
+    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize,
+                                          revision=args.revision)
+    metrics, _ = evaluate_model(
+        captioner.model, captioner.vocab, images, args.output_dir, meteor=args.meteor, spice=args.spice,
+        beam_size=args.beam_size, max_length=args.max_length, length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, cache_dir=args.cache_dir)
+    summary = {"checkpoint": str(captioner.path), "split": args.split, "images": len(images),
+               "beam_size": args.beam_size, "length_penalty": args.length_penalty,
+               "no_repeat_ngram_size": args.no_repeat_ngram_size,
+               **{k: round(v, 2) for k, v in metrics.items()}}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- app
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags override environment variables, which override the defaults."""
+    env = os.environ.get
+    parser.add_argument("--host", default=env("CAPTIONER_HOST", "127.0.0.1"),
+                        help="address to bind; 0.0.0.0 exposes the app to your network "
+                             "($CAPTIONER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=env("CAPTIONER_PORT", "7860"),
+                        help="port ($CAPTIONER_PORT, default 7860)")
+    parser.add_argument("--checkpoint", default=env("CAPTIONER_WEIGHTS"),
+                        help=MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"))
+    parser.add_argument("--revision", help="Hub revision of a --checkpoint repo id")
+    parser.add_argument("--quantize", action=Switch, default=False,
+                        help="int8 decoder on CPU: faster captions, slightly different scores (default: off)")
+    parser.add_argument("--device", default=env("CAPTIONER_DEVICE"),
+                        help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)")
+    parser.add_argument("--share", action=Switch, default=False,
+                        help="also serve through a public gradio.live link (default: off)")
+    return parser
+
+
+def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Serve the page first, load the model beside it: the page needs gradio, not the model's
+    modules (torch.nn, timm), so the model loads in the background once the server is up and a
+    click on Caption waits for it. A missing model is still refused before anything starts."""
+    from . import hub
+
+    try:
+        folder = hub.find_model(args.checkpoint, args.revision)
+    except hub.ModelNotFoundError as err:
+        sys.exit(f"{parser.prog}: cannot start without a model: {err}")
+    from . import webapp  # imports gradio
+
+    captioner = BackgroundCaptioner(folder, args.device, args.quantize)
+
+    def about() -> str:  # called when a page opens; waits for the model
+        return webapp.describe_model(folder, captioner.loaded())
+
+    demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images())
+    captioner.start()
+    webapp.serve(demo, args.host, args.port, args.share)  # returns when interrupted
+    if captioner.error is not None:
+        sys.exit(f"{parser.prog}: {captioner.error}")
+    return 0
+
+
+class BackgroundCaptioner:
+    """Stands for a Captioner that loads in a background thread: any attribute waits for it. If
+    loading fails, the server is stopped (the main thread is interrupted) and `error` says why."""
+
+    def __init__(self, folder: Path, device: str | None, quantize: bool):
+        import threading
+
+        self.folder, self.device, self.quantize = folder, device, quantize
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._load, name="load-model", daemon=True)
+        self.captioner: Any = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _load(self) -> None:
+        import _thread
+
+        from .api import Captioner
+        from .checkpoint import CheckpointError
+
+        try:
+            self.captioner = Captioner.from_pretrained(self.folder, device=self.device,
+                                                       quantize=self.quantize)
+        except CheckpointError as err:
+            self.error = f"cannot start without a model: {err}"
+        except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without one
+            self.error = f"device {self.device!r} is not usable here: {err}"
+        finally:
+            self.ready.set()
+        if self.error is not None:
+            print(f"error: {self.error}", file=sys.stderr)
+            _thread.interrupt_main()  # ends the server's launch(); run_app then exits with the error
+
+    def loaded(self) -> Any:
+        """The Captioner, once loaded (waits for it)."""
+        self.ready.wait()
+        if self.captioner is None:
+            raise RuntimeError(f"the model did not load: {self.error}")
+        return self.captioner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loaded(), name)
+
+
+# ----------------------------------------------------------------------------- export
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("sources", nargs="+", metavar="source",
+                        help="a model folder written by training (model.safetensors + config.json); "
+                             "several: one model whose decoders vote (same encoder and vocabulary)")
+    parser.add_argument("target", help="the folder to write, e.g. weights")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16",
+                        help="how the weights are stored; they load back as fp32 (default: %(default)s)")
+    parser.add_argument("--last-step", action=Switch, default=False,
+                        help="source is a run folder: export its last saved step's raw weights")
+    return parser
+
+
+def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.last_step and len(args.sources) > 1:
+        parser.error("--last-step exports one run")
+    import torch
+
+    from .checkpoint import load_ensemble, load_model, save_model
+    from .run_state import last_step_model
+
+    if args.last_step:
+        model, vocab, train_config = last_step_model(args.sources[0])
+        metadata = {"weights": "last step, raw (not averaged)", "train_config": train_config}
+    elif len(args.sources) > 1:
+        model, vocab, metadata = load_ensemble(args.sources)
+    else:
+        model, vocab, config = load_model(args.sources[0])
+        metadata = config["metadata"]
+    path = save_model(args.target, model, vocab, metadata=metadata, dtype=getattr(torch, args.dtype))
+    print(f"wrote {path} ({args.dtype})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+BENCHMARK_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.usage = "%(prog)s [-h] [--flags] [BENCHMARK FLAGS ...]"
+    parser.add_argument("--flags", action="store_true",
+                        help="list the benchmark's own flags, e.g. --checkpoint weights --runs 5, "
+                             "which any other argument is passed on as (imports torch: slow)")
+    return parser
+
+
+def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import runpy
+
+    if not BENCHMARK_SCRIPT.is_file():
+        parser.error(f"the benchmark is scripts/benchmark.py of a source checkout; this installed "
+                     f"package has none ({BENCHMARK_SCRIPT} does not exist)")
+    sys.argv = [str(BENCHMARK_SCRIPT), *(["--help"] if args.flags else args.script_args)]
+    runpy.run_path(str(BENCHMARK_SCRIPT), run_name="__main__")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the command
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser], Runner, str]] = {
+    "caption": (add_caption_arguments, run_caption, "caption folders of images into JSONL or CSV"),
+    "train": (add_train_arguments, run_train, "train a model (every TrainConfig field is a flag)"),
+    "evaluate": (add_evaluate_arguments, run_evaluate,
+                 "score a model on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr"),
+    "app": (add_app_arguments, run_app, "the web UI: caption images and see where the model looked"),
+    "export": (add_export_arguments, run_export,
+               "copy a trained model (or several, as an ensemble) to a release folder"),
+    "benchmark": (add_benchmark_arguments, run_benchmark, "time captioning on this machine"),
+}
+DESCRIPTIONS = {
+    "caption": CAPTION_HELP["description"],
+    "train": "Train a captioner: cross-entropy with teacher forcing, then optionally self-critical "
+             "fine-tuning. Several GPUs or CPU processes: torchrun --nproc_per_node N "
+             "$(which captioner) train ...; continue a run: --config RUN/train_config.json --resume.",
+    "evaluate": "Score a model on a dataset split with beam search and the standard COCO metrics; "
+                "writes results.json (COCO results format) and metrics.json into --output-dir.",
+    "app": "Start the web UI on http://127.0.0.1:7860 (same as python app.py).",
+    "export": "Copy a trained model folder (e.g. runs/x/best) to a release folder, by default as fp16; "
+              "several sources make one model whose decoders vote.",
+    "benchmark": "Time the encoder and the whole caption() call on this machine (runs scripts/benchmark.py "
+                 "of the source checkout).",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = FlagParser(prog="captioner", description="Show, Attend and Tell image captioning.",
+                        epilog=OLD_SPELLINGS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=DESCRIPTIONS[name], epilog=OLD_SPELLINGS)
+        add_arguments(sub)
+        sub.set_defaults(run=run, command_parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`captioner COMMAND ...`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if args.command == "benchmark":  # passes its other arguments on to the benchmark script
+        args.script_args = [a for a in argv[argv.index("benchmark") + 1:] if a != "--flags"]
+    elif unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args.run(args, args.command_parser)
+
+
+def alias(command: str) -> Callable[[], None]:
+    """main() of a script or app.py that stands for `captioner COMMAND`."""
+    def run() -> None:
+        sys.exit(main([command, *sys.argv[1:]]))
+    return run

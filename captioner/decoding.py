@@ -106,7 +106,8 @@ def decode_tensors(
     state = decoder.init_state(features, focus)
     words = features.new_full((batch,), Vocabulary.start_id, dtype=torch.long)
     alive = torch.ones(batch, dtype=torch.bool, device=features.device)
-    tokens, log_probs, masks, alphas = [], [], [], []
+    tokens: list[torch.Tensor] = []
+    log_probs, masks, alphas = [], [], []
     for _ in range(max_length):
         logits, state, alpha = decoder.step(features, keys, words, state, focus)
         logp = _log_probs(logits, 1.0 if greedy else temperature)  # (B, V)

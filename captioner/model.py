@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -14,18 +15,34 @@ from .encoder import Encoder
 
 @dataclass
 class ModelConfig:
-    backbone: str = "efficientnet_lite0"
+    """The architecture; every field is a `captioner train --model.FIELD` flag, documented by its
+    docstring."""
+
+    backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                      "resnet50", "resnet101"] = "efficientnet_lite0"
+    """The pretrained CNN that turns the image into a grid of annotation vectors."""
     image_size: int = 224
-    grid_size: int | None = None  # None: the backbone's natural grid at image_size
-    attention: str = "additive"  # or "multiplicative"
-    annotation_dim: int | None = 512  # backbone features are projected to this size (None: not)
+    """Side of the (square) image the encoder sees, in pixels."""
+    grid_size: int | None = None
+    """Side of the annotation grid (none: the backbone's natural grid at image_size)."""
+    attention: Literal["additive", "multiplicative"] = "additive"
+    """How the decoder scores the grid's regions before each word."""
+    annotation_dim: int | None = 512
+    """Backbone features are projected to this size (none: not)."""
     embed_dim: int = 512
+    """Size of the word embeddings."""
     hidden_dim: int = 512
+    """Size of the LSTM's hidden state."""
     attention_dim: int = 512
-    dropout: float = 0.5  # before the output layer
-    input_dropout: float = 0.0  # on word embeddings and projected annotations
-    deep_output: bool = True  # False: words are predicted from h_t alone (an ablation)
-    gate: bool = True  # False: no gating scalar beta on the context (an ablation)
+    """Size of the attention's hidden layer."""
+    dropout: float = 0.5
+    """Dropout before the output layer."""
+    input_dropout: float = 0.0
+    """Dropout on word embeddings and projected annotations."""
+    deep_output: bool = True
+    """Off: words are predicted from h_t alone (an ablation)."""
+    gate: bool = True
+    """Off: no gating scalar beta on the context (an ablation)."""
 
 
 def build_decoder(config: ModelConfig, vocab_size: int, feature_dim: int) -> AttentionDecoder:

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,45 +43,82 @@ from .training_data import BATCH_BY, Inputs, PreparedData, epoch_batches, mirror
 
 @dataclass
 class TrainConfig:
+    """One training run; every field is a `captioner train` flag, documented by its docstring."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     output_dir: str = "runs/default"
+    """Where the run writes best/, its run state, metrics.jsonl and train_config.json."""
     cache_dir: str = "cache"
+    """Where the frozen encoder's features are cached, to be reused by later runs."""
     min_word_count: int = 5
-    max_caption_words: int = 30  # longer training captions are truncated
-    epochs: int = 20  # cross-entropy epochs (at most: early stopping may end sooner)
-    batch_size: int = 32  # images per batch (batch_by "image") or captions (batch_by "caption")
-    batch_by: str = "image"  # "image": each image with all its captions; "caption": captions alone,
-    #   shuffled across images (cross-entropy only: SCST always batches images)
+    """Words seen fewer times in the training captions become <unk>."""
+    max_caption_words: int = 30
+    """Longer training captions are truncated."""
+    epochs: int = 20
+    """Cross-entropy epochs (at most: early stopping may end sooner)."""
+    batch_size: int = 32
+    """Images per batch (batch_by image) or captions (batch_by caption)."""
+    batch_by: Literal["image", "caption"] = "image"
+    """image: each image with all its captions; caption: captions alone, shuffled across images
+    (cross-entropy only: SCST always batches images)."""
     lr: float = 4e-4
+    """Peak learning rate of the decoder (cross-entropy)."""
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    """Steps of linear learning-rate warm-up before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
     grad_clip: float = 5.0
-    ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
-    alpha_reg: float = 1.0  # doubly stochastic attention regularisation (lambda)
+    """Gradients are clipped to this global norm."""
+    ema_decay: float = 0.0
+    """Above 0: validate and save an exponential moving average of the weights."""
+    alpha_reg: float = 1.0
+    """Doubly stochastic attention regularisation (lambda)."""
     label_smoothing: float = 0.0
-    hflip: bool = False  # show each training photo mirrored in a random half of the epochs
-    fine_tune_from: int | None = None  # train encoder stages from this index (no feature cache)
+    """Label smoothing of the cross-entropy loss (0: none)."""
+    hflip: bool = False
+    """Show each training photo mirrored in a random half of the epochs."""
+    fine_tune_from: int | None = None
+    """Train encoder stages from this index (no feature cache); none: the encoder stays frozen."""
     encoder_lr: float = 1e-4
-    scst_epochs: int = 0  # self-critical epochs after cross-entropy
+    """Learning rate of the encoder stages trained by fine_tune_from."""
+    scst_epochs: int = 0
+    """Self-critical (SCST) epochs after cross-entropy."""
     scst_lr: float = 2e-5
+    """Learning rate during SCST."""
     scst_samples: int = 5
+    """Captions sampled per image in each SCST step (their mean reward is the baseline)."""
     scst_max_length: int = 16
-    scst_dropout: bool = True  # sample with dropout on (False: sample the test-time policy)
-    scst_xe_weight: float = 0.0  # SCST loss + this x cross-entropy on the references
+    """Most words per sampled SCST caption."""
+    scst_dropout: bool = True
+    """Sample with dropout on (off: sample the test-time policy)."""
+    scst_xe_weight: float = 0.0
+    """SCST loss + this x cross-entropy on the references."""
     val_beam_size: int = 3
+    """Beam size of the validation captions scored after each epoch."""
     val_max_length: int = 20
-    patience: int = 4  # epochs without a better validation CIDEr before a stage ends
-    scst_patience: int | None = None  # the same for SCST (None: `patience`); SCST often dips first
-    checkpoint_every: int = 200  # steps
-    stop_after_step: int | None = None  # end this invocation after this step, run state saved
-    #   (`resume` continues it): for jobs in time slices
+    """Most words per validation caption."""
+    patience: int = 4
+    """Epochs without a better validation CIDEr before a stage ends."""
+    scst_patience: int | None = None
+    """The same for SCST (none: patience); SCST often dips first."""
+    checkpoint_every: int = 200
+    """Save the run state every this many steps (and at the end of every epoch)."""
+    stop_after_step: int | None = None
+    """End this invocation after this step, run state saved (resume continues it): for jobs in
+    time slices."""
     seed: int = 0
+    """Seeds the weights' initialisation, batch order and dropout."""
     device: str | None = None
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    """cpu, cuda, cuda:1 ... (none: cuda if available; under torchrun, each rank's own)."""
+    amp: bool = True
+    """Mixed precision on CUDA (ignored on CPU)."""
     num_workers: int = 2
+    """Processes loading images (0: load them in the main process)."""
     resume: bool = False
+    """Continue the run in output_dir from its last saved state."""
     progress: bool = True
+    """Show progress bars."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from torchvision.transforms import functional as TF
 from .data import DataConfig, ImageCaptions, load_dataset
 from .distributed import Dist
 from .features import FeatureCache
-from .images import ImageFiles, collate_images
+from .images import ImageFiles, LoadedImage, collate_images
 from .model import CaptionModel
 from .vocabulary import Vocabulary, tokenize
 
@@ -79,10 +80,10 @@ def caption_batch(caption_lists: Sequence[list[list[int]]]
             seqs.append(ids)
             owner.append(i)
     lengths = torch.tensor([len(s) for s in seqs])
-    captions = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    padded = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
     for i, s in enumerate(seqs):
-        captions[i, : len(s)] = torch.tensor(s)
-    return captions, lengths, torch.tensor(owner)
+        padded[i, : len(s)] = torch.tensor(s)
+    return padded, lengths, torch.tensor(owner)
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
@@ -91,8 +92,9 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, d: Dis
     DistributedSampler hands rank r every world_size-th item of one shuffled order, so at
     equal global batch the ranks together see exactly the items one process would.
     """
-    sampler = DistributedSampler(range(num_items), num_replicas=d.world_size, rank=d.rank,
-                                 shuffle=True, seed=seed, drop_last=False)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(num_items), num_replicas=d.world_size, rank=d.rank,  # type: ignore[arg-type]  # any Sized
+        shuffle=True, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     rows = list(sampler)
     local = max(1, batch_size // d.world_size)
@@ -118,15 +120,16 @@ class Inputs:
         paths = [i.path for i in data.images]
         mirror = transforms.Compose([TF.hflip, model.encoder.transform])
         # Row r + len(paths) is photo r mirrored.
-        self.photos = ConcatDataset([ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)])
+        self.photos: ConcatDataset[LoadedImage] = ConcatDataset(
+            [ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)])
         self.cache = self.mirrored = None
-        self.extract_stats: dict = {}
+        self.extract_stats: dict[str, Any] = {}
         if self.encode:
             return
-        extract = dict(num_workers=num_workers, device=device, rank=d.rank, world_size=d.world_size,
-                       progress=progress and d.is_main)
+        extract: dict[str, Any] = dict(num_workers=num_workers, device=device, rank=d.rank,
+                                       world_size=d.world_size, progress=progress and d.is_main)
         self.cache = FeatureCache(cache_dir, model.encoder, paths)
-        self.extract_stats = self.cache.extract(**extract)
+        self.extract_stats.update(self.cache.extract(**extract))
         if hflip:  # only training photos are ever shown mirrored
             self.mirrored = FeatureCache(cache_dir, model.encoder, paths[: data.num_train], mirrored=True)
             self.extract_stats["mirrored"] = self.mirrored.extract(**extract)
@@ -148,13 +151,14 @@ class Inputs:
             for source, mirrored in ((self.cache, False), (self.mirrored, True)):
                 picked = [i for i, f in enumerate(flipped) if f == mirrored]
                 if picked:
+                    assert source is not None  # a mirrored row implies a mirrored cache
                     x[picked] = source.batch([rows[i] for i in picked])
             yield rows, x.to(self.device)
 
     def _photo_batches(self, row_batches: list[list[int]], flags: list[list[bool]]):
         # Own generator: drawing worker seeds from the global RNG would shift the dropout and
         # sampling streams, so a run resumed mid-epoch would no longer match an unbroken one.
-        n = len(self.photos.datasets[0])
+        n = self.photos.cumulative_sizes[0]
         indices = [[r + n * f for r, f in zip(rows, flipped, strict=True)]
                    for rows, flipped in zip(row_batches, flags, strict=True)]
         loader = DataLoader(self.photos, batch_sampler=indices, num_workers=self.num_workers,

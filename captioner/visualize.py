@@ -19,12 +19,12 @@ def attention_heatmap(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     alpha = np.asarray(alpha, dtype=np.float32)
     cell = max(size[0] / alpha.shape[1], size[1] / alpha.shape[0])
-    heat = Image.fromarray(alpha, mode="F").resize(size, Image.Resampling.BICUBIC)
-    heat = np.asarray(heat, dtype=np.float32).clip(min=0)
+    upsampled = Image.fromarray(alpha, mode="F").resize(size, Image.Resampling.BICUBIC)
+    heat = np.asarray(upsampled, dtype=np.float32).clip(min=0)
     heat = heat / heat.max() if heat.max() > 0 else heat
     # Pillow only blurs 8-bit images; 256 levels are as many as a colour map shows anyway.
-    heat = Image.fromarray((heat * 255).round().astype(np.uint8))
-    heat = np.asarray(heat.filter(ImageFilter.GaussianBlur(radius=cell / 3)), dtype=np.float32)
+    levels = Image.fromarray((heat * 255).round().astype(np.uint8))
+    heat = np.asarray(levels.filter(ImageFilter.GaussianBlur(radius=cell / 3)), dtype=np.float32)
     return heat / heat.max() if heat.max() > 0 else heat
 
 

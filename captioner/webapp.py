@@ -14,18 +14,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import numpy as np
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from .api import Captioner, CaptionResult
-from .checkpoint import read_config
-from .focus import DEFAULT_STRENGTH
-from .images import ImageLoadError, load_image
-from .visualize import overlay_attention
+from .configs import source_constant
+
+# captioner.images (torch), .visualize (matplotlib) and the model's modules (timm) are imported
+# where they are used: the page is served first, the model loads behind it (cli.run_app).
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .api import Captioner, CaptionResult
 
 TITLE = "captioner — Show, Attend and Tell"
 MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
@@ -93,6 +96,8 @@ def read_upload(payload: dict[str, Any] | None) -> Image.Image:
     if not payload or not payload.get("path"):
         raise gr.Error("Upload an image first (drop a file, paste one, or use the webcam).",
                        print_exception=False)
+    from .images import ImageLoadError, load_image
+
     path = payload["path"]
     name = payload.get("orig_name") or Path(path).name
     try:
@@ -110,6 +115,8 @@ def word_label(word: str, gate: float) -> str:
 
 def overlay(shown: Shown, alpha: np.ndarray, opacity: float) -> Image.Image:
     """A word's attention over the image, with the focus box (if any) outlined."""
+    from .visualize import overlay_attention
+
     image = overlay_attention(shown.image, alpha, opacity)
     if shown.box is not None:
         width = max(2, round(max(image.size) / 170))
@@ -180,7 +187,7 @@ def region_box(annotation: dict[str, Any] | None) -> str:
 
 def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = 3,
                    max_length: Any = 20, opacity: Any = 0.6, focus_box: Any = "",
-                   focus_strength: Any = DEFAULT_STRENGTH,
+                   focus_strength: Any = None,
                    ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
     """Run the model once: (caption, n-best table, one attention overlay per word, state).
     With a focus box "x0, y0, x1, y1" (image pixels), the caption is about that region."""
@@ -188,9 +195,11 @@ def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size
     beam_size = _int_in_range(beam_size, 1, MAX_BEAM, "beam size")
     max_length = _int_in_range(max_length, 1, MAX_WORDS, "maximum length")
     opacity = _opacity(opacity)
+    from .focus import DEFAULT_STRENGTH
+
     box = parse_box(focus_box)
     try:
-        strength = float(focus_strength)
+        strength = DEFAULT_STRENGTH if focus_strength is None else float(focus_strength)
         result = captioner.caption(picture, beam_size=beam_size, max_length=max_length, focus=box,
                                    focus_strength=strength)
     except (TypeError, ValueError) as err:  # a box outside the image, a strength below 0
@@ -230,6 +239,8 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
 
 def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     """Markdown for the About panel: the architecture, the checkpoint's metadata and model card."""
+    from .checkpoint import read_config
+
     directory = checkpoint.parent if checkpoint.is_file() else checkpoint
     config = read_config(directory)
     model = config["model"]
@@ -272,13 +283,15 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     for name, (file, _) in EXAMPLES.items():
         path = folder / f"{name}.jpg"
         if not path.is_file():
+            from .images import load_image
+
             with resources.as_file(data / file) as source:
                 load_image(source).save(path, quality=90)
         paths.append([str(path)])
     return paths
 
 
-def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr.Blocks:
+def build_app(captioner: Captioner, about: str | Callable[[], str], examples: list[list[str]]) -> gr.Blocks:
     """The UI: image and controls left, caption and alternatives right, attention below."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
@@ -301,7 +314,8 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                                              show_label=True, height=380, elem_id="region-picker",
                                              show_download_button=False, show_clear_button=False)
                     with gr.Row():
-                        strength = gr.Slider(0, 12, value=DEFAULT_STRENGTH, step=0.5, label="Focus strength",
+                        default_strength = source_constant("captioner.focus", "DEFAULT_STRENGTH")
+                        strength = gr.Slider(0, 12, value=default_strength, step=0.5, label="Focus strength",
                                              info="how hard attention is pulled into the box")
                         focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
                                                elem_id="focus-box")
@@ -344,7 +358,10 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                                      object_fit="contain", allow_preview=False,
                                      elem_id="attention-gallery")
         with gr.Accordion("About the model", open=False):
-            gr.Markdown(about, elem_classes="small-print")
+            about_text = gr.Markdown(about if isinstance(about, str) else "_The model is loading…_",
+                                     elem_classes="small-print")
+        if callable(about):  # a model still loading (cli.run_app): filled in when a page opens
+            demo.load(about, None, about_text, api_visibility="private")
 
         def show_result(state: Shown | None, alpha: float):
             big_image, tokens = word_view(state, 1, alpha)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from captioner import Captioner, CaptionModel
 from captioner import training as training_module
 from captioner.checkpoint import atomic_write
-from captioner.configs import add_config_arguments, config_from_args, load_config_file
+from captioner.configs import FlagParser, add_config_arguments, config_from_args, load_config_file
 from captioner.data import DataConfig, DatasetError
 from captioner.decoding import beam_search
 from captioner.distributed import Dist
@@ -401,7 +401,7 @@ def test_bad_inputs_fail_clearly_before_anything_is_written(dataset, cache_dir, 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
+    p = FlagParser()  # the `captioner train` parser: also takes the old `--fine_tune_from`, `--amp Yes`
     p.add_argument("--config")
     add_config_arguments(p, TrainConfig)
     return p

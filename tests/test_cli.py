@@ -1,0 +1,207 @@
+"""The `captioner` command: subcommands, help from the configs' field docs, choices, --x/--no-x,
+kebab-case flags with the old spellings still accepted, and a --help that imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from captioner import batch, decoding, images
+from captioner.attention import ATTENTION_TYPES
+from captioner.cli import COMMANDS, build_parser, caption_folder_parser, main
+from captioner.configs import config_fields, source_constant
+from captioner.data import DATASET_PATHS, DataConfig
+from captioner.encoder import BACKBONES
+from captioner.model import ModelConfig
+from captioner.training import TrainConfig
+from captioner.training_data import BATCH_BY
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "timm", "gradio", "matplotlib")
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+def test_one_command_has_every_subcommand():
+    names = ["caption", "train", "evaluate", "app", "export", "benchmark"]
+    assert list(subcommands()) == names == list(COMMANDS)
+
+
+@pytest.mark.parametrize("argv", [[], *([name] for name in COMMANDS)])
+def test_help_imports_neither_torch_nor_gradio(argv):
+    """`captioner [SUB] --help` parses its flags before importing anything heavy."""
+    code = ("import sys\nfrom captioner.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as done:\n    assert done.code == 0\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, *argv, "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+    assert "usage: captioner" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+
+
+def test_import_captioner_loads_neither_gradio_nor_matplotlib():
+    code = ("import sys, captioner\nassert captioner.Captioner.__name__ == 'Captioner'\n"
+            "print(sorted(m for m in ('gradio', 'matplotlib') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def test_every_flag_has_help_and_a_kebab_case_name():
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert "_" not in option, f"captioner {name} {option}"
+            if action.option_strings and action.dest != "help":
+                text = action.help or ""
+                assert text and not text.startswith("(default"), f"captioner {name} {action.option_strings}"
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, ModelConfig, DataConfig])
+def test_config_flags_match_the_dataclasses_and_carry_their_docs(cls):
+    """The flags are read from source without importing the modules: they must agree with the
+    classes as Python sees them: names, defaults, and a docstring for every field."""
+    flags = {f.dest: f for f in config_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    leaves = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
+    assert [f.dest for f in config_fields(cls) if "." not in f.dest] == [f.name for f in leaves]
+    for f in leaves:
+        assert flags[f.name].default == f.default, f.name
+        assert len(flags[f.name].help) > 10, f"{cls.__name__}.{f.name} has no docstring"
+        assert flags[f.name].optional == (type(None) in typing.get_args(hints[f.name])), f.name
+    train = {f.dest for f in config_fields(TrainConfig)}
+    assert {f"model.{f.name}" for f in dataclasses.fields(ModelConfig)} <= train
+    assert {f"data.{f.name}" for f in dataclasses.fields(DataConfig)} <= train
+
+
+def test_enumerated_fields_offer_exactly_what_the_library_accepts():
+    flags = {f.dest: f for f in config_fields(TrainConfig)}
+    assert flags["batch_by"].choices == BATCH_BY
+    assert set(flags["data.kind"].choices) == set(DATASET_PATHS)
+    assert set(flags["model.attention"].choices) == set(ATTENTION_TYPES)
+    assert set(flags["model.backbone"].choices) == set(BACKBONES)
+    with pytest.raises(SystemExit):
+        parse("train", "--batch-by", "sentence")
+
+
+def test_help_text_comes_from_the_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--epochs INT Cross-entropy epochs (at most: early stopping may end sooner). (default: 20)" in out
+    assert "--resume, --no-resume Continue the run in output_dir" in out
+    assert "--model.gate, --model.no-gate" in out and "(default: on)" in out
+    assert "--batch-by {image,caption}" in out and "(default: none)" in out
+
+
+def test_defaults_read_from_source_are_the_modules_values():
+    assert source_constant("captioner.batch", "FORMATS") == batch.FORMATS
+    assert source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE") == decoding.NO_REPEAT_NGRAM_SIZE
+    assert source_constant("captioner.images", "DEFAULT_MAX_PIXELS") == images.DEFAULT_MAX_PIXELS
+
+
+def test_booleans_are_switches_and_the_old_true_false_still_works():
+    from captioner.cli import config_from_args
+
+    def train(*argv: str) -> TrainConfig:
+        return config_from_args(TrainConfig, parse("train", *argv))
+
+    assert train().resume is False and train("--resume").resume is True
+    assert train("--resume", "true").resume is True and train("--resume=yes").resume is True
+    assert train("--resume", "--no-resume").resume is False
+    assert train("--amp", "false", "--epochs", "2").amp is False
+    assert train("--model.no-gate").model.gate is False and train("--model.gate", "0").model.gate is False
+    assert train("--data.skip-missing").data.skip_missing is True
+    with pytest.raises(SystemExit):
+        parse("train", "--progress", "maybe")
+
+    args = parse("evaluate", "--meteor", "false", "--spice")
+    assert (args.meteor, args.spice) == (False, True)
+    # With positional inputs a word after a switch is an input, unless it is true/false.
+    args = parse("caption", "--quantize", "photos", "--no-progress")
+    assert (args.quantize, args.inputs, args.progress) == (True, ["photos"], False)
+    assert parse("caption", "--quantize", "false", "photos").quantize is False
+
+
+def test_flags_are_kebab_case_and_the_underscore_spelling_is_accepted():
+    kebab = parse("caption", "x.jpg", "--beam-size", "5", "--no-repeat-ngram-size", "2", "--n-best", "2")
+    snake = parse("caption", "x.jpg", "--beam_size", "5", "--no_repeat_ngram_size=2", "--n_best", "2")
+    settings = [{k: v for k, v in vars(args).items() if k != "command_parser"} for args in (kebab, snake)]
+    assert settings[0] == settings[1] and (kebab.beam_size, kebab.no_repeat_ngram_size) == (5, 2)
+    args = parse("train", "--output_dir", "runs/my_run", "--model.grid_size", "7",
+                 "--data.max-val-images", "3")
+    assert (args.output_dir, getattr(args, "model.grid_size"), getattr(args, "data.max_val_images")) == (
+        "runs/my_run", 7, 3)  # values keep their underscores
+    assert caption_folder_parser().parse_args(["--beam_size", "4", "a.png"]).beam_size == 4
+
+
+def test_train_flags_override_a_saved_config(tmp_path):
+    from captioner.cli import config_from_args, load_config_file
+
+    saved = TrainConfig(epochs=7, model=ModelConfig(hidden_dim=64), output_dir="runs/a")
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(dataclasses.asdict(saved)))
+    args = parse("train", "--config", str(path), "--epochs", "3", "--model.dropout", "0.1", "--resume")
+    cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
+    assert (cfg.epochs, cfg.model.hidden_dim, cfg.model.dropout, cfg.output_dir, cfg.resume) == (
+        3, 64, 0.1, "runs/a", True)
+
+
+def test_unknown_flags_are_refused_with_the_subcommand_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--beam-sise", "3"])
+    assert exit_.value.code == 2
+    assert "captioner evaluate: error: unrecognized arguments: --beam-sise" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_scripts_and_app_py_are_aliases_of_the_subcommands():
+    for script, command in [("scripts/train.py", "train"), ("scripts/evaluate.py", "evaluate"),
+                            ("scripts/export_model.py", "export"), ("scripts/caption_folder.py", "caption"),
+                            ("app.py", "app")]:
+        alias = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+        direct = subprocess.run([sys.executable, "-m", "captioner", command, "--help"], cwd=ROOT,
+                                capture_output=True, text=True, check=True,
+                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        assert alias.stdout == direct.stdout and f"usage: captioner {command}" in alias.stdout, script
+
+
+@pytest.mark.slow
+def test_app_stops_with_a_clear_error_when_the_model_fails_behind_the_page(shapes_checkpoint, tmp_path):
+    """The page is served while the model loads; if loading then fails, the app stops, exit 1."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((shapes_checkpoint / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    from .app_server import OFFLINE_ENV, free_port
+
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(broken),
+                          "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1, run.stderr
+    assert "cannot start without a model" in run.stderr and "corrupt or not a safetensors file" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_passes_its_arguments_to_the_checkout_benchmark():
+    run = subprocess.run([sys.executable, "-m", "captioner", "benchmark", "--flags"], cwd=ROOT, timeout=300,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert "--checkpoint" in run.stdout and "--quantize" in run.stdout  # scripts/benchmark.py's own flags
