@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ NO_REPEAT_NGRAM_SIZE = 3
 BANNED_IDS = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
 
 
-def check_whole_number(name: str, value: object, low: int, high: int | None = None) -> None:
+def check_whole_number(name: str, value: Any, low: int, high: int | None = None) -> None:
     """ValueError naming the argument and its allowed range (bools and 2.5 are not numbers of beams)."""
     whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not whole or value < low or (high is not None and value > high):

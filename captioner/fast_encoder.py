@@ -293,14 +293,18 @@ class InferenceEncoder(nn.Module):
         self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
         self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
         body = copy.deepcopy(encoder.body).eval().requires_grad_(False)
-        if fold_bn:
-            fold_batchnorm(body)
-        if static_padding:
-            pad_statically(body, self.image_size)
-        if matmul_pointwise and int8_calibration is None:  # the int8 quantizer wants convolutions
-            if not channels_last:
-                raise ValueError("matmul_pointwise needs channels_last")
-            pointwise_as_matmul(body)
+        # New layers get weights copied in, but nn.Conv2d draws initial ones first: from a forked
+        # stream, or building this copy would change the caller's random numbers (a training
+        # run would then depend on whether its features were already cached).
+        with torch.random.fork_rng(devices=[]):
+            if fold_bn:
+                fold_batchnorm(body)
+            if static_padding:
+                pad_statically(body, self.image_size)
+            if matmul_pointwise and int8_calibration is None:  # the int8 quantizer wants convolutions
+                if not channels_last:
+                    raise ValueError("matmul_pointwise needs channels_last")
+                pointwise_as_matmul(body)
         on_cpu = next(body.parameters()).device.type == "cpu"
         eager = int8_calibration is None and not compile  # inductor fuses on its own
         if fuse and channels_last and on_cpu and onednn_available() and eager:

@@ -307,15 +307,15 @@ def summarise(results: Sequence[ImageGrounding]) -> dict[str, float | int]:
     mentions = [o for r in results for o in r.objects]
     grounded = [o for o in mentions if o.in_image]
 
-    def percent(values: Iterable[float]) -> float:
-        values = list(values)
-        return float(np.mean(values)) * 100 if values else float("nan")
+    def percent(values: Iterable[float | bool | None]) -> float:
+        kept = [float(v) for v in values if v is not None]
+        return float(np.mean(kept)) * 100 if kept else float("nan")
 
     return {
         "pointing_game": percent(o.hit for o in grounded),
         "centre_baseline": percent(o.centre_hit for o in grounded),
-        "attention_mass": percent(o.mass / 100 for o in grounded),
-        "uniform_baseline": percent(o.mask_share / 100 for o in grounded),
+        "attention_mass": percent(o.mass / 100 for o in grounded if o.mass is not None),
+        "uniform_baseline": percent(o.mask_share / 100 for o in grounded if o.mask_share is not None),
         "chair_i": percent(not o.in_image for o in mentions),
         "chair_s": percent(r.hallucinated for r in results),
         "images": len(results),
@@ -374,7 +374,8 @@ def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
     objects = ObjectVocabulary(synonyms)
     if not {c["name"] for c in coco.dataset["categories"]} & set(synonyms):
         raise ValueError(f"none of the categories of {instances} is in the synonym table")
-    entries, skipped = [], []
+    entries: list[dict] = []
+    skipped: list[dict] = []
     for image_id in sorted(coco.getImgIds()):
         entry = coco.loadImgs([image_id])[0]
         (entries if coco.getAnnIds(imgIds=[image_id], iscrowd=None) else skipped).append(entry)

@@ -27,7 +27,7 @@ from .checkpoint import atomic_write
 FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "caption", "score", "width", "height", "error")
 CSV_FIELDS_N_BEST = ("path", "caption", "score", "width", "height", "alternatives", "error")
-ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+ENCODING, ERRORS = "utf-8", "surrogateescape"  # file names' undecodable bytes round-trip
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
@@ -87,9 +87,9 @@ def parse_line(line: str, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> dict[
     values = next(csv.reader([line]))
     if len(values) != len(fields):
         raise ValueError(f"{len(values)} columns, expected {len(fields)}")
-    record: dict[str, Any] = {k: restore_formula(v) for k, v in zip(fields, values, strict=True)}
-    record["error"] = record["error"] or None
-    return record
+    row: dict[str, Any] = {k: restore_formula(v) for k, v in zip(fields, values, strict=True)}
+    row["error"] = row["error"] or None
+    return row
 
 
 @dataclass
@@ -117,7 +117,7 @@ def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> Exi
     try:
         data = path.read_bytes()
         complete = data.rfind(b"\n") + 1
-        text = data[:complete].decode(**ENCODING)
+        text = data[:complete].decode(ENCODING, ERRORS)
     except OSError as err:
         raise OutputError(f"cannot read {path} as an earlier run's {fmt} output: {err}") from err
     lines = text.splitlines(keepends=True)
@@ -150,7 +150,7 @@ def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> Exi
 def rewrite_output(path: Path, fmt: str, fields: Sequence[str], lines: Sequence[str]) -> None:
     """Replace the file's records atomically: a crash leaves the old file or the new one."""
     def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", **ENCODING) as f:
+        with open(tmp, "w", newline="", encoding=ENCODING, errors=ERRORS) as f:
             f.write((csv_header(fields) if fmt == "csv" else "") + "".join(lines))
             f.flush()
             os.fsync(f.fileno())
@@ -200,7 +200,7 @@ class RecordWriter:
         self.path, self.fmt, self.fields = path, fmt, tuple(fields)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", newline="", **ENCODING)
+            self.file = open(path, "a", newline="", encoding=ENCODING, errors=ERRORS)
             if fmt == "csv" and self.file.tell() == 0:
                 self.file.write(csv_header(self.fields))
                 self.file.flush()
