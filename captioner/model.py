@@ -17,7 +17,7 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0"
     image_size: int = 224
     grid_size: int | None = None  # None: the backbone's natural grid at image_size
-    attention: str = "additive"  # or "multiplicative"
+    attention: str = "additive"  # or "multiplicative", or "hard" (additive scores, one cell per word)
     annotation_dim: int | None = 512  # backbone features are projected to this size (None: not)
     embed_dim: int = 512
     hidden_dim: int = 512
@@ -48,15 +48,17 @@ class CaptionModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                encode: bool = True, samples: int = 0, max_length: int = 16):
+                encode: bool = True, samples: int = 0, max_length: int = 16,
+                return_locations: bool = False):
         """The training pass, so that DistributedDataParallel sees every gradient.
 
         inputs: pixels (B, 3, S, S), or cached grids (B, L, D) with encode=False.
         samples=0: teacher forcing -> (logits, alphas). samples=S: S sampled captions per image
         -> decode_tensors' (tokens, log_probs, mask, alphas), for self-critical training.
+        return_locations: teacher forcing also returns hard attention's cells (AttentionDecoder).
         """
         features = self.encoder(inputs) if encode else inputs
         if samples:
             return decode_tensors(self.decoder, features, max_length, greedy=False,
                                   samples_per_image=samples)
-        return self.decoder(features, captions, lengths, image_index)
+        return self.decoder(features, captions, lengths, image_index, return_locations=return_locations)

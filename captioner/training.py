@@ -59,6 +59,9 @@ class TrainConfig:
     grad_clip: float = 5.0
     ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
     alpha_reg: float = 1.0  # doubly stochastic attention regularisation (lambda)
+    hard_baseline_decay: float = 0.9  # hard attention: REINFORCE baseline b <- decay b + (1 - decay) r
+    hard_entropy_weight: float = 0.002  # hard attention: lambda_e, weight of alpha's entropy
+    hard_expectation_probability: float = 0.5  # hard attention: batches that use the expected context
     label_smoothing: float = 0.0
     hflip: bool = False  # show each training photo mirrored in a random half of the epochs
     fine_tune_from: int | None = None  # train encoder stages from this index (no feature cache)
@@ -156,6 +159,15 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse a bad config before anything is read or written."""
     if cfg.batch_by not in BATCH_BY:
         raise ValueError(f"batch_by {cfg.batch_by!r}: expected one of {', '.join(BATCH_BY)}")
+    check_hard_attention_settings(cfg)
+
+
+def check_hard_attention_settings(cfg: TrainConfig) -> None:
+    for name, low, high in [("hard_baseline_decay", 0.0, 1.0), ("hard_expectation_probability", 0.0, 1.0),
+                            ("hard_entropy_weight", 0.0, float("inf"))]:
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and low <= value <= high):
+            raise ValueError(f"{name} {value!r}: expected a number from {low} to {high}")
 
 
 def set_up(cfg: TrainConfig) -> Run:
