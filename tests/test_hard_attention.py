@@ -3,7 +3,9 @@ with the argmax location or the expectation, checkpoints, the shapes world, and 
 runs (cross-entropy then SCST) that are killed with SIGKILL and resumed."""
 
 import dataclasses
+import itertools
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from captioner import Captioner, CaptionModel, Vocabulary, save_model
 from captioner.attention import AdditiveAttention, HardAttention, set_hard_decoding
 from captioner.checkpoint import load_model
 from captioner.decoder import AttentionDecoder
-from captioner.decoding import greedy_decode
+from captioner.decoding import beam_search, greedy_decode
 from captioner.distributed import Dist
 from captioner.hard_attention import (
     attention_entropy,
@@ -34,7 +36,7 @@ from captioner.training import TrainConfig, train
 from captioner.visualize import save_attention_grid
 
 from .conftest import TINY
-from .shapes import all_examples
+from .shapes import COLOURS, SHAPES, SIDES, all_examples
 from .test_training import (  # noqa: F401 (fixtures)
     ROOT,
     as_flags,
@@ -198,22 +200,18 @@ def test_bad_hard_attention_settings_are_refused(dataset, cache_dir, tmp_path): 
 # ----------------------------------------------------------------------------- learning
 
 
-def train_hard_on_shapes(model: CaptionModel, vocab: Vocabulary, steps: int, **settings) -> list[dict]:
-    """The cross-entropy stage's hard-attention objective on frozen features of the 16 shapes."""
-    examples = all_examples()
-    pixels = torch.stack([model.encoder.transform(img) for img, _, _ in examples])
-    model.eval()
-    with torch.no_grad():
-        features = model.encoder(pixels)
-    batch = step_batch(list(range(len(examples))), features, [[vocab.encode(c)] for _, c, _ in examples],
+def train_hard(model: CaptionModel, features: torch.Tensor, captions: list[str], vocab: Vocabulary,
+               steps: int, **settings) -> list[dict]:
+    """The cross-entropy stage's hard-attention objective, full batch, on fixed annotation grids."""
+    batch = step_batch(list(range(len(captions))), features, [[vocab.encode(c)] for c in captions],
                        encode=False, device=torch.device("cpu"))
     cfg = TrainConfig(model=model.config, **settings)
-    tokens, captions = float((batch.lengths - 1).sum()), float(len(batch.lengths))
+    tokens, count = float((batch.lengths - 1).sum()), float(len(batch.lengths))
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=3e-3)
     model.train()
     log = []
     for _ in range(steps):
-        loss, stats = hard_attention_loss(cfg, model, batch, Dist(), torch.device("cpu"), tokens, captions)
+        loss, stats = hard_attention_loss(cfg, model, batch, Dist(), torch.device("cpu"), tokens, count)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -223,29 +221,65 @@ def train_hard_on_shapes(model: CaptionModel, vocab: Vocabulary, steps: int, **s
 
 
 @pytest.mark.slow
-def test_hard_attention_learns_the_shapes_world_and_points_at_the_shape():
-    """Exact captions for all 16 images with the argmax location per word, and that location is
-    in the half of the image holding the shape.
+def test_hard_attention_learns_the_shapes_world():
+    """Exact captions for all 16 shape images, decoded with the argmax location per word.
 
-    alpha_reg 0: the paper uses the doubly stochastic penalty with soft attention only; it pulls
-    a 16-cell alpha towards uniform coverage. Which half a model learns to look at is its own
-    choice: these 4x4 cells see far beyond themselves, so the empty half also tells the side,
-    and with seed 0 the model learned to look there (and still wrote every caption right);
-    seed 1 looks at the shape."""
-    vocab = Vocabulary.build([c for _, c, _ in all_examples()], min_count=1)
-    torch.manual_seed(1)
-    model = CaptionModel(dataclasses.replace(TINY, attention="hard"), len(vocab))
-    log = train_hard_on_shapes(model, vocab, steps=300, alpha_reg=0.0)
+    alpha_reg 0: the paper uses the doubly stochastic penalty with soft attention only. Where
+    the model looks is not asserted here: these 4x4 cells see far beyond themselves (the empty
+    half also tells the side), and over seeds 0-5 the argmax cell was in the shape's half for
+    0-100% of the words, while soft attention looks there at the colour word at every seed.
+    The next test asks where the location lands in a world where only the shape's cell tells."""
+    examples = all_examples()
+    vocab = Vocabulary.build([c for _, c, _ in examples], min_count=1)
+    torch.manual_seed(0)
+    model = CaptionModel(dataclasses.replace(TINY, attention="hard"), len(vocab)).eval()
+    with torch.no_grad():
+        features = model.encoder(torch.stack([model.encoder.transform(img) for img, _, _ in examples]))
+    log = train_hard(model, features, [c for _, c, _ in examples], vocab, steps=300, alpha_reg=0.0)
     sampled = [s for s in log if s["sampled_batches"]]
     assert 100 < len(sampled) < 200  # about half the batches use the expected context
     assert sampled[-1]["location_reward"] > 0.1 * sampled[0]["location_reward"]  # log-likelihood -> 0
-    examples = all_examples()
     results = Captioner(model, vocab, device="cpu").caption([img for img, _, _ in examples], beam_size=3)
     assert [r.text for r in results] == [caption for _, caption, _ in examples]
-    for result, (_, caption, side) in zip(results, examples, strict=True):
-        for word, alpha in zip(result.words, result.attention, strict=True):
-            column = int(alpha.argmax()) % alpha.shape[1]
-            assert (column < alpha.shape[1] // 2) == (side == "left"), (caption, word, alpha.round(2))
+
+
+def local_shapes_grids(feature_dim: int, seed: int = 0) -> list[tuple[torch.Tensor, str, int]]:
+    """The shapes world as annotation grids that hold only local information: (grid (16, D),
+    caption, the shape's cell). The shape fills one cell, anywhere in its half; every cell says
+    where it is. The mean annotation (h0) then tells the colour and shape but not the side, and
+    an empty cell tells next to nothing: only the shape's cell tells the side."""
+    rng = random.Random(seed)
+    colours, rows = list(COLOURS), []
+    for colour, shape, side in itertools.product(colours, SHAPES, SIDES):
+        cell = 4 * rng.randrange(4) + rng.randrange(2) + (0 if side == "left" else 2)
+        grid = torch.zeros(16, feature_dim)
+        grid[torch.arange(16), 6 + torch.arange(16)] = 1.0  # position of each cell
+        grid[cell, colours.index(colour)] = grid[cell, 4 + SHAPES.index(shape)] = 1.0
+        rows.append((grid, f"a {colour} {shape} on the {side}", cell))
+    return rows
+
+
+@pytest.mark.slow
+def test_hard_attention_learns_to_look_at_the_cell_that_names_the_shape():
+    """Where the side can only be read from the shape's cell, the estimator finds it: the argmax
+    location lands on that cell (at some word; the LSTM remembers what it read) and the
+    captions come out right. Chance is ~5 of 16 (6 words, 16 cells); over seeds 0, 2, 4 this
+    800-step run gave 14, 16, 12 of 16 (soft attention at 300 steps: 16 at every seed)."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, attention="hard")
+    feature_dim = CaptionModel(config, 1, encoder_weights="random").encoder.feature_dim
+    world = local_shapes_grids(feature_dim)
+    vocab = Vocabulary.build([c for _, c, _ in world], min_count=1)
+    model = CaptionModel(config, len(vocab), encoder_weights="random")  # grids in, no encoder used
+    grids = torch.stack([g for g, _, _ in world])
+    train_hard(model, grids, [c for _, c, _ in world], vocab, steps=800, alpha_reg=0.0)
+    model.eval()
+    best = [hypotheses[0] for hypotheses in beam_search(model.decoder, grids, beam_size=3, max_length=12)]
+    texts = [" ".join(vocab.decode(h.tokens)) for h in best]
+    exact = sum(text == caption for text, (_, caption, _) in zip(texts, world, strict=True))
+    on_shape = sum(any(int(alpha.argmax()) == cell for alpha in h.alphas)
+                   for h, (_, _, cell) in zip(best, world, strict=True))
+    assert exact >= 12 and on_shape >= 12, (exact, on_shape)
 
 
 # ----------------------------------------------------------------------------- training runs
