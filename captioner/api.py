@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import CONFIG_FILE, load_model
 from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, check_decoding_options, check_whole_number, decode
+from .focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
 from .vocabulary import Vocabulary
@@ -107,13 +108,21 @@ class Captioner:
     @torch.inference_mode()
     def caption_tensors(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int = 20,
                         length_penalty: float = 0.0, n_best: int | None = None,
-                        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> list[CaptionResult]:
-        """Caption a preprocessed batch (B, 3, S, S)."""
+                        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+                        focus: torch.Tensor | None = None) -> list[CaptionResult]:
+        """Caption a preprocessed batch (B, 3, S, S); `focus` is an attention bias (B, L)."""
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
         return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
-                                length_penalty, n_best, no_repeat_ngram_size)
+                                length_penalty, n_best, no_repeat_ngram_size,
+                                None if focus is None else focus.to(self.device))
+
+    def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:
+        """A box or mask on an image of (width, height) pixels -> its attention bias (L,)."""
+        if focus is None:
+            return torch.zeros(self.grid_shape[0] * self.grid_shape[1])
+        return check_strength(strength) * focus_weights(focus, image_size, self.grid_shape)
 
     def caption(
         self,
@@ -124,8 +133,14 @@ class Captioner:
         n_best: int | None = None,
         batch_size: int = 32,
         no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+        focus: Focus | Sequence[Focus | None] | None = None,
+        focus_strength: float = DEFAULT_STRENGTH,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image (returns one result) or a list of images (returns a list).
+
+        `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
+        pixels or a boolean mask of its size (a list of those, or None, for a list of images);
+        `focus_strength` is how hard (captioner.focus). focus=None decodes as without it.
 
         Images may be file paths, PIL images, numpy arrays or torch tensors ((3, H, W) or
         (H, W, 3)). Bad inputs raise ImageLoadError naming the input; decoding options out of
@@ -136,12 +151,18 @@ class Captioner:
         check_whole_number("batch_size", batch_size, 1)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        focuses = [focus] if single else list(focus) if focus is not None else [None] * len(items)
+        if len(focuses) != len(items):
+            raise ValueError(f"focus: {len(focuses)} regions for {len(items)} images")
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
             loaded = [load_image(x, self.max_pixels) for x in items[start : start + batch_size]]
             pixels = torch.stack([self.transform(image) for image in loaded])
+            regions = focuses[start : start + batch_size]
+            bias = None if all(r is None for r in regions) else torch.stack(
+                [self.focus_bias(r, im.size, focus_strength) for r, im in zip(regions, loaded, strict=True)])
             batch = self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
-                                         no_repeat_ngram_size)
+                                         no_repeat_ngram_size, bias)
             for image, result in zip(loaded, batch, strict=True):
                 result.notes += self.input_notes(image.size)
             results += batch
@@ -160,13 +181,13 @@ class Captioner:
 @torch.inference_mode()
 def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
                      beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
-                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE
-                     ) -> list[CaptionResult]:
+                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+                     focus: torch.Tensor | None = None) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
-    Captioner, evaluation and validation during training."""
+    Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
     check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
     beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
-                   no_repeat_ngram_size)
+                   no_repeat_ngram_size, focus)
     side = math.isqrt(features.shape[1])  # grids are square
     return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
 

@@ -1,7 +1,8 @@
 """Attention over the annotation grid: one interface, two scoring functions, soft or hard.
 
-Every module takes `(features (B, L, D), hidden (B, H))` (and optionally precomputed keys) and
-returns `(context (B, D), alpha (B, L))`. `prepare(features)` computes the part of the score that
+Every module takes `(features (B, L, D), hidden (B, H))` (optionally precomputed keys, and a
+bias (B, L) added to the scores, which steers attention: captioner.focus) and returns
+`(context (B, D), alpha (B, L))`. `prepare(features)` computes the part of the score that
 does not depend on the hidden state, so the decoder can do it once per image, not per word.
 Soft attention's context is the expectation sum_i alpha_i a_i; hard attention's is one a_i.
 """
@@ -17,7 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(scores: torch.Tensor, features: torch.Tensor, bias: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    if bias is not None:
+        scores = scores + bias
     alpha = F.softmax(scores, dim=-1)  # (B, L)
     context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
     return context, alpha
@@ -35,10 +39,10 @@ class AdditiveAttention(nn.Module):
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         return self.feature_proj(features)  # (B, L, A)
 
-    def forward(self, features, hidden, keys=None):
+    def forward(self, features, hidden, keys=None, bias=None):
         keys = self.prepare(features) if keys is None else keys
         energy = torch.tanh(keys + self.hidden_proj(hidden).unsqueeze(1))  # (B, L, A)
-        return _attend(self.score(energy).squeeze(-1), features)
+        return _attend(self.score(energy).squeeze(-1), features, bias)
 
 
 class MultiplicativeAttention(nn.Module):
@@ -52,11 +56,11 @@ class MultiplicativeAttention(nn.Module):
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         return features  # the keys are the annotation vectors themselves
 
-    def forward(self, features, hidden, keys=None):
+    def forward(self, features, hidden, keys=None, bias=None):
         keys = features if keys is None else keys
         query = self.query_proj(hidden).unsqueeze(-1)  # (B, D, 1)
         scores = torch.bmm(keys, query).squeeze(-1) * self.scale  # (B, L)
-        return _attend(scores, features)
+        return _attend(scores, features, bias)
 
 
 class HardAttention(AdditiveAttention):
@@ -96,8 +100,8 @@ class HardAttention(AdditiveAttention):
         finally:
             self.forced_mode = previous
 
-    def forward(self, features, hidden, keys=None):
-        expected, alpha = super().forward(features, hidden, keys)  # (B, D), (B, L)
+    def forward(self, features, hidden, keys=None, bias=None):
+        expected, alpha = super().forward(features, hidden, keys, bias)  # (B, D), (B, L)
         mode = self.forced_mode or ("sample" if self.training else self.decoding)
         if mode == "expectation":
             self.location = None

@@ -65,9 +65,13 @@ class AttentionDecoder(nn.Module):
         annotations = self.input_dropout(self.feature_proj(features))
         return annotations, self.attention.prepare(annotations)
 
-    def init_state(self, features: torch.Tensor) -> State:
-        """h0 and c0 from the mean annotation vector."""
-        mean = features.mean(dim=1)  # (B, D)
+    def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State:
+        """h0 and c0 from the mean annotation vector (with a focus bias (B, L): the average
+        weighted by softmax(bias), the attention that bias alone would give)."""
+        if focus is None:
+            mean = features.mean(dim=1)  # (B, D)
+        else:
+            mean = torch.bmm(torch.softmax(focus, dim=1).unsqueeze(1), features).squeeze(1)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
     def step(
@@ -76,16 +80,17 @@ class AttentionDecoder(nn.Module):
         keys: torch.Tensor,  # attention keys from prepare()
         words: torch.Tensor,  # (B,) previous word ids
         state: State,
+        focus: torch.Tensor | None = None,  # (B, L) added to the attention scores
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One word: returns logits (B, V), the new state and alpha (B, L)."""
         embedded = self.input_dropout(self.embedding(words))  # (B, E)
-        state, context, alpha = self._recur(features, keys, embedded, state)
+        state, context, alpha = self._recur(features, keys, embedded, state, focus)
         return self._output(embedded, state[0], context), state, alpha
 
-    def _recur(self, features, keys, embedded, state: State):
+    def _recur(self, features, keys, embedded, state: State, focus=None):
         """Attention from h_{t-1}, gated context z_t, then the LSTM update."""
         h, c = state
-        context, alpha = self.attention(features, h, keys=keys)
+        context, alpha = self.attention(features, h, keys=keys, bias=focus)
         if self.f_beta is not None:
             context = torch.sigmoid(self.f_beta(h)) * context  # gated z_t, (B, A)
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))

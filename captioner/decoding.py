@@ -89,6 +89,7 @@ def decode_tensors(
     top_k: int = 0,
     samples_per_image: int = 1,
     no_repeat_ngram_size: int = 0,
+    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy or sampled decoding that keeps the autograd graph (self-critical training uses it).
 
@@ -100,13 +101,14 @@ def decode_tensors(
     if samples_per_image > 1:
         features = features.repeat_interleave(samples_per_image, dim=0)
         keys = keys.repeat_interleave(samples_per_image, dim=0)
+        focus = focus.repeat_interleave(samples_per_image, dim=0) if focus is not None else None
     batch = features.shape[0]
-    state = decoder.init_state(features)
+    state = decoder.init_state(features, focus)
     words = features.new_full((batch,), Vocabulary.start_id, dtype=torch.long)
     alive = torch.ones(batch, dtype=torch.bool, device=features.device)
     tokens, log_probs, masks, alphas = [], [], [], []
     for _ in range(max_length):
-        logits, state, alpha = decoder.step(features, keys, words, state)
+        logits, state, alpha = decoder.step(features, keys, words, state, focus)
         logp = _log_probs(logits, 1.0 if greedy else temperature)  # (B, V)
         if no_repeat_ngram_size and tokens:
             _block_repeated_ngrams(logp, torch.stack(tokens, 1), no_repeat_ngram_size)
@@ -144,9 +146,9 @@ def _to_hypotheses(tokens, log_probs, mask, alphas) -> list[Hypothesis]:
 
 @torch.no_grad()
 def greedy_decode(decoder: AttentionDecoder, features: torch.Tensor, max_length: int = 20,
-                  no_repeat_ngram_size: int = 0) -> list[Hypothesis]:
+                  no_repeat_ngram_size: int = 0, focus: torch.Tensor | None = None) -> list[Hypothesis]:
     return _to_hypotheses(*decode_tensors(decoder, features, max_length, greedy=True,
-                                          no_repeat_ngram_size=no_repeat_ngram_size))
+                                          no_repeat_ngram_size=no_repeat_ngram_size, focus=focus))
 
 
 @torch.no_grad()
@@ -166,6 +168,7 @@ def beam_search(
     length_penalty: float = 0.0,
     n_best: int | None = None,
     no_repeat_ngram_size: int = 0,
+    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
 ) -> list[list[Hypothesis]]:
     """Beam search over all images x beams in one tensor batch.
 
@@ -183,7 +186,7 @@ def beam_search(
     device = features.device
     # Until the first word all beams of an image are identical: step 0 runs one row per image.
     feats, keys = decoder.prepare(features)  # (B, L, A), (B*K, L, A) from step 1 on
-    state = decoder.init_state(feats)
+    state = decoder.init_state(feats, focus)
     words = torch.full((batch,), Vocabulary.start_id, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
@@ -192,7 +195,7 @@ def beam_search(
     searching = list(range(batch))  # image of each row block; done images leave the batch
 
     for step in range(max_length):
-        logits, state, alpha = decoder.step(feats, keys, words, state)
+        logits, state, alpha = decoder.step(feats, keys, words, state, focus)
         logp = _log_probs(logits)
         _block_repeated_ngrams(logp, tokens, no_repeat_ngram_size)
         (n, beams), vocab = beam_scores.shape, logp.shape[-1]
@@ -205,6 +208,7 @@ def beam_search(
         state = (state[0][origin], state[1][origin])
         if step == 0:
             feats, keys = feats.repeat_interleave(k, dim=0), keys.repeat_interleave(k, dim=0)
+            focus = focus.repeat_interleave(k, dim=0) if focus is not None else None
 
         ended = (words.view(n, k) == Vocabulary.end_id) & torch.isfinite(top_scores)
         beam_scores = top_scores.masked_fill(ended, float("-inf"))
@@ -226,6 +230,7 @@ def beam_search(
                 break
             rows = (k * keep[:, None] + torch.arange(k, device=device)).view(-1)
             feats, keys, words, state = feats[rows], keys[rows], words[rows], (state[0][rows], state[1][rows])
+            focus = focus[rows] if focus is not None else None
             tokens, alphas = tokens[rows], alphas[rows]
             beam_scores = beam_scores[keep]
             searching = [searching[i] for i in keep.tolist()]
@@ -253,9 +258,10 @@ def decode(
     length_penalty: float = 0.0,
     n_best: int | None = None,
     no_repeat_ngram_size: int = 0,
+    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
 ) -> list[list[Hypothesis]]:
     """Per image, its best captions: beam search, or the greedy caption for beam_size 1."""
     if beam_size <= 1:
-        return [[h] for h in greedy_decode(decoder, features, max_length, no_repeat_ngram_size)]
+        return [[h] for h in greedy_decode(decoder, features, max_length, no_repeat_ngram_size, focus)]
     return beam_search(decoder, features, beam_size, max_length, length_penalty, n_best,
-                       no_repeat_ngram_size)
+                       no_repeat_ngram_size, focus)

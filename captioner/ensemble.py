@@ -35,20 +35,20 @@ class DecoderEnsemble(nn.Module):
         prepared = [member.prepare(features) for member in self.members]
         return torch.stack([a for a, _ in prepared], 1), torch.stack([k for _, k in prepared], 1)
 
-    def init_state(self, annotations: torch.Tensor) -> State:
+    def init_state(self, annotations: torch.Tensor, focus: torch.Tensor | None = None) -> State:
         """Each member's h0 and c0 from its own annotations: (B, M, H) each."""
-        states = [member.init_state(annotations[:, i]) for i, member in enumerate(self.members)]
+        states = [member.init_state(annotations[:, i], focus) for i, member in enumerate(self.members)]
         return torch.stack([h for h, _ in states], 1), torch.stack([c for _, c in states], 1)
 
     def step(self, annotations: torch.Tensor, keys: torch.Tensor, words: torch.Tensor,
-             state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
+             state: State, focus: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One word: the members' mean word log-probabilities (B, V; decoding renormalises
         them), the new states, and the members' mean attention (B, L), which the attention maps
         then show."""
         log_probs, hidden, cells, alphas = [], [], [], []
         for i, member in enumerate(self.members):
             logits, (h, c), alpha = member.step(annotations[:, i], keys[:, i], words,
-                                                (state[0][:, i], state[1][:, i]))
+                                                (state[0][:, i], state[1][:, i]), focus)
             log_probs.append(F.log_softmax(logits, dim=-1))
             hidden.append(h)
             cells.append(c)

@@ -194,9 +194,16 @@ class FeatureCache:
         return self._features
 
     def batch(self, rows: Sequence[int]) -> torch.Tensor:
-        """Float32 grids (B, L, D) of the given rows."""
+        """Float32 grids (B, L, D) of the given rows (of a partly extracted cache: rows it has)."""
         rows = np.asarray(rows)
+        if self._features is None and not self.is_complete():
+            if np.isin(rows, self.missing_rows()).any():
+                raise RuntimeError(f"feature cache {self.stem} is incomplete: it lacks some of rows "
+                                   f"{rows.tolist()[:8]}; run extract() first")
+            features = np.memmap(self.features_file, dtype=np.float16, mode="r", shape=self.shape)
+        else:
+            features = self.load()
         order = np.argsort(rows)  # sorted reads are kinder to the page cache
         grids = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
-        grids[order] = self.load()[rows[order]]
+        grids[order] = features[rows[order]]
         return torch.from_numpy(grids).float()

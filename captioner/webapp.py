@@ -49,8 +49,13 @@ CSS = """
 #attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
 #attention-gallery .caption-label { font-size: 0.95rem; }
 .small-print { font-size: 0.85rem; opacity: 0.8; }
-/* Numbers never wrap a character per line, even on a phone: the caption column gives way. */
-#alternatives th:nth-child(n+3), #alternatives td:nth-child(n+3) { white-space: nowrap; min-width: 4.5em; }
+/* On a phone the numbers keep one line (a smaller font, no wrapping) and the caption gives way. */
+@media (max-width: 640px) {
+  #alternatives { font-size: 0.72rem; }
+  #alternatives [data-col="2"] span, #alternatives [data-col="3"] span,
+  #alternatives th:nth-child(n+3) span { white-space: nowrap; }
+  #alternatives .cell-wrap { padding-left: 2px; padding-right: 2px; }
+}
 """
 
 
@@ -242,7 +247,7 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                 table = gr.Dataframe(headers=["#", "caption", "score", "p"],
                                      datatype=["number", "str", "number", "number"],
                                      label="Alternatives (beam search n-best, best first)",
-                                     interactive=False, wrap=True, column_widths=["8%", "64%", "14%", "14%"],
+                                     interactive=False, wrap=True, column_widths=["7%", "51%", "18%", "24%"],
                                      elem_id="alternatives")
                 gallery_examples = gr.Examples(examples, inputs=[image], label="Examples (click one)",
                                                examples_per_page=len(examples), elem_id="examples",

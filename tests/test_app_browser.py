@@ -97,3 +97,32 @@ def test_bad_uploads_show_an_error(page, tmp_path):
     page.reload()
     page.locator("#input-image input[type=file]").set_input_files(text)
     expect(page.get_by_text("Invalid file type: notes.txt")).to_be_visible()
+
+
+def test_on_a_phone_the_alternatives_keep_their_numbers_on_one_line(browser, app_url, tmp_path):
+    """At 375 px wide the caption column wraps; the score and p columns never break mid-number."""
+    page = browser.new_page(viewport={"width": 375, "height": 2400})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(app_url)
+        path = tmp_path / "blue_square_right.png"
+        shape_image("blue", "square", "right").save(path)
+        page.locator("#input-image input[type=file]").set_input_files(path)
+        expect(page.locator("#input-image img")).to_be_visible()
+        page.locator("#caption-button").click()
+        expect(page.locator("#caption textarea")).to_have_value("a blue square on the right")
+        expect(page.locator("#alternatives [data-testid='cell-2-3']")).to_be_visible()
+        for row in range(3):
+            for column in (2, 3):  # score and p
+                span = page.locator(f"#alternatives [data-testid='cell-{row}-{column}'] span")
+                text = span.inner_text().strip()
+                height, font = span.evaluate(
+                    "e => [e.getBoundingClientRect().height, parseFloat(getComputedStyle(e).fontSize)]")
+                assert text and height < 2 * font, (row, column, text, height)  # one line
+                clipped = span.evaluate("e => e.closest('[role=gridcell]').scrollWidth"
+                                        " > e.closest('[role=gridcell]').clientWidth + 1")
+                assert not clipped, (row, column, text)
+        page.screenshot(path=tmp_path / "phone.png", full_page=True)
+        shutil.copy(tmp_path / "phone.png", REVIEW_SCREENSHOT.with_name("app_screenshot_phone.png"))
+    finally:
+        page.close()

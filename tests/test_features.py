@@ -149,3 +149,16 @@ def test_unreadable_image_stops_extraction_and_the_rest_is_kept(encoder, image_p
     assert cache.missing_rows().tolist() == [4]  # the readable images need not be redone
     with pytest.raises(RuntimeError, match="incomplete"):
         cache.load()
+
+
+def test_a_cache_can_be_filled_in_part_and_read_where_filled(encoder, image_paths, tmp_path):
+    """extract(rows=...) computes just those rows (say, the first 2,000 of a COCO-sized list) and
+    batch() reads them before the rest exists; asking for a missing row is a clear error."""
+    cache = FeatureCache(tmp_path / "cache", encoder, image_paths[:6])
+    stats = cache.extract(num_workers=0, progress=False, rows=[1, 3])
+    assert stats["images"] == 2 and cache.missing_rows().tolist() == [0, 2, 4, 5]
+    full = FeatureCache(tmp_path / "full", encoder, image_paths[:6])
+    full.extract(num_workers=0, progress=False)
+    assert torch.equal(cache.batch([3, 1]), full.batch([3, 1]))
+    with pytest.raises(RuntimeError, match="incomplete: it lacks some of rows"):
+        cache.batch([1, 2])

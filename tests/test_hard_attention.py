@@ -134,6 +134,18 @@ def test_decoding_attends_the_argmax_cell_and_reports_alpha():
         assert torch.allclose(h.alphas.sum(dim=1), torch.ones(len(h.tokens)))
 
 
+def test_a_focus_bias_steers_the_argmax_location():
+    """captioner.focus adds a bias to the attention scores; a hard model then reads that cell."""
+    decoder = _hard_decoder()
+    features = 10 * torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(4))
+    annotations, keys = decoder.prepare(features)
+    focus = torch.zeros(3, 9)
+    focus[:, 7] = 50.0
+    state = decoder.init_state(annotations, focus)
+    _, _, alpha = decoder.step(annotations, keys, torch.full((3,), Vocabulary.start_id), state, focus)
+    assert decoder.attention.location.tolist() == [7, 7, 7] and (alpha[:, 7] > 0.99).all()
+
+
 def test_expectation_decoding_is_the_soft_model_with_the_same_weights():
     hard = _hard_decoder()
     soft = AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16,

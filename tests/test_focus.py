@@ -1,0 +1,92 @@
+"""Caption this region: a box or mask steers the attention, and so the caption."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from captioner import Captioner
+from captioner.decoding import beam_search
+from captioner.focus import focus_weights
+
+from .shapes import COLOURS, all_examples
+
+
+@pytest.fixture(scope="module")
+def captioner(shapes_checkpoint):
+    return Captioner.from_pretrained(shapes_checkpoint, device="cpu")
+
+
+def two_shapes(left: tuple[str, str], right: tuple[str, str], size: int = 224) -> Image.Image:
+    """A (colour, shape) on the left and another on the right of one grey canvas."""
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    r = size // 6
+    for (colour, shape), cx in ((left, size // 4), (right, 3 * size // 4)):
+        box = (cx - r, size // 2 - r, cx + r, size // 2 + r)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return image
+
+
+def test_a_box_maps_onto_the_grid_through_the_squashing_resize():
+    """A 400 x 200 image squashed to a square: a 4 x 4 grid's cells are 100 x 50 pixels."""
+    weights = focus_weights((0, 0, 100, 50), (400, 200), (4, 4)).view(4, 4)
+    assert weights[0, 0] == 1 and weights.sum() == 1
+    weights = focus_weights((50, 25, 150, 75), (400, 200), (4, 4)).view(4, 4)
+    expected = torch.zeros(4, 4)
+    expected[:2, :2] = 0.25  # a quarter of each of four cells
+    assert torch.allclose(weights, expected)
+    weights = focus_weights((0, 0, 400, 200), (400, 200), (4, 4))
+    assert torch.equal(weights, torch.ones(16))
+    mask = np.zeros((200, 400), dtype=bool)
+    mask[25:75, 50:150] = True  # the same region as a mask
+    assert torch.allclose(focus_weights(mask, (400, 200), (4, 4)).view(4, 4), expected)
+
+
+@pytest.mark.parametrize("box, message", [
+    ((0, 0, 300, 100), "reaches outside the 200x100 image"),
+    ((-1, 0, 50, 50), "reaches outside"),
+    ((10, 10, 10, 50), "non-zero area"),
+    ((50, 10, 10, 50), "x0 < x1"),
+    ((0, math.nan, 50, 50), "NaN"),
+    ((0, 0, 50), "four numbers"),
+    (np.zeros((10, 10), dtype=bool), r"boolean array of the image's size \(100, 200\)"),
+    (np.zeros((100, 200), dtype=bool), "selects no pixel"),
+])
+def test_bad_regions_are_clear_errors(captioner, box, message):
+    image = Image.new("RGB", (200, 100))
+    with pytest.raises(ValueError, match=message):
+        captioner.caption(image, focus=box)
+
+
+def test_no_focus_is_exactly_the_plain_decoding(captioner):
+    images = [image for image, _, _ in all_examples()[::3]]
+    plain = captioner.caption(images, beam_size=3)
+    unfocused = captioner.caption(images, beam_size=3, focus=[None] * len(images))
+    for a, b in zip(plain, unfocused, strict=True):
+        assert (a.text, a.score) == (b.text, b.score) and np.array_equal(a.attention, b.attention)
+    features = captioner.model.encoder(torch.stack([captioner.preprocess(i) for i in images]))
+    direct = beam_search(captioner.model.decoder, features, 3)
+    assert [h[0].tokens for h in direct] == [captioner.vocab.encode(r.text)[1:-1] for r in plain]
+
+
+@pytest.mark.parametrize("left_shape, right_shape", [
+    (("red", "circle"), ("blue", "square")), (("green", "square"), ("yellow", "circle"))])
+def test_focus_on_one_of_two_shapes_names_that_shape_and_looks_there(captioner, left_shape, right_shape):
+    """The model only ever saw one shape per image; with two, a box picks which one it names."""
+    image = two_shapes(left_shape, right_shape)
+    left, right = (0, 56, 112, 168), (112, 56, 224, 168)
+    on_left = captioner.caption(image, focus=left, focus_strength=4.0)
+    on_right = captioner.caption(image, focus=right, focus_strength=4.0)
+    assert " ".join(left_shape) in on_left.text, on_left.text
+    assert " ".join(right_shape) in on_right.text, on_right.text
+    side = on_left.attention.shape[2] // 2
+    for result, half in ((on_left, np.s_[:, :, :side]), (on_right, np.s_[:, :, side:])):
+        assert result.attention[half].sum() > 0.5 * result.attention.sum()
+    # A list of images takes a list of regions; a mask works like a box.
+    mask = np.zeros((224, 224), dtype=bool)
+    mask[56:168, 112:224] = True
+    both = captioner.caption([image, image], focus=[left, mask], focus_strength=4.0)
+    assert [r.text for r in both] == [on_left.text, on_right.text]
