@@ -10,6 +10,7 @@ import argparse
 import json
 
 from captioner.api import DEFAULT_WEIGHTS, default_device, quantize_decoder
+from captioner.attention import HardAttention, set_hard_decoding
 from captioner.checkpoint import load_model
 from captioner.configs import add_config_arguments, parse_bool
 from captioner.data import DataConfig, load_dataset
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--max_images", type=int, help="score only the first N images of the split")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--quantize", action="store_true", help="score the int8 decoder (CPU)")
+    parser.add_argument("--hard_decoding", choices=HardAttention.DECODING_MODES,
+                        help="hard-attention models: each word's context from the argmax cell (their "
+                             "default) or the expectation over cells")
     parser.add_argument("--meteor", type=parse_bool, default=True)
     parser.add_argument("--spice", type=parse_bool, default=False, help="needs a one-off download")
     parser.add_argument("--output_dir", help="where results.json and metrics.json go")
@@ -42,6 +46,11 @@ def main() -> None:
     data_cfg = DataConfig(**{k[5:]: v for k, v in vars(args).items() if k.startswith("data.")})
     images = load_dataset(data_cfg)[args.split][: args.max_images]
     model, vocab, _ = load_model(args.checkpoint, args.device or default_device())
+    if args.hard_decoding:
+        try:
+            set_hard_decoding(model, args.hard_decoding)
+        except ValueError as err:
+            parser.error(f"--hard_decoding: {err}")
     if args.quantize:
         model.decoder = quantize_decoder(model.decoder)
     metrics, _ = evaluate_model(
@@ -51,7 +60,7 @@ def main() -> None:
         num_workers=args.num_workers, cache_dir=args.cache_dir)
     summary = {"checkpoint": args.checkpoint, "split": args.split, "images": len(images),
                "beam_size": args.beam_size, "length_penalty": args.length_penalty,
-               "no_repeat_ngram_size": args.no_repeat_ngram_size,
+               "no_repeat_ngram_size": args.no_repeat_ngram_size, "hard_decoding": args.hard_decoding,
                **{k: round(v, 2) for k, v in metrics.items()}}
     print(json.dumps(summary, indent=2))
 
