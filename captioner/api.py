@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from .checkpoint import CONFIG_FILE, load_model
-from .decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, check_decoding_options, check_whole_number, decode
+from .decoding import (
+    NO_REPEAT_NGRAM_SIZE,
+    Hypothesis,
+    check_decoding_options,
+    check_whole_number,
+    decode,
+    replay,
+)
 from .focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .model import CaptionModel
@@ -49,6 +56,9 @@ class CaptionResult:
     alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
     finished: bool = True  # False if max_length cut the caption before <end>
     notes: list[str] = field(default_factory=list)  # what makes this caption less trustworthy
+    # (len(words),): the gating scalar beta of each word, 0-1 (mean over its channels): how much
+    # the image fed that word; low values mark words the language model filled in by itself.
+    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 def default_device() -> torch.device:
@@ -116,7 +126,7 @@ class Captioner:
         features = torch.cat([self.model.encoder(part) for part in pixels.split(chunk)])
         return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
                                 length_penalty, n_best, no_repeat_ngram_size,
-                                None if focus is None else focus.to(self.device))
+                                None if focus is None else focus.to(self.device), gates=True)
 
     def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:
         """A box or mask on an image of (width, height) pixels -> its attention bias (L,)."""
@@ -182,17 +192,34 @@ class Captioner:
 def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
                      beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
                      n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-                     focus: torch.Tensor | None = None) -> list[CaptionResult]:
+                     focus: torch.Tensor | None = None, gates: bool = False) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
-    Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
+    Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
+    gates=True (the Captioner) also fills each result's `gate`, from one teacher-forced replay
+    of the chosen words (scoring skips it)."""
     check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
     beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
                    no_repeat_ngram_size, focus)
     side = math.isqrt(features.shape[1])  # grids are square
-    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
+    gate = _gates(decoder, features, beams, focus) if gates else [np.zeros(0, np.float32)] * len(beams)
+    return [_result(hypotheses, vocab, (side, side), g)
+            for hypotheses, g in zip(beams, gate, strict=True)]
 
 
-def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
+def _gates(decoder: torch.nn.Module, features: torch.Tensor, beams: list[list[Hypothesis]],
+           focus: torch.Tensor | None = None) -> list[np.ndarray]:
+    """Each best caption's per-word gate, from one replay of the whole batch."""
+    longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
+    tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
+    for row, hyps in enumerate(beams):
+        tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
+    _, gates = replay(decoder, features, tokens.to(features.device), focus)  # (B, T)
+    gates = gates.float().cpu().numpy()
+    return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
+
+
+def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int],
+            gate: np.ndarray) -> CaptionResult:
     best = hypotheses[0]
     words = vocab.decode(best.tokens)
     attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
@@ -201,4 +228,4 @@ def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, in
         alt_words = vocab.decode(h.tokens)
         alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
     return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                         alternatives, best.finished)
+                         alternatives, best.finished, gate=gate)

@@ -87,6 +87,14 @@ class AttentionDecoder(nn.Module):
         state, context, alpha = self._recur(features, keys, embedded, state, focus)
         return self._output(embedded, state[0], context), state, alpha
 
+    def gate(self, state: State) -> torch.Tensor:
+        """How much the image feeds the next word, 0-1: the mean over the A channels of
+        beta = sigmoid(f_beta(h_{t-1})), (B,). 1 without a gate (the context passes unscaled)."""
+        h = state[0]
+        if self.f_beta is None:
+            return h.new_ones(h.shape[0])
+        return torch.sigmoid(self.f_beta(h)).mean(dim=-1)
+
     def _recur(self, features, keys, embedded, state: State, focus=None):
         """Attention from h_{t-1}, gated context z_t, then the LSTM update."""
         h, c = state

@@ -265,3 +265,32 @@ def decode(
         return [[h] for h in greedy_decode(decoder, features, max_length, no_repeat_ngram_size, focus)]
     return beam_search(decoder, features, beam_size, max_length, length_penalty, n_best,
                        no_repeat_ngram_size, focus)
+
+
+@torch.no_grad()
+def replay(
+    decoder: AttentionDecoder,
+    features: torch.Tensor,  # (B, L, D)
+    tokens: torch.Tensor,  # (B, T) chosen word ids, without <start>; rows may be padded
+    focus: torch.Tensor | None = None,  # (B, L) the attention bias decoding used, if any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed already chosen captions back through the decoder: the attention (B, T, L) and the
+    gating scalar (B, T) (see `AttentionDecoder.gate`) of the step that wrote each word.
+
+    In eval mode the decoder is deterministic, so teacher forcing the words that decoding
+    chose reproduces decoding's states exactly; this keeps the gate out of beam search's
+    bookkeeping. Values at padded positions are meaningless.
+    """
+    features, keys = decoder.prepare(features)
+    state = decoder.init_state(features, focus)
+    words = torch.full((tokens.shape[0],), Vocabulary.start_id, dtype=torch.long, device=features.device)
+    alphas, gates = [], []
+    for t in range(tokens.shape[1]):
+        gates.append(decoder.gate(state))  # beta is computed from h_{t-1}, as in step()
+        _, state, alpha = decoder.step(features, keys, words, state, focus)
+        alphas.append(alpha)
+        words = tokens[:, t]
+    if not alphas:
+        rows = tokens.shape[0]
+        return features.new_zeros(rows, 0, features.shape[-2]), features.new_zeros(rows, 0)
+    return torch.stack(alphas, 1), torch.stack(gates, 1)

@@ -55,3 +55,8 @@ class DecoderEnsemble(nn.Module):
             alphas.append(alpha)
         state = (torch.stack(hidden, 1), torch.stack(cells, 1))
         return torch.stack(log_probs).mean(0), state, torch.stack(alphas).mean(0)
+
+    def gate(self, state: State) -> torch.Tensor:
+        """The members' mean gating scalar for the next word, (B,)."""
+        gates = [member.gate((state[0][:, i], state[1][:, i])) for i, member in enumerate(self.members)]
+        return torch.stack(gates).mean(0)

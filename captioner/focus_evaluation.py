@@ -84,39 +84,42 @@ def nameable_categories(captioner: Captioner, synonyms=COCO_SYNONYMS) -> set[str
 
 
 def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str | Path,
-                   strength: float, how: str = "both", beam_size: int = 3,
-                   limit: int | None = None) -> FocusReport:
+                   settings: Sequence[tuple[str, float]] = (("both", 4.0),), beam_size: int = 3,
+                   limit: int | None = None) -> dict[tuple[str, float], FocusReport]:
+    """One report per (how, strength) setting; each image is encoded once for all of them."""
     from pycocotools.coco import COCO
 
-    if how not in HOW:
-        raise ValueError(f"how {how!r}: expected one of {HOW}")
+    for how, _ in settings:
+        if how not in HOW:
+            raise ValueError(f"how {how!r}: expected one of {HOW}")
     coco = COCO(str(instances))
     objects, nameable = ObjectVocabulary(), nameable_categories(captioner)
-    decoder = captioner.model.decoder if how == "both" else _Steered(captioner.model.decoder, how)
-    report = FocusReport()
+    reports = {setting: FocusReport() for setting in settings}
     for image_id in sorted(coco.getImgIds())[:limit]:
         entry = coco.loadImgs([image_id])[0]
-        masks = category_masks(coco, image_id)
-        cover = {name: float(mask.mean()) for name, mask in masks.items()}
-        boxes = [(a, coco.loadCats([a["category_id"]])[0]["name"]) for a in
+        cover = {name: float(mask.mean()) for name, mask in category_masks(coco, image_id).items()}
+        boxes = [(a["bbox"], coco.loadCats([a["category_id"]])[0]["name"]) for a in
                  coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))]
-        boxes = [(a, name) for a, name in boxes if COVER[0] <= cover[name] <= COVER[1]]
+        boxes = [(bbox, name) for bbox, name in boxes if COVER[0] <= cover[name] <= COVER[1]]
         if not boxes:
             continue
         image = load_image(Path(images_dir) / entry["file_name"])
         with torch.inference_mode():
             features = captioner.model.encoder(captioner.preprocess(image)[None].to(captioner.device))
-        regions = [_box(a["bbox"], image.size) for a, _ in boxes]
-        bias = torch.stack([strength * focus_weights(r, image.size, captioner.grid_shape) for r in regions])
-        plain = caption_features(decoder, captioner.vocab, features, beam_size)[0].text
-        focused = caption_features(decoder, captioner.vocab, features.expand(len(boxes), -1, -1), beam_size,
-                                   focus=bias.to(captioner.device))
+        plain = caption_features(captioner.model.decoder, captioner.vocab, features, beam_size)[0].text
         named_plain = {m.category for m in objects.mentions(plain.split())}
-        for (_, name), region, result in zip(boxes, regions, focused, strict=True):
-            named = {m.category for m in objects.mentions(result.words)}
-            report.trials.append(FocusTrial(entry["file_name"], name, region, cover[name], name in nameable,
-                                            plain, result.text, name in named_plain, name in named))
-    return report
+        regions = [_box(bbox, image.size) for bbox, _ in boxes]
+        weights = torch.stack([focus_weights(r, image.size, captioner.grid_shape) for r in regions])
+        for (how, strength), report in reports.items():
+            decoder = captioner.model.decoder if how == "both" else _Steered(captioner.model.decoder, how)
+            focused = caption_features(decoder, captioner.vocab, features.expand(len(boxes), -1, -1),
+                                       beam_size, focus=(strength * weights).to(captioner.device))
+            for (_, name), region, result in zip(boxes, regions, focused, strict=True):
+                named = {m.category for m in objects.mentions(result.words)}
+                report.trials.append(FocusTrial(entry["file_name"], name, region, cover[name],
+                                                name in nameable, plain, result.text,
+                                                name in named_plain, name in named))
+    return reports
 
 
 def _box(bbox: Sequence[float], size: tuple[int, int]) -> tuple[float, float, float, float]:

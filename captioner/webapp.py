@@ -40,14 +40,15 @@ EXAMPLES = {
 }
 
 API_DESCRIPTION = ("Caption an image. Returns the caption, the n-best alternatives with their scores "
-                   "(log-probabilities) and one attention overlay per word, labelled with the word.")
+                   "(log-probabilities) and one attention overlay per word, labelled with the word "
+                   "and its gate β (0-1: how much the image fed the word).")
 
 CSS = """
 #caption textarea { font-size: 1.7rem !important; font-weight: 600; line-height: 1.35; }
 #word-caption { font-size: 1.25rem; }
 #attention-gallery .grid-wrap { min-height: 0; max-height: none; }
 #attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
-#attention-gallery .caption-label { font-size: 0.95rem; }
+#attention-gallery .caption-label { font-size: 0.95rem; max-width: 96%; }
 .small-print { font-size: 0.85rem; opacity: 0.8; }
 /* On a phone the numbers keep one line (a smaller font, no wrapping) and the caption gives way. */
 @media (max-width: 640px) {
@@ -70,6 +71,7 @@ class Shown:
     log_prob: float
     finished: bool  # False if the maximum length cut the caption short
     notes: list[str] = field(default_factory=list)  # e.g. the input is tiny
+    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (len(words),) beta
 
 
 def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -98,10 +100,15 @@ def read_upload(payload: dict[str, Any] | None) -> Image.Image:
                        print_exception=False) from err
 
 
+def word_label(word: str, gate: float) -> str:
+    """A word's panel title: the word and its gate beta, how much the image fed it."""
+    return f"{word} · β {gate:.2f}"
+
+
 def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
-    """One (overlay, word) pair per generated word, for the gallery."""
-    return [(overlay_attention(shown.image, alpha, opacity), word)
-            for word, alpha in zip(shown.words, shown.attention, strict=True)]
+    """One (overlay, "word · β") pair per generated word, for the gallery."""
+    return [(overlay_attention(shown.image, alpha, opacity), word_label(word, gate))
+            for word, alpha, gate in zip(shown.words, shown.attention, shown.gate, strict=True)]
 
 
 def probability(log_prob: float) -> float:
@@ -146,7 +153,7 @@ def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size
     opacity = _opacity(opacity)
     result = captioner.caption(picture, beam_size=beam_size, max_length=max_length)
     shown = Shown(display_copy(picture), result.words, result.attention, result.score,
-                  result.log_prob, result.finished, result.notes)
+                  result.log_prob, result.finished, result.notes, result.gate)
     return result.text, alternatives_table(result), overlays(shown, opacity), shown
 
 
@@ -168,7 +175,8 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
         return gr.update(value=None, label="Attention for the selected word"), []
     i = _int_in_range(index, 1, len(shown.words), "word") - 1
     big = overlay_attention(shown.image, shown.attention[i], _opacity(opacity))
-    label = f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}”"
+    label = (f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}” · image gate β = "
+             f"{shown.gate[i]:.2f}")
     tokens = [(" ", None)] * (2 * len(shown.words) - 1)  # word, space, word, ...: word j is token 2j
     tokens[::2] = [(word, "looking at" if j == i else None) for j, word in enumerate(shown.words)]
     return gr.update(value=big, label=label), tokens
@@ -268,7 +276,11 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                                  elem_id="word-slider")
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
                 gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
-                            "model looked most when it chose the word, blue where it looked least.")
+                            "model looked most when it chose the word, blue where it looked least. "
+                            "**β** (0-1) is how much of the image the model let into that word; "
+                            "a word with a lower β than its neighbours came more from the "
+                            "language model. It is the model's own weighting, not a check: an "
+                            "object it invents can have as high a β as one it sees.")
                 gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
                                      object_fit="contain", allow_preview=False,
                                      elem_id="attention-gallery")

@@ -32,19 +32,17 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path)
     args = parser.parse_args()
     captioner = Captioner.from_pretrained(args.checkpoint)
+    settings = [(how, strength) for how in args.how for strength in args.strength]
+    reports = evaluate_focus(captioner, args.images, args.instances, settings, args.beam_size, args.limit)
     results = {}
-    for how in args.how:
-        for strength in args.strength:
-            report = evaluate_focus(captioner, args.images, args.instances, strength, how, args.beam_size,
-                                    args.limit)
-            key = f"{how}-{strength:g}"
-            summary = report.summary()
-            results[key] = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
-            print(json.dumps({key: results[key]}), flush=True)
-            if args.output_dir:
-                args.output_dir.mkdir(parents=True, exist_ok=True)
-                with open(args.output_dir / f"trials-{key}.jsonl", "w") as f:
-                    f.writelines(json.dumps(asdict(t)) + "\n" for t in report.trials)
+    for (how, strength), report in reports.items():
+        key = f"{how}-{strength:g}"
+        results[key] = {k: round(v, 2) if isinstance(v, float) else v for k, v in report.summary().items()}
+        print(json.dumps({key: results[key]}), flush=True)
+        if args.output_dir:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(args.output_dir / f"trials-{key}.jsonl", "w") as f:
+                f.writelines(json.dumps(asdict(t)) + "\n" for t in report.trials)
     if args.output_dir:
         (args.output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
 

@@ -39,6 +39,17 @@ def test_one_image_gives_one_result(captioner):
     assert len(result.alternatives) == 3  # n-best defaults to the beam size
 
 
+def test_each_word_carries_its_gate(captioner):
+    """beta, 0-1 per word: the same whatever else is in the batch."""
+    images = [img for img, _, _ in EXAMPLES[:5]]
+    together = captioner.caption(images)
+    for image, result in zip(images, together, strict=True):
+        assert result.gate.shape == (len(result.words),) and result.gate.dtype == np.float32
+        assert ((result.gate > 0) & (result.gate < 1)).all()
+        np.testing.assert_allclose(captioner.caption(image).gate, result.gate, atol=1e-5)
+    assert captioner.caption(images[0], max_length=2).gate.shape == (2,)
+
+
 def test_paths_pil_images_and_arrays(captioner, tmp_path):
     (img0, cap0, _), (img1, cap1, _), (img2, cap2, _) = EXAMPLES[3:6]
     path = tmp_path / "shape.png"

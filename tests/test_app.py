@@ -39,7 +39,10 @@ def test_sliders_redraw_from_the_kept_result(shapes_checkpoint, tmp_path):
     upload = {"path": str(path), "orig_name": path.name}  # what Gradio hands the event
     text, table, gallery, shown = webapp.caption_upload(captioner, upload)
     assert text == "a green square on the right" and table[0][1] == text
-    assert [word for _, word in gallery] == shown.words == text.split()
+    assert [label.split(" · ")[0] for _, label in gallery] == shown.words == text.split()
+    assert shown.gate.shape == (len(shown.words),) and ((shown.gate > 0) & (shown.gate < 1)).all()
+    assert [label for _, label in gallery] == [f"{w} · β {g:.2f}" for w, g in zip(shown.words, shown.gate,
+                                                                                 strict=True)]
     assert max(shown.image.size) == DISPLAY_SIZE
 
     plain = webapp.overlays(shown, 0.0)
@@ -47,7 +50,7 @@ def test_sliders_redraw_from_the_kept_result(shapes_checkpoint, tmp_path):
     assert all(pixel_distance(image, shown.image) > 10 for image, _ in webapp.overlays(shown, 1.0))
 
     big, tokens = webapp.word_view(shown, 3, 0.6)
-    assert big["label"] == "Word 3 of 6: “square”"
+    assert big["label"] == f"Word 3 of 6: “square” · image gate β = {shown.gate[2]:.2f}"
     assert [t for t, label in tokens if label] == ["square"]
     assert "".join(t for t, _ in tokens) == text
 
@@ -124,7 +127,9 @@ def test_caption_endpoint(client, tmp_path):
     assert scores == sorted(scores, reverse=True)
     assert all(0 < row[3] <= 1 for row in rows)
 
-    assert [item["caption"] for item in attention] == caption.split()
+    labels = [item["caption"].split(" · β ") for item in attention]  # "word · β 0.42"
+    assert [word for word, _ in labels] == caption.split()
+    assert all(0 < float(beta) < 1 for _, beta in labels)
     images = [Image.open(item["image"]).convert("RGB") for item in attention]
     assert {image.size for image in images} == {(DISPLAY_SIZE, DISPLAY_SIZE)}
     assert len({image.tobytes() for image in images}) > 1  # each word has its own map

@@ -63,6 +63,8 @@ def test_upload_caption_and_step_through_the_words(page, tmp_path):
     expect(highlighted).to_have_text("circle")
     expect(page.locator("#word-slider input[type=number]")).to_have_value("3")
     expect(page.locator("#word-overlay")).to_contain_text("Word 3 of 6")
+    expect(page.locator("#word-overlay")).to_contain_text("“circle” · image gate β = 0.")
+    expect(thumbnails.nth(2)).to_contain_text("circle · β 0.")
     page.locator("#word-caption .token", has_text="left").click()
     expect(highlighted).to_have_text("left")
     expect(page.locator("#word-slider input[type=number]")).to_have_value("6")

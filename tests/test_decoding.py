@@ -9,7 +9,7 @@ from torch import nn
 
 from captioner import Captioner, Vocabulary
 from captioner.decoder import AttentionDecoder
-from captioner.decoding import _log_probs, beam_search, decode_tensors, greedy_decode, sample
+from captioner.decoding import _log_probs, beam_search, decode_tensors, greedy_decode, replay, sample
 
 from .shapes import all_examples
 
@@ -47,11 +47,11 @@ class BigramDecoder(nn.Module):
     def prepare(self, features):
         return features, features
 
-    def init_state(self, features):
+    def init_state(self, features, focus=None):
         zeros = features.new_zeros(features.shape[0], 1)
         return zeros, zeros
 
-    def step(self, features, keys, words, state):
+    def step(self, features, keys, words, state, focus=None):
         num_cells = features.shape[1]
         return self.table[words], state, features.new_full((len(words), num_cells), 1.0 / num_cells)
 
@@ -307,3 +307,57 @@ def test_captioner_blocks_repeated_trigrams_by_default(trained_shapes_model):
         default = captioner.caption(images, beam_size=beam_size, max_length=16)
         assert sum(repeats(r.words) for r in allowed) > 0
         assert all(repeats(r.words) == 0 and len(r.words) == 16 for r in default)
+
+
+# ----------------------------------------------------------------------------- replay (the gate)
+
+def _padded(hypotheses):
+    tokens = torch.full((len(hypotheses), max(len(h.tokens) for h in hypotheses)), Vocabulary.pad_id)
+    for row, h in enumerate(hypotheses):
+        tokens[row, : len(h.tokens)] = torch.tensor(h.tokens)
+    return tokens
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_replaying_the_chosen_words_reproduces_decoding(beam_size):
+    """Teacher forcing the words decoding chose goes through the same states: the same attention
+    for every word, so the gates it reads off those states are the ones decoding used."""
+    decoder, features = _random_decoder(), _random_features(6)
+    best = [hyps[0] for hyps in beam_search(decoder, features, beam_size, max_length=12)]
+    alphas, gates = replay(decoder, features, _padded(best))
+    assert gates.shape == alphas.shape[:2] == (6, max(len(h.tokens) for h in best))
+    for row, h in enumerate(best):
+        torch.testing.assert_close(alphas[row, : len(h.tokens)], h.alphas, atol=1e-6, rtol=1e-5)
+    # The gate of word t is the mean of sigmoid(f_beta(h_{t-1})), h_{t-1} the state before it.
+    features_a, keys = decoder.prepare(features)
+    state = decoder.init_state(features_a)
+    tokens, expected = _padded(best), []
+    words = torch.full((6,), Vocabulary.start_id)
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            expected.append(torch.sigmoid(decoder.f_beta(state[0])).mean(dim=1))
+            _, state, _ = decoder.step(features_a, keys, words, state)
+            words = tokens[:, t]
+    torch.testing.assert_close(gates, torch.stack(expected, 1))
+    assert ((gates > 0) & (gates < 1)).all()
+
+
+def test_replay_with_a_focus_follows_the_focused_decoding():
+    decoder, features = _random_decoder(), _random_features(4)
+    focus = torch.zeros(4, features.shape[1])
+    focus[:, :3] = 4.0  # a strong pull towards the first three cells
+    best = [hyps[0] for hyps in beam_search(decoder, features, 3, max_length=10, focus=focus)]
+    alphas, _ = replay(decoder, features, _padded(best), focus)
+    for row, h in enumerate(best):
+        torch.testing.assert_close(alphas[row, : len(h.tokens)], h.alphas, atol=1e-6, rtol=1e-5)
+    unfocused, _ = replay(decoder, features, _padded(best))
+    assert not torch.allclose(unfocused, alphas)
+
+
+def test_a_decoder_without_the_gate_replays_a_gate_of_one():
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24,
+                               attention_dim=16, dropout=0.0, gate=False).eval()
+    features = _random_features(2)
+    _, gates = replay(decoder, features, torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    assert torch.equal(gates, torch.ones(2, 3))

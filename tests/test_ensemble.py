@@ -12,7 +12,7 @@ import torch
 from captioner import Captioner, CheckpointError, load_model, save_model
 from captioner.checkpoint import load_ensemble
 from captioner.decoder import AttentionDecoder
-from captioner.decoding import _log_probs, beam_search, greedy_decode
+from captioner.decoding import _log_probs, beam_search, greedy_decode, replay
 from captioner.ensemble import DecoderEnsemble
 from captioner.model import CaptionModel, ModelConfig
 from captioner.vocabulary import Vocabulary
@@ -41,6 +41,14 @@ def test_an_ensemble_of_one_decoder_twice_decodes_like_the_decoder():
         assert [h.score for h in together] == pytest.approx([h.score for h in alone], abs=1e-4)
         for a, b in zip(alone, together, strict=True):
             torch.testing.assert_close(b.alphas, a.alphas)
+
+
+def test_an_ensembles_gate_is_its_members_mean_gate():
+    first, second = _decoder(0), _decoder(1)
+    features, tokens = _features(3), torch.tensor([[5, 6, 7, 8], [9, 10, 11, 4], [4, 4, 5, 5]])
+    _, gates = replay(DecoderEnsemble([first, second]).eval(), features, tokens)
+    expected = (replay(first, features, tokens)[1] + replay(second, features, tokens)[1]) / 2
+    torch.testing.assert_close(gates, expected)
 
 
 def test_greedy_ensemble_follows_the_mean_of_its_members_log_probabilities():

@@ -1,0 +1,417 @@
+"""Is the attention on the thing the word names, and is that thing in the image at all?
+
+Captions are mapped to COCO object categories through a documented synonym table
+(`COCO_SYNONYMS`, below: "man", "girls", "people" -> person, "puppy" -> dog, "bike" ->
+bicycle, "table" -> dining table, ...; plurals, and two-word names such as "hot dog" or
+"teddy bear", which win over their last word). A category counts once per caption, at its
+first mention: that word is the caption's *object mention* of the category.
+
+Against an image's COCO instance masks (pycocotools `annToMask`, crowd regions included):
+
+- pointing game (Zhang et al. 2016): a grounded mention (its category is in the image) is a hit
+  when the peak of its attention, bilinearly upsampled to the image (the centre of its
+  strongest grid cell), lies on the category's masks dilated by 15 px. Centre baseline: the
+  same test for a fixed peak at the image centre.
+- attention mass (Liu et al. 2017, "attention correctness"): the share of the mention's
+  attention (upsampled, normalised to sum 1) that lies on the category's masks. Uniform
+  baseline: the masks' share of the image, which is what uniform attention scores.
+- CHAIR (Rohrbach et al. 2018): CHAIR_i, the share of object mentions whose category is not in
+  the image; CHAIR_s, the share of captions with at least one such mention.
+
+All figures are percentages. The model sees the whole image squashed to a square (no crop),
+so its attention grid spans the whole image and is upsampled to the image's own size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+POINTING_TOLERANCE = 15  # px around the masks that still count as a hit (Zhang et al. 2016)
+
+# COCO category -> the caption words and phrases that name it (singular; plurals are found by
+# `singular`). Left out on purpose: a single "orange" (in Flickr8k-style captions it is nearly
+# always a colour), sport names that usually mean the game ("football", "baseball", "basketball"),
+# and words that name several categories ("bag", "board", "glass").
+COCO_SYNONYMS: dict[str, list[str]] = {
+    "person": ["person", "people", "man", "woman", "boy", "girl", "child", "kid", "baby",
+               "toddler", "guy", "lady", "gentleman", "adult", "teenager", "teen", "player",
+               "skier", "surfer", "snowboarder", "skateboarder", "biker", "cyclist",
+               "bicyclist", "rider", "climber", "swimmer", "runner", "hiker", "dancer",
+               "performer", "athlete", "worker", "officer", "policeman", "soldier",
+               "spectator", "tourist", "pedestrian", "mother", "father", "son", "daughter",
+               "bride", "groom", "cowboy", "skater", "wakeboarder", "windsurfer", "batter",
+               "pitcher", "catcher", "goalie", "fireman", "firefighter", "chef", "student"],
+    "bicycle": ["bicycle", "bike", "tricycle"],
+    "car": ["car", "suv", "taxi", "jeep", "van", "sedan"],
+    "motorcycle": ["motorcycle", "motorbike", "motor bike", "dirt bike", "scooter", "moped"],
+    "airplane": ["airplane", "plane", "jet", "aeroplane", "aircraft", "airliner"],
+    "bus": ["bus"],
+    "train": ["train", "locomotive"],
+    "truck": ["truck", "firetruck", "fire truck", "pickup truck"],
+    "boat": ["boat", "ship", "canoe", "kayak", "sailboat", "yacht", "raft", "ferry"],
+    "traffic light": ["traffic light", "stoplight"],
+    "fire hydrant": ["fire hydrant", "hydrant"],
+    "stop sign": ["stop sign"],
+    "parking meter": ["parking meter"],
+    "bench": ["bench"],
+    "bird": ["bird", "seagull", "gull", "duck", "pigeon", "pelican", "swan", "goose", "parrot",
+             "chicken", "owl", "eagle"],
+    "cat": ["cat", "kitten", "kitty"],
+    "dog": ["dog", "puppy", "pup", "husky", "labrador", "dalmatian", "terrier", "poodle",
+            "dachshund", "collie", "retriever", "hound", "greyhound", "beagle", "bulldog",
+            "shepherd dog", "sheepdog"],
+    "horse": ["horse", "pony", "foal"],
+    "sheep": ["sheep", "lamb"],
+    "cow": ["cow", "cattle", "bull", "calf", "ox"],
+    "elephant": ["elephant"],
+    "bear": ["bear"],
+    "zebra": ["zebra"],
+    "giraffe": ["giraffe"],
+    "backpack": ["backpack", "rucksack"],
+    "umbrella": ["umbrella", "parasol"],
+    "handbag": ["handbag", "purse"],
+    "tie": ["tie", "necktie"],
+    "suitcase": ["suitcase", "luggage"],
+    "frisbee": ["frisbee"],
+    "skis": ["ski", "skis"],
+    "snowboard": ["snowboard"],
+    "sports ball": ["ball", "soccer ball", "tennis ball", "beach ball", "volleyball"],
+    "kite": ["kite"],
+    "baseball bat": ["baseball bat", "bat"],
+    "baseball glove": ["baseball glove", "mitt"],
+    "skateboard": ["skateboard"],
+    "surfboard": ["surfboard"],
+    "tennis racket": ["tennis racket", "racket", "racquet"],
+    "bottle": ["bottle"],
+    "wine glass": ["wine glass", "wineglass"],
+    "cup": ["cup", "mug"],
+    "fork": ["fork"],
+    "knife": ["knife"],
+    "spoon": ["spoon"],
+    "bowl": ["bowl"],
+    "banana": ["banana"],
+    "apple": ["apple"],
+    "orange": ["oranges", "tangerine"],  # not "orange": in captions it is mostly a colour
+    "sandwich": ["sandwich", "burger", "hamburger"],
+    "broccoli": ["broccoli"],
+    "carrot": ["carrot"],
+    "hot dog": ["hot dog", "hotdog", "corndog"],
+    "pizza": ["pizza"],
+    "donut": ["donut", "doughnut"],
+    "cake": ["cake", "cupcake"],
+    "chair": ["chair", "stool"],
+    "couch": ["couch", "sofa"],
+    "potted plant": ["potted plant", "houseplant"],
+    "bed": ["bed"],
+    "dining table": ["table", "dining table"],
+    "toilet": ["toilet"],
+    "tv": ["tv", "television"],
+    "laptop": ["laptop", "computer"],
+    "mouse": ["mouse"],
+    "remote": ["remote", "remote control"],
+    "keyboard": ["keyboard"],
+    "cell phone": ["cell phone", "cellphone", "phone", "smartphone"],
+    "microwave": ["microwave"],
+    "oven": ["oven", "stove"],
+    "toaster": ["toaster"],
+    "sink": ["sink"],
+    "refrigerator": ["refrigerator", "fridge"],
+    "book": ["book"],
+    "clock": ["clock"],
+    "vase": ["vase"],
+    "scissors": ["scissors"],
+    "teddy bear": ["teddy bear", "teddy"],
+    "hair drier": ["hair drier", "hair dryer", "hairdryer"],
+    "toothbrush": ["toothbrush"],
+}
+
+# Phrases that contain a name above but name something else ("bus stop" is not a bus): they
+# are read as one unit and count as no object.
+NOT_OBJECTS = ["bus stop", "train station", "train track", "jet ski", "ski lift", "ski slope",
+               "ski resort", "bike path", "bike trail", "bike lane", "dog park", "dog show",
+               "car park", "phone booth", "table cloth"]
+
+IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "people": "people",
+                     "mice": "mouse", "knives": "knife", "geese": "goose", "oxen": "ox",
+                     "gentlemen": "gentleman", "firemen": "fireman", "policemen": "policeman",
+                     "sheep": "sheep", "fish": "fish"}
+
+
+def singular(word: str) -> list[str]:
+    """The forms a caption word may be a plural of, most likely first ("puppies" -> puppy)."""
+    if word in IRREGULAR_PLURALS:
+        return [IRREGULAR_PLURALS[word]]
+    forms = [word]
+    if word.endswith("ies") and len(word) > 4:
+        forms.append(word[:-3] + "y")
+    if word.endswith("es") and len(word) > 3:
+        forms.append(word[:-2])
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 2:
+        forms.append(word[:-1])
+    return forms
+
+
+@dataclass
+class Mention:
+    """The first word (or phrase) of a caption that names a category."""
+
+    category: str
+    phrase: str  # as written in the caption, e.g. "puppies" or "hot dog"
+    index: int  # position in the caption of the phrase's last word (its noun): its attention
+
+
+class ObjectVocabulary:
+    """Maps caption words and phrases to categories, from a {category: [names]} table."""
+
+    def __init__(self, synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
+                 not_objects: Sequence[str] = NOT_OBJECTS):
+        self.names: dict[tuple[str, ...], str | None] = {tuple(p.split()): None for p in not_objects}
+        for category, names in synonyms.items():
+            for name in names:
+                key = tuple(name.lower().split())
+                if self.names.get(key, category) != category:
+                    raise ValueError(f"synonym {name!r} is listed for both {self.names[key]!r} "
+                                     f"and {category!r}")
+                self.names[key] = category
+        self.longest = max((len(key) for key in self.names), default=1)
+
+    def lookup(self, phrase: Sequence[str]) -> tuple[bool, str | None]:
+        """(whether the table knows the phrase, allowing a plural last word; its category,
+        None for NOT_OBJECTS)."""
+        *head, last = [w.lower() for w in phrase]
+        for form in singular(last):
+            key = (*head, form)
+            if key in self.names:
+                return True, self.names[key]
+        return False, None
+
+    def mentions(self, words: Sequence[str]) -> list[Mention]:
+        """Each category's first mention, in caption order; longer phrases win ("hot dog")."""
+        found: dict[str, Mention] = {}
+        i = 0
+        while i < len(words):
+            for n in range(min(self.longest, len(words) - i), 0, -1):
+                known, category = self.lookup(words[i : i + n])
+                if known:
+                    if category is not None:
+                        found.setdefault(category, Mention(category, " ".join(words[i : i + n]),
+                                                           i + n - 1))
+                    i += n
+                    break
+            else:
+                i += 1
+        return list(found.values())
+
+
+def upsample_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) attention -> (H, W) map over the image, bilinear, normalised to sum 1.
+
+    `size` is (H, W). Each grid cell is centred on its region (align_corners=False).
+    """
+    grid = torch.as_tensor(np.asarray(alpha, dtype=np.float32))[None, None]  # (1, 1, h, w)
+    heat = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(min=0)
+    total = float(heat.sum())
+    if total <= 0:
+        raise ValueError("attention map is all zeros: nothing to ground")
+    return (heat / total).numpy()
+
+
+def attention_peak(alpha: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    """(row, col) in an image of `size` (H, W) where the upsampled attention peaks.
+
+    Bilinear upsampling takes its maximum at the centre of the grid cell with the most
+    attention (and, for a cell on the border, also out to the image edge, where the map is
+    flat): the cell centre is the peak, without the arbitrary tie-break an argmax over pixels
+    would make.
+    """
+    alpha = np.asarray(alpha)
+    row, col = np.unravel_index(int(np.argmax(alpha)), alpha.shape)
+    height, width = size
+    y = (row + 0.5) * height / alpha.shape[0] - 0.5  # align_corners=False
+    x = (col + 0.5) * width / alpha.shape[1] - 0.5
+    return min(max(round(y), 0), height - 1), min(max(round(x), 0), width - 1)
+
+
+def dilate(mask: np.ndarray, radius: int = POINTING_TOLERANCE) -> np.ndarray:
+    """The mask grown by `radius` px (Euclidean): every pixel within that distance of it."""
+    if not mask.any():
+        return mask.copy()
+    return ndimage.distance_transform_edt(~mask) <= radius
+
+
+@dataclass
+class ObjectWord:
+    """One object mention of a caption, checked against the image's instances."""
+
+    word: str
+    category: str
+    index: int
+    in_image: bool  # False: a hallucinated object (CHAIR)
+    gate: float | None = None  # the word's gating scalar beta, if the result carries it
+    hit: bool | None = None  # pointing game (grounded mentions only)
+    centre_hit: bool | None = None
+    mass: float | None = None  # % of the attention on the category's masks
+    mask_share: float | None = None  # % of the image the category's masks cover
+
+
+@dataclass
+class ImageGrounding:
+    image_id: int
+    file_name: str
+    caption: str
+    objects: list[ObjectWord] = field(default_factory=list)
+    gates: list[float] = field(default_factory=list)  # every word's beta, if the result has it
+
+    @property
+    def hallucinated(self) -> bool:
+        return any(not o.in_image for o in self.objects)
+
+
+def ground_caption(words: Sequence[str], attention: np.ndarray, masks: Mapping[str, np.ndarray],
+                   objects: ObjectVocabulary, gate: Sequence[float] | None = None,
+                   image_id: int = 0, file_name: str = "") -> ImageGrounding:
+    """Check one caption: words, its attention (len(words), h, w) and the image's category
+    masks {category: (H, W) bool}, all of one image size."""
+    if len(attention) != len(words):
+        raise ValueError(f"{file_name or 'caption'}: {len(words)} words but {len(attention)} "
+                         "attention maps")
+    gates = [] if gate is None else [float(g) for g in gate]
+    result = ImageGrounding(image_id, file_name, " ".join(words), gates=gates)
+    for mention in objects.mentions(words):
+        word = ObjectWord(mention.phrase, mention.category, mention.index,
+                          in_image=mention.category in masks,
+                          gate=gates[mention.index] if gates else None)
+        if word.in_image:
+            mask = masks[mention.category]
+            height, width = mask.shape
+            heat = upsample_attention(attention[mention.index], (height, width))
+            near = dilate(mask)
+            word.hit = bool(near[attention_peak(attention[mention.index], (height, width))])
+            word.centre_hit = bool(near[height // 2, width // 2])
+            word.mass = float(heat[mask].sum()) * 100
+            word.mask_share = float(mask.mean()) * 100
+        result.objects.append(word)
+    return result
+
+
+def summarise(results: Sequence[ImageGrounding]) -> dict[str, float | int]:
+    """The figures of a set of captioned images (percentages; NaN where nothing to count)."""
+    mentions = [o for r in results for o in r.objects]
+    grounded = [o for o in mentions if o.in_image]
+
+    def percent(values: Iterable[float]) -> float:
+        values = list(values)
+        return float(np.mean(values)) * 100 if values else float("nan")
+
+    return {
+        "pointing_game": percent(o.hit for o in grounded),
+        "centre_baseline": percent(o.centre_hit for o in grounded),
+        "attention_mass": percent(o.mass / 100 for o in grounded),
+        "uniform_baseline": percent(o.mask_share / 100 for o in grounded),
+        "chair_i": percent(not o.in_image for o in mentions),
+        "chair_s": percent(r.hallucinated for r in results),
+        "images": len(results),
+        "grounded_words": len(grounded),
+        "object_mentions": len(mentions),
+    }
+
+
+def plain_metrics(metrics: Mapping[str, float | int], digits: int | None = None) -> dict:
+    """The metrics as strict JSON values: NaN (nothing to count) becomes null; rounded if asked."""
+    def plain(value):
+        if isinstance(value, float):
+            return None if np.isnan(value) else round(value, digits) if digits is not None else value
+        return value
+    return {key: plain(value) for key, value in metrics.items()}
+
+
+def category_masks(coco, image_id: int) -> dict[str, np.ndarray]:
+    """{category name: union of its instance masks (H, W) bool}, crowd regions included."""
+    masks: dict[str, np.ndarray] = {}
+    for annotation in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
+        name = coco.loadCats([annotation["category_id"]])[0]["name"]
+        mask = coco.annToMask(annotation).astype(bool)
+        masks[name] = masks[name] | mask if name in masks else mask
+    return masks
+
+
+@dataclass
+class GroundingReport:
+    metrics: dict[str, float | int]
+    images: list[ImageGrounding]
+    skipped: list[str]  # image files without instance annotations
+
+
+def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
+                       beam_size: int = 3, batch_size: int = 8,
+                       synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
+                       progress: bool = False) -> GroundingReport:
+    """Caption every annotated image of a COCO instances file with `captioner` (a Captioner)
+    and measure grounding and hallucination. Images without annotations are skipped."""
+    from pycocotools.coco import COCO
+    from tqdm import tqdm
+
+    images_dir, instances = Path(images_dir), Path(instances)
+    if not instances.is_file():
+        raise FileNotFoundError(f"instances file {instances} does not exist")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder {images_dir} does not exist")
+    try:
+        coco = _quiet_coco(COCO, instances)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{instances} is not a COCO instances file (not JSON: {err})") from err
+    if "annotations" not in coco.dataset or "categories" not in coco.dataset:
+        raise ValueError(f"{instances} is not a COCO instances file (needs 'annotations' and "
+                         "'categories')")
+    objects = ObjectVocabulary(synonyms)
+    if not {c["name"] for c in coco.dataset["categories"]} & set(synonyms):
+        raise ValueError(f"none of the categories of {instances} is in the synonym table")
+    entries, skipped = [], []
+    for image_id in sorted(coco.getImgIds()):
+        entry = coco.loadImgs([image_id])[0]
+        (entries if coco.getAnnIds(imgIds=[image_id], iscrowd=None) else skipped).append(entry)
+    missing = [e["file_name"] for e in entries if not (images_dir / e["file_name"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of {instances} are not in {images_dir}, "
+                                f"e.g. {missing[0]}")
+    results = []
+    batches = range(0, len(entries), batch_size)
+    for start in tqdm(batches, desc="captioning", disable=not progress):
+        batch = entries[start : start + batch_size]
+        captions = captioner.caption([images_dir / e["file_name"] for e in batch],
+                                     beam_size=beam_size, batch_size=batch_size)
+        for entry, caption in zip(batch, captions, strict=True):
+            masks = category_masks(coco, entry["id"])  # at the size the JSON gives the image
+            results.append(ground_caption(caption.words, caption.attention, masks, objects,
+                                          caption.gate, entry["id"], entry["file_name"]))
+    return GroundingReport(summarise(results), results, [e["file_name"] for e in skipped])
+
+
+def _quiet_coco(coco_class, path: Path):
+    """pycocotools prints while loading; keep the script's output to the results."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return coco_class(str(path))
+
+
+def write_report(report: GroundingReport, output_dir: str | Path) -> Path:
+    """metrics.json and details.jsonl (one line per image; skipped images say so)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(plain_metrics(report.metrics), indent=2) + "\n")
+    with open(output_dir / "details.jsonl", "w", encoding="utf-8") as out:
+        for image in report.images:
+            out.write(json.dumps(asdict(image)) + "\n")
+        for name in report.skipped:
+            out.write(json.dumps({"file_name": name, "skipped": "no instance annotations"}) + "\n")
+    return output_dir
