@@ -13,18 +13,20 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .api import Captioner, CaptionResult
 from .decoding import NO_REPEAT_NGRAM_SIZE
-from .images import DEFAULT_MAX_PIXELS, ImageFiles, LoadedImage, collate_images
+from .focus import DEFAULT_STRENGTH
+from .images import DEFAULT_MAX_PIXELS, ImageBatch, ImageFiles, LoadedImage, collate_images
 from .records import (
     CSV_FIELDS,
     CSV_FIELDS_N_BEST,
@@ -235,12 +237,17 @@ def caption_files(
     retry_failed: bool = False,
     attention_dir: str | Path | None = None,
     progress: bool = True,
+    focus: Mapping[str, Sequence[float]] | None = None,
+    focus_strength: float = DEFAULT_STRENGTH,
 ) -> Summary:
     """Caption `paths` into `output`, skipping files it already holds a row for.
 
     Failed files are skipped too unless `retry_failed`; their old rows are then replaced.
-    Raises OutputError if the output cannot be read back or written.
+    `focus` maps paths to boxes (x0, y0, x1, y1) to caption a region of those images; a box
+    that does not fit its image makes an error row. Raises OutputError if the output cannot be
+    read back or written.
     """
+    boxes = {path_key(p): box for p, box in (focus or {}).items()}
     start = time.perf_counter()
     output = Path(output)
     fmt = output_format(output, fmt)
@@ -269,8 +276,9 @@ def caption_files(
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, smoothing=0.05)
     try:
         for batch in loader:
+            bias = _focus_bias(captioner, batch, boxes, focus_strength) if boxes else None
             results = iter(captioner.caption_tensors(batch.pixels, beam_size, max_length, length_penalty,
-                                                     n_best, no_repeat_ngram_size)
+                                                     n_best, no_repeat_ngram_size, bias)
                            if batch.pixels is not None else ())
             for item in batch.items:
                 if item.error:
@@ -292,6 +300,26 @@ def caption_files(
         writer.close()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Sequence[float]],
+                strength: float) -> torch.Tensor | None:
+    """The batch's attention bias (n, L), or None if no image of it has a box. An image whose
+    box does not fit gets an error and leaves the batch."""
+    loaded = [item for item in batch.items if not item.error]
+    biases: list[torch.Tensor | None] = []
+    for item in loaded:
+        try:
+            biases.append(captioner.focus_bias(boxes.get(path_key(item.path)), item.size, strength))
+        except ValueError as err:
+            item.error = f"{item.path}: {err}"
+            biases.append(None)
+    keep = torch.tensor([b is not None for b in biases], dtype=torch.bool)
+    if batch.pixels is not None and not keep.all():
+        batch.pixels = batch.pixels[keep] if keep.any() else None
+    kept = [b for b in biases if b is not None]
+    focused = any(path_key(item.path) in boxes for item in loaded if not item.error)
+    return torch.stack(kept) if focused else None
 
 
 def _save_attention(folder: Path, item: LoadedImage, result: CaptionResult) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from .batch import (
     torchrun_rank,
 )
 from .decoding import NO_REPEAT_NGRAM_SIZE, check_decoding_options
+from .focus import DEFAULT_STRENGTH
 from .images import DEFAULT_MAX_PIXELS
 from .records import FORMATS, OutputError, merge_outputs
 
@@ -72,6 +74,11 @@ def caption_folder_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", metavar="K/N",
                         help="caption only shard K of N (0-based; a stable split by path hash). Under "
                              "torchrun each process takes the shard of its rank and writes OUTPUT.rankK")
+    parser.add_argument("--focus-json", metavar="FILE",
+                        help='caption a region of some images: a JSON object {"path": [x0, y0, x1, y1], ...} '
+                             "(pixels); other images are captioned whole")
+    parser.add_argument("--focus-strength", type=float, default=DEFAULT_STRENGTH,
+                        help="how hard attention is pulled into a --focus-json box (default: %(default)s)")
     parser.add_argument("--merge", action="store_true",
                         help="join the shard outputs given as inputs into --output, one record per image")
     return parser
@@ -101,6 +108,7 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
 
     if args.merge:
         return _merge(args.inputs, args.output, args.format)
+    focus = _read_focus(parser, args.focus_json) if args.focus_json else None
     shard, device, output = None, args.device, args.output
     try:
         shard = parse_shard(args.shard) if args.shard else None
@@ -131,7 +139,7 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             num_workers=args.num_workers, max_pixels=args.max_pixels,
             retry_failed=args.retry_failed, attention_dir=args.save_attention,
-            progress=not args.no_progress,
+            progress=not args.no_progress, focus=focus, focus_strength=args.focus_strength,
         )
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -152,6 +160,16 @@ def caption_folder_main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_NOTHING_CAPTIONED
     return 0
+
+
+def _read_focus(parser: argparse.ArgumentParser, path: str) -> dict[str, list[float]]:
+    try:
+        focus = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        parser.error(f"--focus-json {path}: {err}")
+    if not isinstance(focus, dict):
+        parser.error(f'--focus-json {path}: expected an object {{"path": [x0, y0, x1, y1], ...}}')
+    return focus
 
 
 def _merge(sources: Sequence[str], target: str, fmt: str | None) -> int:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write
 from .encoder import Encoder
+from .fast_encoder import InferenceEncoder
 from .images import ImageBatch, ImageFiles, collate_images
 
 try:
@@ -123,7 +124,7 @@ class FeatureCache:
         loader = DataLoader(ImageFiles([self.paths[r] for r in todo], self.transform),
                             batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                             generator=torch.Generator())
-        encoder = self.encoder.to(device).eval()
+        encoder = InferenceEncoder(self.encoder.to(device).eval())  # the same grids, faster
         start = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img", disable=not progress)
         failed = []

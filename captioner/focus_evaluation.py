@@ -105,7 +105,7 @@ def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str 
             continue
         image = load_image(Path(images_dir) / entry["file_name"])
         with torch.inference_mode():
-            features = captioner.model.encoder(captioner.preprocess(image)[None].to(captioner.device))
+            features = captioner.encoder(captioner.preprocess(image)[None].to(captioner.device))
         plain = caption_features(captioner.model.decoder, captioner.vocab, features, beam_size)[0].text
         named_plain = {m.category for m in objects.mentions(plain.split())}
         regions = [_box(bbox, image.size) for bbox, _ in boxes]

@@ -18,10 +18,12 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
-from PIL import Image
+from gradio_image_annotation import image_annotator
+from PIL import Image, ImageDraw
 
 from .api import Captioner, CaptionResult
 from .checkpoint import read_config
+from .focus import DEFAULT_STRENGTH
 from .images import ImageLoadError, load_image
 from .visualize import overlay_attention
 
@@ -72,6 +74,7 @@ class Shown:
     finished: bool  # False if the maximum length cut the caption short
     notes: list[str] = field(default_factory=list)  # e.g. the input is tiny
     gate: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (len(words),) beta
+    box: tuple[float, float, float, float] | None = None  # the focus box, in display pixels
 
 
 def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -105,9 +108,18 @@ def word_label(word: str, gate: float) -> str:
     return f"{word} · β {gate:.2f}"
 
 
+def overlay(shown: Shown, alpha: np.ndarray, opacity: float) -> Image.Image:
+    """A word's attention over the image, with the focus box (if any) outlined."""
+    image = overlay_attention(shown.image, alpha, opacity)
+    if shown.box is not None:
+        width = max(2, round(max(image.size) / 170))
+        ImageDraw.Draw(image).rectangle(shown.box, outline=(255, 255, 255), width=width)
+    return image
+
+
 def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
     """One (overlay, "word · β") pair per generated word, for the gallery."""
-    return [(overlay_attention(shown.image, alpha, opacity), word_label(word, gate))
+    return [(overlay(shown, alpha, opacity), word_label(word, gate))
             for word, alpha, gate in zip(shown.words, shown.attention, shown.gate, strict=True)]
 
 
@@ -143,17 +155,51 @@ def _opacity(value: Any) -> float:
     return number
 
 
+def parse_box(text: Any) -> tuple[float, ...] | None:
+    """"x0, y0, x1, y1" (image pixels) -> four numbers; empty -> no focus."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        box = tuple(float(v) for v in str(text).replace(",", " ").split())
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise gr.Error(f"focus box must be four numbers x0, y0, x1, y1 (pixels), got {text!r}",
+                       print_exception=False)
+    return box
+
+
+def region_box(annotation: dict[str, Any] | None) -> str:
+    """The box drawn on the region picker, as "x0, y0, x1, y1", or a clear error."""
+    boxes = (annotation or {}).get("boxes") or []
+    if not boxes:
+        raise gr.Error("Draw a box on the image first (in “Caption a region”).", print_exception=False)
+    box = boxes[-1]
+    return ", ".join(str(round(float(box[k]))) for k in ("xmin", "ymin", "xmax", "ymax"))
+
+
 def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = 3,
-                   max_length: Any = 20, opacity: Any = 0.6
+                   max_length: Any = 20, opacity: Any = 0.6, focus_box: Any = "",
+                   focus_strength: Any = DEFAULT_STRENGTH,
                    ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
-    """Run the model once: (caption, n-best table, one attention overlay per word, state)."""
+    """Run the model once: (caption, n-best table, one attention overlay per word, state).
+    With a focus box "x0, y0, x1, y1" (image pixels), the caption is about that region."""
     picture = read_upload(image)
     beam_size = _int_in_range(beam_size, 1, MAX_BEAM, "beam size")
     max_length = _int_in_range(max_length, 1, MAX_WORDS, "maximum length")
     opacity = _opacity(opacity)
-    result = captioner.caption(picture, beam_size=beam_size, max_length=max_length)
+    box = parse_box(focus_box)
+    try:
+        strength = float(focus_strength)
+        result = captioner.caption(picture, beam_size=beam_size, max_length=max_length, focus=box,
+                                   focus_strength=strength)
+    except (TypeError, ValueError) as err:  # a box outside the image, a strength below 0
+        raise gr.Error(html.escape(str(err)), print_exception=False) from err
     shown = Shown(display_copy(picture), result.words, result.attention, result.score,
                   result.log_prob, result.finished, result.notes, result.gate)
+    if box is not None:
+        scale = shown.image.width / picture.width
+        shown.box = tuple(v * scale for v in box)
     return result.text, alternatives_table(result), overlays(shown, opacity), shown
 
 
@@ -174,7 +220,7 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
     if shown is None or not shown.words:
         return gr.update(value=None, label="Attention for the selected word"), []
     i = _int_in_range(index, 1, len(shown.words), "word") - 1
-    big = overlay_attention(shown.image, shown.attention[i], _opacity(opacity))
+    big = overlay(shown, shown.attention[i], _opacity(opacity))
     label = (f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}” · image gate β = "
              f"{shown.gate[i]:.2f}")
     tokens = [(" ", None)] * (2 * len(shown.words) - 1)  # word, space, word, ...: word j is token 2j
@@ -248,6 +294,19 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
                     length = gr.Slider(5, MAX_WORDS, value=20, step=1, label="Maximum length",
                                        info="words")
                 button = gr.Button("Caption", variant="primary", size="lg", elem_id="caption-button")
+                with gr.Accordion("Caption a region", open=False, elem_id="region"):
+                    picker = image_annotator(None, single_box=True, image_type="filepath", sources=[],
+                                             label_list=["focus"], use_default_label=True,
+                                             label="Draw a box around what the caption should be about",
+                                             show_label=True, height=380, elem_id="region-picker",
+                                             show_download_button=False, show_clear_button=False)
+                    with gr.Row():
+                        strength = gr.Slider(0, 12, value=DEFAULT_STRENGTH, step=0.5, label="Focus strength",
+                                             info="how hard attention is pulled into the box")
+                        focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
+                                               elem_id="focus-box")
+                    region_button = gr.Button("Caption this region", elem_id="region-button")
+                whole_image = gr.Textbox("", visible=False)  # the API's box argument: none by default
             with gr.Column(scale=6):
                 caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
                                      buttons=["copy"], placeholder="The caption appears here")
@@ -300,13 +359,18 @@ def build_app(captioner: Captioner, about: str, examples: list[list[str]]) -> gr
             return event.index // 2 + 1  # tokens alternate word, space
 
         view = [big, words]
-        run = dict(fn=partial(caption_upload, captioner),
-                   inputs=[image, beam, length, opacity], outputs=[caption, table, gallery, shown],
+        run = dict(fn=partial(caption_upload, captioner), outputs=[caption, table, gallery, shown],
                    preprocess=False, show_progress_on=[caption, gallery])
+        whole, region = [image, beam, length, opacity, whole_image, strength], [
+            image, beam, length, opacity, focus_box, strength]
         then = dict(fn=show_result, inputs=[shown, opacity], outputs=[info, *view, step],
                     api_visibility="private")
-        button.click(api_name="caption", api_description=API_DESCRIPTION, **run).success(**then)
-        gallery_examples.load_input_event.then(api_visibility="private", **run).success(**then)
+        button.click(api_name="caption", api_description=API_DESCRIPTION, inputs=whole, **run).success(**then)
+        gallery_examples.load_input_event.then(api_visibility="private", inputs=whole, **run).success(**then)
+        image.change(lambda path: ({"image": path, "boxes": []} if path else None, ""), image,
+                     [picker, focus_box], api_visibility="private", queue=False)
+        region_button.click(region_box, picker, focus_box, api_visibility="private", queue=False).success(
+            api_visibility="private", inputs=region, **run).success(**then)
         # Clicking a thumbnail or a word moves the word slider; the slider redraws the large view.
         gallery.select(pick_thumbnail, None, step, api_visibility="private", queue=False)
         words.select(pick_word, None, step, api_visibility="private", queue=False)

@@ -1,5 +1,6 @@
 """The web app in a real headless browser: upload, caption, step through the words, bad uploads."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -128,3 +129,37 @@ def test_on_a_phone_the_alternatives_keep_their_numbers_on_one_line(browser, app
         shutil.copy(tmp_path / "phone.png", REVIEW_SCREENSHOT.with_name("app_screenshot_phone.png"))
     finally:
         page.close()
+
+
+def test_draw_a_box_and_caption_that_region(page, tmp_path):
+    """Two shapes; a box dragged around the left one makes the caption name it, and every
+    overlay outlines the box."""
+    from .test_focus import two_shapes
+
+    path = tmp_path / "two_shapes.png"
+    two_shapes(("red", "circle"), ("blue", "square")).save(path)
+    page.locator("#input-image input[type=file]").set_input_files(path)
+    expect(page.locator("#input-image img")).to_be_visible()
+    page.locator("#region").get_by_text("Caption a region").click()
+    canvas = page.locator("#region-picker canvas")
+    expect(canvas).to_be_visible()
+    page.wait_for_timeout(500)  # the picker draws the image
+    box = canvas.bounding_box()
+    side = box["height"]  # the square image fits the canvas height, centred
+    left = box["x"] + (box["width"] - side) / 2
+    page.mouse.move(left + 0.02 * side, box["y"] + 0.25 * side)
+    page.mouse.down()
+    page.mouse.move(left + 0.48 * side, box["y"] + 0.75 * side, steps=12)
+    page.mouse.up()
+    page.locator("#region-button").click()
+
+    expect(page.locator("#caption textarea")).to_have_value(re.compile("red circle"))
+    box_text = page.locator("#focus-box textarea, #focus-box input").first.input_value()
+    x0, y0, x1, y1 = map(float, box_text.split(","))
+    assert x0 < 20 and x1 < 120 and 40 < y0 < 70 and 150 < y1 < 180, (x0, y0, x1, y1)  # 224 px image
+    words = page.locator("#caption textarea").input_value().split()
+    expect(page.locator("#attention-gallery .thumbnail-item")).to_have_count(len(words))
+    expect(page.locator("#word-overlay")).to_contain_text(f"Word 1 of {len(words)}")
+    page.wait_for_function(ALL_IMAGES_SHOWN)
+    page.screenshot(path=tmp_path / "region.png", full_page=True)
+    shutil.copy(tmp_path / "region.png", REVIEW_SCREENSHOT.with_name("app_screenshot_region.png"))

@@ -1,6 +1,7 @@
 """Caption this region: a box or mask steers the attention, and so the caption."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +91,27 @@ def test_focus_on_one_of_two_shapes_names_that_shape_and_looks_there(captioner, 
     mask[56:168, 112:224] = True
     both = captioner.caption([image, image], focus=[left, mask], focus_strength=4.0)
     assert [r.text for r in both] == [on_left.text, on_right.text]
+
+
+def test_the_batch_captioner_takes_boxes_from_a_json_file(tmp_path, shapes_checkpoint):
+    import json
+
+    from captioner.cli import caption_folder_main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = two_shapes(("red", "circle"), ("blue", "square"))
+    for name in ("left.png", "right.png", "whole.png", "bad.png"):
+        image.save(photos / name)
+    boxes = {str(photos / "left.png"): [0, 56, 112, 168], str(photos / "right.png"): [112, 56, 224, 168],
+             str(photos / "bad.png"): [0, 0, 500, 50]}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    output = tmp_path / "out.jsonl"
+    code = caption_folder_main([str(photos), "-o", str(output), "--checkpoint", str(shapes_checkpoint),
+                                "--focus-json", str(tmp_path / "boxes.json"), "--num-workers", "0",
+                                "--no-progress"])
+    assert code == 0
+    rows = {Path(r["path"]).name: r for r in map(json.loads, output.read_text().splitlines())}
+    assert "red circle" in rows["left.png"]["caption"] and "blue square" in rows["right.png"]["caption"]
+    assert rows["whole.png"]["caption"] == Captioner.from_pretrained(shapes_checkpoint).caption(image).text
+    assert "reaches outside the 224x224 image" in rows["bad.png"]["error"]
