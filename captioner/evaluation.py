@@ -28,6 +28,7 @@ from .api import caption_features
 from .checkpoint import atomic_write
 from .data import ImageCaptions
 from .decoding import NO_REPEAT_NGRAM_SIZE
+from .fast_encoder import InferenceEncoder
 from .features import FeatureCache
 from .images import ImageFiles, collate_images
 from .model import CaptionModel
@@ -174,9 +175,10 @@ def image_grids(model: CaptionModel, images: Sequence[ImageCaptions], batch_size
         return
     loader = DataLoader(ImageFiles([i.path for i in images], model.encoder.transform),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
+    encoder = InferenceEncoder(model.encoder)  # what Captioner runs: the same grids, faster
     for batch in loader:
         batch.raise_errors()  # a score over fewer images than asked for would mislead
-        yield model.encoder(batch.pixels.to(device))
+        yield encoder(batch.pixels.to(device))
 
 
 @torch.inference_mode()
