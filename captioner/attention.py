@@ -1,14 +1,17 @@
-"""Soft attention over the annotation grid: one interface, two scoring functions.
+"""Attention over the annotation grid: one interface, two scoring functions, soft or hard.
 
-Both modules take `(features (B, L, D), hidden (B, H))` (optionally precomputed keys, and a
-bias (B, L) added to the scores, which steers attention: captioner.focus) and return
+Every module takes `(features (B, L, D), hidden (B, H))` (optionally precomputed keys, and a
+bias (B, L) added to the scores, which steers attention: captioner.focus) and returns
 `(context (B, D), alpha (B, L))`. `prepare(features)` computes the part of the score that
 does not depend on the hidden state, so the decoder can do it once per image, not per word.
+Soft attention's context is the expectation sum_i alpha_i a_i; hard attention's is one a_i.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +63,72 @@ class MultiplicativeAttention(nn.Module):
         return _attend(scores, features, bias)
 
 
-ATTENTION_TYPES = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention}
+class HardAttention(AdditiveAttention):
+    """Stochastic "hard" attention (Xu et al. 2015, section 4.1): the context is ONE annotation
+    vector a_{s_t}, the location s_t drawn from Multinoulli(alpha_t).
+
+    alpha comes from the additive scorer, under the same parameter names, so alpha maps compare
+    with a soft model's. Which location the context comes from:
+    - in train mode, "sample": s_t ~ alpha_t;
+    - in eval mode, `decoding`: "argmax" (the most likely cell, the default) or "expectation"
+      (the soft context sum_i alpha_i a_i; see `set_hard_decoding`);
+    - `locating(mode)` overrides both for a block (training's expectation batches, SCST).
+    After each call `location` holds the cells attended (B,), or None after an expectation.
+    The REINFORCE baseline's running value lives here as buffers, so the run state (which saves
+    the model's tensors) holds it and a killed run resumes exactly (captioner.hard_attention).
+    """
+
+    MODES = ("sample", "argmax", "expectation")
+    DECODING_MODES = ("argmax", "expectation")
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__(feature_dim, hidden_dim, attention_dim)
+        self.decoding = "argmax"
+        self.forced_mode: str | None = None
+        self.location: torch.Tensor | None = None
+        self.register_buffer("reward_baseline", torch.zeros(()))  # b, in nats per caption
+        self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
+
+    @contextmanager
+    def locating(self, mode: str) -> Iterator[None]:
+        """Within the block every call uses `mode` ("sample", "argmax" or "expectation")."""
+        if mode not in self.MODES:
+            raise ValueError(f"hard attention mode {mode!r}: expected one of {', '.join(self.MODES)}")
+        previous, self.forced_mode = self.forced_mode, mode
+        try:
+            yield
+        finally:
+            self.forced_mode = previous
+
+    def forward(self, features, hidden, keys=None, bias=None):
+        expected, alpha = super().forward(features, hidden, keys, bias)  # (B, D), (B, L)
+        mode = self.forced_mode or ("sample" if self.training else self.decoding)
+        if mode == "expectation":
+            self.location = None
+            return expected, alpha
+        if mode == "sample":
+            self.location = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B,)
+        else:
+            self.location = alpha.argmax(dim=-1)
+        rows = torch.arange(features.shape[0], device=features.device)
+        return features[rows, self.location], alpha  # a_{s_t}: (B, D)
+
+
+def set_hard_decoding(model: nn.Module, decoding: str) -> None:
+    """How a hard-attention model (or ensemble) picks its context when captioning: "argmax"
+    (the default: the most likely cell per word) or "expectation" (decode as a soft model)."""
+    if decoding not in HardAttention.DECODING_MODES:
+        raise ValueError(f"hard attention decoding {decoding!r}: expected one of "
+                         f"{', '.join(HardAttention.DECODING_MODES)}")
+    modules = [m for m in model.modules() if isinstance(m, HardAttention)]
+    if not modules:
+        raise ValueError("set_hard_decoding: the model has no hard attention (its attention is soft)")
+    for module in modules:
+        module.decoding = decoding
+
+
+ATTENTION_TYPES = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention,
+                   "hard": HardAttention}
 
 
 def build_attention(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int) -> nn.Module:

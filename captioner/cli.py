@@ -266,6 +266,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="also score METEOR (needs Java) (default: on)")
     parser.add_argument("--spice", action=Switch, default=False,
                         help="also score SPICE (needs Java and a one-off download) (default: off)")
+    parser.add_argument("--hard-decoding", choices=["argmax", "expectation"],
+                        help="hard-attention models: each word's context from the argmax cell (their "
+                             "default) or the expectation over cells")
     parser.add_argument("--output-dir", help="where results.json and metrics.json go")
     add_config_arguments(parser, DATA_CONFIG, prefix="data.")
     return parser
@@ -280,6 +283,13 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     images = load_dataset(data_cfg)[args.split][: args.max_images]
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize,
                                           revision=args.revision)
+    if args.hard_decoding:
+        from .attention import set_hard_decoding
+
+        try:
+            set_hard_decoding(captioner.model, args.hard_decoding)
+        except ValueError as err:
+            parser.error(f"--hard-decoding: {err}")
     metrics, _ = evaluate_model(
         captioner.model, captioner.vocab, images, args.output_dir, meteor=args.meteor, spice=args.spice,
         beam_size=args.beam_size, max_length=args.max_length, length_penalty=args.length_penalty,
@@ -287,7 +297,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         num_workers=args.num_workers, cache_dir=args.cache_dir)
     summary = {"checkpoint": str(captioner.path), "split": args.split, "images": len(images),
                "beam_size": args.beam_size, "length_penalty": args.length_penalty,
-               "no_repeat_ngram_size": args.no_repeat_ngram_size,
+               "no_repeat_ngram_size": args.no_repeat_ngram_size, "hard_decoding": args.hard_decoding,
                **{k: round(v, 2) for k, v in metrics.items()}}
     print(json.dumps(summary, indent=2))
     return 0

@@ -117,8 +117,11 @@ class AttentionDecoder(nn.Module):
         captions: torch.Tensor,  # (B, T): <start> w1 .. wn <end> <pad>..
         lengths: torch.Tensor,  # (B,) tokens incl. <start> and <end>
         image_index: torch.Tensor | None = None,  # (B,) row of `features` for each caption
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing. Returns logits (B, T-1, V) and alphas (B, T-1, L), zero past the end.
+        return_locations: bool = False,  # hard attention: also the cells attended
+    ) -> tuple[torch.Tensor, ...]:
+        """Teacher forcing. Returns logits (B, T-1, V) and alphas (B, T-1, L), zero past the end;
+        with `return_locations`, also the cells s_t the hard attention used (B, T-1), -1 where
+        the context was the expectation and past the end.
 
         The batch is sorted by length so that step t only runs the captions still going:
         no compute is spent on padding. With `image_index`, `features` holds each image once
@@ -138,12 +141,17 @@ class AttentionDecoder(nn.Module):
         contexts = features.new_zeros(batch, max_steps, features.shape[2])
         alphas = features.new_zeros(batch, max_steps, num_cells)
         active = steps.unsqueeze(1) > torch.arange(max_steps, device=steps.device)  # (B, T)
+        locations = captions.new_full((batch, max_steps), -1)
         for t, n in enumerate(active.sum(dim=0).tolist()):
             state = (state[0][:n], state[1][:n])
             state, context, alpha = self._recur(features[:n], keys[:n], embedded[:n, t], state)
             hidden[:n, t], contexts[:n, t], alphas[:n, t] = state[0], context, alpha
+            if return_locations and getattr(self.attention, "location", None) is not None:
+                locations[:n, t] = self.attention.location
         # The output layer runs once over all real positions: one large matrix product.
         logits = features.new_zeros(batch, max_steps, self.vocab_size)
         logits[active] = self._output(embedded[active], hidden[active], contexts[active])
         inverse = torch.argsort(order)
+        if return_locations:
+            return logits[inverse], alphas[inverse], locations[inverse]
         return logits[inverse], alphas[inverse]

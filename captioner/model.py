@@ -25,8 +25,9 @@ class ModelConfig:
     """Side of the (square) image the encoder sees, in pixels."""
     grid_size: int | None = None
     """Side of the annotation grid (none: the backbone's natural grid at image_size)."""
-    attention: Literal["additive", "multiplicative"] = "additive"
-    """How the decoder scores the grid's regions before each word."""
+    attention: Literal["additive", "multiplicative", "hard"] = "additive"
+    """How the decoder scores the grid's regions before each word; hard: additive scores, one
+    sampled region per word in training (Xu et al. section 4.1), the likeliest one when captioning."""
     annotation_dim: int | None = 512
     """Backbone features are projected to this size (none: not)."""
     embed_dim: int = 512
@@ -65,15 +66,17 @@ class CaptionModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                encode: bool = True, samples: int = 0, max_length: int = 16):
+                encode: bool = True, samples: int = 0, max_length: int = 16,
+                return_locations: bool = False):
         """The training pass, so that DistributedDataParallel sees every gradient.
 
         inputs: pixels (B, 3, S, S), or cached grids (B, L, D) with encode=False.
         samples=0: teacher forcing -> (logits, alphas). samples=S: S sampled captions per image
         -> decode_tensors' (tokens, log_probs, mask, alphas), for self-critical training.
+        return_locations: teacher forcing also returns hard attention's cells (AttentionDecoder).
         """
         features = self.encoder(inputs) if encode else inputs
         if samples:
             return decode_tensors(self.decoder, features, max_length, greedy=False,
                                   samples_per_image=samples)
-        return self.decoder(features, captions, lengths, image_index)
+        return self.decoder(features, captions, lengths, image_index, return_locations=return_locations)

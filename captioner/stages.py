@@ -2,7 +2,8 @@
 (`items`), how its order is drawn (`order_seed`), whether dropout is on, the learning rate of a
 step, and `loss(batch)` -> (loss, what to log).
 
-Cross-entropy: teacher forcing with the doubly stochastic attention penalty (Xu et al. eq. 14).
+Cross-entropy: teacher forcing with the doubly stochastic attention penalty (Xu et al. eq. 14);
+with hard attention, the sampled-location estimator of section 4.1 (captioner.hard_attention).
 Self-critical (Rennie et al. 2017): sample captions, reward their CIDEr-D (captioner.scst).
 """
 
@@ -15,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .distributed import Dist
+from .hard_attention import hard_attention_loss, location_log_probs, sampled_locations
 from .losses import caption_loss
 from .scst import reward_scorer, scst_loss
 from .training_data import PreparedData, caption_batch, training_items
@@ -72,18 +74,22 @@ class CrossEntropy:
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
     def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, alphas = self.net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
-                                  encode=batch.encode)
         tokens, caps = float((batch.lengths - 1).sum()), float(len(batch.lengths))
         if self.dist.world_size > 1:  # global denominators: DDP's gradient mean then equals one big batch
             tokens, caps = self.dist.all_sum([tokens, caps], self.device)
             tokens, caps = tokens / self.dist.world_size, caps / self.dist.world_size
+        if self.cfg.model.attention == "hard":
+            return hard_attention_loss(self.cfg, self.net, batch, self.dist, self.device, tokens, caps)
+        logits, alphas = self.net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
+                                  encode=batch.encode)
         return caption_loss(logits, batch.captions, alphas, self.cfg.alpha_reg, self.cfg.label_smoothing,
                             token_count=tokens, caption_count=caps)
 
 
 class SelfCritical:
-    """Optionally mixed: loss = SCST + scst_xe_weight x cross-entropy on the references."""
+    """Optionally mixed: loss = SCST + scst_xe_weight x cross-entropy on the references.
+    With hard attention the locations are sampled too, and a sample's log-probability is that of
+    its words plus that of its locations: both follow the caption's CIDEr-D advantage."""
 
     name = "scst"
 
@@ -104,8 +110,11 @@ class SelfCritical:
 
     def loss(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        tokens, log_probs, mask, _ = self.net(batch.inputs, encode=batch.encode, samples=cfg.scst_samples,
-                                              max_length=cfg.scst_max_length)
+        with sampled_locations(self.net) as locations:
+            tokens, log_probs, mask, alphas = self.net(
+                batch.inputs, encode=batch.encode, samples=cfg.scst_samples, max_length=cfg.scst_max_length)
+        if locations is not None:
+            log_probs = log_probs + location_log_probs(alphas, torch.stack(locations, 1))
         references = [self.data.references[r] for r in batch.rows]
         loss, stats = scst_loss(tokens, log_probs, mask, references, self.cider, self.data.vocab,
                                 cfg.scst_samples)

@@ -74,6 +74,12 @@ class TrainConfig:
     """Above 0: validate and save an exponential moving average of the weights."""
     alpha_reg: float = 1.0
     """Doubly stochastic attention regularisation (lambda)."""
+    hard_baseline_decay: float = 0.9
+    """Hard attention: the REINFORCE baseline's moving average, b <- decay b + (1 - decay) r."""
+    hard_entropy_weight: float = 0.002
+    """Hard attention: lambda_e, the weight of the attention distribution's entropy."""
+    hard_expectation_probability: float = 0.5
+    """Hard attention: the share of batches that use the expected (soft) context instead of a sample."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss (0: none)."""
     hflip: bool = False
@@ -193,6 +199,15 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse a bad config before anything is read or written."""
     if cfg.batch_by not in BATCH_BY:
         raise ValueError(f"batch_by {cfg.batch_by!r}: expected one of {', '.join(BATCH_BY)}")
+    check_hard_attention_settings(cfg)
+
+
+def check_hard_attention_settings(cfg: TrainConfig) -> None:
+    for name, low, high in [("hard_baseline_decay", 0.0, 1.0), ("hard_expectation_probability", 0.0, 1.0),
+                            ("hard_entropy_weight", 0.0, float("inf"))]:
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and low <= value <= high):
+            raise ValueError(f"{name} {value!r}: expected a number from {low} to {high}")
 
 
 def set_up(cfg: TrainConfig) -> Run:
