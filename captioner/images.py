@@ -75,6 +75,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
 
 
+def load_photo(name: str | Path) -> Image.Image:
+    """A file, or a scikit-image sample photo by name (astronaut, coffee, chelsea, rocket: public
+    domain or CC0, shipped with the package, so figures need no download)."""
+    if Path(name).is_file():
+        return load_image(name)
+    from skimage import data
+
+    loader = getattr(data, str(name), None)
+    if loader is None:
+        raise ImageLoadError(f"{name}: neither a file nor a scikit-image sample photo")
+    return load_image(loader())
+
+
 def _why_missing(path: Path) -> str:
     if not path.is_symlink():
         return "file does not exist"

@@ -67,3 +67,28 @@ def save_attention_grid(path: str | Path, image: Image.Image, words: Sequence[st
     figure = attention_figure(image, words, attention, **kwargs)
     figure.savefig(path, format="png", dpi=80)
     return path
+
+
+def save_focus_figure(path: str | Path, image: Image.Image,
+                      panels: Sequence[tuple[Sequence[float] | None, str]]) -> Path:
+    """One panel per (box or None, caption): the photo with the box outlined, the caption above."""
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(4.2 * len(panels), 5.2), layout="constrained")
+    for ax, (box, caption) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        ax.imshow(image)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=3))
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=1))
+        ax.set_title(("box: " if box is not None else "whole photo: ") + _wrap(caption),
+                     fontsize=10)
+        ax.axis("off")
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+def _wrap(text: str, width: int = 44) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))

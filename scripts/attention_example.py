@@ -7,24 +7,11 @@ rocket, ...: public domain or CC0, shipped with the package, so no download is n
 """
 
 import argparse
-from pathlib import Path
-
-from PIL import Image
-from skimage import data
 
 from captioner import Captioner
 from captioner.api import DEFAULT_WEIGHTS
-from captioner.images import load_image
+from captioner.images import load_photo
 from captioner.visualize import save_attention_grid
-
-
-def load_photo(name: str) -> Image.Image:
-    if Path(name).is_file():
-        return load_image(name)
-    loader = getattr(data, name, None)
-    if loader is None:
-        raise SystemExit(f"--image {name!r}: neither a file nor a scikit-image sample photo")
-    return load_image(loader())
 
 
 def main() -> None:

@@ -19,6 +19,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REVIEW_SCREENSHOT = Path("/tmp/app_screenshot.png")
 ALL_IMAGES_SHOWN = "[...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
 
+# The app serves its page first and loads the model behind it: the first caption can take a while
+# on a busy machine. Assertions wait up to this long (they end as soon as they hold).
+expect.set_options(timeout=90_000)
+
 pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}"),
               pytest.mark.slow]
 
