@@ -168,11 +168,8 @@ def load_flickr(root: str | Path, *, skip_missing: bool = False) -> CaptionDatas
     captions = _read_flickr_tokens(token_file)
 
     if has_split_lists:
-        names = {
-            split: _read_name_list(root / file)
-            for split, file in FLICKR_SPLIT_FILES.items()
-            if (root / file).is_file()
-        }
+        names = {split: _read_name_list(root / file) for split, file in FLICKR_SPLIT_FILES.items()
+                 if (root / file).is_file()}
     elif token_file.name == FLICKR_TOKEN_FILES[0]:
         raise DatasetError(
             f"{root}: missing {FLICKR_SPLIT_FILES['train']} (needed to split Flickr8k; "
@@ -191,18 +188,10 @@ def load_flickr(root: str | Path, *, skip_missing: bool = False) -> CaptionDatas
                 f"{token_file.name}: {_first(uncaptioned)} (pass skip_missing=True to drop them)"
             )
         if uncaptioned:
-            warnings.warn(
-                f"dropping {len(uncaptioned)} images of {source} without captions", stacklevel=2
-            )
-        splits[split] = _non_empty(
-            [
-                ImageCaptions(image_id=n, path=image_dir / n, captions=captions[n])
-                for n in split_names
-                if n in captions
-            ],
-            split,
-            source,
-        )
+            warnings.warn(f"dropping {len(uncaptioned)} images of {source} without captions", stacklevel=2)
+        kept = [ImageCaptions(image_id=n, path=image_dir / n, captions=captions[n])
+                for n in split_names if n in captions]
+        splits[split] = _non_empty(kept, split, source)
     listed_in = root / "Flickr_8k.*Images.txt" if has_split_lists else token_file
     return _checked_dataset(splits, image_dir, str(listed_in), skip_missing)
 

@@ -291,6 +291,64 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     return paths
 
 
+def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button]:
+    """"Caption a region": the photo to draw a box on, the focus strength and the button."""
+    with gr.Accordion("Caption a region", open=False, elem_id="region"):
+        picker = image_annotator(None, single_box=True, image_type="filepath", sources=[],
+                                 label_list=["focus"], use_default_label=True,
+                                 label="Draw a box around what the caption should be about",
+                                 show_label=True, height=380, elem_id="region-picker",
+                                 show_download_button=False, show_clear_button=False)
+        with gr.Row():
+            default = source_constant("captioner.focus", "DEFAULT_STRENGTH")
+            strength = gr.Slider(0, 12, value=default, step=0.5, label="Focus strength",
+                                 info="how hard attention is pulled into the box")
+            focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
+                                   elem_id="focus-box")
+        region_button = gr.Button("Caption this region", elem_id="region-button")
+    return picker, strength, focus_box, region_button
+
+
+def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider, gr.Gallery]:
+    """"Where the model looked": the selected word's overlay, the words, and every word's overlay."""
+    gr.Markdown("## Where the model looked")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            big = gr.Image(label="Attention for the selected word", interactive=False, height=420,
+                           elem_id="word-overlay", buttons=["download", "fullscreen"])
+        with gr.Column(scale=3):
+            words = gr.HighlightedText(label="Caption, word by word (click a word)", show_legend=False,
+                                       show_inline_category=False, elem_id="word-caption",
+                                       color_map={"looking at": "#f59e0b"})
+            step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=False, elem_id="word-slider")
+            opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
+            gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
+                        "model looked most when it chose the word, blue where it looked least. "
+                        "**β** (0-1) is how much of the image the model let into that word; "
+                        "a word with a lower β than its neighbours came more from the "
+                        "language model. It is the model's own weighting, not a check: an "
+                        "object it invents can have as high a β as one it sees.")
+            gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
+                                 object_fit="contain", allow_preview=False, elem_id="attention-gallery")
+    return big, words, step, opacity, gallery
+
+
+def show_result(state: Shown | None, alpha: float):
+    """After a caption: the details line, word 1's view, and a word slider as long as the caption."""
+    big_image, tokens = word_view(state, 1, alpha)
+    count = len(state.words) if state else 0
+    slider = gr.Slider(minimum=1, maximum=max(count, 2), value=1, interactive=count > 1)
+    return details(state), big_image, tokens, slider
+
+
+def pick_thumbnail(event: gr.SelectData) -> int:
+    return event.index + 1
+
+
+def pick_word(event: gr.SelectData) -> int:
+    return event.index // 2 + 1  # tokens alternate word, space
+
+
 def build_app(captioner: Captioner, about: str | Callable[[], str], examples: list[list[str]]) -> gr.Blocks:
     """The UI: image and controls left, caption and alternatives right, attention below."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
@@ -307,19 +365,7 @@ def build_app(captioner: Captioner, about: str | Callable[[], str], examples: li
                     length = gr.Slider(5, MAX_WORDS, value=20, step=1, label="Maximum length",
                                        info="words")
                 button = gr.Button("Caption", variant="primary", size="lg", elem_id="caption-button")
-                with gr.Accordion("Caption a region", open=False, elem_id="region"):
-                    picker = image_annotator(None, single_box=True, image_type="filepath", sources=[],
-                                             label_list=["focus"], use_default_label=True,
-                                             label="Draw a box around what the caption should be about",
-                                             show_label=True, height=380, elem_id="region-picker",
-                                             show_download_button=False, show_clear_button=False)
-                    with gr.Row():
-                        default_strength = source_constant("captioner.focus", "DEFAULT_STRENGTH")
-                        strength = gr.Slider(0, 12, value=default_strength, step=0.5, label="Focus strength",
-                                             info="how hard attention is pulled into the box")
-                        focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
-                                               elem_id="focus-box")
-                    region_button = gr.Button("Caption this region", elem_id="region-button")
+                picker, strength, focus_box, region_button = region_controls()
                 whole_image = gr.Textbox("", visible=False)  # the API's box argument: none by default
             with gr.Column(scale=6):
                 caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
@@ -336,44 +382,12 @@ def build_app(captioner: Captioner, about: str | Callable[[], str], examples: li
                 gr.Markdown("Example photos from scikit-image: "
                             + "; ".join(credit for _, credit in EXAMPLES.values()) + ".",
                             elem_classes="small-print")
-        gr.Markdown("## Where the model looked")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2):
-                big = gr.Image(label="Attention for the selected word", interactive=False, height=420,
-                               elem_id="word-overlay", buttons=["download", "fullscreen"])
-            with gr.Column(scale=3):
-                words = gr.HighlightedText(label="Caption, word by word (click a word)", show_legend=False,
-                                           show_inline_category=False, elem_id="word-caption",
-                                           color_map={"looking at": "#f59e0b"})
-                step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=False,
-                                 elem_id="word-slider")
-                opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
-                gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
-                            "model looked most when it chose the word, blue where it looked least. "
-                            "**β** (0-1) is how much of the image the model let into that word; "
-                            "a word with a lower β than its neighbours came more from the "
-                            "language model. It is the model's own weighting, not a check: an "
-                            "object it invents can have as high a β as one it sees.")
-                gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
-                                     object_fit="contain", allow_preview=False,
-                                     elem_id="attention-gallery")
+        big, words, step, opacity, gallery = attention_view()
         with gr.Accordion("About the model", open=False):
             about_text = gr.Markdown(about if isinstance(about, str) else "_The model is loading…_",
                                      elem_classes="small-print")
         if callable(about):  # a model still loading (cli.run_app): filled in when a page opens
             demo.load(about, None, about_text, api_visibility="private")
-
-        def show_result(state: Shown | None, alpha: float):
-            big_image, tokens = word_view(state, 1, alpha)
-            count = len(state.words) if state else 0
-            slider = gr.Slider(minimum=1, maximum=max(count, 2), value=1, interactive=count > 1)
-            return details(state), big_image, tokens, slider
-
-        def pick_thumbnail(event: gr.SelectData) -> int:
-            return event.index + 1
-
-        def pick_word(event: gr.SelectData) -> int:
-            return event.index // 2 + 1  # tokens alternate word, space
 
         view = [big, words]
         run = dict(fn=partial(caption_upload, captioner), outputs=[caption, table, gallery, shown],

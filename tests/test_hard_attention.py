@@ -6,10 +6,6 @@ import dataclasses
 import itertools
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -42,6 +38,7 @@ from .test_training import (  # noqa: F401 (fixtures)
     as_flags,
     cache_dir,
     dataset,
+    kill_at_first_checkpoint,
     make_config,
     metrics_rows,
     state_progress,
@@ -320,23 +317,9 @@ def test_killed_hard_attention_run_with_scst_resumes_to_the_same_result(dataset,
 
     cfg = config("interrupted")
     out = tmp_path / "interrupted"
-    log = tmp_path / "killed.log"
     flags = as_flags(cfg)
     assert flags[flags.index("--model.attention") + 1] == "hard"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "scripts/train.py", *flags], cwd=ROOT,
-                                env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / STATE_FILE).exists():  # the first checkpoint: after step 2 of epoch 1
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_first_checkpoint(flags, out, tmp_path / "killed.log")
     progress = state_progress(out)
     assert (progress["stage"], progress["done"]) == ("xe", False) and progress["step_in_epoch"] > 0
 

@@ -115,6 +115,24 @@ def assert_same_metrics(actual: list[dict], expected: list[dict], rel: float = 1
                 assert a[key] == e[key], (e["stage"], e["epoch"], key)
 
 
+def kill_at_first_checkpoint(flags: list[str], out: Path, log: Path) -> None:
+    """Run scripts/train.py with `flags` and SIGKILL it as soon as its first run state exists."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "scripts/train.py", *flags], cwd=ROOT,
+                                env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / STATE_FILE).exists():  # the first checkpoint: after step 2 of epoch 1
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def reference_run(dataset, cache_dir, tmp_path_factory):
     """One uninterrupted run (3 XE epochs, 1 SCST epoch): (config, output folder, summary)."""
@@ -203,21 +221,7 @@ def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir
     ref_cfg, ref_out, _ = reference_run
     out = tmp_path / "interrupted"
     cfg = make_config(dataset, out, cache_dir)
-    log = tmp_path / "killed.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "scripts/train.py", *as_flags(cfg)], cwd=ROOT,
-                                env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / STATE_FILE).exists():  # the first checkpoint: after step 2 of epoch 1
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_first_checkpoint(as_flags(cfg), out, tmp_path / "killed.log")
     progress = state_progress(out)  # the checkpoint file is whole (atomic rename)
     assert (progress["stage"], progress["done"]) == ("xe", False)
     assert progress["step_in_epoch"] > 0, f"not killed mid-epoch: {progress}"
