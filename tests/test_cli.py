@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner import batch, decoding, images
+from captioner import decoding, focus, images, records
 from captioner.attention import ATTENTION_TYPES
 from captioner.cli import COMMANDS, build_parser, caption_folder_parser, main
 from captioner.configs import config_fields, source_constant
@@ -110,7 +110,8 @@ def test_help_text_comes_from_the_field_docstrings(capsys):
 
 
 def test_defaults_read_from_source_are_the_modules_values():
-    assert source_constant("captioner.batch", "FORMATS") == batch.FORMATS
+    assert source_constant("captioner.records", "FORMATS") == records.FORMATS
+    assert source_constant("captioner.focus", "DEFAULT_STRENGTH") == focus.DEFAULT_STRENGTH
     assert source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE") == decoding.NO_REPEAT_NGRAM_SIZE
     assert source_constant("captioner.images", "DEFAULT_MAX_PIXELS") == images.DEFAULT_MAX_PIXELS
 
