@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -44,7 +45,9 @@ class Stage(Protocol):
     patience: int
     lr: float  # the decoder's starting learning rate
     dropout: bool  # train with dropout on
-    items: list[tuple[int, list[list[int]]]]  # see training_data.training_items
+
+    @property
+    def items(self) -> list[tuple[int, list[list[int]]]]: ...  # see training_data.training_items
 
     def order_seed(self, epoch: int) -> int: ...
     def step_lr(self, global_step: int) -> float | None: ...
@@ -58,8 +61,13 @@ class CrossEntropy:
                  steps_per_epoch: int):
         self.cfg, self.net, self.dist, self.device = cfg, net, d, device
         self.epochs, self.patience, self.lr, self.dropout = cfg.epochs, cfg.patience, cfg.lr, True
-        self.items = training_items(data, cfg.batch_by)
+        self.data = data
         self.total_steps = steps_per_epoch * cfg.epochs
+
+    @cached_property
+    def items(self) -> list[tuple[int, list[list[int]]]]:
+        """Built on first use: SCST's mixed objective needs this stage's loss, not its batches."""
+        return training_items(self.data, self.cfg.batch_by)
 
     def order_seed(self, epoch: int) -> int:
         return epoch

@@ -118,13 +118,12 @@ class Inputs:
         self.device, self.num_workers = device, num_workers
         self.encode = model.encoder.fine_tune_from is not None  # does the model take pixels?
         paths = [i.path for i in data.images]
-        mirror = transforms.Compose([TF.hflip, model.encoder.transform])
-        # Row r + len(paths) is photo r mirrored.
-        self.photos: ConcatDataset[LoadedImage] = ConcatDataset(
-            [ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)])
         self.cache = self.mirrored = None
         self.extract_stats: dict[str, Any] = {}
-        if self.encode:
+        if self.encode:  # photos every step; row r + len(paths) is photo r mirrored
+            mirror = transforms.Compose([TF.hflip, model.encoder.transform])
+            self.photos: ConcatDataset[LoadedImage] = ConcatDataset(
+                [ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)])
             return
         extract: dict[str, Any] = dict(num_workers=num_workers, device=device, rank=d.rank,
                                        world_size=d.world_size, progress=progress and d.is_main)
