@@ -107,6 +107,15 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def stage_modules(body: nn.Module) -> list[nn.Module]:
+    """A backbone body (timm EfficientNet, or a torchvision ResNet without its pooling and
+    classifier) as its stages: stem, each block group, head. Applied in order they compute the
+    body's feature map; fine-tuning trains the stages from some index on."""
+    if isinstance(body, nn.Sequential):  # ResNet: conv1 bn1 relu maxpool | layer1 .. layer4
+        return [nn.Sequential(*body[:4]), *body[4:]]
+    return [nn.Sequential(body.conv_stem, body.bn1), *body.blocks, nn.Sequential(body.conv_head, body.bn2)]
+
+
 class Encoder(nn.Module):
     """A pretrained CNN whose last feature map is the annotation grid.
 
@@ -132,14 +141,11 @@ class Encoder(nn.Module):
             self._load_pretrained(net, weights)
             net.reset_classifier(0)
             self.body = net
-            self.stages = [nn.ModuleList([net.conv_stem, net.bn1]), *net.blocks,
-                           nn.ModuleList([net.conv_head, net.bn2])]
         else:
             net = getattr(torchvision.models, self.spec.arch)(weights=None)
             self._load_pretrained(net, weights)
             self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool, fc
-            b = self.body
-            self.stages = [nn.ModuleList([b[0], b[1]]), b[4], b[5], b[6], b[7]]
+        self.stages = stage_modules(self.body)
         self.fine_tune_from: int | None = None
         self.set_trainable(None)
         natural = self._natural_grid()
@@ -188,33 +194,54 @@ class Encoder(nn.Module):
             return self.body.forward_features(images)
         return self.body(images)
 
+    def stage_input_shape(self, stage: int) -> tuple[int, ...]:
+        """(C, H, W) of the activations entering `stage` at image_size (what a stage cache holds)."""
+        self.check_stage(stage)
+        with torch.no_grad():
+            x = torch.zeros(1, 3, self.image_size, self.image_size,
+                            device=next(self.parameters()).device)
+            for module in self.stages[:stage]:
+                x = module(x)
+        return tuple(x.shape[1:])
+
+    def check_stage(self, stage: int) -> None:
+        if not 0 <= stage < len(self.stages):
+            raise ValueError(f"fine_tune_from {stage}: {self.backbone_name} has stages 0 to "
+                             f"{len(self.stages) - 1} (0 is the stem, {len(self.stages) - 1} the head)")
+
     def set_trainable(self, fine_tune_from: int | None) -> None:
         """Freeze everything, or train the stages from index `fine_tune_from` on."""
         self.fine_tune_from = fine_tune_from
         for p in self.parameters():
             p.requires_grad_(False)
         if fine_tune_from is not None:
-            if not 0 <= fine_tune_from < len(self.stages):
-                raise ValueError(f"fine_tune_from must be in [0, {len(self.stages) - 1}]")
+            self.check_stage(fine_tune_from)
             for stage in self.stages[fine_tune_from:]:
                 for p in stage.parameters():
                     p.requires_grad_(True)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> Encoder:
-        # Frozen stages keep their batch-norm statistics: they stay in eval mode.
-        super().train(mode)
-        first_trainable = len(self.stages) if self.fine_tune_from is None else self.fine_tune_from
-        for stage in self.stages[:first_trainable]:
-            stage.eval()
+        """Every batch norm keeps its ImageNet statistics, in the tuned stages too: statistics of
+        16-photo caption batches are noisier, and a step then depends on each photo alone, so
+        training from cached activations equals training from photos."""
+        super().train(False)
+        self.training = mode
         return self
 
     @property
     def transform(self) -> transforms.Compose:
         return build_transform(self.backbone_name, self.image_size)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        fmap = self.feature_map(images)  # (B, D, h, w)
+    def forward(self, inputs: torch.Tensor, from_stage: int = 0) -> torch.Tensor:
+        """Photos (B, 3, S, S), or with from_stage=K the activations entering stage K (a stage
+        cache's rows) -> the annotation grid (B, L, D)."""
+        if from_stage == 0:
+            fmap = self.feature_map(inputs)  # (B, D, h, w)
+        else:
+            fmap = inputs
+            for module in self.stages[from_stage:]:
+                fmap = module(fmap)
         if fmap.shape[-1] != self.grid_size or fmap.shape[-2] != self.grid_size:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
         return fmap.flatten(2).transpose(1, 2)  # (B, L, D)

@@ -28,7 +28,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torchvision import transforms
 
-from .encoder import Encoder, build_transform
+from .encoder import Encoder, build_transform, stage_modules
 
 
 @torch.no_grad()
@@ -284,12 +284,18 @@ class InferenceEncoder(nn.Module):
     - int8_calibration=(N, 3, S, S) photos: static int8, needs torchao; changes the grids
       noticeably (see the README's benchmark section for what it costs in CIDEr).
     Inputs must be image_size x image_size, the size the padding was fixed for.
+    until_stage=K: computes the activations (B, C, H, W) entering the encoder's stage K instead
+    (what a stage cache holds; see Encoder.forward's from_stage).
     """
 
     def __init__(self, encoder: Encoder, fold_bn: bool = True, static_padding: bool = True,
                  channels_last: bool = True, matmul_pointwise: bool = True, fuse: bool = True,
-                 compile: bool = False, int8_calibration: torch.Tensor | None = None):
+                 compile: bool = False, int8_calibration: torch.Tensor | None = None,
+                 until_stage: int | None = None):
         super().__init__()
+        if until_stage is not None:
+            encoder.check_stage(until_stage)
+        self.until_stage = until_stage
         self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
         self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
         body = copy.deepcopy(encoder.body).eval().requires_grad_(False)
@@ -310,7 +316,10 @@ class InferenceEncoder(nn.Module):
         if fuse and channels_last and on_cpu and onednn_available() and eager:
             fuse_activations(body)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = FeatureMap(body, encoder.spec.source == "timm").to(memory_format=self.memory_format)
+        # The stage list is made after the rewrites above, which replace some of its modules.
+        net = (FeatureMap(body, encoder.spec.source == "timm") if until_stage is None
+               else nn.Sequential(*stage_modules(body)[:until_stage]))
+        self.net = net.to(memory_format=self.memory_format)
         self.eval()
         self.compiled: nn.Module | None = None
         if int8_calibration is not None:
@@ -333,6 +342,8 @@ class InferenceEncoder(nn.Module):
                              f"got {tuple(images.shape)}")
         net = self.net if self.compiled is None else self.compiled
         fmap = net(images.contiguous(memory_format=self.memory_format))  # (B, D, h, w)
+        if self.until_stage is not None:
+            return fmap.contiguous()  # (B, C, H, W) entering stage until_stage
         if fmap.shape[-1] != self.grid_size or fmap.shape[-2] != self.grid_size:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
         return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, L, D)

@@ -37,11 +37,25 @@ except ImportError:  # Windows: no lock; start one extraction per cache at a tim
     fcntl = None
 
 
-def encoder_key(encoder: Encoder, mirrored: bool = False) -> str:
-    """Names what determines the features: backbone, input size, grid (ImageNet weights), and
-    whether the photos were mirrored first."""
+def encoder_key(encoder: Encoder, mirrored: bool = False, stage: int | None = None) -> str:
+    """Names what determines the cached tensors: backbone, input size, grid (or, for a stage
+    cache, the stage they enter), a digest of the weights that compute them (a fine-tuned
+    encoder's grids are not the ImageNet backbone's), and whether the photos were mirrored."""
     g = encoder.grid_size
-    return f"{encoder.backbone_name}-{encoder.image_size}px-{g}x{g}" + ("-hflip" if mirrored else "")
+    what = f"{g}x{g}" if stage is None else f"stage{stage}"
+    trunk = [encoder] if stage is None else encoder.stages[:stage]
+    return (f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{weights_digest(trunk)}"
+            + ("-hflip" if mirrored else ""))
+
+
+def weights_digest(modules: Sequence[torch.nn.Module]) -> str:
+    """8 hex digits that change whenever any weight or batch-norm statistic of `modules` does."""
+    digest = hashlib.sha1()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:8]
 
 
 @contextmanager
@@ -57,22 +71,26 @@ def _exclusive(lock_file: Path):
 
 
 class FeatureCache:
-    """The (N, L, D) fp16 grids of one list of images under one encoder.
+    """The (N, L, D) fp16 grids of one list of images under one encoder, or with `stage=K` the
+    (N, C, H, W) activations entering the encoder's stage K (fine-tuning the stages from K on
+    then starts from them instead of from the photos).
 
-    `mirrored=True`: the grids of the left-right mirrored photos (training augmentation; a CNN's
+    `mirrored=True`: computed from the left-right mirrored photos (training augmentation; a CNN's
     features of a mirrored photo are not its grid mirrored, so they are computed for real).
     """
 
     def __init__(self, root: str | Path, encoder: Encoder, paths: Sequence[str | Path],
-                 mirrored: bool = False):
+                 mirrored: bool = False, stage: int | None = None):
         self.paths = [str(p) for p in paths]
         digest = hashlib.sha1("\n".join(self.paths).encode()).hexdigest()[:12]
-        self.key = encoder_key(encoder, mirrored)
+        self.key = encoder_key(encoder, mirrored, stage)
         self.transform = transforms.Compose([TF.hflip, encoder.transform]) if mirrored else encoder.transform
         self.folder = Path(root) / self.key
         self.stem = self.folder / f"{len(self.paths)}-{digest}"
-        self.shape = (len(self.paths), encoder.grid_size**2, encoder.feature_dim)
-        self.encoder = encoder
+        row_shape = ((encoder.grid_size**2, encoder.feature_dim) if stage is None
+                     else encoder.stage_input_shape(stage))
+        self.shape = (len(self.paths), *row_shape)
+        self.encoder, self.stage = encoder, stage
         self._features: np.memmap | None = None
 
     @property
@@ -124,7 +142,8 @@ class FeatureCache:
         loader = DataLoader(ImageFiles([self.paths[r] for r in todo], self.transform),
                             batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                             generator=torch.Generator())
-        encoder = InferenceEncoder(self.encoder.to(device).eval())  # the same grids, faster
+        # The same grids (or activations), faster.
+        encoder = InferenceEncoder(self.encoder.to(device).eval(), until_stage=self.stage)
         start = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img", disable=not progress)
         failed = []
@@ -195,7 +214,8 @@ class FeatureCache:
         return self._features
 
     def batch(self, rows: Sequence[int]) -> torch.Tensor:
-        """Float32 grids (B, L, D) of the given rows (of a partly extracted cache: rows it has)."""
+        """Float32 grids (B, L, D) or activations (B, C, H, W) of the given rows (of a partly
+        extracted cache: rows it has)."""
         rows = np.asarray(rows)
         if self._features is None and not self.is_complete():
             if np.isin(rows, self.missing_rows()).any():

@@ -91,7 +91,7 @@ def hard_attention_loss(cfg, net: torch.nn.Module, batch, dist: Dist, device: to
     expectation = bool(torch.rand(()) < cfg.hard_expectation_probability)
     with attention.locating("expectation" if expectation else "sample"):
         logits, alphas, locations = net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
-                                        encode=batch.encode, return_locations=True)
+                                        from_stage=batch.from_stage, return_locations=True)
     loss, stats = caption_loss(logits, batch.captions, alphas, cfg.alpha_reg, cfg.label_smoothing,
                                token_count=token_count, caption_count=caption_count)
     words = batch.captions[:, 1 : logits.shape[1] + 1] != 0  # (N, T-1)

@@ -66,16 +66,17 @@ class CaptionModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                encode: bool = True, samples: int = 0, max_length: int = 16,
+                from_stage: int | None = 0, samples: int = 0, max_length: int = 16,
                 return_locations: bool = False):
         """The training pass, so that DistributedDataParallel sees every gradient.
 
-        inputs: pixels (B, 3, S, S), or cached grids (B, L, D) with encode=False.
+        inputs: pixels (B, 3, S, S); with from_stage=K the activations entering encoder stage K
+        (a stage cache's rows); with from_stage=None cached grids (B, L, D).
         samples=0: teacher forcing -> (logits, alphas). samples=S: S sampled captions per image
         -> decode_tensors' (tokens, log_probs, mask, alphas), for self-critical training.
         return_locations: teacher forcing also returns hard attention's cells (AttentionDecoder).
         """
-        features = self.encoder(inputs) if encode else inputs
+        features = inputs if from_stage is None else self.encoder(inputs, from_stage)
         if samples:
             return decode_tensors(self.decoder, features, max_length, greedy=False,
                                   samples_per_image=samples)

@@ -26,17 +26,18 @@ from .training_data import PreparedData, caption_batch, training_items
 @dataclass
 class StepBatch:
     rows: list[int]  # image rows of the batch's items
-    inputs: torch.Tensor  # (B, L, D) cached grids, or (B, 3, S, S) pixels when encode is set
+    inputs: torch.Tensor  # (B, L, D) cached grids, or what the encoder runs on from from_stage
     captions: torch.Tensor  # (N, T) <start> w1 .. wn <end> <pad>..
     lengths: torch.Tensor  # (N,)
     image_index: torch.Tensor  # (N,) the item (row of `inputs`) of each caption
-    encode: bool  # inputs are pixels: the model runs its encoder
+    from_stage: int | None  # None: inputs are grids; K: activations entering encoder stage K (0: pixels)
 
 
 def step_batch(rows: list[int], inputs: torch.Tensor, caption_lists: list[list[list[int]]],
-               encode: bool, device: torch.device) -> StepBatch:
+               from_stage: int | None, device: torch.device) -> StepBatch:
     captions, lengths, image_index = caption_batch(caption_lists)
-    return StepBatch(rows, inputs, captions.to(device), lengths.to(device), image_index.to(device), encode)
+    return StepBatch(rows, inputs, captions.to(device), lengths.to(device), image_index.to(device),
+                     from_stage)
 
 
 class Stage(Protocol):
@@ -89,7 +90,7 @@ class CrossEntropy:
         if self.cfg.model.attention == "hard":
             return hard_attention_loss(self.cfg, self.net, batch, self.dist, self.device, tokens, caps)
         logits, alphas = self.net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
-                                  encode=batch.encode)
+                                  from_stage=batch.from_stage)
         return caption_loss(logits, batch.captions, alphas, self.cfg.alpha_reg, self.cfg.label_smoothing,
                             token_count=tokens, caption_count=caps)
 
@@ -120,7 +121,8 @@ class SelfCritical:
         cfg = self.cfg
         with sampled_locations(self.net) as locations:
             tokens, log_probs, mask, alphas = self.net(
-                batch.inputs, encode=batch.encode, samples=cfg.scst_samples, max_length=cfg.scst_max_length)
+                batch.inputs, from_stage=batch.from_stage, samples=cfg.scst_samples,
+                max_length=cfg.scst_max_length)
         if locations is not None:
             log_probs = log_probs + location_log_probs(alphas, torch.stack(locations, 1))
         references = [self.data.references[r] for r in batch.rows]

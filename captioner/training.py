@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from .api import caption_features
-from .checkpoint import save_model
+from .checkpoint import load_model, save_model
 from .data import DataConfig
 from .distributed import Dist, setup_distributed
 from .evaluation import score_captions
@@ -85,9 +85,18 @@ class TrainConfig:
     hflip: bool = False
     """Show each training photo mirrored in a random half of the epochs."""
     fine_tune_from: int | None = None
-    """Train encoder stages from this index (no feature cache); none: the encoder stays frozen."""
+    """Train the encoder's stages from this index on (0: stem, then one per block group, last: the
+    head); none: the encoder stays frozen. Batch norm keeps its ImageNet statistics."""
+    fine_tune_inputs: Literal["cache", "photos"] = "cache"
+    """With fine_tune_from K: cache: cache the activations entering stage K once (the stages
+    below are frozen) and run only stages K.. each step; photos: run the whole encoder on the
+    photos every step (for GPUs, or augmentations a cache cannot hold)."""
     encoder_lr: float = 1e-4
     """Learning rate of the encoder stages trained by fine_tune_from."""
+    init_from: str | None = None
+    """Start from the weights and vocabulary of this model folder (e.g. weights, or a run's
+    best/), e.g. to fine-tune the encoder under a trained decoder; its architecture must match
+    --model's (dropout may differ)."""
     scst_epochs: int = 0
     """Self-critical (SCST) epochs after cross-entropy."""
     scst_lr: float = 2e-5
@@ -219,16 +228,20 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.resume and not resuming and d.is_main:
         print(f"--resume: no {state_path} yet, starting a new run")
     seed_everything(cfg.seed)
-    data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words,
-                        read_run_vocabulary(state_path) if resuming else None)
+    initial = load_model(cfg.init_from) if cfg.init_from and not resuming else None
+    vocab = read_run_vocabulary(state_path) if resuming else initial[1] if initial else None
+    data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words, vocab)
     model = CaptionModel(cfg.model, len(data.vocab)).to(device)
+    if initial is not None:
+        start_from(model, initial[0], cfg.init_from)
     model.encoder.set_trainable(cfg.fine_tune_from)
     if d.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in [*folder.glob(".*.tmp"), *folder.glob("best/.*.tmp")]:  # from a killed atomic_write
             stale.unlink(missing_ok=True)
         (folder / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    inputs = Inputs(model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress)
+    inputs = Inputs(model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress,
+                    cfg.fine_tune_inputs)
     net = model
     if d.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -236,6 +249,21 @@ def set_up(cfg: TrainConfig) -> Run:
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     progress = read_progress(state_path) if resuming else Progress()
     return Run(cfg, d, device, model, net, data, inputs, folder, progress, scaler)
+
+
+def start_from(model: CaptionModel, trained: CaptionModel, source: str) -> None:
+    """Copy a trained model's weights into the new run's model (same architecture)."""
+    def shape(config: ModelConfig) -> dict[str, Any]:
+        return {k: v for k, v in asdict(config).items() if k not in ("dropout", "input_dropout")}
+
+    if shape(trained.config) != shape(model.config):
+        differ = {k: (v, shape(model.config)[k]) for k, v in shape(trained.config).items()
+                  if shape(model.config)[k] != v}
+        raise ValueError(f"init_from {source}: its architecture differs from --model's "
+                         f"(setting: (its value, --model's)): {differ}")
+    if not isinstance(trained.decoder, type(model.decoder)):
+        raise ValueError(f"init_from {source} is an ensemble; start from one of its members")
+    model.load_state_dict(trained.state_dict())
 
 
 def steps_per_epoch(run: Run) -> int:
@@ -267,7 +295,7 @@ def train_one_epoch(run: Run, stage: Stage, optimizer: torch.optim.Optimizer,
         lr = stage.step_lr(progress.global_step)
         if lr is not None:
             optimizer.param_groups[0]["lr"] = lr  # the decoder's group; the encoder's stays
-        step = step_batch(rows, x, [stage.items[i][1] for i in batch], run.inputs.encode, run.device)
+        step = step_batch(rows, x, [stage.items[i][1] for i in batch], run.inputs.from_stage, run.device)
         with torch.autocast(run.device.type, enabled=run.scaler.is_enabled()):
             loss, stats = stage.loss(step)
         check_finite(loss, run, stage)
@@ -324,7 +352,7 @@ def validate(model: CaptionModel, run: Run) -> dict[str, float]:
     captions: dict[int, str] = {}
     batches = [rows[i : i + 64] for i in range(0, len(rows), 64)]
     for batch_rows, x in run.inputs.batches(batches):
-        features = model.encoder(x) if run.inputs.encode else x
+        features = x if run.inputs.from_stage is None else model.encoder(x, run.inputs.from_stage)
         results = caption_features(model.decoder, data.vocab, features, cfg.val_beam_size,
                                    cfg.val_max_length, n_best=1, no_repeat_ngram_size=0)
         captions.update(zip(batch_rows, (r.text for r in results), strict=True))

@@ -1,5 +1,6 @@
 """What a training step reads: encoded captions, each epoch's batches, and the inputs of a batch
-(cached annotation grids with a frozen encoder, or photos when the encoder is fine-tuned)."""
+(cached annotation grids with a frozen encoder; cached activations or photos when the encoder's
+last stages are fine-tuned)."""
 
 from __future__ import annotations
 
@@ -109,28 +110,45 @@ def mirrored_rows(hflip: bool, seed: int, num_images: int, order_seed: int) -> n
     return np.random.default_rng([seed, order_seed]).random(num_images) < 0.5
 
 
+FINE_TUNE_INPUTS = ("cache", "photos")
+
+
 class Inputs:
-    """The inputs of image rows: annotation grids from the feature cache (frozen encoder), or
-    pixels (fine-tuned encoder: the model then runs the encoder itself)."""
+    """The inputs of image rows, and where the model's encoder starts on them (`from_stage`):
+    - frozen encoder: annotation grids from the feature cache (from_stage None);
+    - encoder tuned from stage K, inputs "cache": the activations entering stage K, cached once
+      (the frozen stages below K give every photo the same ones); the model runs stages K..;
+    - inputs "photos": pixels every step, the whole encoder runs (from_stage 0; for GPUs, and
+      for augmentations a cache cannot hold).
+    """
 
     def __init__(self, model: CaptionModel, data: PreparedData, device: torch.device, cache_dir: str,
-                 hflip: bool, num_workers: int, d: Dist, progress: bool):
+                 hflip: bool, num_workers: int, d: Dist, progress: bool, fine_tune_inputs: str = "cache"):
         self.device, self.num_workers = device, num_workers
-        self.encode = model.encoder.fine_tune_from is not None  # does the model take pixels?
+        tuned_from = model.encoder.fine_tune_from
+        if fine_tune_inputs not in FINE_TUNE_INPUTS:
+            raise ValueError(f"fine_tune_inputs {fine_tune_inputs!r}: expected one of "
+                             f"{', '.join(FINE_TUNE_INPUTS)}")
+        if tuned_from == 0 and fine_tune_inputs == "cache":
+            raise ValueError("fine_tune_from 0 tunes the whole encoder, so there is nothing to cache: "
+                             "use fine_tune_inputs photos")
         paths = [i.path for i in data.images]
         self.cache = self.mirrored = None
         self.extract_stats: dict[str, Any] = {}
-        if self.encode:  # photos every step; row r + len(paths) is photo r mirrored
+        if tuned_from is not None and fine_tune_inputs == "photos":  # row r + len(paths): r mirrored
+            self.from_stage: int | None = 0
             mirror = transforms.Compose([TF.hflip, model.encoder.transform])
             self.photos: ConcatDataset[LoadedImage] = ConcatDataset(
                 [ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)])
             return
+        self.from_stage = tuned_from
         extract: dict[str, Any] = dict(num_workers=num_workers, device=device, rank=d.rank,
                                        world_size=d.world_size, progress=progress and d.is_main)
-        self.cache = FeatureCache(cache_dir, model.encoder, paths)
+        self.cache = FeatureCache(cache_dir, model.encoder, paths, stage=tuned_from)
         self.extract_stats.update(self.cache.extract(**extract))
         if hflip:  # only training photos are ever shown mirrored
-            self.mirrored = FeatureCache(cache_dir, model.encoder, paths[: data.num_train], mirrored=True)
+            self.mirrored = FeatureCache(cache_dir, model.encoder, paths[: data.num_train], mirrored=True,
+                                         stage=tuned_from)
             self.extract_stats["mirrored"] = self.mirrored.extract(**extract)
         d.barrier()
 

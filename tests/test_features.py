@@ -3,6 +3,8 @@
 Reuse of the cache by a second train() run is checked in test_training.py.
 """
 
+import copy
+import re
 import sys
 import threading
 
@@ -38,7 +40,7 @@ def fresh_grids(encoder, image_paths) -> torch.Tensor:
 
 
 def test_cache_key_names_backbone_input_size_and_grid(encoder, image_paths, tmp_path):
-    assert encoder_key(encoder) == "efficientnet_lite0-128px-4x4"
+    assert re.fullmatch(r"efficientnet_lite0-128px-4x4-[0-9a-f]{8}", encoder_key(encoder))
     larger = Encoder("efficientnet_lite0", image_size=160, weights="random")
     coarser = Encoder("efficientnet_lite0", image_size=128, grid_size=2, weights="random")
     folders = {FeatureCache(tmp_path, e, image_paths).folder for e in (encoder, larger, coarser)}
@@ -49,6 +51,35 @@ def test_cache_key_names_backbone_input_size_and_grid(encoder, image_paths, tmp_
     assert whole.folder == part.folder and whole.features_file != part.features_file
 
 
+def test_an_encoder_with_other_weights_never_reads_these_grids(encoder, image_paths, tmp_path):
+    """A fine-tuned encoder (say, an exported model's) computes other grids than the ImageNet
+    backbone of the same shape: its cache is another folder."""
+    tuned = copy.deepcopy(encoder)
+    with torch.no_grad():
+        tuned.stages[-1][0].weight.mul_(1.01)
+    assert (FeatureCache(tmp_path, tuned, image_paths).folder
+            != FeatureCache(tmp_path, encoder, image_paths).folder)
+    # A stage cache depends only on the stages below its stage.
+    assert (FeatureCache(tmp_path, tuned, image_paths, stage=8).folder
+            == FeatureCache(tmp_path, encoder, image_paths, stage=8).folder)
+    assert (FeatureCache(tmp_path, tuned, image_paths, stage=8).folder
+            != FeatureCache(tmp_path, encoder, image_paths, stage=7).folder)
+
+
+@pytest.mark.parametrize("stage", [6, 8])
+def test_stage_cache_holds_what_enters_the_stage(encoder, image_paths, fresh_grids, tmp_path, stage):
+    """The encoder's stages from K on, run on the cached activations entering stage K, give the
+    grids of the photos (to fp16 rounding of the activations)."""
+    cache = FeatureCache(tmp_path, encoder, image_paths, stage=stage)
+    assert re.fullmatch(rf"efficientnet_lite0-128px-stage{stage}-[0-9a-f]{{8}}", cache.folder.name)
+    cache.extract(batch_size=8, num_workers=0, progress=False)
+    activations = cache.batch(range(16))
+    assert activations.shape == (16, *encoder.stage_input_shape(stage))
+    with torch.inference_mode():
+        grids = encoder(activations, from_stage=stage)
+    torch.testing.assert_close(grids, fresh_grids, rtol=1e-2, atol=1e-2)
+
+
 def test_mirrored_cache_holds_the_grids_of_the_mirrored_photos(encoder, image_paths, fresh_grids, tmp_path):
     from PIL import ImageOps
 
@@ -56,7 +87,7 @@ def test_mirrored_cache_holds_the_grids_of_the_mirrored_photos(encoder, image_pa
 
     mirrored = FeatureCache(tmp_path, encoder, image_paths, mirrored=True)
     plain = FeatureCache(tmp_path, encoder, image_paths)
-    assert mirrored.folder.name == "efficientnet_lite0-128px-4x4-hflip" and mirrored.folder != plain.folder
+    assert mirrored.folder.name == f"{plain.folder.name}-hflip"
     assert mirrored.extract(batch_size=8, num_workers=0, progress=False)["copied"] == 0  # not plain rows
     with torch.inference_mode():
         expected = encoder(torch.stack([encoder.transform(ImageOps.mirror(load_image(p)))

@@ -171,7 +171,7 @@ def test_self_critical_sampling_draws_the_locations_it_reports():
     model = CaptionModel(dataclasses.replace(TINY, attention="hard"), 12, encoder_weights="random").eval()
     features = torch.randn(2, 16, model.encoder.feature_dim)
     with sampled_locations(model) as drawn:
-        tokens, log_probs, mask, alphas = model(features, encode=False, samples=8, max_length=6)
+        tokens, log_probs, mask, alphas = model(features, from_stage=None, samples=8, max_length=6)
     assert len(drawn) == tokens.shape[1] and drawn[0].shape == (16,)
     assert len({tuple(row) for row in torch.stack(drawn, 1)[:8].tolist()}) > 1  # not the argmax
     assert model.decoder.attention.forced_mode is None  # restored
@@ -213,7 +213,7 @@ def train_hard(model: CaptionModel, features: torch.Tensor, captions: list[str],
                steps: int, **settings) -> list[dict]:
     """The cross-entropy stage's hard-attention objective, full batch, on fixed annotation grids."""
     batch = step_batch(list(range(len(captions))), features, [[vocab.encode(c)] for c in captions],
-                       encode=False, device=torch.device("cpu"))
+                       from_stage=None, device=torch.device("cpu"))
     cfg = TrainConfig(model=model.config, **settings)
     tokens, count = float((batch.lengths - 1).sum()), float(len(batch.lengths))
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=3e-3)
