@@ -31,7 +31,7 @@ from .vocabulary import Vocabulary
 
 DEFAULT_WEIGHTS = hub.default_weights()
 # On a CPU the encoder runs a few images at a time: their activations stay in cache, which
-# makes it ~2x faster per image than one batch of 32 (scripts/benchmark.py). Decoding still
+# makes it ~2x faster per image than one batch of 32 (captioner benchmark). Decoding still
 # runs the whole batch at once.
 CPU_ENCODER_BATCH = 4
 TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
@@ -80,7 +80,9 @@ class Captioner:
                  quantize: bool = False):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
-        self.encoder = InferenceEncoder(self.model.encoder)  # the same grids, faster (frozen copy)
+        # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, rewritten to be faster (a
+        # frozen copy with the same grids); any module that does the same may stand in.
+        self.encoder: torch.nn.Module = InferenceEncoder(self.model.encoder)
         if quantize and self.device.type == "cpu":
             self.model.decoder = quantize_decoder(self.model.decoder)
         self.vocab = vocab
