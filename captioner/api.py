@@ -7,13 +7,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
 
 from . import hub
 from .checkpoint import load_model
+from .decoder import Decoder
 from .decoding import (
     NO_REPEAT_NGRAM_SIZE,
     Hypothesis,
@@ -30,7 +31,7 @@ from .vocabulary import Vocabulary
 
 DEFAULT_WEIGHTS = hub.default_weights()
 # On a CPU the encoder runs a few images at a time: their activations stay in cache, which
-# makes it ~2x faster per image than one batch of 32 (scripts/benchmark.py). Decoding still
+# makes it ~2x faster per image than one batch of 32 (captioner benchmark). Decoding still
 # runs the whole batch at once.
 CPU_ENCODER_BATCH = 4
 TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
@@ -79,7 +80,9 @@ class Captioner:
                  quantize: bool = False):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
-        self.encoder = InferenceEncoder(self.model.encoder)  # the same grids, faster (frozen copy)
+        # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, rewritten to be faster (a
+        # frozen copy with the same grids); any module that does the same may stand in.
+        self.encoder: torch.nn.Module = InferenceEncoder(self.model.encoder)
         if quantize and self.device.type == "cpu":
             self.model.decoder = quantize_decoder(self.model.decoder)
         self.vocab = vocab
@@ -143,9 +146,22 @@ class Captioner:
             return torch.zeros(self.grid_shape[0] * self.grid_shape[1])
         return check_strength(strength) * focus_weights(focus, image_size, self.grid_shape)
 
+    @overload
+    def caption(self, images: ImageInput, beam_size: int = ..., max_length: int = ...,
+                length_penalty: float = ..., n_best: int | None = ..., batch_size: int = ...,
+                no_repeat_ngram_size: int = ..., focus: Focus | Sequence[Focus | None] | None = ...,
+                focus_strength: float = ...) -> CaptionResult: ...
+
+    @overload  # a list of ImageInput; typed list[Any], as a list[str] is no list[ImageInput]
+    def caption(self, images: list[Any] | tuple[Any, ...], beam_size: int = ...,
+                max_length: int = ..., length_penalty: float = ..., n_best: int | None = ...,
+                batch_size: int = ..., no_repeat_ngram_size: int = ...,
+                focus: Focus | Sequence[Focus | None] | None = ...,
+                focus_strength: float = ...) -> list[CaptionResult]: ...
+
     def caption(
         self,
-        images: ImageInput | Sequence[ImageInput],
+        images: ImageInput | list[Any] | tuple[Any, ...],
         beam_size: int = 3,
         max_length: int = 20,
         length_penalty: float = 0.0,
@@ -169,7 +185,7 @@ class Captioner:
         check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
         check_whole_number("batch_size", batch_size, 1)
         single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
         focuses = [focus] if single else list(focus) if focus is not None else [None] * len(items)
         if len(focuses) != len(items):
             raise ValueError(f"focus: {len(focuses)} regions for {len(items)} images")
@@ -207,23 +223,27 @@ def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torc
     gates=True (the Captioner) also fills each result's `gate`, from one teacher-forced replay
     of the chosen words (scoring skips it)."""
     check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
-    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
+    # Callers pass CaptionModel.decoder, typed nn.Module, whose methods mypy sees as attributes
+    # (Tensor | Module). Every decoder a model holds implements Decoder (focus_evaluation's
+    # wrapper all but gate, which it never asks for).
+    decoding = cast(Decoder, decoder)
+    beams = decode(decoding, features, beam_size, max_length, length_penalty, n_best,
                    no_repeat_ngram_size, focus)
     side = math.isqrt(features.shape[1])  # grids are square
-    gate = _gates(decoder, features, beams, focus) if gates else [np.zeros(0, np.float32)] * len(beams)
+    gate = _gates(decoding, features, beams, focus) if gates else [np.zeros(0, np.float32)] * len(beams)
     return [_result(hypotheses, vocab, (side, side), g)
             for hypotheses, g in zip(beams, gate, strict=True)]
 
 
-def _gates(decoder: torch.nn.Module, features: torch.Tensor, beams: list[list[Hypothesis]],
+def _gates(decoder: Decoder, features: torch.Tensor, beams: list[list[Hypothesis]],
            focus: torch.Tensor | None = None) -> list[np.ndarray]:
     """Each best caption's per-word gate, from one replay of the whole batch."""
     longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
     tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
     for row, hyps in enumerate(beams):
         tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
-    _, gates = replay(decoder, features, tokens.to(features.device), focus)  # (B, T)
-    gates = gates.float().cpu().numpy()
+    _, replayed = replay(decoder, features, tokens.to(features.device), focus)  # (B, T)
+    gates = replayed.float().cpu().numpy()
     return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
 
 

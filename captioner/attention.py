@@ -80,6 +80,8 @@ class HardAttention(AdditiveAttention):
 
     MODES = ("sample", "argmax", "expectation")
     DECODING_MODES = ("argmax", "expectation")
+    reward_baseline: torch.Tensor  # buffers, registered in __init__
+    baseline_updates: torch.Tensor
 
     def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
         super().__init__(feature_dim, hidden_dim, attention_dim)
@@ -127,11 +129,12 @@ def set_hard_decoding(model: nn.Module, decoding: str) -> None:
         module.decoding = decoding
 
 
-ATTENTION_TYPES = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention,
-                   "hard": HardAttention}
+Attention = AdditiveAttention | MultiplicativeAttention  # HardAttention is an AdditiveAttention
+ATTENTION_TYPES: dict[str, type[Attention]] = {
+    "additive": AdditiveAttention, "multiplicative": MultiplicativeAttention, "hard": HardAttention}
 
 
-def build_attention(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int) -> nn.Module:
+def build_attention(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int) -> Attention:
     if kind not in ATTENTION_TYPES:
         raise ValueError(f"unknown attention type {kind!r}; choose from {sorted(ATTENTION_TYPES)}")
     return ATTENTION_TYPES[kind](feature_dim, hidden_dim, attention_dim)

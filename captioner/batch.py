@@ -309,6 +309,7 @@ def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Seq
     loaded = [item for item in batch.items if not item.error]
     biases: list[torch.Tensor | None] = []
     for item in loaded:
+        assert item.size is not None  # ImageFiles gives every image it loaded its size
         try:
             biases.append(captioner.focus_bias(boxes.get(path_key(item.path)), item.size, strength))
         except ValueError as err:
@@ -324,6 +325,7 @@ def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Seq
 
 def _save_attention(folder: Path, item: LoadedImage, result: CaptionResult) -> None:
     path = folder / attention_filename(item.path)
+    assert item.thumbnail is not None  # caption_files asks ImageFiles for thumbnails with attention_dir
     try:
         save_attention_grid(path, Image.fromarray(item.thumbnail), result.words, result.attention,
                             title=result.text)

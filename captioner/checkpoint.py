@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .decoder import AttentionDecoder
 from .ensemble import DecoderEnsemble
 from .model import CaptionModel, ModelConfig, build_decoder
 from .vocabulary import Vocabulary
@@ -31,7 +32,7 @@ class CheckpointError(RuntimeError):
     """A model file that is missing, corrupt, or does not fit its config."""
 
 
-def atomic_write(path: Path, write: callable) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write via a temporary file in the same folder and rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -105,7 +106,8 @@ def load_model(
         raise CheckpointError(f"{directory / CONFIG_FILE}: no 'model' settings")
     settings = dict(config["model"])
     # Written as a model setting before ensembles became an inference-time wrapper.
-    ensemble_size = config.get("ensemble_size", settings.pop("decoders", 1))
+    legacy_size = settings.pop("decoders", 1)
+    ensemble_size = config["ensemble_size"] if "ensemble_size" in config else legacy_size
     known = {f.name for f in fields(ModelConfig)}
     unknown = set(settings) - known
     if unknown:
@@ -176,9 +178,11 @@ def load_ensemble(
     loaded = [load_model(p) for p in paths]
     first_model, vocab, _ = loaded[0]
     first_encoder = first_model.encoder.state_dict()
+    members: list[AttentionDecoder] = []
     for path, (model, member_vocab, _) in zip(paths, loaded, strict=True):
-        if isinstance(model.decoder, DecoderEnsemble):
+        if not isinstance(model.decoder, AttentionDecoder):  # load_model's other kind: an ensemble
             raise CheckpointError(f"{path} is already an ensemble; list its members instead")
+        members.append(model.decoder)
         if _shape(model.config) != _shape(first_model.config):
             raise CheckpointError(f"{path}: model settings {asdict(model.config)} differ from "
                                   f"{paths[0]}'s {asdict(first_model.config)}")
@@ -189,7 +193,7 @@ def load_ensemble(
             raise CheckpointError(f"{path}: its encoder weights differ from {paths[0]}'s "
                                   "(only decoders trained on the same frozen encoder can vote)")
     ensemble = first_model
-    ensemble.decoder = DecoderEnsemble([model.decoder for model, _, _ in loaded])
+    ensemble.decoder = DecoderEnsemble(members)
     metadata = {"ensemble_of": [{"path": str(p), **config["metadata"]}
                                 for p, (_, _, config) in zip(paths, loaded, strict=True)]}
     return ensemble.to(device).eval(), vocab, metadata

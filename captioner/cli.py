@@ -259,25 +259,58 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 # ----------------------------------------------------------------------------- benchmark
 
-BENCHMARK_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
-
-
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.usage = "%(prog)s [-h] [--flags] [BENCHMARK FLAGS ...]"
-    parser.add_argument("--flags", action="store_true",
-                        help="list the benchmark's own flags, e.g. --checkpoint weights --runs 5, "
-                             "which any other argument is passed on as (imports torch: slow)")
+    encoders = source_constant("captioner.benchmark", "ENCODER_OPTIONS")
+    parser.add_argument("--checkpoint", help="model folder to time (default: random decoder weights)")
+    parser.add_argument("--quantize", action=Switch, default=False,
+                        help="int8 dynamic quantization of the decoder (default: off)")
+    parser.add_argument("--compile", action=Switch, default=False,
+                        help="also time the inference encoder under torch.compile (compiles for minutes) "
+                             "(default: off)")
+    parser.add_argument("--int8", action=Switch, default=False,
+                        help="also time the static int8 encoder (needs torchao; compiles for a minute) "
+                             "(default: off)")
+    parser.add_argument("--vocab-size", type=positive_int, default=3000,
+                        help="words of the random-decoder vocabulary (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32],
+                        help="photos per caption() call (default: 1 32)")
+    parser.add_argument("--beam-size", type=positive_int, default=3, help="1 = greedy (default: %(default)s)")
+    parser.add_argument("--max-length", type=positive_int,
+                        help="words per caption at most (default: 16 random decoder, 20 checkpoint)")
+    parser.add_argument("--image-size", type=positive_int, default=224,
+                        help="side of the test photo in pixels (default: %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=7,
+                        help="timed runs of each contender; the median is reported (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs of each contender first (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2],
+                        help="torch thread counts to time (default: 1 2)")
+    parser.add_argument("--extract-images", type=int, default=64,
+                        help="photos per feature-extraction run (Flickr8k photos if --flickr-root is "
+                             "there, else generated ones; 0: skip) (default: %(default)s)")
+    parser.add_argument("--extract-runs", type=positive_int, default=3,
+                        help="feature-extraction runs; the median is reported (default: %(default)s)")
+    parser.add_argument("--flickr-root", default="../shared/data/flickr8k", metavar="DIR",
+                        help="the Flickr8k folder, for feature extraction and --dev-cider "
+                             "(default: %(default)s)")
+    parser.add_argument("--dev-cider", type=int, default=0, metavar="N",
+                        help="instead of timing: CIDEr of each encoder option on the first N Flickr8k "
+                             "dev photos")
+    parser.add_argument("--encoders", nargs="+", default=encoders, choices=encoders,
+                        help="with --dev-cider: the encoder options to score (the first is the reference)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process time, steadier on a shared machine (sums over threads) "
+                             "(default: %(default)s)")
     return parser
 
 
 def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import runpy
+    if args.dev_cider and not Path(args.flickr_root).is_dir():
+        parser.error(f"--dev-cider scores Flickr8k dev photos, but --flickr-root {args.flickr_root} "
+                     "is not a folder")
+    from . import benchmark
 
-    if not BENCHMARK_SCRIPT.is_file():
-        parser.error(f"the benchmark is scripts/benchmark.py of a source checkout; this installed "
-                     f"package has none ({BENCHMARK_SCRIPT} does not exist)")
-    sys.argv = [str(BENCHMARK_SCRIPT), *(["--help"] if args.flags else args.script_args)]
-    runpy.run_path(str(BENCHMARK_SCRIPT), run_name="__main__")
+    benchmark.run(args)
     return 0
 
 
@@ -303,8 +336,11 @@ DESCRIPTIONS = {
     "app": "Start the web UI on http://127.0.0.1:7860 (same as python app.py).",
     "export": "Copy a trained model folder (e.g. runs/x/best) to a release folder, by default as fp16; "
               "several sources make one model whose decoders vote.",
-    "benchmark": "Time the encoder and the whole caption() call on this machine (runs scripts/benchmark.py "
-                 "of the source checkout).",
+    "benchmark": "Time on this machine, for each --threads count, the encoder (timm's unmodified "
+                 "backbone against the inference encoder, one optimisation at a time), the whole "
+                 "caption() call and feature extraction; --dev-cider N scores the encoder options on "
+                 "Flickr8k dev photos instead. Without --checkpoint the decoder has random weights "
+                 "(fine for timing only).",
 }
 
 
@@ -323,9 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`captioner COMMAND ...`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)
-    if args.command == "benchmark":  # passes its other arguments on to the benchmark script
-        args.script_args = [a for a in argv[argv.index("benchmark") + 1:] if a != "--flags"]
-    elif unknown:
+    if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args, args.command_parser)
 

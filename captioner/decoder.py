@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from .attention import build_attention
+from .attention import HardAttention, build_attention
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+
+class Decoder(Protocol):
+    """What decoding (captioner.decoding) needs of a decoder: AttentionDecoder has it, and so has
+    DecoderEnsemble (captioner.ensemble), whose tensors carry a members axis."""
+
+    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State: ...
+
+    def step(self, features: torch.Tensor, keys: torch.Tensor, words: torch.Tensor, state: State,
+             focus: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]: ...
+
+    def gate(self, state: State) -> torch.Tensor: ...
 
 
 class AttentionDecoder(nn.Module):
@@ -41,7 +57,7 @@ class AttentionDecoder(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         if annotation_dim is None:
-            self.feature_proj = nn.Identity()
+            self.feature_proj: nn.Module = nn.Identity()
         else:
             self.feature_proj = nn.Linear(feature_dim, annotation_dim)
             feature_dim = annotation_dim
@@ -146,8 +162,9 @@ class AttentionDecoder(nn.Module):
             state = (state[0][:n], state[1][:n])
             state, context, alpha = self._recur(features[:n], keys[:n], embedded[:n, t], state)
             hidden[:n, t], contexts[:n, t], alphas[:n, t] = state[0], context, alpha
-            if return_locations and getattr(self.attention, "location", None) is not None:
-                locations[:n, t] = self.attention.location
+            location = self.attention.location if isinstance(self.attention, HardAttention) else None
+            if return_locations and location is not None:
+                locations[:n, t] = location
         # The output layer runs once over all real positions: one large matrix product.
         logits = features.new_zeros(batch, max_steps, self.vocab_size)
         logits[active] = self._output(embedded[active], hidden[active], contexts[active])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .decoder import AttentionDecoder
+from .decoder import Decoder
 from .vocabulary import Vocabulary
 
 
@@ -82,7 +82,7 @@ def _length_normalised(log_prob: float, length: int, length_penalty: float) -> f
 
 
 def decode_tensors(
-    decoder: AttentionDecoder,
+    decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
     max_length: int = 20,
     greedy: bool = True,
@@ -147,14 +147,14 @@ def _to_hypotheses(tokens, log_probs, mask, alphas) -> list[Hypothesis]:
 
 
 @torch.no_grad()
-def greedy_decode(decoder: AttentionDecoder, features: torch.Tensor, max_length: int = 20,
+def greedy_decode(decoder: Decoder, features: torch.Tensor, max_length: int = 20,
                   no_repeat_ngram_size: int = 0, focus: torch.Tensor | None = None) -> list[Hypothesis]:
     return _to_hypotheses(*decode_tensors(decoder, features, max_length, greedy=True,
                                           no_repeat_ngram_size=no_repeat_ngram_size, focus=focus))
 
 
 @torch.no_grad()
-def sample(decoder: AttentionDecoder, features: torch.Tensor, max_length: int = 20,
+def sample(decoder: Decoder, features: torch.Tensor, max_length: int = 20,
            temperature: float = 1.0, top_k: int = 0) -> list[Hypothesis]:
     """One sampled caption per image (repeat the features for several)."""
     out = decode_tensors(decoder, features, max_length, False, temperature, top_k)
@@ -163,7 +163,7 @@ def sample(decoder: AttentionDecoder, features: torch.Tensor, max_length: int = 
 
 @torch.no_grad()
 def beam_search(
-    decoder: AttentionDecoder,
+    decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
     beam_size: int = 3,
     max_length: int = 20,
@@ -253,7 +253,7 @@ def beam_search(
 
 
 def decode(
-    decoder: AttentionDecoder,
+    decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
     beam_size: int = 3,
     max_length: int = 20,
@@ -271,7 +271,7 @@ def decode(
 
 @torch.no_grad()
 def replay(
-    decoder: AttentionDecoder,
+    decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
     tokens: torch.Tensor,  # (B, T) chosen word ids, without <start>; rows may be padded
     focus: torch.Tensor | None = None,  # (B, L) the attention bias decoding used, if any

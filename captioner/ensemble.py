@@ -15,6 +15,7 @@ no teacher-forcing forward.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,18 @@ class DecoderEnsemble(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 decoders, got {len(members)}")
         self.members = nn.ModuleList(members)
 
+    def _decoders(self) -> list[AttentionDecoder]:
+        """The members as what they are (an nn.ModuleList hands them out typed as nn.Module)."""
+        return cast("list[AttentionDecoder]", list(self.members))
+
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features (B, L, D) -> every member's annotations (B, M, L, A) and keys."""
-        prepared = [member.prepare(features) for member in self.members]
+        prepared = [member.prepare(features) for member in self._decoders()]
         return torch.stack([a for a, _ in prepared], 1), torch.stack([k for _, k in prepared], 1)
 
     def init_state(self, annotations: torch.Tensor, focus: torch.Tensor | None = None) -> State:
         """Each member's h0 and c0 from its own annotations: (B, M, H) each."""
-        states = [member.init_state(annotations[:, i], focus) for i, member in enumerate(self.members)]
+        states = [member.init_state(annotations[:, i], focus) for i, member in enumerate(self._decoders())]
         return torch.stack([h for h, _ in states], 1), torch.stack([c for _, c in states], 1)
 
     def step(self, annotations: torch.Tensor, keys: torch.Tensor, words: torch.Tensor,
@@ -46,7 +51,7 @@ class DecoderEnsemble(nn.Module):
         them), the new states, and the members' mean attention (B, L), which the attention maps
         then show."""
         log_probs, hidden, cells, alphas = [], [], [], []
-        for i, member in enumerate(self.members):
+        for i, member in enumerate(self._decoders()):
             logits, (h, c), alpha = member.step(annotations[:, i], keys[:, i], words,
                                                 (state[0][:, i], state[1][:, i]), focus)
             log_probs.append(F.log_softmax(logits, dim=-1))
@@ -58,5 +63,5 @@ class DecoderEnsemble(nn.Module):
 
     def gate(self, state: State) -> torch.Tensor:
         """The members' mean gating scalar for the next word, (B,)."""
-        gates = [member.gate((state[0][:, i], state[1][:, i])) for i, member in enumerate(self.members)]
+        gates = [member.gate((state[0][:, i], state[1][:, i])) for i, member in enumerate(self._decoders())]
         return torch.stack(gates).mean(0)

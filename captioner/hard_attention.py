@@ -88,6 +88,8 @@ def hard_attention_loss(cfg, net: torch.nn.Module, batch, dist: Dist, device: to
     stages.StepBatch). Draws, from the global torch RNG (saved in the run state), whether the
     batch uses the expected context, then the locations."""
     attention = hard_attention_of(net)
+    if attention is None:
+        raise ValueError("hard_attention_loss: the model's attention is soft, not hard")
     expectation = bool(torch.rand(()) < cfg.hard_expectation_probability)
     with attention.locating("expectation" if expectation else "sample"):
         logits, alphas, locations = net(batch.inputs, batch.captions, batch.lengths, batch.image_index,

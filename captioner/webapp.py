@@ -208,7 +208,8 @@ def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size
                   result.log_prob, result.finished, result.notes, result.gate)
     if box is not None:
         scale = shown.image.width / picture.width
-        shown.box = tuple(v * scale for v in box)
+        x0, y0, x1, y1 = (v * scale for v in box)
+        shown.box = (x0, y0, x1, y1)
     return result.text, alternatives_table(result), overlays(shown, opacity), shown
 
 
@@ -232,7 +233,8 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
     big = overlay(shown, shown.attention[i], _opacity(opacity))
     label = (f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}” · image gate β = "
              f"{shown.gate[i]:.2f}")
-    tokens = [(" ", None)] * (2 * len(shown.words) - 1)  # word, space, word, ...: word j is token 2j
+    # word, space, word, ...: word j is token 2j
+    tokens: list[tuple[str, str | None]] = [(" ", None)] * (2 * len(shown.words) - 1)
     tokens[::2] = [(word, "looking at" if j == i else None) for j, word in enumerate(shown.words)]
     return gr.update(value=big, label=label), tokens
 
@@ -390,12 +392,13 @@ def build_app(captioner: Captioner, about: str | Callable[[], str], examples: li
             demo.load(about, None, about_text, api_visibility="private")
 
         view = [big, words]
-        run = dict(fn=partial(caption_upload, captioner), outputs=[caption, table, gallery, shown],
-                   preprocess=False, show_progress_on=[caption, gallery])
+        run: dict[str, Any] = dict(fn=partial(caption_upload, captioner),
+                                   outputs=[caption, table, gallery, shown],
+                                   preprocess=False, show_progress_on=[caption, gallery])
         whole, region = [image, beam, length, opacity, whole_image, strength], [
             image, beam, length, opacity, focus_box, strength]
-        then = dict(fn=show_result, inputs=[shown, opacity], outputs=[info, *view, step],
-                    api_visibility="private")
+        then: dict[str, Any] = dict(fn=show_result, inputs=[shown, opacity], outputs=[info, *view, step],
+                                    api_visibility="private")
         button.click(api_name="caption", api_description=API_DESCRIPTION, inputs=whole, **run).success(**then)
         gallery_examples.load_input_event.then(api_visibility="private", inputs=whole, **run).success(**then)
         image.change(lambda path: ({"image": path, "boxes": []} if path else None, ""), image,

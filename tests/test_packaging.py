@@ -1,5 +1,6 @@
 """The installed package is a working package: a wheel, installed into a fresh environment and
-run from outside the checkout, captions with the shipped model (API, batch command, app)."""
+run from outside the checkout, captions with the shipped model (API, batch command, app) and
+has the benchmark command."""
 
 from __future__ import annotations
 
@@ -96,6 +97,17 @@ def test_installed_command_captions_a_folder(installed):
     assert len(rows) == 1 and rows[0]["path"].endswith("cat.jpg") and rows[0]["caption"]
     alias = run(installed, str(installed["bin"] / "captioner-caption"), "--help")
     assert alias.returncode == 0 and "--beam-size" in alias.stdout
+
+
+def test_installed_benchmark_command_needs_no_checkout(installed):
+    """`captioner benchmark` is part of the package (captioner.benchmark), not a checkout's script."""
+    result = run(installed, str(installed["bin"] / "captioner"), "benchmark", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--checkpoint", "--dev-cider", "int8-flickr"):  # its own flags, the encoder choices
+        assert flag in result.stdout, flag
+    module = run(installed, str(installed["python"]), "-c",
+                 "import captioner.benchmark as b; print(b.__file__)", check=True)
+    assert Path(module.stdout.strip()).is_relative_to(installed["site"]), module.stdout
 
 
 def test_installed_app_serves_the_shipped_model(installed):

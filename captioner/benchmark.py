@@ -1,0 +1,291 @@
+"""Inference speed: the encoder, the whole Captioner.caption() call and feature extraction.
+
+    captioner benchmark --checkpoint weights   # the shipped model: the honest numbers
+    captioner benchmark                        # default ModelConfig, random decoder
+
+For each thread count (--threads, default 1 and 2), in one run:
+1. the encoder on one photo: timm's unmodified model (`timm.create_model(arch).forward_features`)
+   against the project's inference encoder (captioner.fast_encoder), one optimisation at a time,
+   with the GFLOP/s each achieves and, for scale, a large fp32 matrix product's GFLOP/s;
+2. the full caption() call (image preprocessing, encoder, beam search, attention maps) for 1
+   photo and a batch of 32: today's (the plain Encoder, as before the inference encoder) and
+   the project's;
+3. feature extraction for training (FeatureCache.extract, batch 32, photos loaded in the main
+   process): photos/s, plain encoder against inference encoder.
+--compile and --int8 add the inference encoder's opt-ins to 1 and 2. `--dev-cider N` instead
+scores every encoder option on the first N Flickr8k dev photos (what each costs in CIDEr).
+Every comparison interleaves its contenders run by run, so that a change in the machine's load
+hits them alike, and reports medians over --runs after --warmup untimed runs.
+
+Without --checkpoint the decoder has random weights (the encoder has its real ImageNet
+weights). That is fine for timing only: a random decoder never says <end>, so every caption
+runs to --max-length words, while a trained model stops after ~10.
+
+The flags are defined in captioner.cli (add_benchmark_arguments), so that --help needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+from unittest import mock
+
+import timm
+import torch
+import torchvision
+from PIL import Image
+from skimage import data
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import api, features
+from .api import Captioner
+from .data import load_flickr
+from .encoder import Encoder
+from .evaluation import score_captions
+from .fast_encoder import InferenceEncoder, calibration_photos
+from .model import CaptionModel, ModelConfig
+from .vocabulary import SPECIAL_TOKENS, Vocabulary
+
+ENCODER_OPTIONS = ["today", "project", "compile", "int8-skimage", "int8-flickr"]  # for --encoders
+Calls = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # name -> (function, its arguments)
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the timing tables (or, with args.dev_cider, the CIDEr table) for the parsed flags."""
+    torch.manual_seed(0)
+    captioner, what, max_length = load_captioner(args)
+    if args.dev_cider:
+        if args.threads:
+            torch.set_num_threads(args.threads[0])
+        dev_cider(captioner, args)
+        return
+    time_inference(captioner, what, max_length, args)
+
+
+def load_captioner(args: argparse.Namespace) -> tuple[Captioner, str, int]:
+    """The captioner to time, what it is (for the report) and the most words per caption."""
+    if args.checkpoint:
+        captioner = Captioner.from_pretrained(args.checkpoint, device="cpu", quantize=args.quantize)
+        what = f"checkpoint {args.checkpoint}" + (" (int8 decoder)" if args.quantize else "")
+        return captioner, what, args.max_length or 20
+    words = (f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))
+    vocab = Vocabulary([*SPECIAL_TOKENS, *words])
+    model = CaptionModel(ModelConfig(), len(vocab))
+    captioner = Captioner(model, vocab, device="cpu", quantize=args.quantize)
+    what = "default ModelConfig, RANDOM decoder weights: timing only, captions are meaningless"
+    return captioner, what, args.max_length or 16
+
+
+def with_encoder(captioner: Captioner, encoder: torch.nn.Module) -> Captioner:
+    """A Captioner of the same model whose images go through `encoder`."""
+    other = Captioner(captioner.model, captioner.vocab, device="cpu")
+    other.encoder = encoder
+    return other
+
+
+def clock(args: argparse.Namespace) -> Callable[[], float]:
+    """The timer --clock names: wall time, or this process's CPU time."""
+    return time.process_time if args.clock == "cpu" else time.perf_counter
+
+
+def sample_image(size: int) -> Image.Image:
+    """A real photo (skimage's coffee cup) at `size` pixels square, as a user would pass it."""
+    image = Image.fromarray(data.coffee())
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def interleaved(calls: Calls, args: argparse.Namespace, runs: int | None = None
+                ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median milliseconds of each named call (fn, args), runs interleaved; and each one's last result."""
+    now = clock(args)
+    for fn, fn_args in list(calls.values()) * args.warmup:
+        fn(*fn_args)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    results: dict[str, Any] = {}
+    for _ in range(runs or args.runs):
+        for name, (fn, fn_args) in calls.items():
+            t0 = now()
+            results[name] = fn(*fn_args)
+            times[name].append(now() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}, results
+
+
+def unmodified_backbone(encoder: Encoder) -> Forward:
+    """The backbone as its library builds it, with the encoder's weights: the reference. Returns
+    its pass from pixels (B, 3, S, S) to the last feature map."""
+    if encoder.spec.source == "timm":
+        net = timm.create_model(encoder.spec.arch, pretrained=False, num_classes=0)
+        net.load_state_dict(encoder.body.state_dict())
+        return cast(Forward, net.eval().forward_features)  # timm types its models as nn.Module
+    net = getattr(torchvision.models, encoder.spec.arch)(weights=None)
+    net.load_state_dict(encoder.body.state_dict(), strict=False)
+    return torch.nn.Sequential(*list(net.children())[:-2]).eval()
+
+
+def matmul_gflops(now: Callable[[], float], n: int = 2048, runs: int = 5) -> float:
+    """fp32 GFLOP/s of an n x n matrix product, about the best the CPU does at this precision."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    seconds = []
+    for _ in range(runs):
+        t0 = now()
+        a @ b
+        seconds.append(now() - t0)
+    return 2 * n**3 / statistics.median(seconds) / 1e9
+
+
+def extraction_paths(folder: Path, args: argparse.Namespace) -> list[str]:
+    """--extract-images Flickr8k photos if the folder is there, else as many generated ones."""
+    flickr = Path(args.flickr_root)
+    if flickr.is_dir():
+        files = sorted((flickr / "images").glob("*.jpg"))
+        return [str(p) for p in files[: args.extract_images]]
+    photo = sample_image(args.image_size)
+    for i in range(args.extract_images):
+        photo.rotate(i).save(folder / f"photo_{i:04d}.jpg")
+    return [str(folder / f"photo_{i:04d}.jpg") for i in range(args.extract_images)]
+
+
+def extract(encoder: Encoder, paths: list[str], fast: bool) -> float:
+    """Photos/s of one FeatureCache.extract into a fresh folder; fast=False: today's plain path."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache = features.FeatureCache(cache_dir, encoder, paths)
+        if fast:
+            return cache.extract(batch_size=32, num_workers=0, progress=False)["images_per_second"]
+        with mock.patch.object(features, "InferenceEncoder", lambda plain: plain):
+            return cache.extract(batch_size=32, num_workers=0, progress=False)["images_per_second"]
+
+
+def dev_cider(captioner: Captioner, args: argparse.Namespace) -> None:
+    """Caption the first --dev-cider Flickr8k dev photos with each encoder option and score them."""
+    encoder, project = captioner.model.encoder, captioner.encoder
+    dataset = load_flickr(args.flickr_root)
+    images = dataset["val"][: args.dev_cider]
+    references = {i.image_id: i.captions for i in images}
+    pixels = torch.stack([captioner.preprocess(i.path) for i in images])
+    train_photos = dataset["train"][:32]
+    options: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
+        "today": ("today (plain Encoder)", lambda: encoder),
+        "project": ("project (fp32)", lambda: project),
+        "compile": ("project + torch.compile", lambda: InferenceEncoder(encoder, compile=True)),
+        "int8-skimage": ("int8, calibrated on 10 scikit-image photos", lambda: InferenceEncoder(
+            encoder, int8_calibration=calibration_photos(encoder.transform))),
+        "int8-flickr": ("int8, calibrated on 32 Flickr8k train photos", lambda: InferenceEncoder(
+            encoder, int8_calibration=torch.stack([captioner.preprocess(i.path) for i in train_photos]))),
+    }
+    print(f"{len(images)} Flickr8k dev photos, beam {args.beam_size}, {torch.get_num_threads()} thread(s), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'encoder':<46} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
+    plain = None
+    for name, build in (options[key] for key in args.encoders):
+        captioner.encoder = build()
+        with torch.inference_mode():
+            captioner.encoder(pixels[:1])  # compiles, if it does, for each batch size to come
+            captioner.encoder(pixels[: api.CPU_ENCODER_BATCH])
+            t0 = time.perf_counter()
+            for part in pixels.split(api.CPU_ENCODER_BATCH):
+                captioner.encoder(part)
+            seconds = time.perf_counter() - t0
+        texts = [r.text for batch in pixels.split(32)
+                 for r in captioner.caption_tensors(batch, args.beam_size)]
+        plain = plain or texts
+        scores = score_captions(dict(zip(references, texts, strict=True)), references, meteor=False)
+        same = sum(a == b for a, b in zip(texts, plain, strict=True))
+        print(f"{name:<46} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
+              f"{seconds:>10.1f}")
+
+
+def time_inference(captioner: Captioner, what: str, max_length: int, args: argparse.Namespace) -> None:
+    """The three timings (encoder, caption(), feature extraction) for each of --threads."""
+    model = captioner.model.eval()
+    encoder = model.encoder
+    image = sample_image(args.image_size)
+    pixels = captioner.preprocess(image)[None]  # (1, 3, S, S)
+    c = model.config
+    forward = unmodified_backbone(encoder)
+    with FlopCounterMode(display=False) as flop_counter:
+        forward(pixels)
+    encoder_gflop = flop_counter.get_total_flops() / 1e9
+    variants: dict[str, torch.nn.Module] = {
+        "+ batch norm folded": InferenceEncoder(encoder, static_padding=False, channels_last=False,
+                                                matmul_pointwise=False, fuse=False),
+        "+ static padding": InferenceEncoder(encoder, channels_last=False, matmul_pointwise=False,
+                                             fuse=False),
+        "+ channels_last": InferenceEncoder(encoder, matmul_pointwise=False, fuse=False),
+        "+ 1x1 convs as matmuls": InferenceEncoder(encoder, fuse=False),
+        "+ oneDNN conv+ReLU6 fused (project)": captioner.encoder,
+    }
+    opt_ins: dict[str, torch.nn.Module] = {}  # name -> encoder, timed alone and inside caption()
+    if args.compile:
+        opt_ins["opt-in: torch.compile (inductor)"] = InferenceEncoder(encoder, compile=True)
+    if args.int8:
+        opt_ins["opt-in: int8 (torchao, skimage calib.)"] = InferenceEncoder(
+            encoder, int8_calibration=calibration_photos(encoder.transform))
+    # "Today's" Captioner: the same model with the plain Encoder, the code path before fast_encoder.
+    captioners = {"today (plain Encoder)": with_encoder(captioner, encoder), "project": captioner}
+    for name, fast_encoder in opt_ins.items():
+        captioners[f"project, {name[8:]}"] = with_encoder(captioner, fast_encoder)
+
+    print(f"model: {what}")
+    print(f"  {c.backbone} at {c.image_size}px, {c.grid_size}x{c.grid_size} grid, {c.attention} attention, "
+          f"hidden {c.hidden_dim}, vocabulary {len(captioner.vocab)}, encoder batch {api.CPU_ENCODER_BATCH}")
+    print(f"  beam {args.beam_size}, max_length {max_length}, {args.clock} clock, median of {args.runs} "
+          f"interleaved runs after {args.warmup} warm-up; encoder {encoder_gflop:.2f} GFLOP per photo")
+    print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start "
+          "(a busy machine inflates times)")
+    torch_threads = torch.get_num_threads()
+    options = dict(beam_size=args.beam_size, max_length=max_length)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n=== {threads} thread(s), load average {os.getloadavg()[0]:.1f} ===")
+        calls: Calls = {f"{encoder.spec.arch} unmodified": (forward, (pixels,)),
+                        "project Encoder (today)": (encoder, (pixels,)),
+                        **{name: (module, (pixels,)) for name, module in {**variants, **opt_ins}.items()}}
+        with torch.inference_mode():
+            ms, _ = interleaved(calls, args)
+        base = ms[f"{encoder.spec.arch} unmodified"]
+        matmul = matmul_gflops(clock(args))  # timed with the encoder's clock
+        print(f"encoder, 1 photo at {c.image_size}px {'ms':>20}  x unmodified  GFLOP/s  % of matmul")
+        for name, value in ms.items():
+            gflops = encoder_gflop / value * 1000
+            share = 100 * gflops / matmul
+            print(f"  {name:<38} {value:>6.1f} {value / base:>8.2f} {gflops:>11.1f} {share:>8.0f}%")
+        print(f"  fp32 2048x2048 matmul: {matmul:.1f} GFLOP/s")
+
+        print(f"caption(), beam {args.beam_size}, attention maps {'photos':>12} {'ms':>8} {'x today':>8} "
+              f"{'ms/photo':>9} {'words':>6}")
+        for batch in args.batch_sizes:
+            photos = image if batch == 1 else [image] * batch
+            ms, results = interleaved(
+                {name: (partial(each.caption, batch_size=batch, **options), (photos,))
+                 for name, each in captioners.items()},
+                args, runs=args.runs if batch == 1 else max(3, args.runs // 2))
+            for name, value in ms.items():
+                result = results[name] if batch == 1 else results[name][0]
+                print(f"  {name:<44} {batch:>6} {value:>8.1f} {value / ms['today (plain Encoder)']:>8.2f} "
+                      f"{value / batch:>9.1f} {len(result.words):>6}")
+
+        if args.extract_images:
+            with tempfile.TemporaryDirectory() as folder:
+                paths = extraction_paths(Path(folder), args)
+                rates: dict[str, list[float]] = {"today": [], "project": []}
+                for _ in range(args.extract_runs):
+                    rates["today"].append(extract(encoder, paths, fast=False))
+                    rates["project"].append(extract(encoder, paths, fast=True))
+            today, project = (statistics.median(rates[k]) for k in ("today", "project"))
+            source = "Flickr8k" if Path(args.flickr_root).is_dir() else "generated"
+            print(f"feature extraction, {len(paths)} {source} photos, batch 32 (median of "
+                  f"{args.extract_runs}): today {today:.1f} photos/s, project {project:.1f} photos/s "
+                  f"({project / today:.2f}x)")
+    torch.set_num_threads(torch_threads)
+    if args.checkpoint:
+        caption = captioner.caption(image, beam_size=args.beam_size, max_length=max_length)
+        print(f"\ncaption: {caption.text!r}")
