@@ -21,7 +21,6 @@ from .decoding import (
     check_decoding_options,
     check_whole_number,
     decode,
-    replay,
 )
 from .fast_encoder import InferenceEncoder
 from .focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
@@ -138,7 +137,7 @@ class Captioner:
         features = torch.cat([self.encoder(part) for part in pixels.split(chunk)])
         return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
                                 length_penalty, n_best, no_repeat_ngram_size,
-                                None if focus is None else focus.to(self.device), gates=True)
+                                None if focus is None else focus.to(self.device))
 
     def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:
         """A box or mask on an image of (width, height) pixels -> its attention bias (L,)."""
@@ -217,39 +216,22 @@ class Captioner:
 def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
                      beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
                      n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-                     focus: torch.Tensor | None = None, gates: bool = False) -> list[CaptionResult]:
+                     focus: torch.Tensor | None = None) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
-    Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
-    gates=True (the Captioner) also fills each result's `gate`, from one teacher-forced replay
-    of the chosen words (scoring skips it)."""
+    Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
     check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
     # Callers pass CaptionModel.decoder, typed nn.Module, whose methods mypy sees as attributes
-    # (Tensor | Module). Every decoder a model holds implements Decoder (focus_evaluation's
-    # wrapper all but gate, which it never asks for).
+    # (Tensor | Module). Every decoder a model holds implements Decoder.
     decoding = cast(Decoder, decoder)
     beams = decode(decoding, features, beam_size, max_length, length_penalty, n_best,
                    no_repeat_ngram_size, focus)
     side = math.isqrt(features.shape[1])  # grids are square
-    gate = _gates(decoding, features, beams, focus) if gates else [np.zeros(0, np.float32)] * len(beams)
-    return [_result(hypotheses, vocab, (side, side), g)
-            for hypotheses, g in zip(beams, gate, strict=True)]
+    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
 
 
-def _gates(decoder: Decoder, features: torch.Tensor, beams: list[list[Hypothesis]],
-           focus: torch.Tensor | None = None) -> list[np.ndarray]:
-    """Each best caption's per-word gate, from one replay of the whole batch."""
-    longest = max((len(hyps[0].tokens) for hyps in beams), default=0)
-    tokens = torch.full((len(beams), longest), Vocabulary.pad_id, dtype=torch.long)
-    for row, hyps in enumerate(beams):
-        tokens[row, : len(hyps[0].tokens)] = torch.tensor(hyps[0].tokens, dtype=torch.long)
-    _, replayed = replay(decoder, features, tokens.to(features.device), focus)  # (B, T)
-    gates = replayed.float().cpu().numpy()
-    return [gates[row, : len(hyps[0].tokens)] for row, hyps in enumerate(beams)]
-
-
-def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int],
-            gate: np.ndarray) -> CaptionResult:
+def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
     best = hypotheses[0]
+    assert best.gates is not None  # beam search records them
     words = vocab.decode(best.tokens)
     attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
     alternatives = []
@@ -257,4 +239,4 @@ def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, in
         alt_words = vocab.decode(h.tokens)
         alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
     return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                         alternatives, best.finished, gate=gate)
+                         alternatives, best.finished, gate=best.gates.float().numpy())

@@ -25,6 +25,7 @@ class Hypothesis:
     score: float  # what beam search ranks by: log_prob, length-normalised if asked
     alphas: torch.Tensor  # (len(tokens), L): the attention that produced each word
     finished: bool  # False when max_length cut the caption before <end>
+    gates: torch.Tensor | None = None  # (len(tokens),) the gate of each word's step (beam search)
 
 
 # What the user-facing layers (Captioner, captioner-caption, the app, scripts/evaluate.py) pass
@@ -193,10 +194,12 @@ def beam_search(
     beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     alphas = torch.empty(batch, 0, num_cells, device=device)
+    gates = torch.empty(batch, 0, device=device)  # of each word's step, read off h_{t-1}
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     searching = list(range(batch))  # image of each row block; done images leave the batch
 
     for step in range(max_length):
+        gate = decoder.gate(state)  # (n*beams,): what the step below scales its context by
         logits, state, alpha = decoder.step(feats, keys, words, state, focus)
         logp = _log_probs(logits)
         _block_repeated_ngrams(logp, tokens, no_repeat_ngram_size)
@@ -207,6 +210,7 @@ def beam_search(
         words = (top_index % vocab).view(-1)  # row i*K + j: beam j of searching[i]
         tokens = torch.cat([tokens[origin], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas[origin], alpha[origin].unsqueeze(1)], dim=1)
+        gates = torch.cat([gates[origin], gate[origin].unsqueeze(1)], dim=1)
         state = (state[0][origin], state[1][origin])
         if step == 0:
             feats, keys = feats.repeat_interleave(k, dim=0), keys.repeat_interleave(k, dim=0)
@@ -222,7 +226,7 @@ def beam_search(
                 finished[searching[i]].append(Hypothesis(
                     tokens[row, :-1].tolist(), score,
                     _length_normalised(score, length, length_penalty),
-                    alphas[row, :-1].cpu(), True,
+                    alphas[row, :-1].cpu(), True, gates[row, :-1].cpu(),
                 ))
             live &= torch.tensor([len(finished[b]) < k for b in searching], device=device)
         if not live.all():  # drop the images that are done: no more work is spent on them
@@ -233,7 +237,7 @@ def beam_search(
             rows = (k * keep[:, None] + torch.arange(k, device=device)).view(-1)
             feats, keys, words, state = feats[rows], keys[rows], words[rows], (state[0][rows], state[1][rows])
             focus = focus[rows] if focus is not None else None
-            tokens, alphas = tokens[rows], alphas[rows]
+            tokens, alphas, gates = tokens[rows], alphas[rows], gates[rows]
             beam_scores = beam_scores[keep]
             searching = [searching[i] for i in keep.tolist()]
 
@@ -247,7 +251,7 @@ def beam_search(
                 finished[b].append(Hypothesis(
                     tokens[row].tolist(), score,
                     _length_normalised(score, tokens.shape[1], length_penalty),
-                    alphas[row].cpu(), False,
+                    alphas[row].cpu(), False, gates[row].cpu(),
                 ))
     return [sorted(f, key=lambda h: h.score, reverse=True)[:n_best] for f in finished]
 
@@ -262,9 +266,8 @@ def decode(
     no_repeat_ngram_size: int = 0,
     focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
 ) -> list[list[Hypothesis]]:
-    """Per image, its best captions: beam search, or the greedy caption for beam_size 1."""
-    if beam_size <= 1:
-        return [[h] for h in greedy_decode(decoder, features, max_length, no_repeat_ngram_size, focus)]
+    """Per image, its best captions, by beam search (beam_size 1 is greedy decoding, with the
+    gates recorded)."""
     return beam_search(decoder, features, beam_size, max_length, length_penalty, n_best,
                        no_repeat_ngram_size, focus)
 

@@ -55,6 +55,9 @@ class BigramDecoder(nn.Module):
         num_cells = features.shape[1]
         return self.table[words], state, features.new_full((len(words), num_cells), 1.0 / num_cells)
 
+    def gate(self, state):
+        return state[0].new_ones(state[0].shape[0])  # no gate: the context passes unscaled
+
 
 X, Y, Z = 4, 5, 6  # word ids after the four special tokens
 
@@ -328,6 +331,7 @@ def test_replaying_the_chosen_words_reproduces_decoding(beam_size):
     assert gates.shape == alphas.shape[:2] == (6, max(len(h.tokens) for h in best))
     for row, h in enumerate(best):
         torch.testing.assert_close(alphas[row, : len(h.tokens)], h.alphas, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(gates[row, : len(h.tokens)], h.gates)  # what beam search recorded
     # The gate of word t is the mean of sigmoid(f_beta(h_{t-1})), h_{t-1} the state before it.
     features_a, keys = decoder.prepare(features)
     state = decoder.init_state(features_a)
