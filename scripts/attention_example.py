@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--image", default="astronaut")
     parser.add_argument("--output", default="attention.png")
-    parser.add_argument("--beam_size", type=int, default=3)
+    parser.add_argument("--beam-size", "--beam_size", type=int, default=3)
     args = parser.parse_args()
     captioner = Captioner.from_pretrained(args.checkpoint)
     image = load_photo(args.image)

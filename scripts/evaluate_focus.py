@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--strength", type=float, nargs="+", default=[4.0])
     parser.add_argument("--how", choices=HOW, nargs="+", default=["both"],
                         help="steer the attention scores and the initial state, or one of them")
-    parser.add_argument("--beam_size", type=int, default=3)
+    parser.add_argument("--beam-size", "--beam_size", type=int, default=3)
     parser.add_argument("--limit", type=int, help="the first N images only")
-    parser.add_argument("--output_dir", type=Path)
+    parser.add_argument("--output-dir", "--output_dir", type=Path)
     args = parser.parse_args()
     captioner = Captioner.from_pretrained(args.checkpoint)
     settings = [(how, strength) for how in args.how for strength in args.strength]

@@ -26,12 +26,12 @@ def main() -> None:
     parser.add_argument("--instances", required=True, help="COCO instances JSON (boxes and masks)")
     parser.add_argument("--checkpoint", default=str(DEFAULT_WEIGHTS),
                         help="model folder (default: weights/)")
-    parser.add_argument("--beam_size", type=int, default=3, help="1 = greedy")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--beam-size", "--beam_size", type=int, default=3, help="1 = greedy")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--synonyms", help="JSON {category: [words]} for non-COCO categories "
                         "(default: captioner.grounding.COCO_SYNONYMS)")
-    parser.add_argument("--output_dir", help="where metrics.json and details.jsonl go")
+    parser.add_argument("--output-dir", "--output_dir", help="where metrics.json and details.jsonl go")
     args = parser.parse_args()
     synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
