@@ -21,9 +21,8 @@ class Decoder(Protocol):
     def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State: ...
 
     def step(self, features: torch.Tensor, keys: torch.Tensor, words: torch.Tensor, state: State,
-             focus: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]: ...
-
-    def gate(self, state: State) -> torch.Tensor: ...
+             focus: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]: ...
 
 
 class AttentionDecoder(nn.Module):
@@ -97,28 +96,25 @@ class AttentionDecoder(nn.Module):
         words: torch.Tensor,  # (B,) previous word ids
         state: State,
         focus: torch.Tensor | None = None,  # (B, L) added to the attention scores
-    ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """One word: returns logits (B, V), the new state and alpha (B, L)."""
+    ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+        """One word: returns logits (B, V), the new state, alpha (B, L) and the gate (B,): how
+        much the image fed this word, 0-1, the mean over the A channels of beta =
+        sigmoid(f_beta(h_{t-1})) (1 without a gate: the context passes unscaled)."""
         embedded = self.input_dropout(self.embedding(words))  # (B, E)
-        state, context, alpha = self._recur(features, keys, embedded, state, focus)
-        return self._output(embedded, state[0], context), state, alpha
-
-    def gate(self, state: State) -> torch.Tensor:
-        """How much the image feeds the next word, 0-1: the mean over the A channels of
-        beta = sigmoid(f_beta(h_{t-1})), (B,). 1 without a gate (the context passes unscaled)."""
-        h = state[0]
-        if self.f_beta is None:
-            return h.new_ones(h.shape[0])
-        return torch.sigmoid(self.f_beta(h)).mean(dim=-1)
+        state, context, alpha, beta = self._recur(features, keys, embedded, state, focus)
+        gate = beta.mean(dim=-1) if beta is not None else alpha.new_ones(alpha.shape[0])
+        return self._output(embedded, state[0], context), state, alpha, gate
 
     def _recur(self, features, keys, embedded, state: State, focus=None):
         """Attention from h_{t-1}, gated context z_t, then the LSTM update."""
         h, c = state
         context, alpha = self.attention(features, h, keys=keys, bias=focus)
+        beta = None
         if self.f_beta is not None:
-            context = torch.sigmoid(self.f_beta(h)) * context  # gated z_t, (B, A)
+            beta = torch.sigmoid(self.f_beta(h))  # (B, A)
+            context = beta * context  # gated z_t
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
-        return (h, c), context, alpha
+        return (h, c), context, alpha, beta
 
     def _output(self, embedded, h, context) -> torch.Tensor:
         """Deep output layer: L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or plain L_o(h_t)."""
@@ -160,7 +156,7 @@ class AttentionDecoder(nn.Module):
         locations = captions.new_full((batch, max_steps), -1)
         for t, n in enumerate(active.sum(dim=0).tolist()):
             state = (state[0][:n], state[1][:n])
-            state, context, alpha = self._recur(features[:n], keys[:n], embedded[:n, t], state)
+            state, context, alpha, _ = self._recur(features[:n], keys[:n], embedded[:n, t], state)
             hidden[:n, t], contexts[:n, t], alphas[:n, t] = state[0], context, alpha
             location = self.attention.location if isinstance(self.attention, HardAttention) else None
             if return_locations and location is not None:

@@ -111,7 +111,7 @@ def decode_tensors(
     tokens: list[torch.Tensor] = []
     log_probs, masks, alphas = [], [], []
     for _ in range(max_length):
-        logits, state, alpha = decoder.step(features, keys, words, state, focus)
+        logits, state, alpha, _ = decoder.step(features, keys, words, state, focus)
         logp = _log_probs(logits, 1.0 if greedy else temperature)  # (B, V)
         if no_repeat_ngram_size and tokens:
             _block_repeated_ngrams(logp, torch.stack(tokens, 1), no_repeat_ngram_size)
@@ -199,8 +199,7 @@ def beam_search(
     searching = list(range(batch))  # image of each row block; done images leave the batch
 
     for step in range(max_length):
-        gate = decoder.gate(state)  # (n*beams,): what the step below scales its context by
-        logits, state, alpha = decoder.step(feats, keys, words, state, focus)
+        logits, state, alpha, gate = decoder.step(feats, keys, words, state, focus)
         logp = _log_probs(logits)
         _block_repeated_ngrams(logp, tokens, no_repeat_ngram_size)
         (n, beams), vocab = beam_scores.shape, logp.shape[-1]
@@ -279,21 +278,20 @@ def replay(
     tokens: torch.Tensor,  # (B, T) chosen word ids, without <start>; rows may be padded
     focus: torch.Tensor | None = None,  # (B, L) the attention bias decoding used, if any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed already chosen captions back through the decoder: the attention (B, T, L) and the
-    gating scalar (B, T) (see `AttentionDecoder.gate`) of the step that wrote each word.
+    """Feed given captions (a reference's, say) through the decoder: the attention (B, T, L) and
+    the gate (B, T) (see `AttentionDecoder.step`) of the step that wrote each word.
 
-    In eval mode the decoder is deterministic, so teacher forcing the words that decoding
-    chose reproduces decoding's states exactly; this keeps the gate out of beam search's
-    bookkeeping. Values at padded positions are meaningless.
+    In eval mode the decoder is deterministic: replaying the words decoding chose reproduces
+    the attention and gates it recorded. Values at padded positions are meaningless.
     """
     features, keys = decoder.prepare(features)
     state = decoder.init_state(features, focus)
     words = torch.full((tokens.shape[0],), Vocabulary.start_id, dtype=torch.long, device=features.device)
     alphas, gates = [], []
     for t in range(tokens.shape[1]):
-        gates.append(decoder.gate(state))  # beta is computed from h_{t-1}, as in step()
-        _, state, alpha = decoder.step(features, keys, words, state, focus)
+        _, state, alpha, gate = decoder.step(features, keys, words, state, focus)
         alphas.append(alpha)
+        gates.append(gate)
         words = tokens[:, t]
     if not alphas:
         rows = tokens.shape[0]

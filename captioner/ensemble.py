@@ -46,22 +46,19 @@ class DecoderEnsemble(nn.Module):
         return torch.stack([h for h, _ in states], 1), torch.stack([c for _, c in states], 1)
 
     def step(self, annotations: torch.Tensor, keys: torch.Tensor, words: torch.Tensor,
-             state: State, focus: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
+             state: State, focus: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
         """One word: the members' mean word log-probabilities (B, V; decoding renormalises
-        them), the new states, and the members' mean attention (B, L), which the attention maps
-        then show."""
-        log_probs, hidden, cells, alphas = [], [], [], []
+        them), the new states, and the members' mean attention (B, L) and gate (B,), which the
+        attention maps and CaptionResult.gate then show."""
+        log_probs, hidden, cells, alphas, gates = [], [], [], [], []
         for i, member in enumerate(self._decoders()):
-            logits, (h, c), alpha = member.step(annotations[:, i], keys[:, i], words,
-                                                (state[0][:, i], state[1][:, i]), focus)
+            logits, (h, c), alpha, gate = member.step(annotations[:, i], keys[:, i], words,
+                                                      (state[0][:, i], state[1][:, i]), focus)
             log_probs.append(F.log_softmax(logits, dim=-1))
             hidden.append(h)
             cells.append(c)
             alphas.append(alpha)
+            gates.append(gate)
         state = (torch.stack(hidden, 1), torch.stack(cells, 1))
-        return torch.stack(log_probs).mean(0), state, torch.stack(alphas).mean(0)
-
-    def gate(self, state: State) -> torch.Tensor:
-        """The members' mean gating scalar for the next word, (B,)."""
-        gates = [member.gate((state[0][:, i], state[1][:, i])) for i, member in enumerate(self._decoders())]
-        return torch.stack(gates).mean(0)
+        return torch.stack(log_probs).mean(0), state, torch.stack(alphas).mean(0), torch.stack(gates).mean(0)

@@ -42,9 +42,6 @@ class _Steered(torch.nn.Module):
     def step(self, features, keys, words, state, focus=None):
         return self.decoder.step(features, keys, words, state, focus if self.how != "start" else None)
 
-    def gate(self, state):
-        return self.decoder.gate(state)
-
 
 @dataclass
 class FocusTrial:

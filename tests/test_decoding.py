@@ -53,10 +53,9 @@ class BigramDecoder(nn.Module):
 
     def step(self, features, keys, words, state, focus=None):
         num_cells = features.shape[1]
-        return self.table[words], state, features.new_full((len(words), num_cells), 1.0 / num_cells)
-
-    def gate(self, state):
-        return state[0].new_ones(state[0].shape[0])  # no gate: the context passes unscaled
+        num_rows = len(words)  # no gate: the context passes unscaled
+        return (self.table[words], state, features.new_full((num_rows, num_cells), 1.0 / num_cells),
+                features.new_ones(num_rows))
 
 
 X, Y, Z = 4, 5, 6  # word ids after the four special tokens
@@ -340,7 +339,7 @@ def test_replaying_the_chosen_words_reproduces_decoding(beam_size):
     with torch.no_grad():
         for t in range(tokens.shape[1]):
             expected.append(torch.sigmoid(decoder.f_beta(state[0])).mean(dim=1))
-            _, state, _ = decoder.step(features_a, keys, words, state)
+            _, state, _, _ = decoder.step(features_a, keys, words, state)
             words = tokens[:, t]
     torch.testing.assert_close(gates, torch.stack(expected, 1))
     assert ((gates > 0) & (gates < 1)).all()

@@ -63,8 +63,8 @@ def test_greedy_ensemble_follows_the_mean_of_its_members_log_probabilities():
     with torch.no_grad():
         for _ in range(8):
             steps = [m.step(a, k, words, s) for m, (a, k), s in zip(members, prepared, states, strict=True)]
-            states = [s for _, s, _ in steps]
-            mean = torch.stack([torch.log_softmax(logits, -1) for logits, _, _ in steps]).mean(0)
+            states = [s for _, s, _, _ in steps]
+            mean = torch.stack([torch.log_softmax(logits, -1) for logits, _, _, _ in steps]).mean(0)
             words = _log_probs(mean).argmax(-1)
             chosen.append(words)
             alphas.append((steps[0][2] + steps[1][2]) / 2)

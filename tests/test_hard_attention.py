@@ -119,7 +119,7 @@ def test_decoding_attends_the_argmax_cell_and_reports_alpha():
     annotations, keys = decoder.prepare(features)
     state = decoder.init_state(annotations)
     words = torch.full((3,), Vocabulary.start_id)
-    _, _, alpha = decoder.step(annotations, keys, words, state)
+    _, _, alpha, _ = decoder.step(annotations, keys, words, state)
     assert torch.equal(decoder.attention.location, alpha.argmax(dim=1))
     assert torch.allclose(alpha.sum(dim=1), torch.ones(3))  # the distribution, not a one-hot
 
@@ -139,7 +139,7 @@ def test_a_focus_bias_steers_the_argmax_location():
     focus = torch.zeros(3, 9)
     focus[:, 7] = 50.0
     state = decoder.init_state(annotations, focus)
-    _, _, alpha = decoder.step(annotations, keys, torch.full((3,), Vocabulary.start_id), state, focus)
+    _, _, alpha, _ = decoder.step(annotations, keys, torch.full((3,), Vocabulary.start_id), state, focus)
     assert decoder.attention.location.tolist() == [7, 7, 7] and (alpha[:, 7] > 0.99).all()
 
 

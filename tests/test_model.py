@@ -193,7 +193,8 @@ def test_plain_output_layer_predicts_from_the_hidden_state_and_learns(shapes_voc
     decoder = _random_decoder(deep_output=False)
     assert not hasattr(decoder, "out_hidden") and decoder.classifier.in_features == 24
     annotations, keys = decoder.prepare(torch.randn(2, 9, 20))
-    logits, (h, _), _ = decoder.step(annotations, keys, torch.tensor([1, 1]), decoder.init_state(annotations))
+    state = decoder.init_state(annotations)
+    logits, (h, _), _, _ = decoder.step(annotations, keys, torch.tensor([1, 1]), state)
     torch.testing.assert_close(logits, decoder.classifier(h))
     torch.manual_seed(0)
     model = CaptionModel(ModelConfig(**{**vars(TINY), "deep_output": False}), len(shapes_vocab))
@@ -211,7 +212,7 @@ def test_ungated_unprojected_decoder_attends_over_backbone_vectors_and_learns(sh
     state = decoder.init_state(annotations)
     context, _ = decoder.attention(annotations, state[0], keys=keys)
     expected = decoder.lstm(torch.cat([decoder.embedding(torch.tensor([1, 1])), context], dim=1), state)
-    _, (h, c), _ = decoder.step(annotations, keys, torch.tensor([1, 1]), state)
+    _, (h, c), _, _ = decoder.step(annotations, keys, torch.tensor([1, 1]), state)
     torch.testing.assert_close(h, expected[0])  # the context enters the LSTM unscaled
     torch.manual_seed(0)
     config = ModelConfig(**{**vars(TINY), "gate": False, "annotation_dim": None})
