@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import torch
@@ -63,8 +63,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def quantize_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantization of the decoder's Linear and LSTM layers (CPU inference)."""
+DecoderModule = TypeVar("DecoderModule", bound=torch.nn.Module)
+
+
+def quantize_decoder(decoder: DecoderModule) -> DecoderModule:
+    """Dynamic int8 quantization of the decoder's Linear and LSTM layers (CPU inference). A copy
+    of the same class: only its Linear and LSTMCell submodules are swapped."""
     with warnings.catch_warnings():  # torch.ao's eager quantization API announces its successor
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
@@ -213,17 +217,14 @@ class Captioner:
 
 
 @torch.inference_mode()
-def caption_features(decoder: torch.nn.Module, vocab: Vocabulary, features: torch.Tensor,
+def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor,
                      beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
                      n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
                      focus: torch.Tensor | None = None) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
     Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
     check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
-    # Callers pass CaptionModel.decoder, typed nn.Module, whose methods mypy sees as attributes
-    # (Tensor | Module). Every decoder a model holds implements Decoder.
-    decoding = cast(Decoder, decoder)
-    beams = decode(decoding, features, beam_size, max_length, length_penalty, n_best,
+    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
                    no_repeat_ngram_size, focus)
     side = math.isqrt(features.shape[1])  # grids are square
     return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]

@@ -9,13 +9,19 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torchvision import transforms
+
+# A backbone without its classifier: a timm EfficientNet (its feature map is forward_features'),
+# or a torchvision ResNet's layers up to the last feature map.
+Body = EfficientNet | nn.Sequential
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -68,6 +74,8 @@ def _offline_state_dict(spec: BackboneSpec, model: nn.Module) -> dict[str, torch
     Its keys use another naming scheme, but the tensors come in the same order with the same
     shapes as timm's, so they are paired by position (and every shape is checked).
     """
+    if spec.offline_package is None:
+        raise EncoderWeightsError(f"no PyPI package ships ImageNet weights for {spec.arch}")
     try:
         package = importlib.import_module(spec.offline_package)
     except ImportError as err:
@@ -107,7 +115,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def stage_modules(body: nn.Module) -> list[nn.Module]:
+def stage_modules(body: Body) -> list[nn.Module]:
     """A backbone body (timm EfficientNet, or a torchvision ResNet without its pooling and
     classifier) as its stages: stem, each block group, head. Applied in order they compute the
     body's feature map; fine-tuning trains the stages from some index on."""
@@ -137,14 +145,15 @@ class Encoder(nn.Module):
         self.image_size = image_size
         self.feature_dim = self.spec.feature_dim
         if self.spec.source == "timm":
-            net = timm.create_model(self.spec.arch, pretrained=False)
-            self._load_pretrained(net, weights)
-            net.reset_classifier(0)
-            self.body = net
+            # create_model is typed nn.Module; every timm backbone here is an EfficientNet(-Lite).
+            efficientnet = cast(EfficientNet, timm.create_model(self.spec.arch, pretrained=False))
+            self._load_pretrained(efficientnet, weights)
+            efficientnet.reset_classifier(0)
+            self.body: Body = efficientnet
         else:
-            net = getattr(torchvision.models, self.spec.arch)(weights=None)
-            self._load_pretrained(net, weights)
-            self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool, fc
+            resnet = getattr(torchvision.models, self.spec.arch)(weights=None)
+            self._load_pretrained(resnet, weights)
+            self.body = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool, fc
         self.stages = stage_modules(self.body)
         self.fine_tune_from: int | None = None
         self.set_trainable(None)
@@ -190,7 +199,7 @@ class Encoder(nn.Module):
         return probe.shape[-1]
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        if self.spec.source == "timm":
+        if isinstance(self.body, EfficientNet):
             return self.body.forward_features(images)
         return self.body(images)
 

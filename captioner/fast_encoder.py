@@ -21,14 +21,17 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, Conv2dSame
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torchvision import transforms
 
-from .encoder import Encoder, build_transform, stage_modules
+from .encoder import Body, Encoder, build_transform, stage_modules
 
 
 @torch.no_grad()
@@ -45,7 +48,7 @@ def fold_batchnorm(module: nn.Module) -> int:
         for (_, conv), (bn_name, bn) in itertools.pairwise(children):
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
                 continue
-            if bn.running_mean is None or bn.num_features != conv.out_channels:
+            if bn.running_mean is None or bn.running_var is None or bn.num_features != conv.out_channels:
                 raise ValueError(f"cannot fold {bn_name} ({bn}) into {conv}")
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -76,7 +79,7 @@ def pad_statically(module: nn.Module, image_size: int) -> int:
     input_sizes: dict[nn.Module, tuple[int, int]] = {}
 
     def record(conv: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        input_sizes[conv] = tuple(args[0].shape[-2:])
+        input_sizes[conv] = _pair(args[0].shape[-2:])
 
     hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, Conv2dSame)]
     was_training = module.training
@@ -87,14 +90,21 @@ def pad_statically(module: nn.Module, image_size: int) -> int:
         hook.remove()
     for parent in list(module.modules()):
         for name, conv in list(parent.named_children()):
-            if conv in input_sizes:
+            if isinstance(conv, Conv2dSame) and conv in input_sizes:
                 setattr(parent, name, _symmetric_conv(conv, input_sizes[conv]))
     return len(input_sizes)
 
 
+def _pair(sizes: Sequence[int]) -> tuple[int, int]:
+    """Two numbers as a pair (torch types a Conv2d's kernel_size, stride, ... tuple[int, ...])."""
+    first, second = sizes
+    return first, second
+
+
 def _symmetric_conv(conv: nn.Conv2d, input_size: tuple[int, int]) -> nn.Conv2d:
     """A plain nn.Conv2d equal to a TF-"SAME" convolution at one input size."""
-    padding, leading = [], []
+    padding: list[int] = []
+    leading: list[int] = []
     for size, kernel, stride, dilation in zip(input_size, conv.kernel_size, conv.stride, conv.dilation,
                                               strict=True):
         before, after = _same_padding(size, kernel, stride, dilation)
@@ -103,8 +113,8 @@ def _symmetric_conv(conv: nn.Conv2d, input_size: tuple[int, int]) -> nn.Conv2d:
         padding.append(after)
         leading.append(after - before)  # zero rows/columns to put in front of the kernel
     weight = F.pad(conv.weight, (leading[1], 0, leading[0], 0))  # (C_out, C_in / groups, kh', kw')
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(weight.shape[-2:]), conv.stride,
-                      tuple(padding), conv.dilation, conv.groups, conv.bias is not None,
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, _pair(weight.shape[-2:]), _pair(conv.stride),
+                      _pair(padding), _pair(conv.dilation), conv.groups, conv.bias is not None,
                       device=weight.device)
     plain.weight = nn.Parameter(weight, requires_grad=False)
     plain.bias = conv.bias
@@ -141,7 +151,7 @@ def pointwise_as_matmul(module: nn.Module) -> int:
     return replaced
 
 
-def _activation_bounds(module: nn.Module) -> tuple[float, float] | None | bool:
+def _activation_bounds(module: nn.Module) -> tuple[float, float] | None | Literal[False]:
     """(min, max) of a clamping activation (ReLU, ReLU6, Hardtanh, or one in a Sequential of
     Identities), None for an identity, False for anything else."""
     layers = [m for m in (module if isinstance(module, nn.Sequential) else [module])
@@ -166,14 +176,15 @@ class OneDNNConv(nn.Module):
     call: the activation is applied while the output is still in cache, not in a second pass.
     CPU only, channels_last inputs."""
 
-    def __init__(self, conv: nn.Module, bounds: tuple[float, float] | None):
+    def __init__(self, conv: nn.Conv2d | PointwiseMatmul, bounds: tuple[float, float] | None):
         super().__init__()
         self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
         self.pointwise = isinstance(conv, PointwiseMatmul)
-        if not self.pointwise:
+        if isinstance(conv, nn.Conv2d):
             self.padding, self.stride = list(conv.padding), list(conv.stride)
             self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.scalars: list[float]  # the activation's arguments
         if bounds is None:
             self.attr, self.scalars = "none", []
         elif bounds[1] == float("inf"):
@@ -200,7 +211,7 @@ def fuse_activations(module: nn.Module) -> int:
     for parent in list(module.modules()):
         children = list(parent.named_children())
         for (conv_name, conv), (act_name, act) in itertools.pairwise(children):
-            if type(conv) not in (nn.Conv2d, PointwiseMatmul):
+            if type(conv) is not nn.Conv2d and type(conv) is not PointwiseMatmul:
                 continue
             bounds = _activation_bounds(act)
             if bounds is not False:
@@ -213,12 +224,14 @@ def fuse_activations(module: nn.Module) -> int:
 class FeatureMap(nn.Module):
     """A backbone's last feature map (B, D, h, w), as one module (what torch.export needs)."""
 
-    def __init__(self, body: nn.Module, is_timm: bool):
+    def __init__(self, body: Body):
         super().__init__()
-        self.body, self.is_timm = body, is_timm
+        self.body = body
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body.forward_features(images) if self.is_timm else self.body(images)
+        if isinstance(self.body, EfficientNet):
+            return self.body.forward_features(images)
+        return self.body(images)
 
 
 def calibration_photos(transform: transforms.Compose) -> torch.Tensor:
@@ -248,7 +261,7 @@ class _Compiled(nn.Module):
 
 
 @torch.no_grad()
-def _int8(net: FeatureMap, calibration: torch.Tensor) -> nn.Module:
+def _int8(net: nn.Module, calibration: torch.Tensor) -> nn.Module:
     """Static int8 (activations and weights) by PyTorch's current quantization path: torchao's
     PT2E flow with the x86 inductor quantizer, calibrated on `calibration`, then compiled."""
     try:
@@ -317,7 +330,7 @@ class InferenceEncoder(nn.Module):
             fuse_activations(body)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # The stage list is made after the rewrites above, which replace some of its modules.
-        net = (FeatureMap(body, encoder.spec.source == "timm") if until_stage is None
+        net = (FeatureMap(body) if until_stage is None
                else nn.Sequential(*stage_modules(body)[:until_stage]))
         self.net = net.to(memory_format=self.memory_format)
         self.eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -31,10 +32,10 @@ from .encoder import Encoder
 from .fast_encoder import InferenceEncoder
 from .images import ImageBatch, ImageFiles, collate_images
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock; start one extraction per cache at a time
+if sys.platform == "win32":  # no fcntl: no lock; start one extraction per cache at a time
     fcntl = None
+else:
+    import fcntl
 
 
 def encoder_key(encoder: Encoder, mirrored: bool = False, stage: int | None = None) -> str:
@@ -150,11 +151,12 @@ class FeatureCache:
         with torch.inference_mode():
             for batch in loader:
                 failed += [item for item in batch.items if item.error]
-                rows = np.array([todo[item.index] for item in batch.items if not item.error], dtype=np.int64)
+                batch_rows = np.array([todo[item.index] for item in batch.items if not item.error],
+                                      dtype=np.int64)
                 if batch.pixels is not None:
-                    features[rows] = encoder(batch.pixels.to(device)).to(torch.float16).cpu().numpy()
+                    features[batch_rows] = encoder(batch.pixels.to(device)).to(torch.float16).cpu().numpy()
                     features.flush()
-                    done[rows] = 1
+                    done[batch_rows] = 1
                     done.flush()
                 bar.update(len(batch.items))
         bar.close()
@@ -216,15 +218,15 @@ class FeatureCache:
     def batch(self, rows: Sequence[int]) -> torch.Tensor:
         """Float32 grids (B, L, D) or activations (B, C, H, W) of the given rows (of a partly
         extracted cache: rows it has)."""
-        rows = np.asarray(rows)
+        wanted = np.asarray(rows)
         if self._features is None and not self.is_complete():
-            if np.isin(rows, self.missing_rows()).any():
+            if np.isin(wanted, self.missing_rows()).any():
                 raise RuntimeError(f"feature cache {self.stem} is incomplete: it lacks some of rows "
-                                   f"{rows.tolist()[:8]}; run extract() first")
+                                   f"{wanted.tolist()[:8]}; run extract() first")
             features = np.memmap(self.features_file, dtype=np.float16, mode="r", shape=self.shape)
         else:
             features = self.load()
-        order = np.argsort(rows)  # sorted reads are kinder to the page cache
-        grids = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
-        grids[order] = features[rows[order]]
+        order = np.argsort(wanted)  # sorted reads are kinder to the page cache
+        grids = np.empty((len(wanted), *self.shape[1:]), dtype=np.float16)
+        grids[order] = features[wanted[order]]
         return torch.from_numpy(grids).float()

@@ -11,6 +11,7 @@ from torch import nn
 from .decoder import AttentionDecoder
 from .decoding import decode_tensors
 from .encoder import Encoder
+from .ensemble import DecoderEnsemble
 
 
 @dataclass
@@ -57,8 +58,9 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.encoder = Encoder(config.backbone, config.image_size, config.grid_size, encoder_weights)
         self.config = replace(config, grid_size=self.encoder.grid_size)  # resolved, caller's untouched
-        # An AttentionDecoder, or at inference a DecoderEnsemble (checkpoint.load_ensemble).
-        self.decoder: nn.Module = build_decoder(config, vocab_size, self.encoder.feature_dim)
+        # At inference a DecoderEnsemble may take its place (checkpoint.load_ensemble).
+        self.decoder: AttentionDecoder | DecoderEnsemble = build_decoder(
+            config, vocab_size, self.encoder.feature_dim)
 
     @property
     def grid_shape(self) -> tuple[int, int]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -194,7 +195,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             totals, seconds = train_one_epoch(run, stage, optimizer, average)
             if totals is None:  # stop_after_step reached
                 return summarise(run, stopped=True)
-            evaluated = model if average is None else average.module  # what is validated and saved
+            # What is validated and saved (AveragedModel's .module, typed nn.Module, copies the model).
+            evaluated = model if average is None else cast(CaptionModel, average.module)
             metrics = validate(evaluated, run) if run.data.val_rows else {}
             finish_epoch(run, stage, evaluated, totals, seconds, metrics, optimizer)
             run.save_state(optimizer, average)
@@ -232,7 +234,7 @@ def set_up(cfg: TrainConfig) -> Run:
     vocab = read_run_vocabulary(state_path) if resuming else initial[1] if initial else None
     data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words, vocab)
     model = CaptionModel(cfg.model, len(data.vocab)).to(device)
-    if initial is not None:
+    if cfg.init_from and initial is not None:
         start_from(model, initial[0], cfg.init_from)
     model.encoder.set_trainable(cfg.fine_tune_from)
     if d.is_main:
@@ -242,7 +244,7 @@ def set_up(cfg: TrainConfig) -> Run:
         (folder / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     inputs = Inputs(model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress,
                     cfg.fine_tune_inputs)
-    net = model
+    net: torch.nn.Module = model
     if d.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -391,8 +393,8 @@ def finish_epoch(run: Run, stage: Stage, evaluated: CaptionModel, totals: dict[s
 
 
 def summarise(run: Run, stopped: bool = False) -> dict[str, Any]:
-    summary = {"best_score": run.progress.best_score, "best_epoch": run.progress.best_epoch,
-               "output_dir": str(run.folder), "vocab_size": len(run.data.vocab)}
+    summary: dict[str, Any] = {"best_score": run.progress.best_score, "best_epoch": run.progress.best_epoch,
+                               "output_dir": str(run.folder), "vocab_size": len(run.data.vocab)}
     if stopped:
         summary["stopped_at_step"] = run.progress.global_step
     if run.inputs.cache is not None:
@@ -420,7 +422,8 @@ def make_average(cfg: TrainConfig, model: CaptionModel) -> AveragedModel | None:
     if not cfg.ema_decay:
         return None
 
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+    def update(averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor],
+               num_averaged: torch.Tensor | int) -> None:
         decay = ema_decay_at(cfg.ema_decay, int(num_averaged))
         for a, c in zip(averaged, current, strict=True):
             if a.is_floating_point():
