@@ -170,7 +170,7 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images())
     captioner.start()
-    webapp.serve(demo, args.host, args.port, args.share)  # returns when interrupted
+    webapp.serve(demo, args.host, args.port, args.share, stop=captioner.failed)  # Ctrl-C or a failed load
     if captioner.error is not None:
         sys.exit(f"{parser.prog}: {captioner.error}")
     return 0
@@ -178,13 +178,13 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 class BackgroundCaptioner:
     """Stands for a Captioner that loads in a background thread: any attribute waits for it. If
-    loading fails, the server is stopped (the main thread is interrupted) and `error` says why."""
+    loading fails, `failed` is set (which stops the server) and `error` says why."""
 
     def __init__(self, folder: Path, device: str | None, quantize: bool):
         import threading
 
         self.folder, self.device, self.quantize = folder, device, quantize
-        self.ready = threading.Event()
+        self.ready, self.failed = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._load, name="load-model", daemon=True)
         self.captioner: Any = None
         self.error: str | None = None
@@ -193,8 +193,6 @@ class BackgroundCaptioner:
         self.thread.start()
 
     def _load(self) -> None:
-        import _thread
-
         from .api import Captioner
         from .checkpoint import CheckpointError
 
@@ -209,7 +207,7 @@ class BackgroundCaptioner:
             self.ready.set()
         if self.error is not None:
             print(f"error: {self.error}", file=sys.stderr)
-            _thread.interrupt_main()  # ends the server's launch(); run_app then exits with the error
+            self.failed.set()  # serve() returns; run_app then exits with the error
 
     def loaded(self) -> Any:
         """The Captioner, once loaded (waits for it)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -414,8 +415,18 @@ def build_app(captioner: Captioner, about: str | Callable[[], str], examples: li
     return demo
 
 
-def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    """Launch behind Gradio's queue: one model run at a time, so a small CPU box stays responsive."""
+def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          stop: threading.Event | None = None) -> None:
+    """Launch behind Gradio's queue: one model run at a time, so a small CPU box stays responsive.
+    Serves until Ctrl-C, or until `stop` is set (even if it was set while the server started)."""
     demo.queue(default_concurrency_limit=1, max_size=32).launch(
         server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-        state_session_capacity=256, theme=gr.themes.Soft(), css=CSS)
+        state_session_capacity=256, theme=gr.themes.Soft(), css=CSS, prevent_thread_lock=True)
+    stop = stop or threading.Event()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
