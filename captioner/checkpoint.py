@@ -155,7 +155,7 @@ def load_model(
     return model.to(device).eval(), vocab, config
 
 
-def _shape(config: ModelConfig) -> ModelConfig:
+def architecture(config: ModelConfig) -> ModelConfig:
     """The settings that must match for decoders to vote (dropout acts in training only)."""
     return replace(config, dropout=0.0, input_dropout=0.0)
 
@@ -183,7 +183,7 @@ def load_ensemble(
         if not isinstance(model.decoder, AttentionDecoder):  # load_model's other kind: an ensemble
             raise CheckpointError(f"{path} is already an ensemble; list its members instead")
         members.append(model.decoder)
-        if _shape(model.config) != _shape(first_model.config):
+        if architecture(model.config) != architecture(first_model.config):
             raise CheckpointError(f"{path}: model settings {asdict(model.config)} differ from "
                                   f"{paths[0]}'s {asdict(first_model.config)}")
         if member_vocab.to_json() != vocab.to_json():

@@ -124,6 +124,13 @@ def stage_modules(body: Body) -> list[nn.Module]:
     return [nn.Sequential(body.conv_stem, body.bn1), *body.blocks, nn.Sequential(body.conv_head, body.bn2)]
 
 
+def body_feature_map(body: Body, images: torch.Tensor) -> torch.Tensor:
+    """The body's last feature map (B, D, h, w)."""
+    if isinstance(body, EfficientNet):
+        return body.forward_features(images)
+    return body(images)
+
+
 class Encoder(nn.Module):
     """A pretrained CNN whose last feature map is the annotation grid.
 
@@ -199,9 +206,7 @@ class Encoder(nn.Module):
         return probe.shape[-1]
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.body, EfficientNet):
-            return self.body.forward_features(images)
-        return self.body(images)
+        return body_feature_map(self.body, images)
 
     def stage_input_shape(self, stage: int) -> tuple[int, ...]:
         """(C, H, W) of the activations entering `stage` at image_size (what a stage cache holds)."""

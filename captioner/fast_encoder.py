@@ -27,11 +27,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, Conv2dSame
-from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torchvision import transforms
 
-from .encoder import Body, Encoder, build_transform, stage_modules
+from .encoder import Body, Encoder, body_feature_map, build_transform, stage_modules
 
 
 @torch.no_grad()
@@ -229,9 +228,7 @@ class FeatureMap(nn.Module):
         self.body = body
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.body, EfficientNet):
-            return self.body.forward_features(images)
-        return self.body(images)
+        return body_feature_map(self.body, images)
 
 
 def calibration_photos(transform: transforms.Compose) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from .api import caption_features
-from .checkpoint import load_model, save_model
+from .checkpoint import architecture, load_model, save_model
 from .data import DataConfig
 from .distributed import Dist, setup_distributed
 from .evaluation import score_captions
@@ -255,12 +255,9 @@ def set_up(cfg: TrainConfig) -> Run:
 
 def start_from(model: CaptionModel, trained: CaptionModel, source: str) -> None:
     """Copy a trained model's weights into the new run's model (same architecture)."""
-    def shape(config: ModelConfig) -> dict[str, Any]:
-        return {k: v for k, v in asdict(config).items() if k not in ("dropout", "input_dropout")}
-
-    if shape(trained.config) != shape(model.config):
-        differ = {k: (v, shape(model.config)[k]) for k, v in shape(trained.config).items()
-                  if shape(model.config)[k] != v}
+    theirs, ours = asdict(architecture(trained.config)), asdict(architecture(model.config))
+    if theirs != ours:
+        differ = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
         raise ValueError(f"init_from {source}: its architecture differs from --model's "
                          f"(setting: (its value, --model's)): {differ}")
     if not isinstance(trained.decoder, type(model.decoder)):
