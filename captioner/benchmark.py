@@ -160,7 +160,7 @@ def extract(encoder: Encoder, paths: list[str], fast: bool) -> float:
         cache = features.FeatureCache(cache_dir, encoder, paths)
         if fast:
             return cache.extract(batch_size=32, num_workers=0, progress=False)["images_per_second"]
-        with mock.patch.object(features, "InferenceEncoder", lambda plain: plain):
+        with mock.patch.object(features, "InferenceEncoder", lambda plain, until_stage=None: plain):
             return cache.extract(batch_size=32, num_workers=0, progress=False)["images_per_second"]
 
 

@@ -73,6 +73,7 @@ class AttentionDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.input_dropout = nn.Dropout(input_dropout)  # on words and annotations: Flickr8k is small
         self.classifier = nn.Linear(embed_dim if deep_output else hidden_dim, vocab_size)  # L_o
+        self._tables: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # _word_tables()
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image work done once: backbone features (B, L, D) -> annotations (B, L, A)
@@ -101,11 +102,11 @@ class AttentionDecoder(nn.Module):
         much the image fed this word, 0-1, the mean over the A channels of beta =
         sigmoid(f_beta(h_{t-1})) (1 without a gate: the context passes unscaled)."""
         embedded = self.input_dropout(self.embedding(words))  # (B, E)
-        state, context, alpha, beta = self._recur(features, keys, embedded, state, focus)
+        state, context, alpha, beta = self._recur(features, keys, embedded, state, focus, words)
         gate = beta.mean(dim=-1) if beta is not None else alpha.new_ones(alpha.shape[0])
         return self._output(embedded, state[0], context), state, alpha, gate
 
-    def _recur(self, features, keys, embedded, state: State, focus=None):
+    def _recur(self, features, keys, embedded, state: State, focus=None, words=None):
         """Attention from h_{t-1}, gated context z_t, then the LSTM update."""
         h, c = state
         context, alpha = self.attention(features, h, keys=keys, bias=focus)
@@ -113,8 +114,42 @@ class AttentionDecoder(nn.Module):
         if self.f_beta is not None:
             beta = torch.sigmoid(self.f_beta(h))  # (B, A)
             context = beta * context  # gated z_t
-        h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
+        tables = self._word_tables() if words is not None else None
+        if tables is None:
+            h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
+            return (h, c), context, alpha, beta
+        word_gates, context_weight = tables
+        gates = torch.addmm(word_gates[words], context, context_weight.t())  # (B, 4H)
+        gates = torch.addmm(gates, h, self.lstm.weight_hh.t())
+        in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)  # nn.LSTMCell's order
+        c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+        h = torch.sigmoid(out_gate) * torch.tanh(c)
         return (h, c), context, alpha, beta
+
+    def _word_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For decoding without gradients: each word's share of the LSTM's gates, W_ih[:, :E] E y
+        + b_ih + b_hh (V, 4H), and the context's columns of W_ih (4H, A), contiguous.
+
+        One step of decoding is memory-bound on a CPU: it streams every weight matrix once for a
+        few rows. The embedding's 4H x E block of W_ih is a quarter of those bytes; looked up per
+        word instead, a step reads (B, 4H) of it. Built once per set of weights (keyed on the
+        tensors' version counters, which training's in-place updates and load_state_dict bump);
+        None where it does not apply: with gradients, in train mode, or a quantized LSTM.
+        """
+        lstm = self.lstm
+        if torch.is_grad_enabled() or self.training or type(lstm) is not nn.LSTMCell \
+                or lstm.bias_ih is None or lstm.bias_hh is None:
+            return None
+        sources = (self.embedding.weight, lstm.weight_ih, lstm.bias_ih, lstm.bias_hh)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = self._tables
+        if cached is None or cached[0] != key:
+            embed_dim = self.embedding.weight.shape[1]
+            word_gates = torch.addmm(lstm.bias_ih + lstm.bias_hh, self.embedding.weight,
+                                     lstm.weight_ih[:, :embed_dim].t())
+            cached = (key, (word_gates, lstm.weight_ih[:, embed_dim:].contiguous()))
+            self._tables = cached
+        return cached[1]
 
     def _output(self, embedded, h, context) -> torch.Tensor:
         """Deep output layer: L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or plain L_o(h_t)."""

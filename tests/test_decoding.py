@@ -364,3 +364,46 @@ def test_a_decoder_without_the_gate_replays_a_gate_of_one():
     features = _random_features(2)
     _, gates = replay(decoder, features, torch.tensor([[5, 6, 7], [8, 9, 10]]))
     assert torch.equal(gates, torch.ones(2, 3))
+
+
+# ----------------------------------------------------------------------------- decoding without gradients
+
+
+def _greedy(decoder, features, grad: bool):
+    with torch.set_grad_enabled(grad):
+        tokens, log_probs, _, alphas = decode_tensors(decoder, features, max_length=12)
+    return tokens, log_probs.detach(), alphas.detach()
+
+
+@pytest.mark.parametrize("attention", ["additive", "multiplicative"])
+def test_decoding_without_gradients_equals_the_lstm_cells_path(attention):
+    """Without gradients a step looks up each word's share of the LSTM gates instead of
+    multiplying its embedding (AttentionDecoder._word_tables): same words, same numbers."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(40, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16,
+                               attention=attention, dropout=0.0).eval()
+    features = _random_features(6)
+    tokens, log_probs, alphas = _greedy(decoder, features, grad=True)
+    fast_tokens, fast_log_probs, fast_alphas = _greedy(decoder, features, grad=False)
+    assert torch.equal(tokens, fast_tokens)
+    torch.testing.assert_close(fast_log_probs, log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_alphas, alphas, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_without_gradients_follows_weight_updates():
+    """Training changes the weights between validations: the looked-up gates must follow."""
+    decoder = _random_decoder(vocab_size=40)
+    features = _random_features(4)
+    _, before, _ = _greedy(decoder, features, grad=False)  # builds the tables for these weights
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=1.0)
+    decoder.train()
+    captions = torch.randint(4, 40, (4, 6), generator=torch.Generator().manual_seed(1))
+    logits, _ = decoder(features, captions, torch.full((4,), 6))
+    nn.functional.cross_entropy(logits.flatten(0, 1), captions[:, 1:].flatten()).backward()
+    optimizer.step()  # in place, as every optimizer updates
+    decoder.eval()
+    tokens, log_probs, _ = _greedy(decoder, features, grad=True)
+    fast_tokens, fast_log_probs, _ = _greedy(decoder, features, grad=False)
+    assert not torch.allclose(log_probs, before, atol=1e-3)  # the step changed what it says
+    assert torch.equal(tokens, fast_tokens)
+    torch.testing.assert_close(fast_log_probs, log_probs, atol=1e-5, rtol=1e-5)
