@@ -8,8 +8,8 @@ For each thread count (--threads, default 1 and 2), in one run:
    against the project's inference encoder (captioner.fast_encoder), one optimisation at a time,
    with the GFLOP/s each achieves and, for scale, a large fp32 matrix product's GFLOP/s;
 2. the full caption() call (image preprocessing, encoder, beam search, attention maps) for 1
-   photo and a batch of 32: today's (the plain Encoder, as before the inference encoder) and
-   the project's;
+   photo and a batch of 32: today's (the code path before issue 20: the plain Encoder, and
+   decoding through nn.LSTMCell) and the project's (inference encoder, word tables);
 3. feature extraction for training (FeatureCache.extract, batch 32, photos loaded in the main
    process): photos/s, plain encoder against inference encoder.
 --compile and --int8 add the inference encoder's opt-ins to 1 and 2. `--dev-cider N` instead
@@ -27,6 +27,7 @@ The flags are defined in captioner.cli (add_benchmark_arguments), so that --help
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -47,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import api, features
 from .api import Captioner
 from .data import load_flickr
+from .decoder import AttentionDecoder
 from .encoder import Encoder
 from .evaluation import score_captions
 from .fast_encoder import InferenceEncoder, calibration_photos
@@ -88,6 +90,21 @@ def with_encoder(captioner: Captioner, encoder: torch.nn.Module) -> Captioner:
     """A Captioner of the same model whose images go through `encoder`."""
     other = Captioner(captioner.model, captioner.vocab, device="cpu")
     other.encoder = encoder
+    return other
+
+
+TODAY = "today (plain Encoder, LSTMCell)"
+
+
+def todays_captioner(captioner: Captioner) -> Captioner:
+    """The code path before issue 20: the plain Encoder, and decoding through nn.LSTMCell (a
+    copy of the model, so the project's decoder keeps its word tables)."""
+    model = copy.deepcopy(captioner.model)
+    for module in model.modules():
+        if isinstance(module, AttentionDecoder):
+            module.word_tables = False
+    other = Captioner(model, captioner.vocab, device="cpu")
+    other.encoder = model.encoder
     return other
 
 
@@ -229,8 +246,7 @@ def time_inference(captioner: Captioner, what: str, max_length: int, args: argpa
     if args.int8:
         opt_ins["opt-in: int8 (torchao, skimage calib.)"] = InferenceEncoder(
             encoder, int8_calibration=calibration_photos(encoder.transform))
-    # "Today's" Captioner: the same model with the plain Encoder, the code path before fast_encoder.
-    captioners = {"today (plain Encoder)": with_encoder(captioner, encoder), "project": captioner}
+    captioners = {TODAY: todays_captioner(captioner), "project": captioner}
     for name, fast_encoder in opt_ins.items():
         captioners[f"project, {name[8:]}"] = with_encoder(captioner, fast_encoder)
 
@@ -270,7 +286,7 @@ def time_inference(captioner: Captioner, what: str, max_length: int, args: argpa
                 args, runs=args.runs if batch == 1 else max(3, args.runs // 2))
             for name, value in ms.items():
                 result = results[name] if batch == 1 else results[name][0]
-                print(f"  {name:<44} {batch:>6} {value:>8.1f} {value / ms['today (plain Encoder)']:>8.2f} "
+                print(f"  {name:<44} {batch:>6} {value:>8.1f} {value / ms[TODAY]:>8.2f} "
                       f"{value / batch:>9.1f} {len(result.words):>6}")
 
         if args.extract_images:

@@ -73,6 +73,7 @@ class AttentionDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.input_dropout = nn.Dropout(input_dropout)  # on words and annotations: Flickr8k is small
         self.classifier = nn.Linear(embed_dim if deep_output else hidden_dim, vocab_size)  # L_o
+        self.word_tables = True  # False: decode through nn.LSTMCell (to measure what the tables gain)
         self._tables: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # _word_tables()
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +135,11 @@ class AttentionDecoder(nn.Module):
         few rows. The embedding's 4H x E block of W_ih is a quarter of those bytes; looked up per
         word instead, a step reads (B, 4H) of it. Built once per set of weights (keyed on the
         tensors' version counters, which training's in-place updates and load_state_dict bump);
-        None where it does not apply: with gradients, in train mode, or a quantized LSTM.
+        None where it does not apply: with gradients, in train mode, a quantized LSTM, or with
+        `word_tables` off.
         """
         lstm = self.lstm
-        if torch.is_grad_enabled() or self.training or type(lstm) is not nn.LSTMCell \
+        if not self.word_tables or torch.is_grad_enabled() or self.training or type(lstm) is not nn.LSTMCell \
                 or lstm.bias_ih is None or lstm.bias_hh is None:
             return None
         sources = (self.embedding.weight, lstm.weight_ih, lstm.bias_ih, lstm.bias_hh)
