@@ -205,6 +205,8 @@ class OneDNNConv(nn.Module):
 def fuse_activations(module: nn.Module) -> int:
     """Replace each convolution (or PointwiseMatmul) with the clamping activation registered just
     after it (after batch-norm folding: timm's BatchNormAct2d's activation) by one OneDNNConv.
+    Pointwise projections with no activation (the blocks' last 1x1) stay PointwiseMatmuls: for
+    their shapes (few output channels) the BLAS product ran 10-20% faster than oneDNN's here.
     Returns the count."""
     fused = 0
     for parent in list(module.modules()):
@@ -213,6 +215,8 @@ def fuse_activations(module: nn.Module) -> int:
             if type(conv) is not nn.Conv2d and type(conv) is not PointwiseMatmul:
                 continue
             bounds = _activation_bounds(act)
+            if bounds is None and type(conv) is PointwiseMatmul:
+                continue  # a projection without activation: BLAS's matrix product beats oneDNN's
             if bounds is not False:
                 setattr(parent, conv_name, OneDNNConv(conv, bounds))
                 setattr(parent, act_name, nn.Identity())

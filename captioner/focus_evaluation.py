@@ -6,11 +6,16 @@ object when it mentions the category (the grounding evaluation's synonym table).
 runs once per image: every box of an image is decoded from the same annotation grid.
 Three ways of steering can be compared (`how`): both the attention scores and the initial
 state (what Captioner does), the attention scores alone, or the initial state alone.
+
+The ceiling: each object is also captioned from a crop of its box alone (with a margin), the
+same pipeline, no steering. A model that does not name the object even when it fills the
+photo cannot be steered into naming it, so the rate from crops bounds what focus can do with
+this model's features and vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from .images import load_image
 
 HOW = ("both", "attention", "start")
 COVER = (0.05, 0.60)  # share of the image a category's masks must cover
+CROP_MARGIN = 0.25  # the crop for the ceiling: the box grown by this share of its size per side
 
 
 class _Steered(torch.nn.Module):
@@ -54,23 +60,32 @@ class FocusTrial:
     focused: str
     named_plain: bool
     named_focused: bool
+    cropped: str  # the caption of the box's crop alone
+    named_cropped: bool
 
 
 @dataclass
 class FocusReport:
     trials: list[FocusTrial] = field(default_factory=list)
 
-    def rate(self, focused: bool, nameable_only: bool = False) -> float:
+    def rate(self, how: str, nameable_only: bool = False) -> float:
+        """% of objects named: how = "plain" (no focus), "focused" or "cropped" (the ceiling)."""
         trials = [t for t in self.trials if t.nameable or not nameable_only]
-        named = [t.named_focused if focused else t.named_plain for t in trials]
+        named = [getattr(t, f"named_{how}") for t in trials]
         return 100 * float(np.mean(named)) if named else float("nan")
 
     def summary(self) -> dict[str, float | int]:
         nameable = sum(t.nameable for t in self.trials)
+        crop_named = [t for t in self.trials if t.named_cropped]  # what steering could still move
         return {"objects": len(self.trials), "objects_nameable": nameable,
-                "named_without_focus": self.rate(False), "named_with_focus": self.rate(True),
-                "named_without_focus_nameable": self.rate(False, True),
-                "named_with_focus_nameable": self.rate(True, True),
+                "named_without_focus": self.rate("plain"), "named_with_focus": self.rate("focused"),
+                "named_from_crop": self.rate("cropped"),
+                "named_without_focus_nameable": self.rate("plain", True),
+                "named_with_focus_nameable": self.rate("focused", True),
+                "named_from_crop_nameable": self.rate("cropped", True),
+                "objects_named_from_crop": len(crop_named),
+                "of_those_named_without_focus": sum(t.named_plain for t in crop_named),
+                "of_those_named_with_focus": sum(t.named_focused for t in crop_named),
                 "mean_words_without_focus": float(np.mean([len(t.plain.split()) for t in self.trials])),
                 "mean_words_with_focus": float(np.mean([len(t.focused.split()) for t in self.trials]))}
 
@@ -85,15 +100,17 @@ def nameable_categories(captioner: Captioner, synonyms=COCO_SYNONYMS) -> set[str
 
 def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str | Path,
                    settings: Sequence[tuple[str, float]] = (("both", 4.0),), beam_size: int = 3,
-                   limit: int | None = None) -> dict[tuple[str, float], FocusReport]:
-    """One report per (how, strength) setting; each image is encoded once for all of them."""
+                   limit: int | None = None, synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS
+                   ) -> dict[tuple[str, float], FocusReport]:
+    """One report per (how, strength) setting; each image is encoded once for all of them.
+    `synonyms`: {category: caption words naming it} (default: the grounding evaluation's)."""
     from pycocotools.coco import COCO
 
     for how, _ in settings:
         if how not in HOW:
             raise ValueError(f"how {how!r}: expected one of {HOW}")
     coco = COCO(str(instances))
-    objects, nameable = ObjectVocabulary(), nameable_categories(captioner)
+    objects, nameable = ObjectVocabulary(synonyms), nameable_categories(captioner, synonyms)
     reports = {setting: FocusReport() for setting in settings}
     for image_id in sorted(coco.getImgIds())[:limit]:
         entry = coco.loadImgs([image_id])[0]
@@ -109,17 +126,28 @@ def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str 
         plain = caption_features(captioner.model.decoder, captioner.vocab, features, beam_size)[0].text
         named_plain = {m.category for m in objects.mentions(plain.split())}
         regions = [_box(bbox, image.size) for bbox, _ in boxes]
+        cropped = captioner.caption([_crop(image, region) for region in regions], beam_size=beam_size)
         weights = torch.stack([focus_weights(r, image.size, captioner.grid_shape) for r in regions])
         for (how, strength), report in reports.items():
             decoder = captioner.model.decoder if how == "both" else _Steered(captioner.model.decoder, how)
             focused = caption_features(decoder, captioner.vocab, features.expand(len(boxes), -1, -1),
                                        beam_size, focus=(strength * weights).to(captioner.device))
-            for (_, name), region, result in zip(boxes, regions, focused, strict=True):
+            for (_, name), region, result, crop in zip(boxes, regions, focused, cropped, strict=True):
                 named = {m.category for m in objects.mentions(result.words)}
+                named_crop = {m.category for m in objects.mentions(crop.words)}
                 report.trials.append(FocusTrial(entry["file_name"], name, region, cover[name],
                                                 name in nameable, plain, result.text,
-                                                name in named_plain, name in named))
+                                                name in named_plain, name in named, crop.text,
+                                                name in named_crop))
     return reports
+
+
+def _crop(image, region: tuple[float, float, float, float]):
+    """The region grown by CROP_MARGIN of its size on each side, inside the image."""
+    x0, y0, x1, y1 = region
+    dx, dy = CROP_MARGIN * (x1 - x0), CROP_MARGIN * (y1 - y0)
+    return image.crop((max(0.0, x0 - dx), max(0.0, y0 - dy), min(float(image.width), x1 + dx),
+                       min(float(image.height), y1 + dy)))
 
 
 def _box(bbox: Sequence[float], size: tuple[int, int]) -> tuple[float, float, float, float]:

@@ -115,3 +115,36 @@ def test_the_batch_captioner_takes_boxes_from_a_json_file(tmp_path, shapes_check
     assert "red circle" in rows["left.png"]["caption"] and "blue square" in rows["right.png"]["caption"]
     assert rows["whole.png"]["caption"] == Captioner.from_pretrained(shapes_checkpoint).caption(image).text
     assert "reaches outside the 224x224 image" in rows["bad.png"]["error"]
+
+
+def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_path, captioner):
+    """scripts/evaluate_focus.py's measure on a COCO instances file of two-shape photos: focus
+    on a shape's box names it; without focus the caption names one shape of the two."""
+    import json
+
+    from captioner.focus_evaluation import evaluate_focus
+
+    pairs = [(("red", "circle"), ("blue", "square")), (("green", "square"), ("yellow", "circle"))]
+    images, annotations = [], []
+    for image_id, (left, right) in enumerate(pairs, start=1):
+        name = f"pair_{image_id}.png"
+        two_shapes(left, right).save(tmp_path / name)
+        images.append({"id": image_id, "file_name": name, "width": 224, "height": 224})
+        for (_, shape), x in ((left, 0), (right, 112)):
+            x0, y0, x1, y1 = x + 18, 74, x + 94, 150  # the shape's bounding box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
+                                "category_id": 1 if shape == "circle" else 2,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
+        {"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]}))
+    reports = evaluate_focus(captioner, tmp_path, instances, settings=[("both", 4.0), ("attention", 0.0)],
+                             synonyms={"circle": ["circle"], "square": ["square"]})
+    focused, unsteered = reports[("both", 4.0)], reports[("attention", 0.0)]
+    assert len(focused.trials) == 4 and all(t.nameable for t in focused.trials)
+    summary = focused.summary()
+    assert summary["named_with_focus"] == 100.0
+    assert summary["named_without_focus"] == 50.0  # one shape of each photo
+    assert summary["named_from_crop"] == 100.0  # the ceiling: each shape alone
+    assert unsteered.summary()["named_with_focus"] == 50.0  # strength 0 is no focus at all
