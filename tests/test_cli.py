@@ -221,3 +221,20 @@ def test_benchmark_refuses_dev_cider_without_flickr8k(tmp_path, capsys):
         main(["benchmark", "--dev-cider", "5", "--flickr-root", str(tmp_path / "missing")])
     assert done.value.code == 2
     assert f"--flickr-root {tmp_path / 'missing'} is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_short_benchmark_runs_every_timing(tmp_path, capsys):
+    """One run of each table (random decoder, Lite0 at 224 px, generated photos): the numbers
+    are meaningless, but every code path behind them runs."""
+    main(["benchmark", "--runs", "1", "--warmup", "0", "--threads", "1", "--batch-sizes", "1", "2",
+          "--max-length", "4", "--extract-images", "2", "--extract-runs", "1",
+          "--flickr-root", str(tmp_path / "missing")])
+    out = capsys.readouterr().out
+    for row in ("tf_efficientnet_lite0 unmodified", "+ oneDNN conv+ReLU6 fused (project)",
+                "fp32 2048x2048 matmul", "today (plain Encoder, LSTMCell)",
+                "feature extraction, 2 generated photos"):
+        assert row in out, row
+    caption_rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["project"]
+                    and line.split()[1].isdigit()]
+    assert [row[1] for row in caption_rows] == ["1", "2"]  # caption() of 1 photo and of 2
