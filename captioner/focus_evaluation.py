@@ -68,10 +68,11 @@ class FocusTrial:
 class FocusReport:
     trials: list[FocusTrial] = field(default_factory=list)
 
-    def rate(self, how: str, nameable_only: bool = False) -> float:
-        """% of objects named: how = "plain" (no focus), "focused" or "cropped" (the ceiling)."""
+    def rate(self, caption: str, nameable_only: bool = False) -> float:
+        """% of objects named by one caption of each: "plain" (no focus), "focused" or "cropped"
+        (the ceiling)."""
         trials = [t for t in self.trials if t.nameable or not nameable_only]
-        named = [getattr(t, f"named_{how}") for t in trials]
+        named = [getattr(t, f"named_{caption}") for t in trials]
         return 100 * float(np.mean(named)) if named else float("nan")
 
     def summary(self) -> dict[str, float | int]:
@@ -127,14 +128,15 @@ def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str 
         named_plain = {m.category for m in objects.mentions(plain.split())}
         regions = [_box(bbox, image.size) for bbox, _ in boxes]
         cropped = captioner.caption([_crop(image, region) for region in regions], beam_size=beam_size)
+        named_cropped = [{m.category for m in objects.mentions(crop.words)} for crop in cropped]
         weights = torch.stack([focus_weights(r, image.size, captioner.grid_shape) for r in regions])
         for (how, strength), report in reports.items():
             decoder = captioner.model.decoder if how == "both" else _Steered(captioner.model.decoder, how)
             focused = caption_features(decoder, captioner.vocab, features.expand(len(boxes), -1, -1),
                                        beam_size, focus=(strength * weights).to(captioner.device))
-            for (_, name), region, result, crop in zip(boxes, regions, focused, cropped, strict=True):
+            for (_, name), region, result, crop, named_crop in zip(boxes, regions, focused, cropped,
+                                                                    named_cropped, strict=True):
                 named = {m.category for m in objects.mentions(result.words)}
-                named_crop = {m.category for m in objects.mentions(crop.words)}
                 report.trials.append(FocusTrial(entry["file_name"], name, region, cover[name],
                                                 name in nameable, plain, result.text,
                                                 name in named_plain, name in named, crop.text,
