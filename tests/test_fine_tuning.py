@@ -132,3 +132,23 @@ def test_tuning_the_head_solves_what_the_frozen_encoder_cannot(dataset, cache_di
     assert distinct["frozen"] == 1 and exact["frozen"] <= 1, (exact, distinct)  # one caption for all 16
     assert distinct["tuned"] >= 4 and exact["tuned"] >= 4, (exact, distinct)  # 6 and 6 when written
     assert captioner.model.encoder.body.conv_head.weight.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_self_critical_training_after_cross_entropy_keeps_tuning_the_encoder(dataset, cache_dir, tmp_path):
+    """The same seeded run with and without an SCST epoch: identical up to the end of cross-entropy,
+    so any difference in the tuned head's final weights is SCST's, and the frozen trunk never moves."""
+    from .test_training import assert_same_metrics, metrics_rows, state_tensors
+
+    ends = {}
+    for name, scst_epochs in (("xe", 0), ("xe+scst", 1)):
+        run = make_config(dataset, tmp_path / name, cache_dir, epochs=1, scst_epochs=scst_epochs,
+                          fine_tune_from=HEAD, encoder_lr=1e-3, ema_decay=0.0)
+        train(run)
+        ends[name] = state_tensors(tmp_path / name)
+    head, stem = "model.encoder.body.conv_head.weight", "model.encoder.body.conv_stem.weight"
+    assert not torch.equal(ends["xe"][head], ends["xe+scst"][head])
+    assert torch.equal(ends["xe"][stem], ends["xe+scst"][stem])
+    xe_rows, both_rows = metrics_rows(tmp_path / "xe"), metrics_rows(tmp_path / "xe+scst")
+    assert [r["stage"] for r in both_rows] == ["xe", "scst"]
+    assert_same_metrics(both_rows[:1], xe_rows)  # the runs part only where SCST begins
