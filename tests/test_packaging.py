@@ -24,6 +24,9 @@ from captioner.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from .app_server import OFFLINE_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# The shipped model sees the astronaut as a person (a random one would not): which word it picks
+# depends on the model, so any of these counts.
+PERSON_WORDS = {"man", "woman", "boy", "girl", "person"}
 pytestmark = pytest.mark.slow
 
 
@@ -83,7 +86,7 @@ def test_installed_api_captions_with_the_shipped_model_from_anywhere(installed):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(out["file"]).is_relative_to(installed["site"]), out["file"]
     assert Path(out["model"]) == installed["site"] / "captioner" / "weights"
-    assert "man" in out["caption"].split(), out["caption"]
+    assert PERSON_WORDS & set(out["caption"].split()), out["caption"]
 
 
 def test_installed_command_captions_a_folder(installed):
@@ -132,7 +135,7 @@ def test_installed_app_serves_the_shipped_model(installed):
         Image.fromarray(data.astronaut()).save(photo)
         caption, alternatives, attention = Client(url, verbose=False).predict(
             handle_file(str(photo)), 3, 20, 0.6, api_name="/caption")
-        assert "man" in caption.split(), caption
+        assert PERSON_WORDS & set(caption.split()), caption
         assert len(attention) == len(caption.split()) and alternatives["data"]
     finally:
         server.terminate()
