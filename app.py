@@ -4,7 +4,7 @@ The same as `captioner app`; see --help. Flags override environment variables, w
 the defaults (the shipped model).
 """
 
-from captioner.cli import alias
+from captioner.cli.main import alias
 
 main = alias("app")
 

@@ -11,20 +11,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import Alternative, Captioner, CaptionResult
-    from .checkpoint import CheckpointError, load_model, save_model
-    from .hub import ModelNotFoundError
-    from .images import ImageLoadError, load_image
-    from .model import CaptionModel, ModelConfig
-    from .vocabulary import Vocabulary
+    from captioner.data.images import ImageLoadError, load_image
+    from captioner.model.caption_model import CaptionModel, ModelConfig
+    from captioner.model.folder import CheckpointError, load_model, save_model
+    from captioner.model.vocabulary import Vocabulary
+    from captioner.serving.captioner import Alternative, Captioner, CaptionResult
+    from captioner.serving.hub import ModelNotFoundError
 
 _EXPORTS = {
-    "Alternative": "api", "CaptionResult": "api", "Captioner": "api",
-    "CheckpointError": "checkpoint", "load_model": "checkpoint", "save_model": "checkpoint",
-    "ModelNotFoundError": "hub",
-    "ImageLoadError": "images", "load_image": "images",
-    "CaptionModel": "model", "ModelConfig": "model",
-    "Vocabulary": "vocabulary",
+    "Alternative": "serving.captioner", "CaptionResult": "serving.captioner",
+    "Captioner": "serving.captioner",
+    "CheckpointError": "model.folder", "load_model": "model.folder", "save_model": "model.folder",
+    "ModelNotFoundError": "serving.hub",
+    "ImageLoadError": "data.images", "load_image": "data.images",
+    "CaptionModel": "model.caption_model", "ModelConfig": "model.caption_model",
+    "Vocabulary": "model.vocabulary",
 }
 __all__ = [
     "Alternative", "CaptionModel", "CaptionResult", "Captioner", "CheckpointError",

@@ -9,8 +9,8 @@ rocket, ...: public domain or CC0, shipped with the package, so no download is n
 import argparse
 
 from captioner import Captioner
-from captioner.api import DEFAULT_WEIGHTS
-from captioner.images import load_photo
+from captioner.data.images import load_photo
+from captioner.serving.captioner import DEFAULT_WEIGHTS
 from captioner.visualize import save_attention_grid
 
 

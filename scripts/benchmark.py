@@ -5,7 +5,7 @@
   python scripts/benchmark.py --checkpoint weights --dev-cider 100   # what each encoder option costs in CIDEr
 """
 
-from captioner.cli import alias
+from captioner.cli.main import alias
 
 main = alias("benchmark")
 

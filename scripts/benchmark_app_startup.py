@@ -29,7 +29,7 @@ def mark(label):
     print(f"{now - t:6.2f} s  {label}", flush=True)
     t = now
 import gradio; mark("import gradio")
-from captioner import webapp; mark("import captioner.webapp")
+from captioner.serving import webapp; mark("import captioner.serving.webapp")
 import torch; mark("import torch")
 import timm; mark("import timm (the encoder)")
 from captioner import Captioner; mark("import the rest of captioner.api (torchvision, ...)")

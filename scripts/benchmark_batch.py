@@ -25,9 +25,9 @@ from PIL import Image
 from skimage import data
 
 from captioner import CaptionModel, ModelConfig, Vocabulary
-from captioner.api import Captioner
-from captioner.batch import DEFAULT_NUM_WORKERS, caption_files, find_images
-from captioner.vocabulary import SPECIAL_TOKENS
+from captioner.model.vocabulary import SPECIAL_TOKENS
+from captioner.serving.batch import DEFAULT_NUM_WORKERS, caption_files, find_images
+from captioner.serving.captioner import Captioner
 
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
            "immunohistochemistry", "coins", "colorwheel", "retina")

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from captioner.data import DataConfig, load_dataset
-from captioner.distributed import Dist
-from captioner.features import FeatureCache
-from captioner.model import CaptionModel, ModelConfig
-from captioner.stages import CrossEntropy, step_batch
-from captioner.training import TrainConfig, make_optimizer
-from captioner.training_data import PreparedData, encode_captions
-from captioner.vocabulary import Vocabulary
+from captioner.data.datasets import DataConfig, load_dataset
+from captioner.data.feature_cache import FeatureCache
+from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.vocabulary import Vocabulary
+from captioner.training.distributed import Dist
+from captioner.training.inputs import PreparedData, encode_captions
+from captioner.training.loop import TrainConfig, make_optimizer
+from captioner.training.stages import CrossEntropy, step_batch
 
 
 def memory_mb() -> tuple[float, float]:

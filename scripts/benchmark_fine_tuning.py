@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from captioner.fast_encoder import InferenceEncoder
-from captioner.images import load_image
-from captioner.losses import caption_loss
-from captioner.model import CaptionModel, ModelConfig
-from captioner.training import TrainConfig, make_optimizer
+from captioner.data.images import load_image
+from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.inference_encoder import InferenceEncoder
+from captioner.training.loop import TrainConfig, make_optimizer
+from captioner.training.losses import caption_loss
 
 
 def main() -> None:

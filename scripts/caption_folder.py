@@ -4,7 +4,7 @@
     python scripts/caption_folder.py 'shots/**/*.jpg' extra.png -o captions.csv --n-best 3
 """
 
-from captioner.cli import alias
+from captioner.cli.main import alias
 
 main = alias("caption")
 

@@ -4,7 +4,7 @@
       --data.root ../shared/data/flickr8k --split val --beam-size 3 --output-dir eval/f8k-val
 """
 
-from captioner.cli import alias
+from captioner.cli.main import alias
 
 main = alias("evaluate")
 

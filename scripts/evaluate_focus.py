@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from captioner import Captioner
-from captioner.focus_evaluation import HOW, evaluate_focus
+from captioner.evaluation.focus import HOW, evaluate_focus
 
 
 def main() -> None:

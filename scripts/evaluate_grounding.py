@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from captioner.api import DEFAULT_WEIGHTS, Captioner
-from captioner.grounding import COCO_SYNONYMS, evaluate_grounding, plain_metrics, write_report
+from captioner.evaluation.grounding import COCO_SYNONYMS, evaluate_grounding, plain_metrics, write_report
+from captioner.serving.captioner import DEFAULT_WEIGHTS, Captioner
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
   python scripts/export_model.py runs/a/best runs/b/best weights  # an ensemble of both decoders
 """
 
-from captioner.cli import alias
+from captioner.cli.main import alias
 
 main = alias("export")
 

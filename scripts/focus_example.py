@@ -10,8 +10,8 @@ domain or CC0, shipped with the package). Boxes are x0,y0,x1,y1 in the photo's p
 import argparse
 
 from captioner import Captioner
-from captioner.focus import DEFAULT_STRENGTH
-from captioner.images import load_photo
+from captioner.data.images import load_photo
+from captioner.model.focus import DEFAULT_STRENGTH
 from captioner.visualize import save_focus_figure
 
 

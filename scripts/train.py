@@ -5,7 +5,7 @@
   python scripts/train.py --config runs/f8k/train_config.json --resume   # continue a run
 """
 
-from captioner.cli import alias
+from captioner.cli.main import alias
 
 main = alias("train")
 

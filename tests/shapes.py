@@ -58,7 +58,7 @@ def write_coco_dataset(root: Path, examples=None) -> tuple[Path, Path]:
 
 def train_decoder(model, vocab, examples, steps: int = 300, lr: float = 3e-3, seed: int = 0):
     """Overfit the decoder on frozen features of `examples` (the real loss, the real model)."""
-    from captioner.losses import caption_loss
+    from captioner.training.losses import caption_loss
 
     torch.manual_seed(seed)
     transform = model.encoder.transform

@@ -82,9 +82,9 @@ def test_encoder_chunks_give_the_same_features(captioner, monkeypatch):
         captured.append(features)
         return []
 
-    monkeypatch.setattr("captioner.api.decode", decode)
+    monkeypatch.setattr("captioner.serving.captioner.decode", decode)
     for chunk in (2, 5, 64):
-        monkeypatch.setattr("captioner.api.CPU_ENCODER_BATCH", chunk)
+        monkeypatch.setattr("captioner.serving.captioner.CPU_ENCODER_BATCH", chunk)
         captioner.caption_tensors(pixels)
         torch.testing.assert_close(captured.pop(), whole, atol=1e-4, rtol=1e-4)
 
@@ -128,7 +128,7 @@ def test_from_pretrained_without_a_model_is_a_helpful_error(tmp_path, monkeypatc
     assert "scripts/train.py" in message and "CAPTIONER_WEIGHTS" in message
 
     monkeypatch.delenv("CAPTIONER_WEIGHTS")
-    monkeypatch.setattr("captioner.api.DEFAULT_WEIGHTS", tmp_path / "not-downloaded")
+    monkeypatch.setattr("captioner.serving.captioner.DEFAULT_WEIGHTS", tmp_path / "not-downloaded")
     with pytest.raises(ModelNotFoundError, match="no trained model in"):
         Captioner.from_pretrained()
     with pytest.raises(FileNotFoundError):  # ModelNotFoundError is a FileNotFoundError

@@ -12,9 +12,10 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from captioner import Captioner, load_image, save_model, webapp
-from captioner.checkpoint import load_ensemble
-from captioner.webapp import DISPLAY_SIZE
+from captioner import Captioner, load_image, save_model
+from captioner.model.folder import load_ensemble
+from captioner.serving import webapp
+from captioner.serving.webapp import DISPLAY_SIZE
 
 from .app_server import ROOT, running_app
 from .shapes import shape_image

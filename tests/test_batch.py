@@ -13,8 +13,14 @@ import pytest
 from PIL import Image
 
 from captioner import Captioner
-from captioner.batch import attention_filename, caption_files, find_images, looks_like_image, select_shard
-from captioner.cli import caption_folder_main
+from captioner.cli.main import caption_folder_main
+from captioner.serving.batch import (
+    attention_filename,
+    caption_files,
+    find_images,
+    looks_like_image,
+    select_shard,
+)
 
 from .shapes import all_examples, shape_image
 

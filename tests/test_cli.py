@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from captioner import decoding, focus, images, records
-from captioner.attention import ATTENTION_TYPES
-from captioner.cli import COMMANDS, build_parser, caption_folder_parser, main
-from captioner.configs import config_fields, source_constant
-from captioner.data import DATASET_PATHS, DataConfig
-from captioner.encoder import BACKBONES
-from captioner.model import ModelConfig
-from captioner.training import TrainConfig
-from captioner.training_data import BATCH_BY
+from captioner.cli.flags import config_fields, source_constant
+from captioner.cli.main import COMMANDS, build_parser, caption_folder_parser, main
+from captioner.data import images
+from captioner.data.datasets import DATASET_PATHS, DataConfig
+from captioner.model import decoding, focus
+from captioner.model.attention import ATTENTION_TYPES
+from captioner.model.caption_model import ModelConfig
+from captioner.model.encoder import BACKBONES
+from captioner.serving import records
+from captioner.training.inputs import BATCH_BY
+from captioner.training.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "timm", "gradio", "matplotlib")
@@ -45,7 +47,7 @@ def test_one_command_has_every_subcommand():
 @pytest.mark.parametrize("argv", [[], *([name] for name in COMMANDS)])
 def test_help_imports_neither_torch_nor_gradio(argv):
     """`captioner [SUB] --help` parses its flags before importing anything heavy."""
-    code = ("import sys\nfrom captioner.cli import main\ntry:\n    main(sys.argv[1:])\n"
+    code = ("import sys\nfrom captioner.cli.main import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit as done:\n    assert done.code == 0\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code, *argv, "--help"], cwd=ROOT, capture_output=True,
@@ -110,14 +112,15 @@ def test_help_text_comes_from_the_field_docstrings(capsys):
 
 
 def test_defaults_read_from_source_are_the_modules_values():
-    assert source_constant("captioner.records", "FORMATS") == records.FORMATS
-    assert source_constant("captioner.focus", "DEFAULT_STRENGTH") == focus.DEFAULT_STRENGTH
-    assert source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE") == decoding.NO_REPEAT_NGRAM_SIZE
-    assert source_constant("captioner.images", "DEFAULT_MAX_PIXELS") == images.DEFAULT_MAX_PIXELS
+    assert source_constant("captioner.serving.records", "FORMATS") == records.FORMATS
+    assert source_constant("captioner.model.focus", "DEFAULT_STRENGTH") == focus.DEFAULT_STRENGTH
+    assert (source_constant("captioner.model.decoding", "NO_REPEAT_NGRAM_SIZE")
+            == decoding.NO_REPEAT_NGRAM_SIZE)
+    assert source_constant("captioner.data.images", "DEFAULT_MAX_PIXELS") == images.DEFAULT_MAX_PIXELS
 
 
 def test_booleans_are_switches_and_the_old_true_false_still_works():
-    from captioner.cli import config_from_args
+    from captioner.cli.main import config_from_args
 
     def train(*argv: str) -> TrainConfig:
         return config_from_args(TrainConfig, parse("train", *argv))
@@ -152,7 +155,7 @@ def test_flags_are_kebab_case_and_the_underscore_spelling_is_accepted():
 
 
 def test_train_flags_override_a_saved_config(tmp_path):
-    from captioner.cli import config_from_args, load_config_file
+    from captioner.cli.main import config_from_args, load_config_file
 
     saved = TrainConfig(epochs=7, model=ModelConfig(hidden_dim=64), output_dir="runs/a")
     path = tmp_path / "train_config.json"

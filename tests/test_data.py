@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data import (
+from captioner.data.datasets import (
     CaptionDataset,
     DataConfig,
     DatasetError,

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from captioner import Captioner, Vocabulary
-from captioner.decoder import AttentionDecoder
-from captioner.decoding import _log_probs, beam_search, decode_tensors, greedy_decode, replay, sample
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.decoding import _log_probs, beam_search, decode_tensors, greedy_decode, replay, sample
 
 from .shapes import all_examples
 

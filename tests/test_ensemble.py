@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from captioner import Captioner, CheckpointError, load_model, save_model
-from captioner.checkpoint import load_ensemble
-from captioner.decoder import AttentionDecoder
-from captioner.decoding import _log_probs, beam_search, greedy_decode, replay
-from captioner.ensemble import DecoderEnsemble
-from captioner.model import CaptionModel, ModelConfig
-from captioner.vocabulary import Vocabulary
+from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.decoding import _log_probs, beam_search, greedy_decode, replay
+from captioner.model.ensemble import DecoderEnsemble
+from captioner.model.folder import load_ensemble
+from captioner.model.vocabulary import Vocabulary
 
 from .conftest import TINY
 from .shapes import all_examples

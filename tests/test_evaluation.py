@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioner import evaluation
-from captioner.cider import CiderD
-from captioner.evaluation import (
+from captioner.evaluation import metrics as evaluation
+from captioner.evaluation.metrics import (
     METRICS,
     NO_JAVA_WARNING,
     score_captions,
     write_coco_results,
     write_metrics,
 )
+from captioner.training.cider import CiderD
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java not installed")
 

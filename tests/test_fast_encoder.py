@@ -10,9 +10,9 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from captioner import Captioner, CaptionModel
-from captioner.data import load_flickr
-from captioner.encoder import BACKBONES, Encoder
-from captioner.fast_encoder import InferenceEncoder
+from captioner.data.datasets import load_flickr
+from captioner.model.encoder import BACKBONES, Encoder
+from captioner.model.inference_encoder import InferenceEncoder
 
 from .conftest import SHARED_DATA
 
@@ -147,7 +147,7 @@ def test_int8_encoder_stays_close_to_the_fp32_grids():
     """int8 changes the grids (its cost in CIDEr is measured by scripts/benchmark.py
     --dev-cider); here: every photo's grid still points the same way as the fp32 one."""
     pytest.importorskip("torchao")
-    from captioner.fast_encoder import calibration_photos
+    from captioner.model.inference_encoder import calibration_photos
 
     encoder = Encoder("efficientnet_lite0", 128).eval()
     pixels = torch.stack([encoder.transform(photo) for photo in skimage_photos()])

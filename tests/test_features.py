@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.encoder import Encoder
-from captioner.features import FeatureCache, encoder_key
-from captioner.images import ImageLoadError
+from captioner.data.feature_cache import FeatureCache, encoder_key
+from captioner.data.images import ImageLoadError
+from captioner.model.encoder import Encoder
 
 from .shapes import write_coco_dataset
 
@@ -33,7 +33,7 @@ def image_paths(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fresh_grids(encoder, image_paths) -> torch.Tensor:
     """What the encoder computes for every image, in fp32, without any cache."""
-    from captioner.images import load_image
+    from captioner.data.images import load_image
 
     with torch.inference_mode():
         return encoder(torch.stack([encoder.transform(load_image(p)) for p in image_paths]))
@@ -83,7 +83,7 @@ def test_stage_cache_holds_what_enters_the_stage(encoder, image_paths, fresh_gri
 def test_mirrored_cache_holds_the_grids_of_the_mirrored_photos(encoder, image_paths, fresh_grids, tmp_path):
     from PIL import ImageOps
 
-    from captioner.images import load_image
+    from captioner.data.images import load_image
 
     mirrored = FeatureCache(tmp_path, encoder, image_paths, mirrored=True)
     plain = FeatureCache(tmp_path, encoder, image_paths)

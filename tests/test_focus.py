@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from captioner import Captioner
-from captioner.decoding import beam_search
-from captioner.focus import focus_weights
+from captioner.model.decoding import beam_search
+from captioner.model.focus import focus_weights
 
 from .shapes import COLOURS, all_examples
 
@@ -96,7 +96,7 @@ def test_focus_on_one_of_two_shapes_names_that_shape_and_looks_there(captioner, 
 def test_the_batch_captioner_takes_boxes_from_a_json_file(tmp_path, shapes_checkpoint):
     import json
 
-    from captioner.cli import caption_folder_main
+    from captioner.cli.main import caption_folder_main
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -122,7 +122,7 @@ def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_pa
     on a shape's box names it; without focus the caption names one shape of the two."""
     import json
 
-    from captioner.focus_evaluation import evaluate_focus
+    from captioner.evaluation.focus import evaluate_focus
 
     pairs = [(("red", "circle"), ("blue", "square")), (("green", "square"), ("yellow", "circle"))]
     images, annotations = [], []

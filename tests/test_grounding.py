@@ -11,8 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from captioner import Captioner
-from captioner.api import DEFAULT_WEIGHTS
-from captioner.grounding import (
+from captioner.evaluation.grounding import (
     COCO_SYNONYMS,
     GroundingReport,
     ObjectVocabulary,
@@ -23,6 +22,7 @@ from captioner.grounding import (
     upsample_attention,
     write_report,
 )
+from captioner.serving.captioner import DEFAULT_WEIGHTS
 
 from .app_server import ROOT
 from .conftest import SHARED_DATA

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from captioner import Captioner, CaptionModel, Vocabulary, save_model
-from captioner.attention import AdditiveAttention, HardAttention, set_hard_decoding
-from captioner.checkpoint import load_model
-from captioner.decoder import AttentionDecoder
-from captioner.decoding import beam_search, greedy_decode
-from captioner.distributed import Dist
-from captioner.hard_attention import (
+from captioner.model.attention import AdditiveAttention, HardAttention, set_hard_decoding
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.decoding import beam_search, greedy_decode
+from captioner.model.folder import load_model
+from captioner.training.distributed import Dist
+from captioner.training.hard_attention import (
     attention_entropy,
     caption_log_likelihoods,
     hard_attention_loss,
@@ -26,9 +26,9 @@ from captioner.hard_attention import (
     reinforce_term,
     sampled_locations,
 )
-from captioner.run_state import STATE_FILE
-from captioner.stages import step_batch
-from captioner.training import TrainConfig, train
+from captioner.training.loop import TrainConfig, train
+from captioner.training.run_state import STATE_FILE
+from captioner.training.stages import step_batch
 from captioner.visualize import save_attention_grid
 
 from .conftest import TINY
@@ -132,7 +132,7 @@ def test_decoding_attends_the_argmax_cell_and_reports_alpha():
 
 
 def test_a_focus_bias_steers_the_argmax_location():
-    """captioner.focus adds a bias to the attention scores; a hard model then reads that cell."""
+    """captioner.model.focus adds a bias to the attention scores; a hard model then reads that cell."""
     decoder = _hard_decoder()
     features = 10 * torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(4))
     annotations, keys = decoder.prepare(features)

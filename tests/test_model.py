@@ -10,11 +10,17 @@ from PIL import Image
 from skimage import data
 
 from captioner import CaptionModel, ModelConfig, Vocabulary
-from captioner.attention import AdditiveAttention, MultiplicativeAttention, build_attention
-from captioner.decoder import AttentionDecoder
-from captioner.encoder import BACKBONES, Encoder, EncoderWeightsError, _offline_state_dict, build_transform
-from captioner.losses import caption_loss
-from captioner.vocabulary import SPECIAL_TOKENS, tokenize
+from captioner.model.attention import AdditiveAttention, MultiplicativeAttention, build_attention
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.encoder import (
+    BACKBONES,
+    Encoder,
+    EncoderWeightsError,
+    _offline_state_dict,
+    build_transform,
+)
+from captioner.model.vocabulary import SPECIAL_TOKENS, tokenize
+from captioner.training.losses import caption_loss
 
 from .conftest import TINY
 from .shapes import all_examples, train_decoder

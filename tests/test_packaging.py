@@ -19,8 +19,8 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from skimage import data
 
-from captioner.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from captioner.grounding import COCO_SYNONYMS
+from captioner.evaluation.grounding import COCO_SYNONYMS
+from captioner.model.folder import CONFIG_FILE, WEIGHTS_FILE
 
 from .app_server import OFFLINE_ENV, free_port
 
@@ -110,7 +110,7 @@ def test_installed_benchmark_command_needs_no_checkout(installed):
     for flag in ("--checkpoint", "--dev-cider", "int8-flickr"):  # its own flags, the encoder choices
         assert flag in result.stdout, flag
     module = run(installed, str(installed["python"]), "-c",
-                 "import captioner.benchmark as b; print(b.__file__)", check=True)
+                 "import captioner.serving.benchmark as b; print(b.__file__)", check=True)
     assert Path(module.stdout.strip()).is_relative_to(installed["site"]), module.stdout
 
 

@@ -9,8 +9,9 @@ import torch
 from gradio import Error as GradioError
 from PIL import Image
 
-from captioner import Captioner, CheckpointError, load_model, save_model, webapp
-from captioner.cli import caption_folder_main
+from captioner import Captioner, CheckpointError, load_model, save_model
+from captioner.cli.main import caption_folder_main
+from captioner.serving import webapp
 
 from .shapes import shape_image
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from captioner import CaptionModel, ModelConfig, Vocabulary
-from captioner.decoding import decode_tensors
-from captioner.scst import end_marked, reward_scorer, sampled_words, scst_loss
-from captioner.vocabulary import tokenize
+from captioner.model.decoding import decode_tensors
+from captioner.model.vocabulary import tokenize
+from captioner.training.scst import end_marked, reward_scorer, sampled_words, scst_loss
 
 from .conftest import TINY
 from .shapes import all_examples, train_decoder

@@ -7,8 +7,8 @@ import pytest
 from skimage import data
 
 from captioner import Captioner
-from captioner.api import DEFAULT_WEIGHTS
-from captioner.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from captioner.model.folder import CONFIG_FILE, WEIGHTS_FILE
+from captioner.serving.captioner import DEFAULT_WEIGHTS
 
 
 @pytest.fixture(scope="module")

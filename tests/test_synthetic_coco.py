@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-from captioner.data import DataConfig, load_dataset
-from captioner.model import ModelConfig
-from captioner.training import TrainConfig, train
+from captioner.data.datasets import DataConfig, load_dataset
+from captioner.model.caption_model import ModelConfig
+from captioner.training.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

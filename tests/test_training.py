@@ -23,20 +23,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from captioner import Captioner, CaptionModel
-from captioner import training as training_module
-from captioner.checkpoint import atomic_write
-from captioner.configs import FlagParser, add_config_arguments, config_from_args, load_config_file
-from captioner.data import DataConfig, DatasetError
-from captioner.decoding import beam_search
-from captioner.distributed import Dist
-from captioner.encoder import Encoder
-from captioner.evaluation import score_captions
-from captioner.features import FeatureCache
-from captioner.model import ModelConfig
-from captioner.run_state import STATE_FILE, last_step_model
-from captioner.stages import SelfCritical, step_batch
-from captioner.training import TrainConfig, train
-from captioner.training_data import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items
+from captioner.cli.flags import FlagParser, add_config_arguments, config_from_args, load_config_file
+from captioner.data.datasets import DataConfig, DatasetError
+from captioner.data.feature_cache import FeatureCache
+from captioner.evaluation.metrics import score_captions
+from captioner.model.caption_model import ModelConfig
+from captioner.model.decoding import beam_search
+from captioner.model.encoder import Encoder
+from captioner.model.folder import atomic_write
+from captioner.training import loop as training_module
+from captioner.training.distributed import Dist
+from captioner.training.inputs import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items
+from captioner.training.loop import TrainConfig, train
+from captioner.training.run_state import STATE_FILE, last_step_model
+from captioner.training.stages import SelfCritical, step_batch
 
 from .conftest import SHARED_DATA
 from .shapes import write_coco_dataset

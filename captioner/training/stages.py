@@ -16,11 +16,11 @@ from typing import Protocol
 
 import torch
 
-from .distributed import Dist
-from .hard_attention import hard_attention_loss, location_log_probs, sampled_locations
-from .losses import caption_loss
-from .scst import reward_scorer, scst_loss
-from .training_data import PreparedData, caption_batch, training_items
+from captioner.training.distributed import Dist
+from captioner.training.hard_attention import hard_attention_loss, location_log_probs, sampled_locations
+from captioner.training.inputs import PreparedData, caption_batch, training_items
+from captioner.training.losses import caption_loss
+from captioner.training.scst import reward_scorer, scst_loss
 
 
 @dataclass

@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .decoder import AttentionDecoder
-from .ensemble import DecoderEnsemble
-from .model import CaptionModel, ModelConfig, build_decoder
-from .vocabulary import Vocabulary
+from captioner.model.caption_model import CaptionModel, ModelConfig, build_decoder
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.ensemble import DecoderEnsemble
+from captioner.model.vocabulary import Vocabulary
 
 FORMAT_NAME = "captioner"
 FORMAT_VERSION = 1

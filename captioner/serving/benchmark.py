@@ -45,15 +45,16 @@ from PIL import Image
 from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import api, features
-from .api import Captioner
-from .data import load_flickr
-from .decoder import AttentionDecoder
-from .encoder import Encoder
-from .evaluation import score_captions
-from .fast_encoder import InferenceEncoder, calibration_photos
-from .model import CaptionModel, ModelConfig
-from .vocabulary import SPECIAL_TOKENS, Vocabulary
+from captioner.data import feature_cache as features
+from captioner.data.datasets import load_flickr
+from captioner.evaluation.metrics import score_captions
+from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.encoder import Encoder
+from captioner.model.inference_encoder import InferenceEncoder, calibration_photos
+from captioner.model.vocabulary import SPECIAL_TOKENS, Vocabulary
+from captioner.serving import captioner as api
+from captioner.serving.captioner import Captioner
 
 ENCODER_OPTIONS = ["today", "project", "compile", "int8-skimage", "int8-flickr"]  # for --encoders
 Calls = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # name -> (function, its arguments)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import AttentionDecoder, State
+from captioner.model.decoder import AttentionDecoder, State
 
 
 class DecoderEnsemble(nn.Module):

@@ -27,10 +27,10 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
-from .encoder import Encoder
-from .fast_encoder import InferenceEncoder
-from .images import ImageBatch, ImageFiles, collate_images
+from captioner.data.images import ImageBatch, ImageFiles, collate_images
+from captioner.model.encoder import Encoder
+from captioner.model.folder import atomic_write
+from captioner.model.inference_encoder import InferenceEncoder
 
 if sys.platform == "win32":  # no fcntl: no lock; start one extraction per cache at a time
     fcntl = None

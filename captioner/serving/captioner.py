@@ -12,21 +12,21 @@ from typing import Any, TypeVar, overload
 import numpy as np
 import torch
 
-from . import hub
-from .checkpoint import load_model
-from .decoder import Decoder
-from .decoding import (
+from captioner.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from captioner.model.caption_model import CaptionModel
+from captioner.model.decoder import Decoder
+from captioner.model.decoding import (
     NO_REPEAT_NGRAM_SIZE,
     Hypothesis,
     check_decoding_options,
     check_whole_number,
     decode,
 )
-from .fast_encoder import InferenceEncoder
-from .focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
-from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
-from .model import CaptionModel
-from .vocabulary import Vocabulary
+from captioner.model.focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
+from captioner.model.folder import load_model
+from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.vocabulary import Vocabulary
+from captioner.serving import hub
 
 DEFAULT_WEIGHTS = hub.default_weights()
 # On a CPU the encoder runs a few images at a time: their activations stay in cache, which

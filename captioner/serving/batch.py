@@ -23,11 +23,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .api import Captioner, CaptionResult
-from .decoding import NO_REPEAT_NGRAM_SIZE
-from .focus import DEFAULT_STRENGTH
-from .images import DEFAULT_MAX_PIXELS, ImageBatch, ImageFiles, LoadedImage, collate_images
-from .records import (
+from captioner.data.images import DEFAULT_MAX_PIXELS, ImageBatch, ImageFiles, LoadedImage, collate_images
+from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE
+from captioner.model.focus import DEFAULT_STRENGTH
+from captioner.serving.captioner import Captioner, CaptionResult
+from captioner.serving.records import (
     CSV_FIELDS,
     CSV_FIELDS_N_BEST,
     OutputError,
@@ -37,7 +37,7 @@ from .records import (
     path_key,
     read_output,
 )
-from .visualize import save_attention_grid
+from captioner.visualize import save_attention_grid
 
 # Folder scans take files with these extensions (a bad one becomes an error row), plus files of
 # any name whose first bytes are an image signature (a JPEG saved as .dat). HEIC is listed so

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .configs import FlagParser, Switch, source_constant
+from captioner.cli.flags import FlagParser, Switch, source_constant
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
 MODEL_HELP = ("model folder or Hugging Face Hub repo id, e.g. user/captioner-flickr8k "
@@ -19,12 +19,12 @@ OLD_SPELLINGS = "Flags also accept their old spellings: --beam_size for --beam-s
 
 def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of `captioner caption` (and `captioner-caption`); extend them here."""
-    no_repeat = source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE")
+    no_repeat = source_constant("captioner.model.decoding", "NO_REPEAT_NGRAM_SIZE")
     parser.add_argument("inputs", nargs="+",
                         help="image folders, image files or glob patterns; with --merge: the shard outputs")
     parser.add_argument("-o", "--output", default="captions.jsonl",
                         help="JSONL or CSV file to append to (default: %(default)s)")
-    parser.add_argument("--format", choices=source_constant("captioner.records", "FORMATS"),
+    parser.add_argument("--format", choices=source_constant("captioner.serving.records", "FORMATS"),
                         help="output format (default: csv for a .csv output, else jsonl)")
     parser.add_argument("--checkpoint", help=MODEL_HELP)
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of a --checkpoint repo id")
@@ -49,7 +49,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="processes decoding images while the model runs; 0 = decode in the "
                              "main process (default: 2, or 1 on a 1-core machine)")
     parser.add_argument("--max-pixels", type=positive_int,
-                        default=source_constant("captioner.images", "DEFAULT_MAX_PIXELS"),
+                        default=source_constant("captioner.data.images", "DEFAULT_MAX_PIXELS"),
                         help="larger images are refused as possible decompression bombs "
                              "(default: %(default)s)")
     parser.add_argument("--retry-failed", action=Switch, default=False,
@@ -66,7 +66,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help='caption a region of some images: a JSON object {"path": [x0, y0, x1, y1], ...} '
                              "(pixels); other images are captioned whole")
     parser.add_argument("--focus-strength", type=float,
-                        default=source_constant("captioner.focus", "DEFAULT_STRENGTH"),
+                        default=source_constant("captioner.model.focus", "DEFAULT_STRENGTH"),
                         help="how hard attention is pulled into a --focus-json box (default: %(default)s)")
     return parser
 
@@ -97,8 +97,8 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"--n-best {args.n_best} needs --beam-size of at least {args.n_best}")
     if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
-    from .batch import parse_shard, rank_output, select_shard, torchrun_rank
-    from .decoding import check_decoding_options
+    from captioner.model.decoding import check_decoding_options
+    from captioner.serving.batch import parse_shard, rank_output, select_shard, torchrun_rank
 
     try:
         check_decoding_options(args.beam_size, args.max_length, args.length_penalty, args.n_best,
@@ -119,9 +119,9 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
         if device is None and torch.cuda.is_available():
             device = f"cuda:{local_rank}"
-    from .api import Captioner
-    from .batch import DEFAULT_NUM_WORKERS, caption_files, find_images
-    from .records import OutputError
+    from captioner.serving.batch import DEFAULT_NUM_WORKERS, caption_files, find_images
+    from captioner.serving.captioner import Captioner
+    from captioner.serving.records import OutputError
 
     try:
         captioner = Captioner.from_pretrained(args.checkpoint, device=device, quantize=args.quantize,
@@ -176,7 +176,7 @@ def _read_focus(parser: argparse.ArgumentParser, path: str) -> dict[str, list[fl
 
 
 def _merge(sources: Sequence[str], target: str, fmt: str | None) -> int:
-    from .records import OutputError, merge_outputs
+    from captioner.serving.records import OutputError, merge_outputs
 
     missing = [s for s in sources if not Path(s).is_file()]
     if missing:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .cli_caption import (  # noqa: F401 (caption_folder_main: the captioner-caption script)
+from captioner.cli.caption import (  # noqa: F401 (caption_folder_main: the captioner-caption script)
     CAPTION_HELP,
     EXIT_NOTHING_CAPTIONED,
     EXIT_SETUP_FAILED,
@@ -28,7 +28,7 @@ from .cli_caption import (  # noqa: F401 (caption_folder_main: the captioner-cap
     positive_int,
     run_caption,
 )
-from .configs import (
+from captioner.cli.flags import (
     FlagParser,
     Switch,
     add_config_arguments,
@@ -38,9 +38,9 @@ from .configs import (
 )
 
 if TYPE_CHECKING:
-    from .api import Captioner
+    from captioner.serving.captioner import Captioner
 
-TRAIN_CONFIG, DATA_CONFIG = "captioner.training:TrainConfig", "captioner.data:DataConfig"
+TRAIN_CONFIG, DATA_CONFIG = "captioner.training.loop:TrainConfig", "captioner.data.datasets:DataConfig"
 Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
@@ -54,7 +54,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .training import TrainConfig, train
+    from captioner.training.loop import TrainConfig, train
 
     cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
     summary = train(cfg)
@@ -76,7 +76,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--length-penalty", type=float, default=0.0,
                         help="rank beams by log-probability / length^P (default: %(default)s)")
     parser.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
-                        default=source_constant("captioner.decoding", "NO_REPEAT_NGRAM_SIZE"),
+                        default=source_constant("captioner.model.decoding", "NO_REPEAT_NGRAM_SIZE"),
                         help="no caption repeats a phrase of N words; 0: repeats allowed "
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32,
@@ -101,16 +101,16 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .api import Captioner
-    from .data import DataConfig, load_dataset
-    from .evaluation import evaluate_model
+    from captioner.data.datasets import DataConfig, load_dataset
+    from captioner.evaluation.metrics import evaluate_model
+    from captioner.serving.captioner import Captioner
 
     data_cfg = config_from_args(DataConfig, args, prefix="data.")
     images = load_dataset(data_cfg)[args.split][: args.max_images]
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize,
                                           revision=args.revision)
     if args.hard_decoding:
-        from .attention import set_hard_decoding
+        from captioner.model.attention import set_hard_decoding
 
         try:
             set_hard_decoding(captioner.model, args.hard_decoding)
@@ -155,13 +155,13 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Serve the page first, load the model beside it: the page needs gradio, not the model's
     modules (torch.nn, timm), so the model loads in the background once the server is up and a
     click on Caption waits for it. A missing model is still refused before anything starts."""
-    from . import hub
+    from captioner.serving import hub
 
     try:
         folder = hub.find_model(args.checkpoint, args.revision)
     except hub.ModelNotFoundError as err:
         sys.exit(f"{parser.prog}: cannot start without a model: {err}")
-    from . import webapp  # imports gradio
+    from captioner import webapp  # imports gradio
 
     captioner = BackgroundCaptioner(folder, args.device, args.quantize)
 
@@ -193,8 +193,8 @@ class BackgroundCaptioner:
         self.thread.start()
 
     def _load(self) -> None:
-        from .api import Captioner
-        from .checkpoint import CheckpointError
+        from captioner.model.folder import CheckpointError
+        from captioner.serving.captioner import Captioner
 
         try:
             self.captioner = Captioner.from_pretrained(self.folder, device=self.device,
@@ -239,8 +239,8 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("--last-step exports one run")
     import torch
 
-    from .checkpoint import load_ensemble, load_model, save_model
-    from .run_state import last_step_model
+    from captioner.model.folder import load_ensemble, load_model, save_model
+    from captioner.training.run_state import last_step_model
 
     if args.last_step:
         model, vocab, train_config = last_step_model(args.sources[0])
@@ -258,7 +258,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 # ----------------------------------------------------------------------------- benchmark
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    encoders = source_constant("captioner.benchmark", "ENCODER_OPTIONS")
+    encoders = source_constant("captioner.serving.benchmark", "ENCODER_OPTIONS")
     parser.add_argument("--checkpoint", help="model folder to time (default: random decoder weights)")
     parser.add_argument("--quantize", action=Switch, default=False,
                         help="int8 dynamic quantization of the decoder (default: off)")
@@ -306,7 +306,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.dev_cider and not Path(args.flickr_root).is_dir():
         parser.error(f"--dev-cider scores Flickr8k dev photos, but --flickr-root {args.flickr_root} "
                      "is not a folder")
-    from . import benchmark
+    from captioner.serving import benchmark
 
     benchmark.run(args)
     return 0

@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .decoder import AttentionDecoder
-from .decoding import decode_tensors
-from .encoder import Encoder
-from .ensemble import DecoderEnsemble
+from captioner.model.decoder import AttentionDecoder
+from captioner.model.decoding import decode_tensors
+from captioner.model.encoder import Encoder
+from captioner.model.ensemble import DecoderEnsemble
 
 
 @dataclass

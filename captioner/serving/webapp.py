@@ -22,14 +22,14 @@ import numpy as np
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from .configs import source_constant
+from captioner.cli.flags import source_constant
 
 # captioner.images (torch), .visualize (matplotlib) and the model's modules (timm) are imported
 # where they are used: the page is served first, the model loads behind it (cli.run_app).
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .api import Captioner, CaptionResult
+    from captioner.serving.captioner import Captioner, CaptionResult
 
 TITLE = "captioner — Show, Attend and Tell"
 MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
@@ -97,7 +97,7 @@ def read_upload(payload: dict[str, Any] | None) -> Image.Image:
     if not payload or not payload.get("path"):
         raise gr.Error("Upload an image first (drop a file, paste one, or use the webcam).",
                        print_exception=False)
-    from .images import ImageLoadError, load_image
+    from captioner.data.images import ImageLoadError, load_image
 
     path = payload["path"]
     name = payload.get("orig_name") or Path(path).name
@@ -116,7 +116,7 @@ def word_label(word: str, gate: float) -> str:
 
 def overlay(shown: Shown, alpha: np.ndarray, opacity: float) -> Image.Image:
     """A word's attention over the image, with the focus box (if any) outlined."""
-    from .visualize import overlay_attention
+    from captioner.visualize import overlay_attention
 
     image = overlay_attention(shown.image, alpha, opacity)
     if shown.box is not None:
@@ -196,7 +196,7 @@ def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size
     beam_size = _int_in_range(beam_size, 1, MAX_BEAM, "beam size")
     max_length = _int_in_range(max_length, 1, MAX_WORDS, "maximum length")
     opacity = _opacity(opacity)
-    from .focus import DEFAULT_STRENGTH
+    from captioner.model.focus import DEFAULT_STRENGTH
 
     box = parse_box(focus_box)
     try:
@@ -242,7 +242,7 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
 
 def describe_model(checkpoint: Path, captioner: Captioner) -> str:
     """Markdown for the About panel: the architecture, the checkpoint's metadata and model card."""
-    from .checkpoint import read_config
+    from captioner.model.folder import read_config
 
     directory = checkpoint.parent if checkpoint.is_file() else checkpoint
     config = read_config(directory)
@@ -286,7 +286,7 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     for name, (file, _) in EXAMPLES.items():
         path = folder / f"{name}.jpg"
         if not path.is_file():
-            from .images import load_image
+            from captioner.data.images import load_image
 
             with resources.as_file(data / file) as source:
                 load_image(source).save(path, quality=90)
@@ -303,7 +303,7 @@ def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button]:
                                  show_label=True, height=380, elem_id="region-picker",
                                  show_download_button=False, show_clear_button=False)
         with gr.Row():
-            default = source_constant("captioner.focus", "DEFAULT_STRENGTH")
+            default = source_constant("captioner.model.focus", "DEFAULT_STRENGTH")
             strength = gr.Slider(0, 12, value=default, step=0.5, label="Focus strength",
                                  info="how hard attention is pulled into the box")
             focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,

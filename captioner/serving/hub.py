@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import Captioner
+    from captioner.serving.captioner import Captioner
 
 CARD_FILE = "MODEL_CARD.md"
 HUB_CARD_FILE = "README.md"
@@ -38,7 +38,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 def default_weights() -> Path:
     """The shipped model: inside the installed package (wheel), else weights/ of the checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # captioner/
     installed = package / "weights"
     return installed if (installed / "config.json").is_file() else package.parent / "weights"
 
@@ -97,7 +97,7 @@ def save_pretrained(captioner: Captioner, directory: str | Path, dtype: Any = No
     model card and the local images the card shows. dtype: as stored when loaded by default."""
     import torch
 
-    from .checkpoint import save_model
+    from captioner.model.folder import save_model
 
     if any(name.endswith("_packed_params") for name in captioner.model.state_dict()):
         raise ValueError("this Captioner's decoder is int8-quantized (quantize=True); save the model "

@@ -28,9 +28,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .attention import HardAttention
-from .distributed import Dist
-from .losses import caption_loss
+from captioner.model.attention import HardAttention
+from captioner.training.distributed import Dist
+from captioner.training.losses import caption_loss
 
 
 def hard_attention_of(net: torch.nn.Module) -> HardAttention | None:

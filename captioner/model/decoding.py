@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .decoder import Decoder
-from .vocabulary import Vocabulary
+from captioner.model.decoder import Decoder
+from captioner.model.vocabulary import Vocabulary
 
 
 @dataclass

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import Captioner, caption_features
-from .focus import focus_weights
-from .grounding import COCO_SYNONYMS, ObjectVocabulary, category_masks
-from .images import load_image
+from captioner.data.images import load_image
+from captioner.evaluation.grounding import COCO_SYNONYMS, ObjectVocabulary, category_masks
+from captioner.model.focus import focus_weights
+from captioner.serving.captioner import Captioner, caption_features
 
 HOW = ("both", "attention", "start")
 COVER = (0.05, 0.60)  # share of the image a category's masks must cover

@@ -15,12 +15,12 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from .data import DataConfig, ImageCaptions, load_dataset
-from .distributed import Dist
-from .features import FeatureCache
-from .images import ImageFiles, LoadedImage, collate_images
-from .model import CaptionModel
-from .vocabulary import Vocabulary, tokenize
+from captioner.data.datasets import DataConfig, ImageCaptions, load_dataset
+from captioner.data.feature_cache import FeatureCache
+from captioner.data.images import ImageFiles, LoadedImage, collate_images
+from captioner.model.caption_model import CaptionModel
+from captioner.model.vocabulary import Vocabulary, tokenize
+from captioner.training.distributed import Dist
 
 BATCH_BY = ("image", "caption")
 

@@ -30,7 +30,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torchvision import transforms
 
-from .encoder import Body, Encoder, body_feature_map, build_transform, stage_modules
+from captioner.model.encoder import Body, Encoder, body_feature_map, build_transform, stage_modules
 
 
 @torch.no_grad()

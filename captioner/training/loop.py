@@ -23,14 +23,22 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .api import caption_features
-from .checkpoint import architecture, load_model, save_model
-from .data import DataConfig
-from .distributed import Dist, setup_distributed
-from .evaluation import score_captions
-from .metrics_log import MetricsLog
-from .model import CaptionModel, ModelConfig
-from .run_state import (
+from captioner.data.datasets import DataConfig
+from captioner.evaluation.metrics import score_captions
+from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.folder import architecture, load_model, save_model
+from captioner.serving.captioner import caption_features
+from captioner.training.distributed import Dist, setup_distributed
+from captioner.training.inputs import (
+    BATCH_BY,
+    Inputs,
+    PreparedData,
+    epoch_batches,
+    mirrored_rows,
+    prepare_data,
+)
+from captioner.training.metrics_log import MetricsLog
+from captioner.training.run_state import (
     STATE_FILE,
     Progress,
     load_run_state,
@@ -38,8 +46,7 @@ from .run_state import (
     read_run_vocabulary,
     save_run_state,
 )
-from .stages import STAGES, Stage, step_batch
-from .training_data import BATCH_BY, Inputs, PreparedData, epoch_batches, mirrored_rows, prepare_data
+from captioner.training.stages import STAGES, Stage, step_batch
 
 
 @dataclass

@@ -24,15 +24,15 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .api import caption_features
-from .checkpoint import atomic_write
-from .data import ImageCaptions
-from .decoding import NO_REPEAT_NGRAM_SIZE
-from .fast_encoder import InferenceEncoder
-from .features import FeatureCache
-from .images import ImageFiles, collate_images
-from .model import CaptionModel
-from .vocabulary import Vocabulary, tokenize
+from captioner.data.datasets import ImageCaptions
+from captioner.data.feature_cache import FeatureCache
+from captioner.data.images import ImageFiles, collate_images
+from captioner.model.caption_model import CaptionModel
+from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE
+from captioner.model.folder import atomic_write
+from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.vocabulary import Vocabulary, tokenize
+from captioner.serving.captioner import caption_features
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 NO_JAVA_WARNING = (

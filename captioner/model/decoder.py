@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .attention import HardAttention, build_attention
+from captioner.model.attention import HardAttention, build_attention
 
 State = tuple[torch.Tensor, torch.Tensor]
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from .cider import CiderD
-from .vocabulary import END, Vocabulary
+from captioner.model.vocabulary import END, Vocabulary
+from captioner.training.cider import CiderD
 
 Tokens = Sequence[str]
 
