@@ -14,12 +14,13 @@ if TYPE_CHECKING:
     from captioner.data.images import ImageLoadError, load_image
     from captioner.model.caption_model import CaptionModel, ModelConfig
     from captioner.model.folder import CheckpointError, load_model, save_model
+    from captioner.model.results import Alternative, CaptionResult
     from captioner.model.vocabulary import Vocabulary
-    from captioner.serving.captioner import Alternative, Captioner, CaptionResult
+    from captioner.serving.captioner import Captioner
     from captioner.serving.hub import ModelNotFoundError
 
 _EXPORTS = {
-    "Alternative": "serving.captioner", "CaptionResult": "serving.captioner",
+    "Alternative": "model.results", "CaptionResult": "model.results",
     "Captioner": "serving.captioner",
     "CheckpointError": "model.folder", "load_model": "model.folder", "save_model": "model.folder",
     "ModelNotFoundError": "serving.hub",

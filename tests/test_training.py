@@ -27,10 +27,10 @@ from captioner.cli.flags import FlagParser, add_config_arguments, config_from_ar
 from captioner.data.datasets import DataConfig, DatasetError
 from captioner.data.feature_cache import FeatureCache
 from captioner.evaluation.metrics import score_captions
+from captioner.files import atomic_write
 from captioner.model.caption_model import ModelConfig
 from captioner.model.decoding import beam_search
 from captioner.model.encoder import Encoder
-from captioner.model.folder import atomic_write
 from captioner.training import loop as training_module
 from captioner.training.distributed import Dist
 from captioner.training.inputs import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items

@@ -28,8 +28,8 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from captioner.data.images import ImageBatch, ImageFiles, collate_images
+from captioner.files import atomic_write
 from captioner.model.encoder import Encoder
-from captioner.model.folder import atomic_write
 from captioner.model.inference_encoder import InferenceEncoder
 
 if sys.platform == "win32":  # no fcntl: no lock; start one extraction per cache at a time

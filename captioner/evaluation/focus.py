@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,10 @@ import torch
 from captioner.data.images import load_image
 from captioner.evaluation.grounding import COCO_SYNONYMS, ObjectVocabulary, category_masks
 from captioner.model.focus import focus_weights
-from captioner.serving.captioner import Captioner, caption_features
+from captioner.model.results import caption_features
+
+if TYPE_CHECKING:  # a Captioner is passed in; evaluation sits below serving
+    from captioner.serving.captioner import Captioner
 
 HOW = ("both", "attention", "start")
 COVER = (0.05, 0.60)  # share of the image a category's masks must cover

@@ -27,12 +27,12 @@ from tqdm import tqdm
 from captioner.data.datasets import ImageCaptions
 from captioner.data.feature_cache import FeatureCache
 from captioner.data.images import ImageFiles, collate_images
+from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel
 from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE
-from captioner.model.folder import atomic_write
 from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.results import caption_features
 from captioner.model.vocabulary import Vocabulary, tokenize
-from captioner.serving.captioner import caption_features
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 NO_JAVA_WARNING = (

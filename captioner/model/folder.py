@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel, ModelConfig, build_decoder
 from captioner.model.decoder import AttentionDecoder
 from captioner.model.ensemble import DecoderEnsemble
@@ -24,26 +23,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
-
-
 class CheckpointError(RuntimeError):
     """A model file that is missing, corrupt, or does not fit its config."""
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model(

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageBatch, ImageFiles, LoadedImage, collate_images
 from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE
 from captioner.model.focus import DEFAULT_STRENGTH
-from captioner.serving.captioner import Captioner, CaptionResult
+from captioner.model.results import CaptionResult
+from captioner.serving.captioner import Captioner
 from captioner.serving.records import (
     CSV_FIELDS,
     CSV_FIELDS_N_BEST,

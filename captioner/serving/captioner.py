@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-import numpy as np
 import torch
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from captioner.model.caption_model import CaptionModel
-from captioner.model.decoder import Decoder
 from captioner.model.decoding import (
     NO_REPEAT_NGRAM_SIZE,
-    Hypothesis,
     check_decoding_options,
     check_whole_number,
-    decode,
 )
 from captioner.model.focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
-from captioner.model.folder import load_model
+from captioner.model.folder import load_model, save_model
 from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.results import CaptionResult, caption_features
 from captioner.model.vocabulary import Vocabulary
 from captioner.serving import hub
 
@@ -34,29 +29,6 @@ DEFAULT_WEIGHTS = hub.default_weights()
 # runs the whole batch at once.
 CPU_ENCODER_BATCH = 4
 TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
-
-
-@dataclass
-class Alternative:
-    text: str
-    words: list[str]
-    score: float  # ranking score (log-probability, length-normalised if asked)
-    log_prob: float
-
-
-@dataclass
-class CaptionResult:
-    text: str
-    words: list[str]
-    score: float
-    log_prob: float
-    attention: np.ndarray  # (len(words), h, w): where the model looked for each word
-    alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
-    finished: bool = True  # False if max_length cut the caption before <end>
-    notes: list[str] = field(default_factory=list)  # what makes this caption less trustworthy
-    # (len(words),): the gating scalar beta of each word, 0-1 (mean over its channels): how much
-    # the image fed that word; low values mark words the language model filled in by itself.
-    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 def default_device() -> torch.device:
@@ -113,14 +85,21 @@ class Captioner:
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write this model as a folder `from_pretrained` loads (and the Hub hosts): weights (in
         the dtype they were stored in, unless `dtype`), config.json and the model card if any."""
-        return hub.save_pretrained(self, directory, dtype)
+        if any(name.endswith("_packed_params") for name in self.model.state_dict()):
+            raise ValueError("this Captioner's decoder is int8-quantized (quantize=True); save the model "
+                             "loaded without quantize, which the int8 decoder is derived from at load time")
+        stored = getattr(torch, self.config.get("weights_dtype", "float32"))
+        directory = save_model(directory, self.model, self.vocab, metadata=self.config.get("metadata"),
+                               dtype=dtype if dtype is not None else stored)
+        hub.copy_card(self.path, directory)
+        return directory
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str = "Upload captioner model") -> str:
         """Upload this model to the Hugging Face Hub as `repo_id` (created if needed), with its
         model card as README.md. Returns the commit URL."""
-        return hub.push_to_hub(self, repo_id, private=private, token=token, revision=revision,
-                               commit_message=commit_message)
+        return hub.upload_model_folder(self.save_pretrained, repo_id, private=private, token=token,
+                                       revision=revision, commit_message=commit_message)
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -214,30 +193,3 @@ class Captioner:
         side = self.model.encoder.image_size
         return [f"the image is only {width}x{height} pixels: the model sees it blown up to {side}x{side}, "
                 "so the caption says little about it"]
-
-
-@torch.inference_mode()
-def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor,
-                     beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
-                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-                     focus: torch.Tensor | None = None) -> list[CaptionResult]:
-    """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
-    Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
-    check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
-    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
-                   no_repeat_ngram_size, focus)
-    side = math.isqrt(features.shape[1])  # grids are square
-    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
-
-
-def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
-    best = hypotheses[0]
-    assert best.gates is not None  # beam search records them
-    words = vocab.decode(best.tokens)
-    attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
-    alternatives = []
-    for h in hypotheses:
-        alt_words = vocab.decode(h.tokens)
-        alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
-    return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                         alternatives, best.finished, gate=best.gates.float().numpy())

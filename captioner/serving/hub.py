@@ -12,11 +12,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from captioner.serving.captioner import Captioner
 
 CARD_FILE = "MODEL_CARD.md"
 HUB_CARD_FILE = "README.md"
@@ -92,29 +89,16 @@ def find_model(path: str | Path | None, revision: str | None = None, default: Pa
     return folder
 
 
-def save_pretrained(captioner: Captioner, directory: str | Path, dtype: Any = None) -> Path:
-    """Write `captioner` as a model folder: weights, config and, if it was loaded with one, its
-    model card and the local images the card shows. dtype: as stored when loaded by default."""
-    import torch
-
-    from captioner.model.folder import save_model
-
-    if any(name.endswith("_packed_params") for name in captioner.model.state_dict()):
-        raise ValueError("this Captioner's decoder is int8-quantized (quantize=True); save the model "
-                         "loaded without quantize, which the int8 decoder is derived from at load time")
-    stored = captioner.config.get("weights_dtype", "float32")
-    directory = save_model(directory, captioner.model, captioner.vocab,
-                           metadata=captioner.config.get("metadata"),
-                           dtype=dtype if dtype is not None else getattr(torch, stored))
-    source = captioner.path
+def copy_card(source: Path | None, directory: Path) -> None:
+    """Copy the model card of the folder `source` into `directory`, with the local images it shows."""
     card = source / CARD_FILE if source else None
-    if card and card.is_file() and card.resolve() != (directory / CARD_FILE).resolve():
-        shutil.copyfile(card, directory / CARD_FILE)
-        for image in _LOCAL_IMAGE.findall(card.read_text(encoding="utf-8")):
-            if (source / image).is_file() and not (directory / image).exists():
-                (directory / image).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / image, directory / image)
-    return directory
+    if not (source and card and card.is_file()) or card.resolve() == (directory / CARD_FILE).resolve():
+        return
+    shutil.copyfile(card, directory / CARD_FILE)
+    for image in _LOCAL_IMAGE.findall(card.read_text(encoding="utf-8")):
+        if (source / image).is_file() and not (directory / image).exists():
+            (directory / image).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / image, directory / image)
 
 
 def hub_card(directory: Path, repo_id: str) -> str:
@@ -128,15 +112,16 @@ def hub_card(directory: Path, repo_id: str) -> str:
     return _HUB_CARD_HEADER + body.rstrip("\n") + usage
 
 
-def push_to_hub(captioner: Captioner, repo_id: str, *, private: bool | None = None,
-                token: str | None = None, revision: str | None = None,
-                commit_message: str = "Upload captioner model") -> str:
-    """Create the repo if needed and upload the model folder plus README.md; returns the commit URL."""
+def upload_model_folder(write: Callable[[Path], Path], repo_id: str, *, private: bool | None = None,
+                        token: str | None = None, revision: str | None = None,
+                        commit_message: str = "Upload captioner model") -> str:
+    """Create the repo if needed and upload the model folder `write(tmp)` makes, plus README.md;
+    returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="captioner-push-") as tmp:
-        folder = save_pretrained(captioner, tmp)
+        folder = write(Path(tmp))
         (folder / HUB_CARD_FILE).write_text(hub_card(folder, repo_id), encoding="utf-8")
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captioner.model.folder import atomic_write
+from captioner.files import atomic_write
 
 FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "caption", "score", "width", "height", "error")

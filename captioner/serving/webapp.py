@@ -22,14 +22,15 @@ import numpy as np
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from captioner.cli.flags import source_constant
+from captioner.model.focus import DEFAULT_STRENGTH
 
 # captioner.images (torch), .visualize (matplotlib) and the model's modules (timm) are imported
 # where they are used: the page is served first, the model loads behind it (cli.run_app).
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from captioner.serving.captioner import Captioner, CaptionResult
+    from captioner.model.results import CaptionResult
+from captioner.serving.captioner import Captioner
 
 TITLE = "captioner — Show, Attend and Tell"
 MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
@@ -303,8 +304,7 @@ def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button]:
                                  show_label=True, height=380, elem_id="region-picker",
                                  show_download_button=False, show_clear_button=False)
         with gr.Row():
-            default = source_constant("captioner.model.focus", "DEFAULT_STRENGTH")
-            strength = gr.Slider(0, 12, value=default, step=0.5, label="Focus strength",
+            strength = gr.Slider(0, 12, value=DEFAULT_STRENGTH, step=0.5, label="Focus strength",
                                  info="how hard attention is pulled into the box")
             focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
                                    elem_id="focus-box")

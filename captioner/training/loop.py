@@ -27,7 +27,7 @@ from captioner.data.datasets import DataConfig
 from captioner.evaluation.metrics import score_captions
 from captioner.model.caption_model import CaptionModel, ModelConfig
 from captioner.model.folder import architecture, load_model, save_model
-from captioner.serving.captioner import caption_features
+from captioner.model.results import caption_features
 from captioner.training.distributed import Dist, setup_distributed
 from captioner.training.inputs import (
     BATCH_BY,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from captioner.model.folder import atomic_write
+from captioner.files import atomic_write
 
 LOSS_CURVES = (("train_loss", "train loss (xent + reg)"), ("reward", "SCST reward"))
 SCORE_CURVES = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L")

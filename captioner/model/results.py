@@ -1,0 +1,63 @@
+"""What a caption is: the result types, and the one path from annotation grids to them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from captioner.model.decoder import Decoder
+from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, check_decoding_options, decode
+from captioner.model.vocabulary import Vocabulary
+
+
+@dataclass
+class Alternative:
+    text: str
+    words: list[str]
+    score: float  # ranking score (log-probability, length-normalised if asked)
+    log_prob: float
+
+
+@dataclass
+class CaptionResult:
+    text: str
+    words: list[str]
+    score: float
+    log_prob: float
+    attention: np.ndarray  # (len(words), h, w): where the model looked for each word
+    alternatives: list[Alternative] = field(default_factory=list)  # n-best, best first
+    finished: bool = True  # False if max_length cut the caption before <end>
+    notes: list[str] = field(default_factory=list)  # what makes this caption less trustworthy
+    # (len(words),): the gating scalar beta of each word, 0-1 (mean over its channels): how much
+    # the image fed that word; low values mark words the language model filled in by itself.
+    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+
+@torch.inference_mode()
+def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor,
+                     beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
+                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+                     focus: torch.Tensor | None = None) -> list[CaptionResult]:
+    """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
+    Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
+    check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
+    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
+                   no_repeat_ngram_size, focus)
+    side = math.isqrt(features.shape[1])  # grids are square
+    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
+
+
+def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
+    best = hypotheses[0]
+    assert best.gates is not None  # beam search records them
+    words = vocab.decode(best.tokens)
+    attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
+    alternatives = []
+    for h in hypotheses:
+        alt_words = vocab.decode(h.tokens)
+        alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
+    return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
+                         alternatives, best.finished, gate=best.gates.float().numpy())
