@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from captioner.data.images import ImageLoadError, load_image
-    from captioner.model.caption_model import CaptionModel, ModelConfig
+    from captioner.model.caption_model import CaptionModel
+    from captioner.model.config import ModelConfig
     from captioner.model.folder import CheckpointError, load_model, save_model
     from captioner.model.results import Alternative, CaptionResult
     from captioner.model.vocabulary import Vocabulary
@@ -25,7 +26,7 @@ _EXPORTS = {
     "CheckpointError": "model.folder", "load_model": "model.folder", "save_model": "model.folder",
     "ModelNotFoundError": "serving.hub",
     "ImageLoadError": "data.images", "load_image": "data.images",
-    "CaptionModel": "model.caption_model", "ModelConfig": "model.caption_model",
+    "CaptionModel": "model.caption_model", "ModelConfig": "model.config",
     "Vocabulary": "model.vocabulary",
 }
 __all__ = [

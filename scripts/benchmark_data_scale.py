@@ -19,13 +19,16 @@ from pathlib import Path
 
 import torch
 
-from captioner.data.datasets import DataConfig, load_dataset
+from captioner.data.config import DataConfig
+from captioner.data.datasets import load_dataset
 from captioner.data.feature_cache import FeatureCache
-from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.caption_model import CaptionModel
+from captioner.model.config import ModelConfig
 from captioner.model.vocabulary import Vocabulary
+from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
 from captioner.training.inputs import PreparedData, encode_captions
-from captioner.training.loop import TrainConfig, make_optimizer
+from captioner.training.loop import make_optimizer
 from captioner.training.stages import CrossEntropy, step_batch
 
 

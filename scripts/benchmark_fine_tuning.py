@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from captioner.data.images import load_image
-from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.caption_model import CaptionModel
+from captioner.model.config import ModelConfig
 from captioner.model.inference_encoder import InferenceEncoder
-from captioner.training.loop import TrainConfig, make_optimizer
+from captioner.training.config import TrainConfig
+from captioner.training.loop import make_optimizer
 from captioner.training.losses import caption_loss
 
 

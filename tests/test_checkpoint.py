@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from captioner import Captioner, CheckpointError, load_model, save_model
-from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.caption_model import CaptionModel
+from captioner.model.config import ModelConfig
 from captioner.model.folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 
 from .conftest import TINY

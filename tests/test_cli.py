@@ -17,14 +17,15 @@ import pytest
 from captioner.cli.flags import config_fields, source_constant
 from captioner.cli.main import COMMANDS, build_parser, caption_folder_parser, main
 from captioner.data import images
-from captioner.data.datasets import DATASET_PATHS, DataConfig
+from captioner.data.config import DataConfig
+from captioner.data.datasets import DATASET_PATHS
 from captioner.model import decoding, focus
 from captioner.model.attention import ATTENTION_TYPES
-from captioner.model.caption_model import ModelConfig
+from captioner.model.config import ModelConfig
 from captioner.model.encoder import BACKBONES
 from captioner.serving import records
+from captioner.training.config import TrainConfig
 from captioner.training.inputs import BATCH_BY
-from captioner.training.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "timm", "gradio", "matplotlib")

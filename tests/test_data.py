@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from captioner.data.config import DataConfig
 from captioner.data.datasets import (
     CaptionDataset,
-    DataConfig,
     DatasetError,
     load_coco,
     load_dataset,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from captioner import Captioner, CheckpointError, load_model, save_model
-from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.caption_model import CaptionModel
+from captioner.model.config import ModelConfig
 from captioner.model.decoder import AttentionDecoder
 from captioner.model.decoding import _log_probs, beam_search, greedy_decode, replay
 from captioner.model.ensemble import DecoderEnsemble

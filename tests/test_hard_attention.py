@@ -17,6 +17,7 @@ from captioner.model.attention import AdditiveAttention, HardAttention, set_hard
 from captioner.model.decoder import AttentionDecoder
 from captioner.model.decoding import beam_search, greedy_decode
 from captioner.model.folder import load_model
+from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
 from captioner.training.hard_attention import (
     attention_entropy,
@@ -26,7 +27,7 @@ from captioner.training.hard_attention import (
     reinforce_term,
     sampled_locations,
 )
-from captioner.training.loop import TrainConfig, train
+from captioner.training.loop import train
 from captioner.training.run_state import STATE_FILE
 from captioner.training.stages import step_batch
 from captioner.visualize import save_attention_grid

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-from captioner.data.datasets import DataConfig, load_dataset
-from captioner.model.caption_model import ModelConfig
-from captioner.training.loop import TrainConfig, train
+from captioner.data.config import DataConfig
+from captioner.data.datasets import load_dataset
+from captioner.model.config import ModelConfig
+from captioner.training.config import TrainConfig
+from captioner.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

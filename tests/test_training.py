@@ -24,17 +24,19 @@ from safetensors.torch import load_file
 
 from captioner import Captioner, CaptionModel
 from captioner.cli.flags import FlagParser, add_config_arguments, config_from_args, load_config_file
-from captioner.data.datasets import DataConfig, DatasetError
+from captioner.data.config import DataConfig
+from captioner.data.datasets import DatasetError
 from captioner.data.feature_cache import FeatureCache
 from captioner.evaluation.metrics import score_captions
 from captioner.files import atomic_write
-from captioner.model.caption_model import ModelConfig
+from captioner.model.config import ModelConfig
 from captioner.model.decoding import beam_search
 from captioner.model.encoder import Encoder
 from captioner.training import loop as training_module
+from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
 from captioner.training.inputs import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items
-from captioner.training.loop import TrainConfig, train
+from captioner.training.loop import train
 from captioner.training.run_state import STATE_FILE, last_step_model
 from captioner.training.stages import SelfCritical, step_batch
 

@@ -112,7 +112,7 @@ def source_constant(module: str, name: str) -> Any:
 
 
 def _nested_config(statement: ast.AnnAssign, tree: ast.Module, module: str) -> str | None:
-    """`data: DataConfig = field(default_factory=DataConfig)` -> "captioner.data.datasets:DataConfig"."""
+    """`data: DataConfig = field(default_factory=DataConfig)` -> "captioner.data.config:DataConfig"."""
     value = statement.value
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field"):
         return None

@@ -40,7 +40,7 @@ from captioner.cli.flags import (
 if TYPE_CHECKING:
     from captioner.serving.captioner import Captioner
 
-TRAIN_CONFIG, DATA_CONFIG = "captioner.training.loop:TrainConfig", "captioner.data.datasets:DataConfig"
+TRAIN_CONFIG, DATA_CONFIG = "captioner.training.config:TrainConfig", "captioner.data.config:DataConfig"
 Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
@@ -54,7 +54,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from captioner.training.loop import TrainConfig, train
+    from captioner.training.config import TrainConfig
+    from captioner.training.loop import train
 
     cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
     summary = train(cfg)
@@ -101,7 +102,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from captioner.data.datasets import DataConfig, load_dataset
+    from captioner.data.config import DataConfig
+    from captioner.data.datasets import load_dataset
     from captioner.evaluation.metrics import evaluate_model
     from captioner.serving.captioner import Captioner
 

@@ -16,9 +16,10 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pycocotools.coco import COCO
+
+from captioner.data.config import DataConfig
 
 FLICKR_TOKEN_FILES = ("Flickr8k.token.txt", "results_20130124.token")
 FLICKR_IMAGE_DIRS = (
@@ -298,31 +299,6 @@ def _read_jsonl_rows(file: Path) -> Iterable[tuple[int, object, object]]:
 
 # ----------------------------------------------------------------------------- dispatcher
 
-
-@dataclass
-class DataConfig:
-    """Which dataset to read: `kind` picks the reader, the paths it needs are set, the rest None."""
-
-    kind: Literal["flickr", "coco", "karpathy", "pairs"] = "flickr"
-    """The dataset's layout, which decides the paths it needs."""
-    root: str | None = None
-    """flickr: the folder with the token file, split lists and images."""
-    train: str | None = None
-    """coco / pairs: annotation file of the training split."""
-    train_images: str | None = None
-    """coco: image folder of the training split."""
-    val: str | None = None
-    """coco / pairs: annotation file of the validation split."""
-    val_images: str | None = None
-    """coco: image folder of the validation split."""
-    split_json: str | None = None
-    """karpathy: dataset_{coco,flickr8k,flickr30k}.json."""
-    image_root: str | None = None
-    """karpathy / pairs: where relative image paths start."""
-    skip_missing: bool = False
-    """Drop (and warn about) captions whose image file is missing."""
-    max_val_images: int | None = None
-    """Validate on the first N images only (faster epochs)."""
 
 DATASET_PATHS = {
     "flickr": ({"root"}, {"root"}),  # (paths it takes, paths it requires)

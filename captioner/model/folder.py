@@ -13,7 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioner.files import atomic_write
-from captioner.model.caption_model import CaptionModel, ModelConfig, build_decoder
+from captioner.model.caption_model import CaptionModel, build_decoder
+from captioner.model.config import ModelConfig
 from captioner.model.decoder import AttentionDecoder
 from captioner.model.ensemble import DecoderEnsemble
 from captioner.model.vocabulary import Vocabulary

@@ -48,7 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from captioner.data import feature_cache as features
 from captioner.data.datasets import load_flickr
 from captioner.evaluation.metrics import score_captions
-from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.caption_model import CaptionModel
+from captioner.model.config import ModelConfig
 from captioner.model.decoder import AttentionDecoder
 from captioner.model.encoder import Encoder
 from captioner.model.inference_encoder import InferenceEncoder, calibration_photos

@@ -15,7 +15,8 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from captioner.data.datasets import DataConfig, ImageCaptions, load_dataset
+from captioner.data.config import DataConfig
+from captioner.data.datasets import ImageCaptions, load_dataset
 from captioner.data.feature_cache import FeatureCache
 from captioner.data.images import ImageFiles, LoadedImage, collate_images
 from captioner.model.caption_model import CaptionModel

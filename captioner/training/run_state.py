@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 
 from captioner.files import atomic_write
-from captioner.model.caption_model import CaptionModel, ModelConfig
+from captioner.model.caption_model import CaptionModel
+from captioner.model.config import ModelConfig
 from captioner.model.vocabulary import Vocabulary
 
 STATE_FILE = "checkpoint.safetensors"

@@ -1,0 +1,52 @@
+"""How a caption is searched for: one dataclass that the API, batch captioner, app, evaluation and
+command line share, so each option has one name, one default and one check.
+
+No torch here: the command line builds its decoding flags from these fields without loading it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+NO_REPEAT_NGRAM_SIZE = 3
+
+
+def check_whole_number(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """ValueError naming the argument and its allowed range (bools and 2.5 are not numbers of beams)."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding settings; every field is a flag of `captioner caption`, `evaluate` and `app`."""
+
+    beam_size: int = 3
+    """Hypotheses kept at each word (1: greedy)."""
+    max_length: int = 20
+    """Most words in a caption."""
+    length_penalty: float = 0.0
+    """Rank finished captions by log-probability / length**alpha (0: plain log-probability)."""
+    n_best: int | None = None
+    """Alternatives returned per image, best first (none: all beam_size)."""
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE
+    """Never repeat an n-gram of this many words within a caption (0: allow repeats)."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse options that make no sense before they reach torch (whose errors would not say which)."""
+        check_whole_number("beam_size", self.beam_size, 1)
+        check_whole_number("max_length", self.max_length, 1)
+        if self.n_best is not None:
+            check_whole_number("n_best", self.n_best, 1, self.beam_size)
+        check_whole_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        penalty = self.length_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {penalty!r}")
