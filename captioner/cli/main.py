@@ -163,7 +163,7 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         folder = hub.find_model(args.checkpoint, args.revision)
     except hub.ModelNotFoundError as err:
         sys.exit(f"{parser.prog}: cannot start without a model: {err}")
-    from captioner import webapp  # imports gradio
+    from captioner.serving import webapp  # imports gradio
 
     captioner = BackgroundCaptioner(folder, args.device, args.quantize)
 
