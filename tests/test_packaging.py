@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 import venv
@@ -33,8 +34,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict[str, Path]:
-    """Build the wheel from a copy of the sources and install it, alone, into a new venv (which
-    sees this interpreter's torch, gradio...; captioner itself comes only from the wheel)."""
+    """Build the wheel from a copy of the sources and install it, alone, into a new venv that sees
+    this interpreter's packages (torch, gradio...; captioner itself comes only from the wheel)."""
     tmp = tmp_path_factory.mktemp("packaging")
     source = tmp / "source"
     source.mkdir()
@@ -47,7 +48,8 @@ def installed(tmp_path_factory) -> dict[str, Path]:
                     "-w", str(wheels), str(source)], check=True)
     wheel = next(wheels.glob("captioner-*.whl"))
     env_dir = tmp / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=True)
+    see_packages_of_this_interpreter(env_dir)
     python = env_dir / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
                     "-q", str(wheel)],
@@ -57,6 +59,18 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     return {"python": python, "bin": env_dir / "bin", "site": Path(site), "cwd": elsewhere, "wheel": wheel}
+
+
+def see_packages_of_this_interpreter(env_dir: Path) -> None:
+    """Put this interpreter's site-packages on the new venv's path with a .pth file. Unlike
+    `system_site_packages`, which shows the *base* interpreter's packages, this is right inside a
+    venv or a conda env as well as outside both. Paths only: this interpreter's own .pth hooks
+    (an editable install of captioner) stay out, so the wheel is the only captioner there."""
+    ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    new_site = subprocess.run([str(env_dir / "bin" / "python"), "-c",
+                               "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    (Path(new_site) / "_outer_site_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
 
 
 def run(installed, *command: str, **kwargs) -> subprocess.CompletedProcess:
