@@ -8,11 +8,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioner.cli.flags import FlagParser, Switch, add_config_arguments, checked_config
 from captioner.model.options import DecodeOptions
 from captioner.serving.records import FORMATS
 from captioner.serving.settings import BatchSettings
+
+if TYPE_CHECKING:
+    from captioner.serving.batch import Summary
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
 MODEL_HELP = ("model folder or Hugging Face Hub repo id, e.g. user/captioner-flickr8k "
@@ -127,7 +131,7 @@ def _this_process(device: str | None, output: str, shard: tuple[int, int] | None
     return device, str(rank_output(output, rank)), (rank, world)
 
 
-def _report(summary, output: str, found_any: bool) -> int:
+def _report(summary: Summary, output: str, found_any: bool) -> int:
     """Print the run's summary and its first errors; the exit status."""
     for error in summary.first_errors:
         print(f"failed: {error}", file=sys.stderr)
