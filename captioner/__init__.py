@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from captioner.model.caption_model import CaptionModel
     from captioner.model.config import ModelConfig
     from captioner.model.folder import CheckpointError, load_model, save_model
+    from captioner.model.options import DecodeOptions
     from captioner.model.results import Alternative, CaptionResult
     from captioner.model.vocabulary import Vocabulary
     from captioner.serving.captioner import Captioner
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "Alternative": "model.results", "CaptionResult": "model.results",
     "Captioner": "serving.captioner",
+    "DecodeOptions": "model.options",
     "CheckpointError": "model.folder", "load_model": "model.folder", "save_model": "model.folder",
     "ModelNotFoundError": "serving.hub",
     "ImageLoadError": "data.images", "load_image": "data.images",
@@ -30,7 +32,7 @@ _EXPORTS = {
     "Vocabulary": "model.vocabulary",
 }
 __all__ = [
-    "Alternative", "CaptionModel", "CaptionResult", "Captioner", "CheckpointError",
+    "Alternative", "CaptionModel", "CaptionResult", "Captioner", "CheckpointError", "DecodeOptions",
     "ImageLoadError", "ModelConfig", "ModelNotFoundError", "Vocabulary", "load_image",
     "load_model", "save_model",
 ]

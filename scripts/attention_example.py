@@ -17,12 +17,12 @@ from captioner.visualize import save_attention_grid
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--model", "--checkpoint", default=str(DEFAULT_WEIGHTS), help="model folder")
     parser.add_argument("--image", default="astronaut")
     parser.add_argument("--output", default="attention.png")
     parser.add_argument("--beam-size", "--beam_size", type=int, default=3)
     args = parser.parse_args()
-    captioner = Captioner.from_pretrained(args.checkpoint)
+    captioner = Captioner.from_pretrained(args.model)
     image = load_photo(args.image)
     result = captioner.caption(image, beam_size=args.beam_size)
     save_attention_grid(args.output, image, result.words, result.attention,

@@ -1,7 +1,7 @@
 """App start-up: seconds from `python app.py` to its page, to the model loaded, to a first caption.
 
     python scripts/benchmark_app_startup.py               # 3 starts of app.py, shipped model
-    python scripts/benchmark_app_startup.py --runs 5 --checkpoint runs/x/best
+    python scripts/benchmark_app_startup.py --runs 5 --model runs/x/best
 
 Also prints where an in-process start spends its time (imports, model load, UI build), each
 phase timed alone, one after the other. Numbers depend on the machine's load: note `uptime`.
@@ -47,7 +47,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_start(checkpoint: str | None) -> tuple[float, float]:
+def one_start(model: str | None) -> tuple[float, float]:
     """(seconds to the page, seconds to the first caption) for one `python app.py`."""
     from gradio_client import Client, handle_file
     from PIL import Image
@@ -58,7 +58,7 @@ def one_start(checkpoint: str | None) -> tuple[float, float]:
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu"]
     start = time.perf_counter()
-    server = subprocess.Popen(command + (["--checkpoint", checkpoint] if checkpoint else []), cwd=ROOT,
+    server = subprocess.Popen(command + (["--model", model] if model else []), cwd=ROOT,
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -82,16 +82,16 @@ def one_start(checkpoint: str | None) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--checkpoint", help="model folder (default: the shipped model)")
+    parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    pages, captions = zip(*(one_start(args.checkpoint) for _ in range(args.runs)), strict=True)
+    pages, captions = zip(*(one_start(args.model) for _ in range(args.runs)), strict=True)
     print(f"python app.py -> page served:   median {statistics.median(pages):.2f} s  "
           f"({', '.join(f'{p:.2f}' for p in pages)})")
     print(f"python app.py -> first caption: median {statistics.median(captions):.2f} s  "
           f"({', '.join(f'{c:.2f}' for c in captions)})")
     print("where an in-process start spends its time (phase by phase):")
-    subprocess.run([sys.executable, "-c", PHASES, *([args.checkpoint] if args.checkpoint else [])],
+    subprocess.run([sys.executable, "-c", PHASES, *([args.model] if args.model else [])],
                    cwd=ROOT, env=ENV | {"PYTHONPATH": str(ROOT)}, check=True)
 
 

@@ -1,6 +1,6 @@
 """Score a model on a dataset split: the same as `captioner evaluate`; see --help.
 
-  python scripts/evaluate.py --checkpoint weights --data.kind flickr \\
+  python scripts/evaluate.py --model weights --data.kind flickr \\
       --data.root ../shared/data/flickr8k --split val --beam-size 3 --output-dir eval/f8k-val
 """
 

@@ -23,7 +23,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON")
-    parser.add_argument("--checkpoint", help="model folder (default: the shipped model)")
+    parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
     parser.add_argument("--strength", type=float, nargs="+", default=[4.0])
     parser.add_argument("--how", choices=HOW, nargs="+", default=["both"],
                         help="steer the attention scores and the initial state, or one of them")
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="the first N images only")
     parser.add_argument("--output-dir", "--output_dir", type=Path)
     args = parser.parse_args()
-    captioner = Captioner.from_pretrained(args.checkpoint)
+    captioner = Captioner.from_pretrained(args.model)
     settings = [(how, strength) for how in args.how for strength in args.strength]
     reports = evaluate_focus(captioner, args.images, args.instances, settings, args.beam_size, args.limit)
     results = {}

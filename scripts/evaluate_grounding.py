@@ -24,7 +24,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder holding the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON (boxes and masks)")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_WEIGHTS),
+    parser.add_argument("--model", "--checkpoint", default=str(DEFAULT_WEIGHTS),
                         help="model folder (default: weights/)")
     parser.add_argument("--beam-size", "--beam_size", type=int, default=3, help="1 = greedy")
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--output-dir", "--output_dir", help="where metrics.json and details.jsonl go")
     args = parser.parse_args()
     synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS
-    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
     report = evaluate_grounding(captioner, args.images, args.instances, beam_size=args.beam_size,
                                 batch_size=args.batch_size, synonyms=synonyms, progress=True)
     if report.skipped:

@@ -11,20 +11,20 @@ import argparse
 
 from captioner import Captioner
 from captioner.data.images import load_photo
-from captioner.model.focus import DEFAULT_STRENGTH
+from captioner.model.options import DEFAULT_FOCUS_STRENGTH
 from captioner.visualize import save_focus_figure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="model folder (default: the shipped model)")
+    parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
     parser.add_argument("--image", default="astronaut")
     parser.add_argument("--boxes", nargs="+", default=["0,0,256,512", "0,256,512,512"])
-    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
+    parser.add_argument("--strength", type=float, default=DEFAULT_FOCUS_STRENGTH)
     parser.add_argument("--output", default="focus_example.png")
     args = parser.parse_args()
-    captioner = Captioner.from_pretrained(args.checkpoint)
+    captioner = Captioner.from_pretrained(args.model)
     image = load_photo(args.image)
     boxes = [None, *(tuple(float(v) for v in box.split(",")) for box in args.boxes)]
     results = [captioner.caption(image, focus=box, focus_strength=args.strength) for box in boxes]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioner import Alternative, Captioner, CaptionResult, ImageLoadError, ModelNotFoundError
+from captioner import Alternative, Captioner, CaptionResult, DecodeOptions, ImageLoadError, ModelNotFoundError
 
 from .shapes import all_examples
 
@@ -103,6 +103,22 @@ def test_alternatives_n_best_and_decoding_options(captioner):
     short = captioner.caption(image, max_length=3)
     assert short.words == caption.split()[:3] and not short.finished
     assert short.attention.shape == (3, 4, 4)
+
+
+def test_decoding_options_as_keywords_or_as_one_object(captioner):
+    """caption(image, beam_size=4, n_best=2) is caption(image, DecodeOptions(beam_size=4, n_best=2));
+    keywords change the options given."""
+    image = EXAMPLES[9][0]
+    by_name = captioner.caption(image, beam_size=4, n_best=2, length_penalty=1.0)
+    options = DecodeOptions(beam_size=4, n_best=2, length_penalty=1.0)
+    for result in (captioner.caption(image, options), captioner.caption(image, DecodeOptions(), beam_size=4,
+                                                                         n_best=2, length_penalty=1.0)):
+        assert [(a.text, a.score) for a in result.alternatives] == [(a.text, a.score)
+                                                                    for a in by_name.alternatives]
+    with pytest.raises(TypeError, match="options must be a DecodeOptions, got 3"):
+        captioner.caption(image, 3)
+    with pytest.raises(TypeError, match="unknown decoding option 'beam'"):
+        captioner.caption(image, beam=3)
 
 
 def test_bad_image_in_a_list_names_it(captioner, tmp_path):

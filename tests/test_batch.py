@@ -21,6 +21,7 @@ from captioner.serving.batch import (
     looks_like_image,
     select_shard,
 )
+from captioner.serving.settings import BatchSettings
 
 from .shapes import all_examples, shape_image
 
@@ -93,7 +94,7 @@ def by_name(records: list[dict]) -> dict[str, dict]:
 
 def run(photos_or_files, output: Path, checkpoint: Path, *flags: str) -> int:
     inputs = [str(p) for p in (photos_or_files if isinstance(photos_or_files, list) else [photos_or_files])]
-    return caption_folder_main([*inputs, "-o", str(output), "--checkpoint", str(checkpoint),
+    return caption_folder_main([*inputs, "-o", str(output), "--model", str(checkpoint),
                                 "--max-pixels", str(MAX_PIXELS), "--no-progress", *flags])
 
 
@@ -218,17 +219,16 @@ def test_resume_after_crash_and_partial_line(tmp_path, monkeypatch, shapes_check
         return real_caption_tensors(*args, **kwargs)
 
     monkeypatch.setattr(captioner, "caption_tensors", crash_on_second_batch)
+    settings = BatchSettings(batch_size=3, num_workers=0, max_pixels=MAX_PIXELS, progress=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        caption_files(captioner, paths, output, batch_size=3, num_workers=0,
-                      max_pixels=MAX_PIXELS, progress=False)
+        caption_files(captioner, paths, output, settings=settings)
     first = read_jsonl(output)
     assert 0 < len(first) < len(paths)
     with output.open("a") as f:  # a crash in the middle of writing a record
         f.write('{"path": "' + str(photos / "half"))
 
     monkeypatch.setattr(captioner, "caption_tensors", real_caption_tensors)
-    summary = caption_files(captioner, paths, output, batch_size=3, num_workers=0,
-                            max_pixels=MAX_PIXELS, progress=False)
+    summary = caption_files(captioner, paths, output, settings=settings)
     assert summary.already_done + summary.failed_before == len(first)
     rows = by_name(read_jsonl(output))  # every line parses, no duplicates
     assert set(rows) == {Path(p).name for p in paths}

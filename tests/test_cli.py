@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from captioner.cli.flags import config_fields, source_constant
+from captioner.cli.flags import config_fields, config_from_args
 from captioner.cli.main import COMMANDS, build_parser, caption_folder_parser, main
 from captioner.data import images
 from captioner.data.config import DataConfig
 from captioner.data.datasets import DATASET_PATHS
-from captioner.model import decoding, focus
 from captioner.model.attention import ATTENTION_TYPES
 from captioner.model.config import ModelConfig
 from captioner.model.encoder import BACKBONES
+from captioner.model.options import DecodeOptions
 from captioner.serving import records
+from captioner.serving.settings import BatchSettings
 from captioner.training.config import TrainConfig
 from captioner.training.inputs import BATCH_BY
 
@@ -75,10 +76,9 @@ def test_every_flag_has_help_and_a_kebab_case_name():
                 assert text and not text.startswith("(default"), f"captioner {name} {action.option_strings}"
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, ModelConfig, DataConfig])
+@pytest.mark.parametrize("cls", [TrainConfig, ModelConfig, DataConfig, DecodeOptions, BatchSettings])
 def test_config_flags_match_the_dataclasses_and_carry_their_docs(cls):
-    """The flags are read from source without importing the modules: they must agree with the
-    classes as Python sees them: names, defaults, and a docstring for every field."""
+    """Names, defaults and optionality from the classes, and a docstring for every field."""
     flags = {f.dest: f for f in config_fields(cls)}
     hints = typing.get_type_hints(cls)
     leaves = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
@@ -112,17 +112,41 @@ def test_help_text_comes_from_the_field_docstrings(capsys):
     assert "--batch-by {image,caption}" in out and "(default: none)" in out
 
 
-def test_defaults_read_from_source_are_the_modules_values():
-    assert source_constant("captioner.serving.records", "FORMATS") == records.FORMATS
-    assert source_constant("captioner.model.focus", "DEFAULT_STRENGTH") == focus.DEFAULT_STRENGTH
-    assert (source_constant("captioner.model.decoding", "NO_REPEAT_NGRAM_SIZE")
-            == decoding.NO_REPEAT_NGRAM_SIZE)
-    assert source_constant("captioner.data.images", "DEFAULT_MAX_PIXELS") == images.DEFAULT_MAX_PIXELS
+@pytest.mark.parametrize("command", ["caption", "evaluate", "app", "benchmark"])
+def test_the_decoding_flags_are_declared_once_from_decode_options(command):
+    parser = subcommands()[command]
+    given = parser.parse_args([*(["x.jpg"] if command == "caption" else []), "--beam-size", "5",
+                               "--length-penalty", "1.0", "--no-repeat-ngram-size", "2", "--n-best", "2",
+                               "--max-length", "9"])
+    assert config_from_args(DecodeOptions, given) == DecodeOptions(5, 9, 1.0, 2, 2)
+    flags = {f.dest: f for f in config_fields(DecodeOptions)}
+    actions = {a.dest: a for a in parser._actions}
+    assert all(actions[name].help.startswith(flags[name].help) for name in flags)
+
+
+def test_the_caption_command_keeps_one_caption_per_row_unless_asked():
+    assert config_from_args(DecodeOptions, parse("caption", "x.jpg")) == DecodeOptions(n_best=1)
+    assert config_from_args(DecodeOptions, parse("evaluate")) == DecodeOptions()
+
+
+def test_help_shows_the_librarys_own_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {images.DEFAULT_MAX_PIXELS})" in out
+    assert f"--format {{{','.join(records.FORMATS)}}}" in out
+    assert f"(default: {DecodeOptions().no_repeat_ngram_size})" in out
+    assert "--model MODEL, --checkpoint MODEL model folder or Hugging Face Hub repo id" in out
+
+
+@pytest.mark.parametrize("command", ["caption", "evaluate", "app", "benchmark"])
+def test_checkpoint_is_the_old_name_of_model(command):
+    inputs = ["x.jpg"] if command == "caption" else []
+    assert parse(command, *inputs, "--checkpoint", "runs/a/best").model == "runs/a/best"
+    assert parse(command, *inputs, "--model", "runs/a/best").model == "runs/a/best"
 
 
 def test_booleans_are_switches_and_the_old_true_false_still_works():
-    from captioner.cli.main import config_from_args
-
     def train(*argv: str) -> TrainConfig:
         return config_from_args(TrainConfig, parse("train", *argv))
 
@@ -156,7 +180,7 @@ def test_flags_are_kebab_case_and_the_underscore_spelling_is_accepted():
 
 
 def test_train_flags_override_a_saved_config(tmp_path):
-    from captioner.cli.main import config_from_args, load_config_file
+    from captioner.cli.main import load_config_file
 
     saved = TrainConfig(epochs=7, model=ModelConfig(hidden_dim=64), output_dir="runs/a")
     path = tmp_path / "train_config.json"

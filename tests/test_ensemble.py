@@ -13,9 +13,10 @@ from captioner import Captioner, CheckpointError, load_model, save_model
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
 from captioner.model.decoder import AttentionDecoder
-from captioner.model.decoding import _log_probs, beam_search, greedy_decode, replay
+from captioner.model.decoding import BANNED_IDS, beam_search
 from captioner.model.ensemble import DecoderEnsemble
 from captioner.model.folder import load_ensemble
+from captioner.model.options import DecodeOptions
 from captioner.model.vocabulary import Vocabulary
 
 from .conftest import TINY
@@ -32,12 +33,19 @@ def _features(batch: int) -> torch.Tensor:
     return 10 * torch.randn(batch, 9, 32, generator=torch.Generator().manual_seed(4))
 
 
+def _greedy(decoder, features, max_length):
+    """Greedy decoding (beam search with one beam), repeats allowed."""
+    options = DecodeOptions(beam_size=1, max_length=max_length, no_repeat_ngram_size=0)
+    return [hyps[0] for hyps in beam_search(decoder, features, options)]
+
+
 def test_an_ensemble_of_one_decoder_twice_decodes_like_the_decoder():
     decoder = _decoder(0)
     twice = DecoderEnsemble([decoder, copy.deepcopy(decoder)]).eval()
     features = _features(5)
-    for alone, together in zip(beam_search(decoder, features, 3, max_length=10),
-                               beam_search(twice, features, 3, max_length=10), strict=True):
+    options = DecodeOptions(beam_size=3, max_length=10, no_repeat_ngram_size=0)
+    for alone, together in zip(beam_search(decoder, features, options),
+                               beam_search(twice, features, options), strict=True):
         assert [h.tokens for h in together] == [h.tokens for h in alone]
         assert [h.score for h in together] == pytest.approx([h.score for h in alone], abs=1e-4)
         for a, b in zip(alone, together, strict=True):
@@ -46,16 +54,22 @@ def test_an_ensemble_of_one_decoder_twice_decodes_like_the_decoder():
 
 def test_an_ensembles_gate_is_its_members_mean_gate():
     first, second = _decoder(0), _decoder(1)
-    features, tokens = _features(3), torch.tensor([[5, 6, 7, 8], [9, 10, 11, 4], [4, 4, 5, 5]])
-    _, gates = replay(DecoderEnsemble([first, second]).eval(), features, tokens)
-    expected = (replay(first, features, tokens)[1] + replay(second, features, tokens)[1]) / 2
-    torch.testing.assert_close(gates, expected)
+    ensemble = DecoderEnsemble([first, second]).eval()
+    features, words = _features(3), torch.tensor([5, 9, 4])
+    gates = []
+    with torch.no_grad():
+        for decoder in (ensemble, first, second):  # two words, so the states count too
+            annotations, keys = decoder.prepare(features)
+            state = decoder.init_state(annotations)
+            _, state, _, _ = decoder.step(annotations, keys, torch.full((3,), Vocabulary.start_id), state)
+            gates.append(decoder.step(annotations, keys, words, state)[3])
+    torch.testing.assert_close(gates[0], (gates[1] + gates[2]) / 2)
 
 
 def test_greedy_ensemble_follows_the_mean_of_its_members_log_probabilities():
     members = [_decoder(0), _decoder(1)]
     features = _features(4)
-    ensemble_captions = greedy_decode(DecoderEnsemble(members).eval(), features, max_length=8)
+    ensemble_captions = _greedy(DecoderEnsemble(members).eval(), features, max_length=8)
     # The same decision rule, written out member by member with separate states.
     prepared = [m.prepare(features) for m in members]
     states = [m.init_state(a) for m, (a, _) in zip(members, prepared, strict=True)]
@@ -66,7 +80,7 @@ def test_greedy_ensemble_follows_the_mean_of_its_members_log_probabilities():
             steps = [m.step(a, k, words, s) for m, (a, k), s in zip(members, prepared, states, strict=True)]
             states = [s for _, s, _, _ in steps]
             mean = torch.stack([torch.log_softmax(logits, -1) for logits, _, _, _ in steps]).mean(0)
-            words = _log_probs(mean).argmax(-1)
+            words = mean.index_fill(1, torch.tensor(BANNED_IDS), float("-inf")).argmax(-1)
             chosen.append(words)
             alphas.append((steps[0][2] + steps[1][2]) / 2)
     chosen = torch.stack(chosen, 1).tolist()
@@ -76,7 +90,7 @@ def test_greedy_ensemble_follows_the_mean_of_its_members_log_probabilities():
         assert caption.tokens == expected
         torch.testing.assert_close(caption.alphas, torch.stack(alphas, 1)[i, : len(expected)])
     # the two members disagree somewhere, so the test is not about one member alone
-    alone = [greedy_decode(m, features, max_length=8) for m in members]
+    alone = [_greedy(m, features, max_length=8) for m in members]
     assert [h.tokens for h in alone[0]] != [h.tokens for h in alone[1]]
 
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from captioner import Captioner
 from captioner.model.decoding import beam_search
 from captioner.model.focus import focus_weights
+from captioner.model.options import DecodeOptions
 
 from .shapes import COLOURS, all_examples
 
@@ -69,7 +70,7 @@ def test_no_focus_is_exactly_the_plain_decoding(captioner):
     for a, b in zip(plain, unfocused, strict=True):
         assert (a.text, a.score) == (b.text, b.score) and np.array_equal(a.attention, b.attention)
     features = captioner.model.encoder(torch.stack([captioner.preprocess(i) for i in images]))
-    direct = beam_search(captioner.model.decoder, features, 3)
+    direct = beam_search(captioner.model.decoder, features, DecodeOptions(beam_size=3))
     assert [h[0].tokens for h in direct] == [captioner.vocab.encode(r.text)[1:-1] for r in plain]
 
 

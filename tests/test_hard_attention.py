@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from captioner import Captioner, CaptionModel, Vocabulary, save_model
 from captioner.model.attention import AdditiveAttention, HardAttention, set_hard_decoding
 from captioner.model.decoder import AttentionDecoder
-from captioner.model.decoding import beam_search, greedy_decode
+from captioner.model.decoding import beam_search
 from captioner.model.folder import load_model
+from captioner.model.options import DecodeOptions
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
 from captioner.training.hard_attention import (
@@ -108,6 +109,12 @@ def test_baseline_is_a_moving_average_of_the_reward_starting_at_the_first_batch(
 # ----------------------------------------------------------------------------- decoding
 
 
+def _greedy(decoder, features, max_length):
+    """Greedy decoding (beam search with one beam), repeats allowed."""
+    options = DecodeOptions(beam_size=1, max_length=max_length, no_repeat_ngram_size=0)
+    return [hyps[0] for hyps in beam_search(decoder, features, options)]
+
+
 def _hard_decoder(seed=0) -> AttentionDecoder:
     torch.manual_seed(seed)
     return AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16,
@@ -124,8 +131,8 @@ def test_decoding_attends_the_argmax_cell_and_reports_alpha():
     assert torch.equal(decoder.attention.location, alpha.argmax(dim=1))
     assert torch.allclose(alpha.sum(dim=1), torch.ones(3))  # the distribution, not a one-hot
 
-    first = greedy_decode(decoder, features, max_length=8)
-    again = greedy_decode(decoder, features, max_length=8)
+    first = _greedy(decoder, features, max_length=8)
+    again = _greedy(decoder, features, max_length=8)
     assert [h.tokens for h in first] == [h.tokens for h in again]  # argmax: deterministic
     for h in first:
         assert h.alphas.shape == (len(h.tokens), 9)
@@ -152,10 +159,10 @@ def test_expectation_decoding_is_the_soft_model_with_the_same_weights():
     assert missing == [] and sorted(unexpected) == ["attention.baseline_updates", "attention.reward_baseline"]
     assert isinstance(soft.attention, AdditiveAttention) and not isinstance(soft.attention, HardAttention)
     features = 10 * torch.randn(4, 9, 32, generator=torch.Generator().manual_seed(5))
-    argmax = greedy_decode(hard, features, max_length=8)
+    argmax = _greedy(hard, features, max_length=8)
     set_hard_decoding(hard, "expectation")
-    expected = greedy_decode(hard, features, max_length=8)
-    soft_result = greedy_decode(soft, features, max_length=8)
+    expected = _greedy(hard, features, max_length=8)
+    soft_result = _greedy(soft, features, max_length=8)
     assert [h.tokens for h in expected] == [h.tokens for h in soft_result]
     assert [h.log_prob for h in expected] == pytest.approx([h.log_prob for h in soft_result], abs=1e-5)
     assert [h.log_prob for h in argmax] != pytest.approx([h.log_prob for h in expected], abs=1e-3)
@@ -285,7 +292,8 @@ def test_hard_attention_learns_to_look_at_the_cell_that_names_the_shape():
     grids = torch.stack([g for g, _, _ in world])
     train_hard(model, grids, [c for _, c, _ in world], vocab, steps=800, alpha_reg=0.0)
     model.eval()
-    best = [hypotheses[0] for hypotheses in beam_search(model.decoder, grids, beam_size=3, max_length=12)]
+    best = [hypotheses[0] for hypotheses in beam_search(
+        model.decoder, grids, DecodeOptions(beam_size=3, max_length=12, no_repeat_ngram_size=0))]
     texts = [" ".join(vocab.decode(h.tokens)) for h in best]
     exact = sum(text == caption for text, (_, caption, _) in zip(texts, world, strict=True))
     on_shape = sum(any(int(alpha.argmax()) == cell for alpha in h.alphas)

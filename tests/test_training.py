@@ -32,6 +32,7 @@ from captioner.files import atomic_write
 from captioner.model.config import ModelConfig
 from captioner.model.decoding import beam_search
 from captioner.model.encoder import Encoder
+from captioner.model.options import DecodeOptions
 from captioner.training import loop as training_module
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
@@ -180,7 +181,8 @@ def test_training_run_writes_a_usable_model_and_its_metrics(reference_run, datas
     model = captioner.model
     paths = [p for _, p in sorted(_image_paths(cfg).items())]
     cache = FeatureCache(cache_dir, model.encoder, [*paths, *paths])  # train + val lists
-    hyps = beam_search(model.decoder, cache.batch(range(16, 32)), cfg.val_beam_size, cfg.val_max_length)
+    hyps = beam_search(model.decoder, cache.batch(range(16, 32)),
+                       DecodeOptions(cfg.val_beam_size, cfg.val_max_length, no_repeat_ngram_size=0))
     references = {str(i): caps for i, caps in _captions(cfg).items()}
     predictions = {str(i): " ".join(captioner.vocab.decode(h[0].tokens)) for i, h in zip(
         sorted(references, key=int), hyps, strict=True)}

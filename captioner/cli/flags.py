@@ -2,11 +2,12 @@
 
 `--epochs 5 --model.grid-size 14 --data.root DIR --resume`, or `--config run/train_config.json`
 to start from a saved config (the flags then override it). A field's help text is its attribute
-docstring; a `Literal[...]` field takes one of its values; a bool field is `--x/--no-x`.
+docstring; a `Literal[...]` field takes one of its values; a bool field is `--x/--no-x`; an
+`X | None` field also takes "none".
 
-The flags are read from the config classes' source with `ast`, without importing their modules:
-TrainConfig lives beside torch, and `captioner train --help` must not wait for torch. Once the
-arguments are parsed, `config_from_args` builds the real dataclass.
+The flags come from `dataclasses.fields` and `typing.get_type_hints` of the config classes,
+which live in torch-free modules (captioner.model.config, .model.options, .data.config,
+.training.config, .serving.settings), so `captioner SUB --help` answers without loading torch.
 
 Old spellings keep working: `--beam_size` for `--beam-size`, and `--resume true` / `--amp false`
 for `--resume` / `--no-amp`.
@@ -16,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
+import dataclasses
 import inspect
 import json
 import sys
-from collections.abc import Sequence
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-_SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+_SCALARS = (int, float, str, bool)
 
 
 def parse_bool(text: str) -> bool:
@@ -35,6 +39,13 @@ def parse_bool(text: str) -> bool:
     if text.lower() in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -48,103 +59,65 @@ class ConfigField:
     default: Any
     help: str
     group: str  # the config class it belongs to, e.g. "ModelConfig (--model.*)"
+    metavar: str | None = None  # field(metadata={"metavar": "DIR"}); default: the kind, e.g. INT
 
     @property
     def flag(self) -> str:
         return "--" + self.dest.replace("_", "-")
 
 
-ConfigRef = type | str  # a dataclass, or "module:ClassName" (not imported)
-
-
-def config_fields(config: ConfigRef, prefix: str = "") -> list[ConfigField]:
-    """The flags of a config class and its nested config classes, from its source."""
-    module, name = (config.split(":") if isinstance(config, str)
-                    else (config.__module__, config.__qualname__))
-    tree, source_file = _parse_module(module)
-    cls = next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name), None)
-    if cls is None:
-        raise LookupError(f"no class {name} in {source_file}")
-    group = f"{name} (--{prefix}*)" if prefix else name
+def config_fields(config: type, prefix: str = "") -> list[ConfigField]:
+    """The flags of a config dataclass and of the config dataclasses nested in it."""
+    hints = typing.get_type_hints(config)
+    docs = field_docs(config)
+    group = f"{config.__name__} (--{prefix}*)" if prefix else config.__name__
     flags: list[ConfigField] = []
-    for statement, following in zip(cls.body, [*cls.body[1:], None], strict=True):
-        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+    for f in dataclasses.fields(config):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            flags += config_fields(hint, f"{prefix}{f.name}.")
             continue
-        field_name = statement.target.id
-        where = f"{source_file}: {name}.{field_name}"
-        nested = _nested_config(statement, tree, module)
-        if nested:
-            flags += config_fields(nested, f"{prefix}{field_name}.")
-            continue
-        kind, optional, choices = _annotation(statement.annotation, where)
-        doc = ""
-        if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            doc = following.value.value if isinstance(following.value.value, str) else ""
-        if statement.value is None:
-            raise TypeError(f"{where}: config fields need a default")
-        flags.append(ConfigField(f"{prefix}{field_name}", kind, optional, choices,
-                                 ast.literal_eval(statement.value), " ".join(inspect.cleandoc(doc).split()),
-                                 group))
+        where = f"{config.__qualname__}.{f.name}"
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"{where}: a config field needs a default to be a flag")
+        kind, optional, choices = _annotation(hint, where)
+        flags.append(ConfigField(f"{prefix}{f.name}", kind, optional, choices, f.default,
+                                 f.metadata.get("help", docs.get(f.name, "")), group,
+                                 f.metadata.get("metavar")))
     return flags
 
 
-def _parse_module(module: str) -> tuple[ast.Module, str]:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        raise LookupError(f"cannot find the source of module {module}")
-    return ast.parse(Path(spec.origin).read_text(encoding="utf-8")), spec.origin
-
-
-def source_constant(module: str, name: str) -> Any:
-    """A module-level literal (`FORMATS = ("jsonl", "csv")`) read from source, without importing
-    the module: what --help shows as a default when the module itself imports torch."""
-    tree, source_file = _parse_module(module)
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
-        else:
+def field_docs(config: type) -> dict[str, str]:
+    """{field: its attribute docstring (the string right below it)}, read from the class's own
+    source (and its bases'); Python keeps no such docstrings at run time."""
+    docs: dict[str, str] = {}
+    for cls in reversed(config.__mro__[:-1]):  # a subclass's docstring wins
+        try:
+            source = textwrap.dedent(inspect.getsource(cls))
+        except (OSError, TypeError):  # no source (a frozen app): flags without help text
             continue
-        if isinstance(target, ast.Name) and target.id == name:
-            return ast.literal_eval(value)
-    raise LookupError(f"no literal {name} = ... at the top level of {source_file}")
+        body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
+        for statement, following in zip(body, body[1:], strict=False):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[statement.target.id] = " ".join(inspect.cleandoc(following.value.value).split())
+    return docs
 
 
-def _nested_config(statement: ast.AnnAssign, tree: ast.Module, module: str) -> str | None:
-    """`data: DataConfig = field(default_factory=DataConfig)` -> "captioner.data.config:DataConfig"."""
-    value = statement.value
-    if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "field"):
-        return None
-    factory = next((k.value for k in value.keywords if k.arg == "default_factory"), None)
-    if not isinstance(factory, ast.Name):
-        return None
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and any(a.name == factory.id for a in node.names):
-            package = module.rsplit(".", node.level)[0] if node.level else ""
-            source = ".".join(filter(None, [package, node.module]))
-            return f"{source}:{factory.id}"
-        if isinstance(node, ast.ClassDef) and node.name == factory.id:
-            return f"{module}:{factory.id}"
-    raise LookupError(f"{module}: cannot find where {factory.id} is defined")
-
-
-def _annotation(node: ast.expr, where: str) -> tuple[type, bool, tuple[str, ...] | None]:
+def _annotation(hint: Any, where: str) -> tuple[type, bool, tuple[str, ...] | None]:
     """int | None -> (int, optional, no choices); Literal["a", "b"] -> (str, not optional, choices)."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        sides = [node.left, node.right]
-        if any(isinstance(s, ast.Constant) and s.value is None for s in sides):
-            other = next(s for s in sides if not (isinstance(s, ast.Constant) and s.value is None))
-            kind, _, choices = _annotation(other, where)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            kind, _, choices = _annotation(others[0], where)
             return kind, True, choices
-    if isinstance(node, ast.Name) and node.id in _SCALARS:
-        return _SCALARS[node.id], False, None
-    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "Literal":
-        values = ast.literal_eval(node.slice)
-        values = values if isinstance(values, tuple) else (values,)
-        if all(isinstance(v, str) for v in values):
-            return str, False, values
-    raise TypeError(f"{where}: no command-line flag for the annotation {ast.unparse(node)!r} "
+    if hint in _SCALARS:
+        return hint, False, None
+    if typing.get_origin(hint) is Literal and all(isinstance(v, str) for v in args):
+        return str, False, args
+    raise TypeError(f"{where}: no command-line flag for the annotation {hint!r} "
                     "(supported: int, float, str, bool, Literal of strings, and X | None)")
 
 
@@ -185,20 +158,24 @@ def _negative(option: str) -> str:
     return f"--{head}{dot}no-{leaf}"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config: ConfigRef, prefix: str = "") -> None:
-    """One flag per field of `config` (a dataclass or "module:ClassName"), grouped by class. Only
-    the flags given end up in the namespace, so a saved --config is overridden, not replaced."""
+def add_config_arguments(parser: argparse.ArgumentParser, config: type, prefix: str = "",
+                         defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per field of the dataclass `config`, grouped by class. Only the flags given end
+    up in the namespace, so a saved --config is overridden, not replaced; `defaults` ({dest:
+    value}) are this command's own defaults instead of the fields' (always in the namespace)."""
+    defaults = defaults or {}
     groups: dict[str, Any] = {}
     for f in config_fields(config, prefix):
         group = groups.get(f.group) or groups.setdefault(f.group, parser.add_argument_group(f.group))
-        help_text = f"{f.help} (default: {_shown(f.default, f.kind)})".lstrip().replace("%", "%%")
+        default = defaults.get(f.dest, f.default)
+        help_text = f"{f.help} (default: {_shown(default, f.kind)})".lstrip().replace("%", "%%")
+        given_only = defaults.get(f.dest, argparse.SUPPRESS)
         if f.kind is bool:
-            group.add_argument(f.flag, dest=f.dest, action=Switch, default=argparse.SUPPRESS,
-                               help=help_text)
+            group.add_argument(f.flag, dest=f.dest, action=Switch, default=given_only, help=help_text)
         else:
-            metavar = None if f.choices else f.kind.__name__.upper()
+            metavar = None if f.choices else f.metavar or f.kind.__name__.upper()
             group.add_argument(f.flag, dest=f.dest, type=_converter(f.kind, f.optional), choices=f.choices,
-                               metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+                               metavar=metavar, default=given_only, help=help_text)
 
 
 def config_from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None, prefix: str = ""):
@@ -214,6 +191,18 @@ def config_from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None 
             target = target.setdefault(p, {})
         target[leaf] = value
     return cls.from_dict(raw) if hasattr(cls, "from_dict") else cls(**raw)
+
+
+def checked_config(parser: argparse.ArgumentParser, cls, args: argparse.Namespace, prefix: str = ""):
+    """config_from_args, with the config's ValueError about a field ("beam_size must be ...")
+    turned into the parser's usage error about its flag ("--beam-size must be ...")."""
+    try:
+        return config_from_args(cls, args, prefix=prefix)
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        if f"{prefix}{name}" in {f.dest for f in config_fields(cls, prefix)}:
+            parser.error(f"--{prefix}{name.replace('_', '-')} {rest}")
+        parser.error(str(err))
 
 
 def load_config_file(path: str | Path | None) -> dict[str, Any]:

@@ -23,24 +23,29 @@ from captioner.cli.caption import (  # noqa: F401 (caption_folder_main: the capt
     MODEL_HELP,
     OLD_SPELLINGS,
     add_caption_arguments,
+    add_decoding_arguments,
+    add_model_arguments,
     caption_folder_main,
     caption_folder_parser,
-    positive_int,
     run_caption,
 )
 from captioner.cli.flags import (
     FlagParser,
     Switch,
     add_config_arguments,
+    checked_config,
     config_from_args,
     load_config_file,
-    source_constant,
+    positive_int,
 )
+from captioner.data.config import DataConfig
+from captioner.model.options import DecodeOptions
+from captioner.serving.settings import ENCODER_OPTIONS
+from captioner.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from captioner.serving.captioner import Captioner
 
-TRAIN_CONFIG, DATA_CONFIG = "captioner.training.config:TrainConfig", "captioner.data.config:DataConfig"
 Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
@@ -49,12 +54,11 @@ Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="JSON",
                         help="a saved train_config.json to start from; the flags given override it")
-    add_config_arguments(parser, TRAIN_CONFIG)
+    add_config_arguments(parser, TrainConfig)
     return parser
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from captioner.training.config import TrainConfig
     from captioner.training.loop import train
 
     cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
@@ -67,19 +71,9 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 # ----------------------------------------------------------------------------- evaluate
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--checkpoint", help=MODEL_HELP)
-    parser.add_argument("--revision", help="Hub revision of a --checkpoint repo id")
+    add_model_arguments(parser)
     parser.add_argument("--split", default="val", choices=["train", "val", "test"],
                         help="the dataset split to score (default: %(default)s)")
-    parser.add_argument("--beam-size", type=positive_int, default=3, help="1 = greedy (default: %(default)s)")
-    parser.add_argument("--max-length", type=positive_int, default=20,
-                        help="most words per caption (default: %(default)s)")
-    parser.add_argument("--length-penalty", type=float, default=0.0,
-                        help="rank beams by log-probability / length^P (default: %(default)s)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
-                        default=source_constant("captioner.model.decoding", "NO_REPEAT_NGRAM_SIZE"),
-                        help="no caption repeats a phrase of N words; 0: repeats allowed "
-                             "(default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="images captioned together (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=2,
@@ -97,19 +91,20 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="hard-attention models: each word's context from the argmax cell (their "
                              "default) or the expectation over cells")
     parser.add_argument("--output-dir", help="where results.json and metrics.json go")
-    add_config_arguments(parser, DATA_CONFIG, prefix="data.")
+    add_decoding_arguments(parser)
+    add_config_arguments(parser, DataConfig, prefix="data.")
     return parser
 
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from captioner.data.config import DataConfig
+    options: DecodeOptions = checked_config(parser, DecodeOptions, args)
     from captioner.data.datasets import load_dataset
     from captioner.evaluation.metrics import evaluate_model
     from captioner.serving.captioner import Captioner
 
     data_cfg = config_from_args(DataConfig, args, prefix="data.")
     images = load_dataset(data_cfg)[args.split][: args.max_images]
-    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize,
+    captioner = Captioner.from_pretrained(args.model, device=args.device, quantize=args.quantize,
                                           revision=args.revision)
     if args.hard_decoding:
         from captioner.model.attention import set_hard_decoding
@@ -119,13 +114,11 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         except ValueError as err:
             parser.error(f"--hard-decoding: {err}")
     metrics, _ = evaluate_model(
-        captioner.model, captioner.vocab, images, args.output_dir, meteor=args.meteor, spice=args.spice,
-        beam_size=args.beam_size, max_length=args.max_length, length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, cache_dir=args.cache_dir)
-    summary = {"checkpoint": str(captioner.path), "split": args.split, "images": len(images),
-               "beam_size": args.beam_size, "length_penalty": args.length_penalty,
-               "no_repeat_ngram_size": args.no_repeat_ngram_size, "hard_decoding": args.hard_decoding,
+        captioner.model, captioner.vocab, images, args.output_dir, options, meteor=args.meteor,
+        spice=args.spice, batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir)
+    summary = {"model": str(captioner.path), "split": args.split, "images": len(images),
+               "beam_size": options.beam_size, "length_penalty": options.length_penalty,
+               "no_repeat_ngram_size": options.no_repeat_ngram_size, "hard_decoding": args.hard_decoding,
                **{k: round(v, 2) for k, v in metrics.items()}}
     print(json.dumps(summary, indent=2))
     return 0
@@ -141,15 +134,15 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "($CAPTIONER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=env("CAPTIONER_PORT", "7860"),
                         help="port ($CAPTIONER_PORT, default 7860)")
-    parser.add_argument("--checkpoint", default=env("CAPTIONER_WEIGHTS"),
-                        help=MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"))
-    parser.add_argument("--revision", help="Hub revision of a --checkpoint repo id")
+    add_model_arguments(parser, MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"),
+                        default=env("CAPTIONER_WEIGHTS"))
     parser.add_argument("--quantize", action=Switch, default=False,
                         help="int8 decoder on CPU: faster captions, slightly different scores (default: off)")
     parser.add_argument("--device", default=env("CAPTIONER_DEVICE"),
                         help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)")
     parser.add_argument("--share", action=Switch, default=False,
                         help="also serve through a public gradio.live link (default: off)")
+    add_decoding_arguments(parser)  # beam size and length: the sliders' starting values
     return parser
 
 
@@ -157,20 +150,26 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Serve the page first, load the model beside it: the page needs gradio, not the model's
     modules (torch.nn, timm), so the model loads in the background once the server is up and a
     click on Caption waits for it. A missing model is still refused before anything starts."""
+    options: DecodeOptions = checked_config(parser, DecodeOptions, args)
     from captioner.serving import hub
 
     try:
-        folder = hub.find_model(args.checkpoint, args.revision)
+        folder = hub.find_model(args.model, args.revision)
     except hub.ModelNotFoundError as err:
         sys.exit(f"{parser.prog}: cannot start without a model: {err}")
     from captioner.serving import webapp  # imports gradio
 
+    try:
+        webapp.check_options(options)
+    except ValueError as err:  # "beam_size must be ..." -> "--beam-size must be ..."
+        name, _, rest = str(err).partition(" ")
+        parser.error(f"--{name.replace('_', '-')} {rest}")
     captioner = BackgroundCaptioner(folder, args.device, args.quantize)
 
     def about() -> str:  # called when a page opens; waits for the model
         return webapp.describe_model(folder, captioner.loaded())
 
-    demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images())
+    demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images(), options)
     captioner.start()
     webapp.serve(demo, args.host, args.port, args.share, stop=captioner.failed)  # Ctrl-C or a failed load
     if captioner.error is not None:
@@ -260,8 +259,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 # ----------------------------------------------------------------------------- benchmark
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    encoders = source_constant("captioner.serving.benchmark", "ENCODER_OPTIONS")
-    parser.add_argument("--checkpoint", help="model folder to time (default: random decoder weights)")
+    add_model_arguments(parser, "model folder or Hub repo id to time (default: random decoder weights)")
     parser.add_argument("--quantize", action=Switch, default=False,
                         help="int8 dynamic quantization of the decoder (default: off)")
     parser.add_argument("--compile", action=Switch, default=False,
@@ -274,9 +272,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
                         help="words of the random-decoder vocabulary (default: %(default)s)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32],
                         help="photos per caption() call (default: 1 32)")
-    parser.add_argument("--beam-size", type=positive_int, default=3, help="1 = greedy (default: %(default)s)")
-    parser.add_argument("--max-length", type=positive_int,
-                        help="words per caption at most (default: 16 random decoder, 20 checkpoint)")
+    add_decoding_arguments(parser, max_length=None)  # none: 16 words with random weights, else 20
     parser.add_argument("--image-size", type=positive_int, default=224,
                         help="side of the test photo in pixels (default: %(default)s)")
     parser.add_argument("--runs", type=positive_int, default=7,
@@ -290,13 +286,13 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
                              "there, else generated ones; 0: skip) (default: %(default)s)")
     parser.add_argument("--extract-runs", type=positive_int, default=3,
                         help="feature-extraction runs; the median is reported (default: %(default)s)")
-    parser.add_argument("--flickr-root", default="../shared/data/flickr8k", metavar="DIR",
-                        help="the Flickr8k folder, for feature extraction and --dev-cider "
-                             "(default: %(default)s)")
+    parser.add_argument("--flickr-root", metavar="DIR",
+                        help="the Flickr8k folder, for --dev-cider and for feature extraction "
+                             "(default: none; extraction then uses generated photos)")
     parser.add_argument("--dev-cider", type=int, default=0, metavar="N",
                         help="instead of timing: CIDEr of each encoder option on the first N Flickr8k "
                              "dev photos")
-    parser.add_argument("--encoders", nargs="+", default=encoders, choices=encoders,
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODER_OPTIONS), choices=ENCODER_OPTIONS,
                         help="with --dev-cider: the encoder options to score (the first is the reference)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process time, steadier on a shared machine (sums over threads) "
@@ -305,12 +301,17 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
 
 
 def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.dev_cider and not args.flickr_root:
+        parser.error("--dev-cider scores Flickr8k dev photos: give --flickr-root, the Flickr8k folder")
     if args.dev_cider and not Path(args.flickr_root).is_dir():
         parser.error(f"--dev-cider scores Flickr8k dev photos, but --flickr-root {args.flickr_root} "
                      "is not a folder")
+    if args.max_length is None:  # a random decoder never says <end>: 16 words, near a real caption's time
+        args = argparse.Namespace(**{**vars(args), "max_length": 20 if args.model else 16})
+    options: DecodeOptions = checked_config(parser, DecodeOptions, args)
     from captioner.serving import benchmark
 
-    benchmark.run(args)
+    benchmark.run(args, options)
     return 0
 
 
@@ -339,8 +340,8 @@ DESCRIPTIONS = {
     "benchmark": "Time on this machine, for each --threads count, the encoder (timm's unmodified "
                  "backbone against the inference encoder, one optimisation at a time), the whole "
                  "caption() call and feature extraction; --dev-cider N scores the encoder options on "
-                 "Flickr8k dev photos instead. Without --checkpoint the decoder has random weights "
-                 "(fine for timing only).",
+                 "Flickr8k dev photos instead. Without --model the decoder has random weights "
+                 "(fine for timing only) and --max-length is 16 unless given (20 with --model).",
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; larger files are treated as decompression bombs
+from captioner.data.limits import DEFAULT_MAX_PIXELS
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 

@@ -26,6 +26,7 @@ import torch
 from captioner.data.images import load_image
 from captioner.evaluation.grounding import COCO_SYNONYMS, ObjectVocabulary, category_masks
 from captioner.model.focus import focus_weights
+from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
 
 if TYPE_CHECKING:  # a Captioner is passed in; evaluation sits below serving
@@ -117,6 +118,7 @@ def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str 
     coco = COCO(str(instances))
     objects, nameable = ObjectVocabulary(synonyms), nameable_categories(captioner, synonyms)
     reports = {setting: FocusReport() for setting in settings}
+    options = DecodeOptions(beam_size=beam_size)
     for image_id in sorted(coco.getImgIds())[:limit]:
         entry = coco.loadImgs([image_id])[0]
         cover = {name: float(mask.mean()) for name, mask in category_masks(coco, image_id).items()}
@@ -128,16 +130,16 @@ def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str 
         image = load_image(Path(images_dir) / entry["file_name"])
         with torch.inference_mode():
             features = captioner.encoder(captioner.preprocess(image)[None].to(captioner.device))
-        plain = caption_features(captioner.model.decoder, captioner.vocab, features, beam_size)[0].text
+        plain = caption_features(captioner.model.decoder, captioner.vocab, features, options)[0].text
         named_plain = {m.category for m in objects.mentions(plain.split())}
         regions = [_box(bbox, image.size) for bbox, _ in boxes]
-        cropped = captioner.caption([_crop(image, region) for region in regions], beam_size=beam_size)
+        cropped = captioner.caption([_crop(image, region) for region in regions], options)
         named_cropped = [{m.category for m in objects.mentions(crop.words)} for crop in cropped]
         weights = torch.stack([focus_weights(r, image.size, captioner.grid_shape) for r in regions])
         for (how, strength), report in reports.items():
             decoder = captioner.model.decoder if how == "both" else _Steered(captioner.model.decoder, how)
             focused = caption_features(decoder, captioner.vocab, features.expand(len(boxes), -1, -1),
-                                       beam_size, focus=(strength * weights).to(captioner.device))
+                                       options, focus=(strength * weights).to(captioner.device))
             for (_, name), region, result, crop, named_crop in zip(boxes, regions, focused, cropped,
                                                                     named_cropped, strict=True):
                 named = {m.category for m in objects.mentions(result.words)}

@@ -29,8 +29,8 @@ from captioner.data.feature_cache import FeatureCache
 from captioner.data.images import ImageFiles, collate_images
 from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel
-from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE
 from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
 from captioner.model.vocabulary import Vocabulary, tokenize
 
@@ -186,23 +186,21 @@ def caption_split(
     model: CaptionModel,
     vocab: Vocabulary,
     images: Sequence[ImageCaptions],
+    options: DecodeOptions | None = None,
     *,
-    beam_size: int = 3,
-    max_length: int = 20,
-    length_penalty: float = 0.0,
-    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
     batch_size: int = 32,
     num_workers: int = 2,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Real beam-search captions for every image, in order (see image_grids for `cache_dir`)."""
+    """Real beam-search captions (by `options`, default DecodeOptions()) for every image, in
+    order (see image_grids for `cache_dir`)."""
+    options = (options or DecodeOptions()).replace(n_best=1)
     model.eval()
     captions: list[str] = []
     bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
     for features in image_grids(model, images, batch_size, num_workers, cache_dir, progress):
-        results = caption_features(model.decoder, vocab, features, beam_size, max_length,
-                                   length_penalty, 1, no_repeat_ngram_size)
+        results = caption_features(model.decoder, vocab, features, options)
         captions += [r.text for r in results]
         bar.update(len(results))
     bar.close()
@@ -210,13 +208,14 @@ def caption_split(
 
 
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, images: Sequence[ImageCaptions],
-                   output_dir: str | Path | None = None, *, meteor: bool = True, spice: bool = False,
-                   **caption_options) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                   output_dir: str | Path | None = None, options: DecodeOptions | None = None, *,
+                   meteor: bool = True, spice: bool = False,
+                   **split_settings: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Caption a split, score it, and (optionally) write results.json + metrics.json.
 
     Results use the official COCO format: the numeric COCO id when there is one.
     """
-    captions = caption_split(model, vocab, images, **caption_options)
+    captions = caption_split(model, vocab, images, options, **split_settings)
     predictions = {item.image_id: c for item, c in zip(images, captions, strict=True)}
     metrics = score_captions(predictions, {i.image_id: i.captions for i in images},
                              meteor=meteor, spice=spice)

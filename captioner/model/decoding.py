@@ -1,20 +1,20 @@
-"""Turning annotation grids into captions: greedy, beam search and sampling.
+"""Turning annotation grids into captions.
 
-All three run a whole batch of images at once. They always stop (at `max_length` words at
-the latest) and always return a caption, even if `<end>` is never produced.
+`beam_search` is how every caption the library shows is found (beam 1 is greedy decoding);
+`decode_tensors` decodes greedily or by sampling while keeping the autograd graph, for
+self-critical training. Both run a whole batch of images at once, always stop (at `max_length`
+words at the latest) and always return a caption, even if `<end>` is never produced.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from captioner.model.decoder import Decoder
+from captioner.model.options import DecodeOptions
 from captioner.model.vocabulary import Vocabulary
 
 
@@ -25,38 +25,12 @@ class Hypothesis:
     score: float  # what beam search ranks by: log_prob, length-normalised if asked
     alphas: torch.Tensor  # (len(tokens), L): the attention that produced each word
     finished: bool  # False when max_length cut the caption before <end>
-    gates: torch.Tensor | None = None  # (len(tokens),) the gate of each word's step (beam search)
+    gates: torch.Tensor  # (len(tokens),) the gate of each word's step
 
-
-# What the user-facing layers (Captioner, captioner-caption, the app, scripts/evaluate.py) pass
-# by default: no caption repeats a 3-word phrase. On the Flickr8k dev split it raised every
-# metric of the shipped model a little (beam 3: CIDEr 51.96 -> 52.36, BLEU-4 21.37 -> 21.53).
-NO_REPEAT_NGRAM_SIZE = 3
 
 # Never written: <pad> and <start> are not words, and "<unk>" tells a reader nothing (the model
 # still learns rare words' share of probability in training; decoding picks the best real word).
 BANNED_IDS = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
-
-
-def check_whole_number(name: str, value: Any, low: int, high: int | None = None) -> None:
-    """ValueError naming the argument and its allowed range (bools and 2.5 are not numbers of beams)."""
-    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not whole or value < low or (high is not None and value > high):
-        allowed = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
-
-
-def check_decoding_options(beam_size: int, max_length: int, length_penalty: float = 0.0,
-                           n_best: int | None = None, no_repeat_ngram_size: int = 0) -> None:
-    """Refuse options that make no sense before they reach torch (whose errors would not say which)."""
-    check_whole_number("beam_size", beam_size, 1)
-    check_whole_number("max_length", max_length, 1)
-    if n_best is not None:
-        check_whole_number("n_best", n_best, 1, beam_size)
-    check_whole_number("no_repeat_ngram_size", no_repeat_ngram_size, 0)
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
 
 def _log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -91,7 +65,7 @@ def decode_tensors(
     top_k: int = 0,
     samples_per_image: int = 1,
     no_repeat_ngram_size: int = 0,
-    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
+    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.model.focus)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy or sampled decoding that keeps the autograd graph (self-critical training uses it).
 
@@ -136,44 +110,15 @@ def decode_tensors(
             torch.stack(alphas, 1))
 
 
-def _to_hypotheses(tokens, log_probs, mask, alphas) -> list[Hypothesis]:
-    hypotheses = []
-    for seq, logp, m, alpha in zip(tokens.tolist(), log_probs, mask, alphas, strict=True):
-        length = int(m.sum())
-        finished = length > 0 and seq[length - 1] == Vocabulary.end_id
-        words = length - 1 if finished else length
-        total = float(logp[:length].sum())
-        hypotheses.append(Hypothesis(seq[:words], total, total, alpha[:words].cpu(), finished))
-    return hypotheses
-
-
-@torch.no_grad()
-def greedy_decode(decoder: Decoder, features: torch.Tensor, max_length: int = 20,
-                  no_repeat_ngram_size: int = 0, focus: torch.Tensor | None = None) -> list[Hypothesis]:
-    return _to_hypotheses(*decode_tensors(decoder, features, max_length, greedy=True,
-                                          no_repeat_ngram_size=no_repeat_ngram_size, focus=focus))
-
-
-@torch.no_grad()
-def sample(decoder: Decoder, features: torch.Tensor, max_length: int = 20,
-           temperature: float = 1.0, top_k: int = 0) -> list[Hypothesis]:
-    """One sampled caption per image (repeat the features for several)."""
-    out = decode_tensors(decoder, features, max_length, False, temperature, top_k)
-    return _to_hypotheses(*out)
-
-
 @torch.no_grad()
 def beam_search(
     decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
-    beam_size: int = 3,
-    max_length: int = 20,
-    length_penalty: float = 0.0,
-    n_best: int | None = None,
-    no_repeat_ngram_size: int = 0,
-    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
+    options: DecodeOptions,
+    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.model.focus)
 ) -> list[list[Hypothesis]]:
-    """Beam search over all images x beams in one tensor batch.
+    """Per image, its best captions, best first: beam search over all images x beams in one
+    tensor batch (options.beam_size 1 is greedy decoding).
 
     A beam that emits <end> moves to its image's finished list and its slot is refilled from
     the other beams' expansions. An image is done once it has `beam_size` finished captions
@@ -181,11 +126,10 @@ def beam_search(
     candidates, so there is always an answer.
     Ranking: log_prob / length**length_penalty (0 = plain log-probability).
     no_repeat_ngram_size = n > 0: no caption contains the same n-gram twice.
-    Returns, per image, the `n_best` (default: beam_size) hypotheses, best first.
+    Returns, per image, the `n_best` (default: beam_size) hypotheses.
     """
     batch, num_cells = features.shape[:2]
-    k = beam_size
-    n_best = n_best or k
+    k, n_best, length_penalty = options.beam_size, options.per_image, options.length_penalty
     device = features.device
     # Until the first word all beams of an image are identical: step 0 runs one row per image.
     feats, keys = decoder.prepare(features)  # (B, L, A), (B*K, L, A) from step 1 on
@@ -198,10 +142,10 @@ def beam_search(
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     searching = list(range(batch))  # image of each row block; done images leave the batch
 
-    for step in range(max_length):
+    for step in range(options.max_length):
         logits, state, alpha, gate = decoder.step(feats, keys, words, state, focus)
         logp = _log_probs(logits)
-        _block_repeated_ngrams(logp, tokens, no_repeat_ngram_size)
+        _block_repeated_ngrams(logp, tokens, options.no_repeat_ngram_size)
         (n, beams), vocab = beam_scores.shape, logp.shape[-1]
         candidates = (beam_scores.unsqueeze(-1) + logp.view(n, beams, vocab)).view(n, -1)
         top_scores, top_index = candidates.topk(k, dim=1)  # (n, K)
@@ -253,47 +197,3 @@ def beam_search(
                     alphas[row].cpu(), False, gates[row].cpu(),
                 ))
     return [sorted(f, key=lambda h: h.score, reverse=True)[:n_best] for f in finished]
-
-
-def decode(
-    decoder: Decoder,
-    features: torch.Tensor,  # (B, L, D)
-    beam_size: int = 3,
-    max_length: int = 20,
-    length_penalty: float = 0.0,
-    n_best: int | None = None,
-    no_repeat_ngram_size: int = 0,
-    focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.focus)
-) -> list[list[Hypothesis]]:
-    """Per image, its best captions, by beam search (beam_size 1 is greedy decoding, with the
-    gates recorded)."""
-    return beam_search(decoder, features, beam_size, max_length, length_penalty, n_best,
-                       no_repeat_ngram_size, focus)
-
-
-@torch.no_grad()
-def replay(
-    decoder: Decoder,
-    features: torch.Tensor,  # (B, L, D)
-    tokens: torch.Tensor,  # (B, T) chosen word ids, without <start>; rows may be padded
-    focus: torch.Tensor | None = None,  # (B, L) the attention bias decoding used, if any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed given captions (a reference's, say) through the decoder: the attention (B, T, L) and
-    the gate (B, T) (see `AttentionDecoder.step`) of the step that wrote each word.
-
-    In eval mode the decoder is deterministic: replaying the words decoding chose reproduces
-    the attention and gates it recorded. Values at padded positions are meaningless.
-    """
-    features, keys = decoder.prepare(features)
-    state = decoder.init_state(features, focus)
-    words = torch.full((tokens.shape[0],), Vocabulary.start_id, dtype=torch.long, device=features.device)
-    alphas, gates = [], []
-    for t in range(tokens.shape[1]):
-        _, state, alpha, gate = decoder.step(features, keys, words, state, focus)
-        alphas.append(alpha)
-        gates.append(gate)
-        words = tokens[:, t]
-    if not alphas:
-        rows = tokens.shape[0]
-        return features.new_zeros(rows, 0, features.shape[-2]), features.new_zeros(rows, 0)
-    return torch.stack(alphas, 1), torch.stack(gates, 1)

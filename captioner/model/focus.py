@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 Box = Sequence[float]
 Focus = Box | np.ndarray  # a box, or a boolean mask (H, W)
-DEFAULT_STRENGTH = 2.0  # the best of 1, 2, 4, 8 on coco-mini (scripts/evaluate_focus.py; README)
+# The default strength: captioner.model.options.DEFAULT_FOCUS_STRENGTH (torch-free, for the flags).
 
 
 def check_box(box: Box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:

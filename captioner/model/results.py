@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from captioner.model.decoder import Decoder
-from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE, Hypothesis, check_decoding_options, decode
+from captioner.model.decoding import Hypothesis, beam_search
+from captioner.model.options import DecodeOptions
 from captioner.model.vocabulary import Vocabulary
 
 
@@ -37,22 +38,17 @@ class CaptionResult:
 
 
 @torch.inference_mode()
-def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor,
-                     beam_size: int = 3, max_length: int = 20, length_penalty: float = 0.0,
-                     n_best: int | None = None, no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, options: DecodeOptions,
                      focus: torch.Tensor | None = None) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
     Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
-    check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
-    beams = decode(decoder, features, beam_size, max_length, length_penalty, n_best,
-                   no_repeat_ngram_size, focus)
+    beams = beam_search(decoder, features, options, focus)
     side = math.isqrt(features.shape[1])  # grids are square
     return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
 
 
 def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
     best = hypotheses[0]
-    assert best.gates is not None  # beam search records them
     words = vocab.decode(best.tokens)
     attention = best.alphas.float().numpy().reshape(len(best.tokens), *grid)
     alternatives = []

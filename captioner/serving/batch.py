@@ -23,14 +23,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.data.images import DEFAULT_MAX_PIXELS, ImageBatch, ImageFiles, LoadedImage, collate_images
-from captioner.model.decoding import NO_REPEAT_NGRAM_SIZE
-from captioner.model.focus import DEFAULT_STRENGTH
+from captioner.data.images import ImageBatch, ImageFiles, LoadedImage, collate_images
+from captioner.model.options import DecodeOptions
 from captioner.model.results import CaptionResult
 from captioner.serving.captioner import Captioner
 from captioner.serving.records import (
     CSV_FIELDS,
     CSV_FIELDS_N_BEST,
+    ExistingOutput,
     OutputError,
     RecordWriter,
     drop_failures,
@@ -38,6 +38,7 @@ from captioner.serving.records import (
     path_key,
     read_output,
 )
+from captioner.serving.settings import BatchSettings
 from captioner.visualize import save_attention_grid
 
 # Folder scans take files with these extensions (a bad one becomes an error row), plus files of
@@ -52,7 +53,6 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 _ISO_MEDIA_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
-DEFAULT_NUM_WORKERS = min(2, os.cpu_count() or 1)
 THUMBNAIL_SIZE = 320  # images kept for --save-attention grids (panels are ~200 px wide)
 # Marks an attention folder, so that later scans of a folder containing it leave it out even
 # when --save-attention is not given again.
@@ -204,6 +204,11 @@ class Summary:
     seconds: float = 0.0
     first_errors: list[str] = field(default_factory=list)
 
+    def add_failure(self, error: str) -> None:
+        self.failed += 1
+        if len(self.first_errors) < 10:
+            self.first_errors.append(error)
+
     @property
     def images_per_second(self) -> float:
         return self.captioned / self.seconds if self.seconds > 0 else 0.0
@@ -225,74 +230,53 @@ def caption_files(
     captioner: Captioner,
     paths: Sequence[str],
     output: str | Path,
+    options: DecodeOptions | None = None,
+    settings: BatchSettings | None = None,
     *,
     fmt: str | None = None,
-    batch_size: int = 32,
-    beam_size: int = 3,
-    max_length: int = 20,
-    length_penalty: float = 0.0,
-    n_best: int = 1,
-    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-    num_workers: int = DEFAULT_NUM_WORKERS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    retry_failed: bool = False,
-    attention_dir: str | Path | None = None,
-    progress: bool = True,
     focus: Mapping[str, Sequence[float]] | None = None,
-    focus_strength: float = DEFAULT_STRENGTH,
 ) -> Summary:
-    """Caption `paths` into `output`, skipping files it already holds a row for.
+    """Caption `paths` into `output` (JSONL or CSV, `fmt` or by its suffix), skipping files it
+    already holds a row for.
 
-    Failed files are skipped too unless `retry_failed`; their old rows are then replaced.
-    `focus` maps paths to boxes (x0, y0, x1, y1) to caption a region of those images; a box
-    that does not fit its image makes an error row. Raises OutputError if the output cannot be
-    read back or written.
+    `options`: how captions are searched for (default: DecodeOptions(n_best=1), the best caption
+    alone); when they keep more than one caption per image, the rows hold the alternatives.
+    `settings`: batch size, workers, retries, attention PNGs... (default: BatchSettings()).
+    Failed files are skipped too unless `settings.retry_failed`; their old rows are then
+    replaced. `focus` maps paths to boxes (x0, y0, x1, y1) to caption a region of those images;
+    a box that does not fit its image makes an error row. Raises OutputError if the output
+    cannot be read back or written.
     """
-    boxes = {path_key(p): box for p, box in (focus or {}).items()}
+    options = options or DecodeOptions(n_best=1)
+    settings = settings or BatchSettings()
     start = time.perf_counter()
     output = Path(output)
     fmt = output_format(output, fmt)
-    existing = read_output(output, fmt, CSV_FIELDS_N_BEST if n_best > 1 else CSV_FIELDS)
-    done, failed = existing.done(), existing.failed()
-    skip = done if retry_failed else done | failed
-    todo = list({path_key(p): p for p in paths if path_key(p) not in skip}.values())  # no duplicates
-    summary = Summary(len(paths), already_done=sum(path_key(p) in done for p in paths),
-                      failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths))
-    retry = {path_key(p) for p in todo} & failed
-    if retry:
-        drop_failures(output, fmt, existing, retry)
-
-    attention_dir = Path(attention_dir) if attention_dir else None
-    if attention_dir is not None:
-        try:
-            attention_dir.mkdir(parents=True, exist_ok=True)
-            (attention_dir / ATTENTION_MARKER).touch()
-        except OSError as err:
-            raise OutputError(f"cannot create the attention folder {attention_dir}: {err}") from err
-    dataset = ImageFiles(todo, captioner.transform, max_pixels,
+    existing = read_output(output, fmt, CSV_FIELDS_N_BEST if options.per_image > 1 else CSV_FIELDS)
+    todo, summary = _plan(paths, output, fmt, existing, settings.retry_failed)
+    attention_dir = _attention_folder(settings.save_attention)
+    dataset = ImageFiles(todo, captioner.transform, settings.max_pixels,
                          thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
-                        pin_memory=captioner.device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
+                        collate_fn=collate_images, pin_memory=captioner.device.type == "cuda")
+    boxes = {path_key(p): box for p, box in (focus or {}).items()}
+    alternatives = options.per_image > 1 or "alternatives" in existing.fields
     writer = RecordWriter(output, fmt, existing.fields)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, smoothing=0.05)
+    bar = tqdm(total=len(todo), unit="img", disable=not settings.progress or not todo, smoothing=0.05)
     try:
         for batch in loader:
-            bias = _focus_bias(captioner, batch, boxes, focus_strength) if boxes else None
-            results = iter(captioner.caption_tensors(batch.pixels, beam_size, max_length, length_penalty,
-                                                     n_best, no_repeat_ngram_size, bias)
+            bias = _focus_bias(captioner, batch, boxes, settings.focus_strength) if boxes else None
+            results = iter(captioner.caption_tensors(batch.pixels, options, bias)
                            if batch.pixels is not None else ())
             for item in batch.items:
                 if item.error:
                     writer.write(failure_record(item.path, item.error))
-                    summary.failed += 1
-                    if len(summary.first_errors) < 10:
-                        summary.first_errors.append(item.error)
+                    summary.add_failure(item.error)
                     continue
                 result = next(results)
                 if attention_dir is not None:
                     _save_attention(attention_dir, item, result)
-                writer.write(success_record(item.path, result, item.size,
-                                            alternatives=n_best > 1 or "alternatives" in existing.fields))
+                writer.write(success_record(item.path, result, item.size, alternatives))
                 summary.captioned += 1
             writer.sync()
             bar.update(len(batch.items))
@@ -301,6 +285,34 @@ def caption_files(
         writer.close()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _plan(paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput,
+          retry_failed: bool) -> tuple[list[str], Summary]:
+    """The files still to caption (no duplicates), and the summary of what earlier runs did.
+    Failures to retry lose their old rows now."""
+    done, failed = existing.done(), existing.failed()
+    skip = done if retry_failed else done | failed
+    todo = list({path_key(p): p for p in paths if path_key(p) not in skip}.values())
+    summary = Summary(len(paths), already_done=sum(path_key(p) in done for p in paths),
+                      failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths))
+    retry = {path_key(p) for p in todo} & failed
+    if retry:
+        drop_failures(output, fmt, existing, retry)
+    return todo, summary
+
+
+def _attention_folder(folder: str | Path | None) -> Path | None:
+    """The --save-attention folder, created and marked (later scans leave it out)."""
+    if not folder:
+        return None
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ATTENTION_MARKER).touch()
+    except OSError as err:
+        raise OutputError(f"cannot create the attention folder {folder}: {err}") from err
+    return folder
 
 
 def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Sequence[float]],

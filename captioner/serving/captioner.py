@@ -11,14 +11,10 @@ import torch
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from captioner.model.caption_model import CaptionModel
-from captioner.model.decoding import (
-    NO_REPEAT_NGRAM_SIZE,
-    check_decoding_options,
-    check_whole_number,
-)
-from captioner.model.focus import DEFAULT_STRENGTH, Focus, check_strength, focus_weights
+from captioner.model.focus import Focus, check_strength, focus_weights
 from captioner.model.folder import load_model, save_model
 from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
 from captioner.model.results import CaptionResult, caption_features
 from captioner.model.vocabulary import Vocabulary
 from captioner.serving import hub
@@ -45,6 +41,14 @@ def quantize_decoder(decoder: DecoderModule) -> DecoderModule:
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
             decoder, {torch.nn.Linear, torch.nn.LSTMCell}, dtype=torch.qint8)
+
+
+def decode_options(options: DecodeOptions | None, changes: dict[str, Any]) -> DecodeOptions:
+    """`options` (default: the defaults) with the keyword arguments `changes` applied."""
+    if options is not None and not isinstance(options, DecodeOptions):
+        raise TypeError(f"options must be a DecodeOptions, got {options!r}; pass decoding options "
+                        "by name (beam_size=3, ...)")
+    return (options or DecodeOptions()).replace(**changes)
 
 
 class Captioner:
@@ -110,16 +114,15 @@ class Captioner:
         return self.transform(load_image(image, self.max_pixels))
 
     @torch.inference_mode()
-    def caption_tensors(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int = 20,
-                        length_penalty: float = 0.0, n_best: int | None = None,
-                        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-                        focus: torch.Tensor | None = None) -> list[CaptionResult]:
-        """Caption a preprocessed batch (B, 3, S, S); `focus` is an attention bias (B, L)."""
+    def caption_tensors(self, pixels: torch.Tensor, options: DecodeOptions | None = None,
+                        focus: torch.Tensor | None = None, **decoding: Any) -> list[CaptionResult]:
+        """Caption a preprocessed batch (B, 3, S, S); `focus` is an attention bias (B, L).
+        Decoding: `options`, with any of its fields given as keywords changed (see caption)."""
+        options = decode_options(options, decoding)
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         features = torch.cat([self.encoder(part) for part in pixels.split(chunk)])
-        return caption_features(self.model.decoder, self.vocab, features, beam_size, max_length,
-                                length_penalty, n_best, no_repeat_ngram_size,
+        return caption_features(self.model.decoder, self.vocab, features, options,
                                 None if focus is None else focus.to(self.device))
 
     def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:
@@ -129,42 +132,41 @@ class Captioner:
         return check_strength(strength) * focus_weights(focus, image_size, self.grid_shape)
 
     @overload
-    def caption(self, images: ImageInput, beam_size: int = ..., max_length: int = ...,
-                length_penalty: float = ..., n_best: int | None = ..., batch_size: int = ...,
-                no_repeat_ngram_size: int = ..., focus: Focus | Sequence[Focus | None] | None = ...,
-                focus_strength: float = ...) -> CaptionResult: ...
+    def caption(self, images: ImageInput, options: DecodeOptions | None = ..., *, batch_size: int = ...,
+                focus: Focus | Sequence[Focus | None] | None = ..., focus_strength: float = ...,
+                **decoding: Any) -> CaptionResult: ...
 
     @overload  # a list of ImageInput; typed list[Any], as a list[str] is no list[ImageInput]
-    def caption(self, images: list[Any] | tuple[Any, ...], beam_size: int = ...,
-                max_length: int = ..., length_penalty: float = ..., n_best: int | None = ...,
-                batch_size: int = ..., no_repeat_ngram_size: int = ...,
-                focus: Focus | Sequence[Focus | None] | None = ...,
-                focus_strength: float = ...) -> list[CaptionResult]: ...
+    def caption(self, images: list[Any] | tuple[Any, ...], options: DecodeOptions | None = ..., *,
+                batch_size: int = ..., focus: Focus | Sequence[Focus | None] | None = ...,
+                focus_strength: float = ..., **decoding: Any) -> list[CaptionResult]: ...
 
     def caption(
         self,
         images: ImageInput | list[Any] | tuple[Any, ...],
-        beam_size: int = 3,
-        max_length: int = 20,
-        length_penalty: float = 0.0,
-        n_best: int | None = None,
+        options: DecodeOptions | None = None,
+        *,
         batch_size: int = 32,
-        no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
         focus: Focus | Sequence[Focus | None] | None = None,
-        focus_strength: float = DEFAULT_STRENGTH,
+        focus_strength: float = DEFAULT_FOCUS_STRENGTH,
+        **decoding: Any,
     ) -> CaptionResult | list[CaptionResult]:
         """Caption one image (returns one result) or a list of images (returns a list).
 
+        Decoding follows `options` (a DecodeOptions; default: its defaults), with any of its
+        fields given as keywords changed: `caption(image, beam_size=5, n_best=2,
+        length_penalty=1.0, max_length=20, no_repeat_ngram_size=3)`. `no_repeat_ngram_size=3`
+        (the default; 0 turns it off) stops "a man in a red shirt and a man in a red shirt".
+
         `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
         pixels or a boolean mask of its size (a list of those, or None, for a list of images);
-        `focus_strength` is how hard (captioner.focus). focus=None decodes as without it.
+        `focus_strength` is how hard (captioner.model.focus). focus=None decodes as without it.
 
         Images may be file paths, PIL images, numpy arrays or torch tensors ((3, H, W) or
         (H, W, 3)). Bad inputs raise ImageLoadError naming the input; decoding options out of
-        range raise ValueError naming the option. `no_repeat_ngram_size=3` (the default; 0 turns
-        it off) stops "a man in a red shirt and a man in a red shirt".
+        range raise ValueError naming the option.
         """
-        check_decoding_options(beam_size, max_length, length_penalty, n_best, no_repeat_ngram_size)
+        options = decode_options(options, decoding)
         check_whole_number("batch_size", batch_size, 1)
         single = not isinstance(images, (list, tuple))
         items = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -178,8 +180,7 @@ class Captioner:
             regions = focuses[start : start + batch_size]
             bias = None if all(r is None for r in regions) else torch.stack(
                 [self.focus_bias(r, im.size, focus_strength) for r, im in zip(regions, loaded, strict=True)])
-            batch = self.caption_tensors(pixels, beam_size, max_length, length_penalty, n_best,
-                                         no_repeat_ngram_size, bias)
+            batch = self.caption_tensors(pixels, options, bias)
             for image, result in zip(loaded, batch, strict=True):
                 result.notes += self.input_notes(image.size)
             results += batch

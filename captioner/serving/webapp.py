@@ -19,24 +19,23 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import numpy as np
-from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from captioner.model.focus import DEFAULT_STRENGTH
+from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions
+from captioner.serving import webapp_layout as layout
+from captioner.serving.webapp_layout import CSS, MAX_BEAM, MAX_WORDS, TITLE
 
-# captioner.images (torch), .visualize (matplotlib) and the model's modules (timm) are imported
-# where they are used: the page is served first, the model loads behind it (cli.run_app).
+# captioner.data.images (torch), .visualize (matplotlib) and the model's modules (timm) are
+# imported where they are used: the page is served first, the model loads behind it (cli.run_app).
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from captioner.model.results import CaptionResult
-from captioner.serving.captioner import Captioner
+    from captioner.serving.captioner import Captioner
 
-TITLE = "captioner — Show, Attend and Tell"
 MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 DISPLAY_SIZE = 512  # overlays are drawn on a copy this big: fast, and every thumbnail alike
-MAX_BEAM, MAX_WORDS = 10, 50
 
 # Example photos shipped inside scikit-image, with the licence its docs give for each.
 EXAMPLES = {
@@ -49,22 +48,6 @@ EXAMPLES = {
 API_DESCRIPTION = ("Caption an image. Returns the caption, the n-best alternatives with their scores "
                    "(log-probabilities) and one attention overlay per word, labelled with the word "
                    "and its gate β (0-1: how much the image fed the word).")
-
-CSS = """
-#caption textarea { font-size: 1.7rem !important; font-weight: 600; line-height: 1.35; }
-#word-caption { font-size: 1.25rem; }
-#attention-gallery .grid-wrap { min-height: 0; max-height: none; }
-#attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
-#attention-gallery .caption-label { font-size: 0.95rem; max-width: 96%; }
-.small-print { font-size: 0.85rem; opacity: 0.8; }
-/* On a phone the numbers keep one line (a smaller font, no wrapping) and the caption gives way. */
-@media (max-width: 640px) {
-  #alternatives { font-size: 0.72rem; }
-  #alternatives [data-col="2"] span, #alternatives [data-col="3"] span,
-  #alternatives th:nth-child(n+3) span { white-space: nowrap; }
-  #alternatives .cell-wrap { padding-left: 2px; padding-right: 2px; }
-}
-"""
 
 
 @dataclass
@@ -187,23 +170,33 @@ def region_box(annotation: dict[str, Any] | None) -> str:
     return ", ".join(str(round(float(box[k]))) for k in ("xmin", "ymin", "xmax", "ymax"))
 
 
-def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = 3,
-                   max_length: Any = 20, opacity: Any = 0.6, focus_box: Any = "",
-                   focus_strength: Any = None,
+def check_options(options: DecodeOptions) -> None:
+    """ValueError naming the option if the app's sliders cannot show it."""
+    if options.beam_size > MAX_BEAM:
+        raise ValueError(f"beam_size must be at most {MAX_BEAM} in the app, got {options.beam_size}")
+    if options.max_length > MAX_WORDS:
+        raise ValueError(f"max_length must be at most {MAX_WORDS} in the app, got {options.max_length}")
+
+
+def caption_upload(captioner: Captioner, image: dict[str, Any] | None, beam_size: Any = None,
+                   max_length: Any = None, opacity: Any = 0.6, focus_box: Any = "",
+                   focus_strength: Any = None, *, options: DecodeOptions | None = None,
                    ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
     """Run the model once: (caption, n-best table, one attention overlay per word, state).
+    The sliders' beam size and maximum length (default: `options`') replace those of `options`.
     With a focus box "x0, y0, x1, y1" (image pixels), the caption is about that region."""
     picture = read_upload(image)
-    beam_size = _int_in_range(beam_size, 1, MAX_BEAM, "beam size")
-    max_length = _int_in_range(max_length, 1, MAX_WORDS, "maximum length")
+    options = options or DecodeOptions()
+    beam = options.beam_size if beam_size is None else _int_in_range(beam_size, 1, MAX_BEAM, "beam size")
+    length = (options.max_length if max_length is None
+              else _int_in_range(max_length, 1, MAX_WORDS, "maximum length"))
     opacity = _opacity(opacity)
-    from captioner.model.focus import DEFAULT_STRENGTH
-
     box = parse_box(focus_box)
     try:
-        strength = DEFAULT_STRENGTH if focus_strength is None else float(focus_strength)
-        result = captioner.caption(picture, beam_size=beam_size, max_length=max_length, focus=box,
-                                   focus_strength=strength)
+        strength = DEFAULT_FOCUS_STRENGTH if focus_strength is None else float(focus_strength)
+        n_best = None if options.n_best is None else min(options.n_best, beam)
+        result = captioner.caption(picture, options.replace(beam_size=beam, max_length=length, n_best=n_best),
+                                   focus=box, focus_strength=strength)
     except (TypeError, ValueError) as err:  # a box outside the image, a strength below 0
         raise gr.Error(html.escape(str(err)), print_exception=False) from err
     shown = Shown(display_copy(picture), result.words, result.attention, result.score,
@@ -241,11 +234,11 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
     return gr.update(value=big, label=label), tokens
 
 
-def describe_model(checkpoint: Path, captioner: Captioner) -> str:
-    """Markdown for the About panel: the architecture, the checkpoint's metadata and model card."""
+def describe_model(folder: Path, captioner: Captioner) -> str:
+    """Markdown for the About panel: the architecture, the model folder's metadata and model card."""
     from captioner.model.folder import read_config
 
-    directory = checkpoint.parent if checkpoint.is_file() else checkpoint
+    directory = folder.parent if folder.is_file() else folder
     config = read_config(directory)
     model = config["model"]
     params = sum(p.numel() for p in captioner.model.parameters())
@@ -258,7 +251,7 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
         f"{model['image_size']} px as a {grid} grid of regions; {decoder} with "
         f"{model['attention']} attention weighs those regions afresh before each word. "
         f"{params / 1e6:.1f} M parameters, {len(captioner.vocab.words):,}-word vocabulary.",
-        f"**Checkpoint.** `{directory}`",
+        f"**Model folder.** `{directory}`",
     ]
     for key, value in config.get("metadata", {}).items():
         items = value if isinstance(value, list) else [value]  # a list: one entry per member
@@ -266,7 +259,7 @@ def describe_model(checkpoint: Path, captioner: Captioner) -> str:
         lines.append(f"**{key.replace('_', ' ').capitalize()}.** {text}")
     card = directory / "MODEL_CARD.md"
     lines.append("---\n" + card.read_text(encoding="utf-8") if card.is_file()
-                 else "_No model card (MODEL_CARD.md) ships with this checkpoint._")
+                 else "_No model card (MODEL_CARD.md) ships with this model._")
     return "\n\n".join(lines)
 
 
@@ -295,47 +288,6 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     return paths
 
 
-def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button]:
-    """"Caption a region": the photo to draw a box on, the focus strength and the button."""
-    with gr.Accordion("Caption a region", open=False, elem_id="region"):
-        picker = image_annotator(None, single_box=True, image_type="filepath", sources=[],
-                                 label_list=["focus"], use_default_label=True,
-                                 label="Draw a box around what the caption should be about",
-                                 show_label=True, height=380, elem_id="region-picker",
-                                 show_download_button=False, show_clear_button=False)
-        with gr.Row():
-            strength = gr.Slider(0, 12, value=DEFAULT_STRENGTH, step=0.5, label="Focus strength",
-                                 info="how hard attention is pulled into the box")
-            focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
-                                   elem_id="focus-box")
-        region_button = gr.Button("Caption this region", elem_id="region-button")
-    return picker, strength, focus_box, region_button
-
-
-def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider, gr.Gallery]:
-    """"Where the model looked": the selected word's overlay, the words, and every word's overlay."""
-    gr.Markdown("## Where the model looked")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=2):
-            big = gr.Image(label="Attention for the selected word", interactive=False, height=420,
-                           elem_id="word-overlay", buttons=["download", "fullscreen"])
-        with gr.Column(scale=3):
-            words = gr.HighlightedText(label="Caption, word by word (click a word)", show_legend=False,
-                                       show_inline_category=False, elem_id="word-caption",
-                                       color_map={"looking at": "#f59e0b"})
-            step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=False, elem_id="word-slider")
-            opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
-            gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
-                        "model looked most when it chose the word, blue where it looked least. "
-                        "**β** (0-1) is how much of the image the model let into that word; "
-                        "a word with a lower β than its neighbours came more from the "
-                        "language model. It is the model's own weighting, not a check: an "
-                        "object it invents can have as high a β as one it sees.")
-            gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,
-                                 object_fit="contain", allow_preview=False, elem_id="attention-gallery")
-    return big, words, step, opacity, gallery
-
-
 def show_result(state: Shown | None, alpha: float):
     """After a caption: the details line, word 1's view, and a word slider as long as the caption."""
     big_image, tokens = word_view(state, 1, alpha)
@@ -352,67 +304,44 @@ def pick_word(event: gr.SelectData) -> int:
     return event.index // 2 + 1  # tokens alternate word, space
 
 
-def build_app(captioner: Captioner, about: str | Callable[[], str], examples: list[list[str]]) -> gr.Blocks:
-    """The UI: image and controls left, caption and alternatives right, attention below."""
+def build_app(captioner: Captioner, about: str | Callable[[], str], examples: list[list[str]],
+              options: DecodeOptions | None = None) -> gr.Blocks:
+    """The UI (webapp_layout.page) wired to the model. `about`: the About panel's Markdown, or a
+    function that returns it once the model has loaded; `options`: decoding, the sliders' start."""
+    options = options or DecodeOptions()
+    credits = "; ".join(credit for _, credit in EXAMPLES.values())
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
-                    "which part of the image it looked at for every word.")
         shown = gr.State(None, time_to_live=3 * 3600)  # the last result, per browser tab
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
-                                 height=380, elem_id="input-image")
-                with gr.Row():
-                    beam = gr.Slider(1, MAX_BEAM, value=3, step=1, label="Beam size",
-                                     info="1 = greedy; more beams explore more captions")
-                    length = gr.Slider(5, MAX_WORDS, value=20, step=1, label="Maximum length",
-                                       info="words")
-                button = gr.Button("Caption", variant="primary", size="lg", elem_id="caption-button")
-                picker, strength, focus_box, region_button = region_controls()
-                whole_image = gr.Textbox("", visible=False)  # the API's box argument: none by default
-            with gr.Column(scale=6):
-                caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
-                                     buttons=["copy"], placeholder="The caption appears here")
-                info = gr.Markdown(elem_id="caption-details")
-                table = gr.Dataframe(headers=["#", "caption", "score", "p"],
-                                     datatype=["number", "str", "number", "number"],
-                                     label="Alternatives (beam search n-best, best first)",
-                                     interactive=False, wrap=True, column_widths=["7%", "51%", "18%", "24%"],
-                                     elem_id="alternatives")
-                gallery_examples = gr.Examples(examples, inputs=[image], label="Examples (click one)",
-                                               examples_per_page=len(examples), elem_id="examples",
-                                               api_visibility="private")
-                gr.Markdown("Example photos from scikit-image: "
-                            + "; ".join(credit for _, credit in EXAMPLES.values()) + ".",
-                            elem_classes="small-print")
-        big, words, step, opacity, gallery = attention_view()
-        with gr.Accordion("About the model", open=False):
-            about_text = gr.Markdown(about if isinstance(about, str) else "_The model is loading…_",
-                                     elem_classes="small-print")
+        page = layout.page(examples, credits, about if isinstance(about, str) else "_The model is loading…_",
+                           options)
         if callable(about):  # a model still loading (cli.run_app): filled in when a page opens
-            demo.load(about, None, about_text, api_visibility="private")
-
-        view = [big, words]
-        run: dict[str, Any] = dict(fn=partial(caption_upload, captioner),
-                                   outputs=[caption, table, gallery, shown],
-                                   preprocess=False, show_progress_on=[caption, gallery])
-        whole, region = [image, beam, length, opacity, whole_image, strength], [
-            image, beam, length, opacity, focus_box, strength]
-        then: dict[str, Any] = dict(fn=show_result, inputs=[shown, opacity], outputs=[info, *view, step],
-                                    api_visibility="private")
-        button.click(api_name="caption", api_description=API_DESCRIPTION, inputs=whole, **run).success(**then)
-        gallery_examples.load_input_event.then(api_visibility="private", inputs=whole, **run).success(**then)
-        image.change(lambda path: ({"image": path, "boxes": []} if path else None, ""), image,
-                     [picker, focus_box], api_visibility="private", queue=False)
-        region_button.click(region_box, picker, focus_box, api_visibility="private", queue=False).success(
-            api_visibility="private", inputs=region, **run).success(**then)
-        # Clicking a thumbnail or a word moves the word slider; the slider redraws the large view.
-        gallery.select(pick_thumbnail, None, step, api_visibility="private", queue=False)
-        words.select(pick_word, None, step, api_visibility="private", queue=False)
-        step.change(word_view, [shown, step, opacity], view, api_visibility="private")
-        opacity.change(lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
-                       [shown, step, opacity], [gallery, *view], api_visibility="private")
+            demo.load(about, None, page.about, api_visibility="private")
+        wire(page, shown, partial(caption_upload, captioner, options=options))
     return demo
+
+
+def wire(page: layout.Page, shown: gr.State, caption: Callable[..., Any]) -> None:
+    """The events: Caption (also the API's /caption), an example, a region; then clicks on a
+    thumbnail or a word move the word slider, which redraws the large view."""
+    view = [page.big, page.words]
+    run: dict[str, Any] = dict(fn=caption, outputs=[page.caption, page.table, page.gallery, shown],
+                               preprocess=False, show_progress_on=[page.caption, page.gallery])
+    controls = [page.image, page.beam, page.length, page.opacity]
+    whole, region = [*controls, page.whole_image, page.strength], [*controls, page.focus_box, page.strength]
+    then: dict[str, Any] = dict(fn=show_result, inputs=[shown, page.opacity],
+                                outputs=[page.info, *view, page.step], api_visibility="private")
+    page.button.click(api_name="caption", api_description=API_DESCRIPTION, inputs=whole,
+                      **run).success(**then)
+    page.examples.load_input_event.then(api_visibility="private", inputs=whole, **run).success(**then)
+    page.image.change(lambda path: ({"image": path, "boxes": []} if path else None, ""), page.image,
+                      [page.picker, page.focus_box], api_visibility="private", queue=False)
+    page.region_button.click(region_box, page.picker, page.focus_box, api_visibility="private", queue=False
+                             ).success(api_visibility="private", inputs=region, **run).success(**then)
+    page.gallery.select(pick_thumbnail, None, page.step, api_visibility="private", queue=False)
+    page.words.select(pick_word, None, page.step, api_visibility="private", queue=False)
+    page.step.change(word_view, [shown, page.step, page.opacity], view, api_visibility="private")
+    page.opacity.change(lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
+                        [shown, page.step, page.opacity], [page.gallery, *view], api_visibility="private")
 
 
 def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from captioner.evaluation.metrics import score_captions
 from captioner.model.caption_model import CaptionModel
 from captioner.model.folder import architecture, load_model, save_model
+from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist, setup_distributed
@@ -257,8 +258,8 @@ def validate(model: CaptionModel, run: Run) -> dict[str, float]:
     batches = [rows[i : i + 64] for i in range(0, len(rows), 64)]
     for batch_rows, x in run.inputs.batches(batches):
         features = x if run.inputs.from_stage is None else model.encoder(x, run.inputs.from_stage)
-        results = caption_features(model.decoder, data.vocab, features, cfg.val_beam_size,
-                                   cfg.val_max_length, n_best=1, no_repeat_ngram_size=0)
+        results = caption_features(model.decoder, data.vocab, features, DecodeOptions(
+            cfg.val_beam_size, cfg.val_max_length, n_best=1, no_repeat_ngram_size=0))
         captions.update(zip(batch_rows, (r.text for r in results), strict=True))
     model.train(was_training)
     if d.world_size > 1:
