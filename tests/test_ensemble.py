@@ -13,7 +13,7 @@ from captioner import Captioner, CheckpointError, load_model, save_model
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
 from captioner.model.decoder import AttentionDecoder
-from captioner.model.decoding import _log_probs, beam_search, greedy_decode, replay
+from captioner.model.decoding import beam_search, greedy_decode, replay
 from captioner.model.ensemble import DecoderEnsemble
 from captioner.model.folder import load_ensemble
 from captioner.model.vocabulary import Vocabulary
@@ -66,7 +66,8 @@ def test_greedy_ensemble_follows_the_mean_of_its_members_log_probabilities():
             steps = [m.step(a, k, words, s) for m, (a, k), s in zip(members, prepared, states, strict=True)]
             states = [s for _, s, _, _ in steps]
             mean = torch.stack([torch.log_softmax(logits, -1) for logits, _, _, _ in steps]).mean(0)
-            words = _log_probs(mean).argmax(-1)
+            never_written = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
+            words = mean.index_fill(1, torch.tensor(never_written), float("-inf")).argmax(-1)
             chosen.append(words)
             alphas.append((steps[0][2] + steps[1][2]) / 2)
     chosen = torch.stack(chosen, 1).tolist()

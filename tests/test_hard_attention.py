@@ -27,9 +27,9 @@ from captioner.training.hard_attention import (
     reinforce_term,
     sampled_locations,
 )
+from captioner.training.inputs import step_batch
 from captioner.training.loop import train
 from captioner.training.run_state import STATE_FILE
-from captioner.training.stages import step_batch
 from captioner.visualize import save_attention_grid
 
 from .conftest import TINY

@@ -35,10 +35,18 @@ from captioner.model.encoder import Encoder
 from captioner.training import loop as training_module
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
-from captioner.training.inputs import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items
+from captioner.training.inputs import (
+    Inputs,
+    epoch_batches,
+    mirrored_rows,
+    prepare_data,
+    step_batch,
+    training_items,
+)
 from captioner.training.loop import train
+from captioner.training.optimizer import ema_decay_at
 from captioner.training.run_state import STATE_FILE, last_step_model
-from captioner.training.stages import SelfCritical, step_batch
+from captioner.training.stages import SelfCritical
 
 from .conftest import SHARED_DATA
 from .shapes import write_coco_dataset
@@ -527,7 +535,7 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     expected = dict(snapshots[0])
     for k, weights in enumerate(snapshots[1:], start=2):
         decay = min(0.25, k / (k + 9))  # 2/11 = 0.18, then capped at 0.25
-        assert decay == training_module.ema_decay_at(0.25, k - 1)
+        assert decay == ema_decay_at(0.25, k - 1)
         expected = {name: decay * expected[name] + (1 - decay) * w for name, w in weights.items()}
     best = load_file(str(tmp_path / "ema" / "best" / "model.safetensors"))
     decoder = [k for k in best if k.startswith("decoder.")]
