@@ -27,9 +27,9 @@ from captioner.model.config import ModelConfig
 from captioner.model.vocabulary import Vocabulary
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
-from captioner.training.inputs import PreparedData, encode_captions
-from captioner.training.loop import make_optimizer
-from captioner.training.stages import CrossEntropy, step_batch
+from captioner.training.inputs import PreparedData, encode_captions, step_batch
+from captioner.training.optimizer import make_optimizer
+from captioner.training.stages import CrossEntropy
 
 
 def memory_mb() -> tuple[float, float]:

@@ -23,8 +23,8 @@ from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
 from captioner.model.inference_encoder import InferenceEncoder
 from captioner.training.config import TrainConfig
-from captioner.training.loop import make_optimizer
 from captioner.training.losses import caption_loss
+from captioner.training.optimizer import make_optimizer
 
 
 def main() -> None:

@@ -7,7 +7,8 @@
 Captions every image of a COCO instances file with the Captioner API and prints (and writes to
 --output_dir as metrics.json) the pointing game and its centre baseline, the attention mass and
 its uniform baseline, CHAIR_i and CHAIR_s, all in %, plus the counts; details.jsonl has every
-image's caption and object words. Definitions and the synonym table: captioner/grounding.py.
+image's caption and object words. Definitions: captioner/evaluation/grounding.py;
+the synonym table: captioner/evaluation/coco_objects.py.
 """
 
 import argparse
@@ -15,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from captioner.evaluation.grounding import COCO_SYNONYMS, evaluate_grounding, plain_metrics, write_report
+from captioner.evaluation.coco_objects import COCO_SYNONYMS
+from captioner.evaluation.grounding import evaluate_grounding, plain_metrics, write_report
 from captioner.serving.captioner import DEFAULT_WEIGHTS, Captioner
 
 
@@ -30,7 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--synonyms", help="JSON {category: [words]} for non-COCO categories "
-                        "(default: captioner.grounding.COCO_SYNONYMS)")
+                        "(default: captioner.evaluation.coco_objects.COCO_SYNONYMS)")
     parser.add_argument("--output-dir", "--output_dir", help="where metrics.json and details.jsonl go")
     args = parser.parse_args()
     synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS

@@ -11,9 +11,9 @@ import torch
 from captioner import CaptionModel
 from captioner.model.folder import save_model
 from captioner.training.distributed import Dist
-from captioner.training.inputs import Inputs, prepare_data
+from captioner.training.inputs import Inputs, prepare_data, step_batch
 from captioner.training.loop import train
-from captioner.training.stages import CrossEntropy, step_batch
+from captioner.training.stages import CrossEntropy
 
 from .shapes import all_examples, write_coco_dataset
 from .test_training import make_config

@@ -11,10 +11,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from captioner import Captioner
+from captioner.evaluation.coco_objects import COCO_SYNONYMS, ObjectVocabulary
 from captioner.evaluation.grounding import (
-    COCO_SYNONYMS,
     GroundingReport,
-    ObjectVocabulary,
     category_masks,
     evaluate_grounding,
     ground_caption,

@@ -1,5 +1,5 @@
 """Hard (stochastic) attention, Xu et al. 2015 section 4.1: the estimator on a toy problem, decoding
-with the argmax location or the expectation, checkpoints, the shapes world, and whole training
+with the argmax location or the expectation, model folders, the shapes world, and whole training
 runs (cross-entropy then SCST) that are killed with SIGKILL and resumed."""
 
 import dataclasses
@@ -28,9 +28,9 @@ from captioner.training.hard_attention import (
     reinforce_term,
     sampled_locations,
 )
+from captioner.training.inputs import step_batch
 from captioner.training.loop import train
 from captioner.training.run_state import STATE_FILE
-from captioner.training.stages import step_batch
 from captioner.visualize import save_attention_grid
 
 from .conftest import TINY
@@ -40,7 +40,7 @@ from .test_training import (  # noqa: F401 (fixtures)
     as_flags,
     cache_dir,
     dataset,
-    kill_at_first_checkpoint,
+    kill_at_first_run_state,
     make_config,
     metrics_rows,
     state_progress,
@@ -188,7 +188,7 @@ def test_self_critical_sampling_draws_the_locations_it_reports():
         assert nothing is None
 
 
-def test_hard_model_checkpoint_loads_without_a_flag_and_draws_attention_maps(tmp_path):
+def test_hard_model_folder_loads_without_a_flag_and_draws_attention_maps(tmp_path):
     vocab = Vocabulary.build([c for _, c, _ in all_examples()], min_count=1)
     torch.manual_seed(0)
     model = CaptionModel(dataclasses.replace(TINY, attention="hard"), len(vocab), encoder_weights="random")
@@ -328,7 +328,7 @@ def test_killed_hard_attention_run_with_scst_resumes_to_the_same_result(dataset,
     out = tmp_path / "interrupted"
     flags = as_flags(cfg)
     assert flags[flags.index("--model.attention") + 1] == "hard"
-    kill_at_first_checkpoint(flags, out, tmp_path / "killed.log")
+    kill_at_first_run_state(flags, out, tmp_path / "killed.log")
     progress = state_progress(out)
     assert (progress["stage"], progress["done"]) == ("xe", False) and progress["step_in_epoch"] > 0
 

@@ -1,10 +1,10 @@
 """The network: encoder grids and weights, attention, teacher forcing, the loss, the vocabulary."""
 
+import importlib
 import json
 import urllib.error
 
 import pytest
-import timm
 import torch
 from PIL import Image
 from skimage import data
@@ -16,7 +16,6 @@ from captioner.model.encoder import (
     BACKBONES,
     Encoder,
     EncoderWeightsError,
-    _offline_state_dict,
     build_transform,
 )
 from captioner.model.vocabulary import SPECIAL_TOKENS, tokenize
@@ -76,16 +75,18 @@ def test_unknown_backbone_and_bad_weights_file(tmp_path):
 
 @pytest.mark.parametrize("backbone, image_size", [("efficientnet_lite0", 224),
                                                   ("efficientnet_lite2", 260)])
-def test_offline_weights_are_paired_correctly(backbone, image_size):
-    """The package's tensors are paired with timm's by position: a wrong pairing would not
-    recognise an espresso (ImageNet class 967) in skimage's coffee photo. Lite2 at 260 px is
-    the shipped model's encoder."""
-    spec = BACKBONES[backbone]
-    net = timm.create_model(spec.arch, pretrained=False)
-    net.load_state_dict(_offline_state_dict(spec, net))
+def test_offline_imagenet_weights_recognise_an_espresso(backbone, image_size):
+    """The package's tensors are paired with timm's by position: with a wrong pairing, the
+    encoder's pooled features under the package's own ImageNet classifier would not recognise an
+    espresso (class 967) in skimage's coffee photo. Lite2 at 260 px is the shipped model's encoder."""
+    encoder = Encoder(backbone, image_size)  # weights="imagenet": from the PyPI package
+    package = importlib.import_module(BACKBONES[backbone].offline_package)
+    model_file = next(v for k, v in vars(package).items() if k.endswith("ModelFile"))
+    shipped = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
     pixels = build_transform(backbone, image_size)(Image.fromarray(data.coffee()))
     with torch.no_grad():
-        probs = net.eval()(pixels.unsqueeze(0)).softmax(dim=-1)[0]
+        pooled = encoder(pixels.unsqueeze(0)).mean(dim=1)  # (1, D): the global average pool
+        probs = torch.nn.functional.linear(pooled, shipped["_fc.weight"], shipped["_fc.bias"]).softmax(-1)[0]
     assert int(probs.argmax()) == 967
     assert float(probs[967]) > 0.5
 
@@ -310,7 +311,7 @@ def test_vocabulary_build_min_count_and_special_tokens():
         Vocabulary([*SPECIAL_TOKENS, "a", "a"])
 
 
-def test_vocabulary_encode_decode_and_json_round_trip(tmp_path):
+def test_vocabulary_encode_decode_and_json_round_trip():
     vocab = Vocabulary.build(["a red circle on the left", "a blue square"], min_count=1)
     ids = vocab.encode("A red SQUARE, on the right!")
     assert ids[0] == vocab.start_id and ids[-1] == vocab.end_id
@@ -319,8 +320,7 @@ def test_vocabulary_encode_decode_and_json_round_trip(tmp_path):
     assert vocab.decode([vocab.start_id, a, vocab.pad_id, vocab.end_id, red]) == ["a"]
     assert vocab.decode(torch.tensor(ids)) == vocab.decode(ids)
 
-    path = tmp_path / "vocab.json"
-    vocab.save(path)
-    assert json.loads(path.read_text()) == vocab.words
-    loaded = Vocabulary.load(path)
+    saved = json.dumps(vocab.to_json())  # as config.json and the run state hold it
+    assert json.loads(saved) == vocab.words
+    loaded = Vocabulary(json.loads(saved))
     assert loaded.words == vocab.words and loaded.encode("a blue circle") == vocab.encode("a blue circle")

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from skimage import data
 
-from captioner.evaluation.grounding import COCO_SYNONYMS
+from captioner.evaluation.coco_objects import COCO_SYNONYMS
 from captioner.model.folder import CONFIG_FILE, WEIGHTS_FILE
 
 from .app_server import OFFLINE_ENV, free_port

@@ -1,7 +1,7 @@
 """Training end to end on a tiny COCO-format dataset written by the tests themselves.
 
 Everything is real: the pycocotools reader, the pretrained encoder and its feature cache,
-beam-search validation scored by pycocoevalcap, checkpoints on disk, a SIGKILLed subprocess,
+beam-search validation scored by pycocoevalcap, run states on disk, a SIGKILLed subprocess,
 and a 2-process torchrun (gloo) run. Models are tiny and epochs are 4 steps long.
 """
 
@@ -36,10 +36,18 @@ from captioner.model.options import DecodeOptions
 from captioner.training import loop as training_module
 from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
-from captioner.training.inputs import Inputs, epoch_batches, mirrored_rows, prepare_data, training_items
+from captioner.training.inputs import (
+    Inputs,
+    epoch_batches,
+    mirrored_rows,
+    prepare_data,
+    step_batch,
+    training_items,
+)
 from captioner.training.loop import train
+from captioner.training.optimizer import ema_decay_at
 from captioner.training.run_state import STATE_FILE, last_step_model
-from captioner.training.stages import SelfCritical, step_batch
+from captioner.training.stages import SelfCritical
 
 from .conftest import SHARED_DATA
 from .shapes import write_coco_dataset
@@ -118,16 +126,16 @@ def assert_same_metrics(actual: list[dict], expected: list[dict], rel: float = 1
                 assert a[key] == e[key], (e["stage"], e["epoch"], key)
 
 
-def kill_at_first_checkpoint(flags: list[str], out: Path, log: Path) -> None:
+def kill_at_first_run_state(flags: list[str], out: Path, log: Path) -> None:
     """Run scripts/train.py with `flags` and SIGKILL it as soon as its first run state exists."""
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "scripts/train.py", *flags], cwd=ROOT,
                                 env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not (out / STATE_FILE).exists():  # the first checkpoint: after step 2 of epoch 1
+        while not (out / STATE_FILE).exists():  # the first run state: after step 2 of epoch 1
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            assert time.monotonic() < deadline, "no run state within 300 s"
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -226,8 +234,8 @@ def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir
     ref_cfg, ref_out, _ = reference_run
     out = tmp_path / "interrupted"
     cfg = make_config(dataset, out, cache_dir)
-    kill_at_first_checkpoint(as_flags(cfg), out, tmp_path / "killed.log")
-    progress = state_progress(out)  # the checkpoint file is whole (atomic rename)
+    kill_at_first_run_state(as_flags(cfg), out, tmp_path / "killed.log")
+    progress = state_progress(out)  # the run state file is whole (atomic rename)
     assert (progress["stage"], progress["done"]) == ("xe", False)
     assert progress["step_in_epoch"] > 0, f"not killed mid-epoch: {progress}"
     assert saved_config(out) == cfg  # the command line gave the very same config
@@ -285,7 +293,7 @@ def test_fine_tuning_run_resumes_to_the_same_result(dataset, tmp_path, inputs):
 
 
 def test_atomic_write_never_leaves_half_a_file(tmp_path):
-    target = tmp_path / "checkpoint.safetensors"
+    target = tmp_path / STATE_FILE
     target.write_text("the previous, complete file")
 
     def dies_halfway(tmp):
@@ -529,7 +537,7 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     expected = dict(snapshots[0])
     for k, weights in enumerate(snapshots[1:], start=2):
         decay = min(0.25, k / (k + 9))  # 2/11 = 0.18, then capped at 0.25
-        assert decay == training_module.ema_decay_at(0.25, k - 1)
+        assert decay == ema_decay_at(0.25, k - 1)
         expected = {name: decay * expected[name] + (1 - decay) * w for name, w in weights.items()}
     best = load_file(str(tmp_path / "ema" / "best" / "model.safetensors"))
     decoder = [k for k in best if k.startswith("decoder.")]

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from captioner.data.images import load_image
-from captioner.evaluation.grounding import COCO_SYNONYMS, ObjectVocabulary, category_masks
+from captioner.evaluation.coco_objects import COCO_SYNONYMS, ObjectVocabulary
+from captioner.evaluation.grounding import category_masks
 from captioner.model.focus import focus_weights
 from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features

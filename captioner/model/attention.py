@@ -1,7 +1,7 @@
 """Attention over the annotation grid: one interface, two scoring functions, soft or hard.
 
 Every module takes `(features (B, L, D), hidden (B, H))` (optionally precomputed keys, and a
-bias (B, L) added to the scores, which steers attention: captioner.focus) and returns
+bias (B, L) added to the scores, which steers attention: captioner.model.focus) and returns
 `(context (B, D), alpha (B, L))`. `prepare(features)` computes the part of the score that
 does not depend on the hidden state, so the decoder can do it once per image, not per word.
 Soft attention's context is the expectation sum_i alpha_i a_i; hard attention's is one a_i.
@@ -75,7 +75,7 @@ class HardAttention(AdditiveAttention):
     - `locating(mode)` overrides both for a block (training's expectation batches, SCST).
     After each call `location` holds the cells attended (B,), or None after an expectation.
     The REINFORCE baseline's running value lives here as buffers, so the run state (which saves
-    the model's tensors) holds it and a killed run resumes exactly (captioner.hard_attention).
+    the model's tensors) holds it and a killed run resumes exactly (captioner.training.hard_attention).
     """
 
     MODES = ("sample", "argmax", "expectation")

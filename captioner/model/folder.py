@@ -1,10 +1,14 @@
-"""Model files: safetensors weights + a JSON config. No pickles, so loading never runs code."""
+"""Model folders: a trained model as safetensors weights (WEIGHTS_FILE) + a JSON config
+(CONFIG_FILE: architecture, vocabulary, metadata). No pickles, so loading never runs code.
+
+A model folder is what captioning loads (`weights/`, a run's `best/`, an export); a training
+run's resumable state is another file (captioner.training.run_state)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,8 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 class CheckpointError(RuntimeError):
-    """A model file that is missing, corrupt, or does not fit its config."""
+    """A model folder that is missing, corrupt, or whose weights do not fit its config (the name
+    is kept for the users who catch it)."""
 
 
 def save_model(
@@ -84,21 +89,47 @@ def load_model(
     if not directory.exists():
         raise CheckpointError(f"model path {path} does not exist")
     config = read_config(directory)
+    config_path = directory / CONFIG_FILE
     if not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{directory / CONFIG_FILE}: no 'model' settings")
-    settings = dict(config["model"])
-    # Written as a model setting before ensembles became an inference-time wrapper.
-    legacy_size = settings.pop("decoders", 1)
-    ensemble_size = config["ensemble_size"] if "ensemble_size" in config else legacy_size
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(settings) - known
-    if unknown:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: unknown model settings {sorted(unknown)}")
+        raise CheckpointError(f"{config_path}: no 'model' settings")
+    try:
+        model_config = ModelConfig.from_saved(config["model"])
+    except ValueError as err:  # a setting no version wrote
+        raise CheckpointError(f"{config_path}: {err}") from err
     try:
         vocab = Vocabulary(config["vocabulary"])
     except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: bad vocabulary ({err})") from err
+        raise CheckpointError(f"{config_path}: bad vocabulary ({err})") from err
     weights_path = directory / WEIGHTS_FILE
+    state = _read_weights(weights_path)
+    try:
+        model = _build_model(model_config, len(vocab), ensemble_size(config))
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a typo'd backbone, a size as text
+        raise CheckpointError(f"{config_path}: bad model settings {config['model']} ({err})") from err
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
+        for k, v in state.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{weights_path} does not match {config_path}: {'; '.join(problems[:5])}"
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device).eval(), vocab, config
+
+
+def ensemble_size(config: dict[str, Any]) -> int:
+    """How many decoders vote in the model folder whose config.json is `config` (older folders
+    said it among the model settings: `decoders`, see ModelConfig.from_saved)."""
+    return config["ensemble_size"] if "ensemble_size" in config else config["model"].get("decoders", 1)
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    """A model folder's tensors, refused if the file is missing, corrupt or not finite."""
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing")
     try:
@@ -110,31 +141,17 @@ def load_model(
         raise CheckpointError(
             f"{weights_path}: {len(broken)} tensors hold NaN or infinite values (a training run that "
             f"diverged?): {', '.join(broken[:5])}" + (" ..." if len(broken) > 5 else ""))
-    try:
-        model_config = ModelConfig(**settings)
-        model = CaptionModel(model_config, len(vocab), encoder_weights="random")
-        if ensemble_size != 1:
-            feature_dim = model.encoder.feature_dim
-            model.decoder = DecoderEnsemble([build_decoder(model_config, len(vocab), feature_dim)
-                                             for _ in range(ensemble_size)])
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a typo'd backbone, a size as text
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE}: bad model settings {config['model']} ({err})"
-        ) from err
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
-        for k, v in state.items() if k in expected and v.shape != expected[k].shape
-    ]
-    if problems:
-        raise CheckpointError(
-            f"{weights_path} does not match {directory / CONFIG_FILE}: {'; '.join(problems[:5])}"
-            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-        )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model.to(device).eval(), vocab, config
+    return state
+
+
+def _build_model(config: ModelConfig, vocab_size: int, ensemble_size: int) -> CaptionModel:
+    """The model a folder describes, with random weights (its file supplies them all)."""
+    model = CaptionModel(config, vocab_size, encoder_weights="random")
+    if ensemble_size != 1:
+        feature_dim = model.encoder.feature_dim
+        model.decoder = DecoderEnsemble([build_decoder(config, vocab_size, feature_dim)
+                                         for _ in range(ensemble_size)])
+    return model
 
 
 def architecture(config: ModelConfig) -> ModelConfig:
@@ -150,7 +167,7 @@ def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
 def load_ensemble(
     paths: Sequence[str | Path], device: str | torch.device = "cpu"
 ) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
-    """Load trained model folders as one model whose decoders vote (see captioner.ensemble).
+    """Load trained model folders as one model whose decoders vote (see captioner.model.ensemble).
 
     The members must share everything but their decoder weights: the encoder (the same frozen
     backbone at the same size), the decoder's shape and the vocabulary.

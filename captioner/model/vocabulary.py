@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from nltk.tokenize import RegexpTokenizer
 
@@ -62,11 +60,6 @@ class Vocabulary:
         return words
 
     def to_json(self) -> list[str]:
+        """The words in id order, as a model folder's config.json and a run state hold them;
+        `Vocabulary(words)` reads them back."""
         return list(self.words)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.words, ensure_ascii=False))
-
-    @classmethod
-    def load(cls, path: str | Path) -> Vocabulary:
-        return cls(json.loads(Path(path).read_text()))

@@ -1,5 +1,5 @@
-"""One training run, as a plain dataclass saved beside its checkpoints (no torch here: the
-command line builds flags from it)."""
+"""One training run, as a plain dataclass saved in its run folder as train_config.json (no torch
+here: the command line builds flags from it)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """A run's config from its JSON form (train_config.json, or a --config file); older
+        files' model settings are read by ModelConfig.from_saved."""
         raw = dict(raw)
         data = DataConfig(**raw.pop("data", {}))
-        model = ModelConfig(**{k: v for k, v in raw.pop("model", {}).items() if k != "decoders"})
+        model = ModelConfig.from_saved(raw.pop("model", {}))
         return cls(data=data, model=model, **raw)

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from captioner.model.attention import HardAttention
+from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
+from captioner.training.inputs import StepBatch
 from captioner.training.losses import caption_loss
 
 
@@ -82,11 +84,11 @@ def next_baseline(attention: HardAttention, rewards_mean: float, decay: float) -
     return baseline
 
 
-def hard_attention_loss(cfg, net: torch.nn.Module, batch, dist: Dist, device: torch.device,
-                        token_count: float, caption_count: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """One cross-entropy-stage batch of a hard-attention model (cfg: a TrainConfig, batch: a
-    stages.StepBatch). Draws, from the global torch RNG (saved in the run state), whether the
-    batch uses the expected context, then the locations."""
+def hard_attention_loss(cfg: TrainConfig, net: torch.nn.Module, batch: StepBatch, dist: Dist,
+                        device: torch.device, token_count: float, caption_count: float
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One cross-entropy-stage batch of a hard-attention model. Draws, from the global torch RNG
+    (saved in the run state), whether the batch uses the expected context, then the locations."""
     attention = hard_attention_of(net)
     if attention is None:
         raise ValueError("hard_attention_loss: the model's attention is soft, not hard")

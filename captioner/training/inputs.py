@@ -88,6 +88,26 @@ def caption_batch(caption_lists: Sequence[list[list[int]]]
     return padded, lengths, torch.tensor(owner)
 
 
+@dataclass
+class StepBatch:
+    """What one training step feeds the model: a batch's inputs, and its captions on the device."""
+
+    rows: list[int]  # image rows of the batch's items
+    inputs: torch.Tensor  # (B, L, D) cached grids, or what the encoder runs on from from_stage
+    captions: torch.Tensor  # (N, T) <start> w1 .. wn <end> <pad>..
+    lengths: torch.Tensor  # (N,)
+    image_index: torch.Tensor  # (N,) the item (row of `inputs`) of each caption
+    from_stage: int | None  # None: inputs are grids; K: activations entering encoder stage K (0: pixels)
+
+
+def step_batch(rows: list[int], inputs: torch.Tensor, caption_lists: list[list[list[int]]],
+               from_stage: int | None, device: torch.device) -> StepBatch:
+    """A StepBatch of image rows, their inputs and each row's captions (ids)."""
+    captions, lengths, image_index = caption_batch(caption_lists)
+    return StepBatch(rows, inputs, captions.to(device), lengths.to(device), image_index.to(device),
+                     from_stage)
+
+
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
     """This rank's batches of training-item indices for an epoch (the same on every resume).
 

@@ -1,9 +1,10 @@
 """Training: cross-entropy with teacher forcing, then optionally self-critical (SCST) fine-tuning.
 
-One `TrainConfig` describes a run and is saved beside its checkpoints. `train()` reads top to
+One `TrainConfig` describes a run and is saved in its run folder. `train()` reads top to
 bottom: set up, then for each stage and epoch: train one epoch, validate, save, stop early. The
-run state (captioner.run_state) is written atomically every N steps and every epoch, so
-`resume=True` continues exactly where a killed run left off. Under torchrun it trains with
+run state (captioner.training.run_state) is written atomically every N steps and every epoch, so
+`resume=True` continues exactly where a killed run left off; the best epoch's weights are kept
+as a model folder (captioner.model.folder) in the run folder's best/. Under torchrun it trains with
 DistributedDataParallel (nccl on GPUs, gloo on CPU).
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from captioner.evaluation.metrics import score_captions
 from captioner.model.caption_model import CaptionModel
-from captioner.model.folder import architecture, load_model, save_model
+from captioner.model.folder import WEIGHTS_FILE, architecture, load_model, save_model
 from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
 from captioner.training.config import TrainConfig
@@ -37,17 +37,21 @@ from captioner.training.inputs import (
     epoch_batches,
     mirrored_rows,
     prepare_data,
+    step_batch,
 )
 from captioner.training.metrics_log import MetricsLog
+from captioner.training.optimizer import make_average, make_optimizer
 from captioner.training.run_state import (
+    BEST_FOLDER,
     STATE_FILE,
+    TRAIN_CONFIG_FILE,
     Progress,
     load_run_state,
     read_progress,
     read_run_vocabulary,
     save_run_state,
 )
-from captioner.training.stages import STAGES, Stage, step_batch
+from captioner.training.stages import STAGES, Stage
 
 
 @dataclass
@@ -145,9 +149,10 @@ def set_up(cfg: TrainConfig) -> Run:
     model.encoder.set_trainable(cfg.fine_tune_from)
     if d.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*folder.glob(".*.tmp"), *folder.glob("best/.*.tmp")]:  # from a killed atomic_write
+        # left by a killed atomic_write
+        for stale in [*folder.glob(".*.tmp"), *folder.glob(f"{BEST_FOLDER}/.*.tmp")]:
             stale.unlink(missing_ok=True)
-        (folder / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
     inputs = Inputs(model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress,
                     cfg.fine_tune_inputs)
     net: torch.nn.Module = model
@@ -280,7 +285,8 @@ def validate(model: CaptionModel, run: Run) -> dict[str, float]:
 
 def finish_epoch(run: Run, stage: Stage, evaluated: CaptionModel, totals: dict[str, float], seconds: float,
                  metrics: dict[str, float], optimizer: torch.optim.Optimizer) -> None:
-    """Log the epoch, keep the best weights in best/, and count epochs without progress."""
+    """Log the epoch, keep the best weights as the model folder best/, and count epochs without
+    progress."""
     progress, epoch = run.progress, run.progress.epoch + 1
     row = {"stage": stage.name, "epoch": epoch, "train_loss": totals["loss"] / max(totals["n"], 1),
            "reward": totals["reward"] / totals["n"] if "reward" in totals else None,
@@ -288,7 +294,7 @@ def finish_epoch(run: Run, stage: Stage, evaluated: CaptionModel, totals: dict[s
            "lr": optimizer.param_groups[0]["lr"], **metrics}
     label = f"{stage.name}-{epoch}"
     if progress.record(metrics.get("CIDEr", -row["train_loss"]), label) and run.dist.is_main:
-        save_model(run.folder / "best", evaluated, run.data.vocab, metadata={
+        save_model(run.folder / BEST_FOLDER, evaluated, run.data.vocab, metadata={
             "val_scores": metrics, "epoch": label, "train_config": asdict(run.cfg)})
     if run.dist.is_main:
         MetricsLog(run.folder).append(row)
@@ -305,42 +311,10 @@ def summarise(run: Run, stopped: bool = False) -> dict[str, Any]:
     return summary
 
 
-def make_optimizer(cfg: TrainConfig, model: CaptionModel, decoder_lr: float) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": decoder_lr}]
-    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    if encoder_params:
-        groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
-    return torch.optim.Adam(groups)
-
-
-def ema_decay_at(decay: float, num_averaged: int) -> float:
-    """The decay warms up as (1 + n) / (10 + n) (as timm's EMA does): with a fixed 0.999, the
-    random initial weights would still weigh 0.999^375 = 69% after a 375-step epoch."""
-    return min(decay, (1 + num_averaged) / (10 + num_averaged))
-
-
-def make_average(cfg: TrainConfig, model: CaptionModel) -> AveragedModel | None:
-    """EMA of the weights: a cheap ensemble over the last ~1/(1 - decay) steps, which scores
-    better than the weights of the last step while the learning rate is still high."""
-    if not cfg.ema_decay:
-        return None
-
-    def update(averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor],
-               num_averaged: torch.Tensor | int) -> None:
-        decay = ema_decay_at(cfg.ema_decay, int(num_averaged))
-        for a, c in zip(averaged, current, strict=True):
-            if a.is_floating_point():
-                a.lerp_(c, 1 - decay)
-            else:
-                a.copy_(c)
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-
-
 def load_best(model: CaptionModel, folder: Path, d: Dist) -> None:
     """Start the next stage from the best weights so far."""
     d.barrier()
-    best = load_file(str(folder / "best" / "model.safetensors"))
+    best = load_file(str(folder / BEST_FOLDER / WEIGHTS_FILE))
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in best.items()})
 
 

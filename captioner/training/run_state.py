@@ -1,5 +1,9 @@
 """A training run's state: model (+ its moving average), optimizer, RNG and progress in one
-safetensors file, replaced atomically, so a killed run resumes exactly where it stopped."""
+safetensors file, replaced atomically, so a killed run resumes exactly where it stopped.
+
+A run folder holds the run state (STATE_FILE), the run's config (TRAIN_CONFIG_FILE), its
+metrics log and, in BEST_FOLDER, the model folder of its best epoch (captioner.model.folder).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
 from captioner.model.vocabulary import Vocabulary
 
-STATE_FILE = "checkpoint.safetensors"
+STATE_FILE = "checkpoint.safetensors"  # the run state; the name of older runs, so they resume
+TRAIN_CONFIG_FILE = "train_config.json"
+BEST_FOLDER = "best"
 
 
 @dataclass
@@ -130,21 +136,21 @@ def last_step_model(run_dir: str | Path, averaged: bool = False
                     ) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
     """The model of a run's last saved step, its vocabulary and the run's train_config.json.
 
-    Its raw weights (or, with `averaged`, their moving average), which need not be best/'s:
+    Its raw weights (or, with `averaged`, their moving average), which need not be BEST_FOLDER's:
     with a cosine schedule the last step can score as well.
     """
     run_dir = Path(run_dir)
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path} does not exist: not a training run folder")
-    train_config = json.loads((run_dir / "train_config.json").read_text())
+    train_config = json.loads((run_dir / TRAIN_CONFIG_FILE).read_text())
     vocab = read_run_vocabulary(state_path)
     prefix = "ema.module." if averaged else "model."
     saved = load_file(str(state_path))
     tensors = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
     if averaged and not tensors:
         raise ValueError(f"{state_path} holds no moving average of the weights (ema_decay was 0)")
-    settings = {k: v for k, v in train_config["model"].items() if k != "decoders"}
-    model = CaptionModel(ModelConfig(**settings), len(vocab), encoder_weights="random")  # all in the state
+    config = ModelConfig.from_saved(train_config["model"])
+    model = CaptionModel(config, len(vocab), encoder_weights="random")  # all in the state
     model.load_state_dict(tensors)
     return model.eval(), vocab, train_config

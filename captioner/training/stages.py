@@ -3,41 +3,24 @@
 step, and `loss(batch)` -> (loss, what to log).
 
 Cross-entropy: teacher forcing with the doubly stochastic attention penalty (Xu et al. eq. 14);
-with hard attention, the sampled-location estimator of section 4.1 (captioner.hard_attention).
-Self-critical (Rennie et al. 2017): sample captions, reward their CIDEr-D (captioner.scst).
+with hard attention, the sampled-location estimator of section 4.1 (captioner.training.hard_attention).
+Self-critical (Rennie et al. 2017): sample captions, reward their CIDEr-D (captioner.training.scst).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
 import torch
 
+from captioner.training.config import TrainConfig
 from captioner.training.distributed import Dist
 from captioner.training.hard_attention import hard_attention_loss, location_log_probs, sampled_locations
-from captioner.training.inputs import PreparedData, caption_batch, training_items
+from captioner.training.inputs import PreparedData, StepBatch, training_items
 from captioner.training.losses import caption_loss
 from captioner.training.scst import reward_scorer, scst_loss
-
-
-@dataclass
-class StepBatch:
-    rows: list[int]  # image rows of the batch's items
-    inputs: torch.Tensor  # (B, L, D) cached grids, or what the encoder runs on from from_stage
-    captions: torch.Tensor  # (N, T) <start> w1 .. wn <end> <pad>..
-    lengths: torch.Tensor  # (N,)
-    image_index: torch.Tensor  # (N,) the item (row of `inputs`) of each caption
-    from_stage: int | None  # None: inputs are grids; K: activations entering encoder stage K (0: pixels)
-
-
-def step_batch(rows: list[int], inputs: torch.Tensor, caption_lists: list[list[list[int]]],
-               from_stage: int | None, device: torch.device) -> StepBatch:
-    captions, lengths, image_index = caption_batch(caption_lists)
-    return StepBatch(rows, inputs, captions.to(device), lengths.to(device), image_index.to(device),
-                     from_stage)
 
 
 class Stage(Protocol):
@@ -48,7 +31,7 @@ class Stage(Protocol):
     dropout: bool  # train with dropout on
 
     @property
-    def items(self) -> list[tuple[int, list[list[int]]]]: ...  # see training_data.training_items
+    def items(self) -> list[tuple[int, list[list[int]]]]: ...  # see inputs.training_items
 
     def order_seed(self, epoch: int) -> int: ...
     def step_lr(self, global_step: int) -> float | None: ...
@@ -58,8 +41,8 @@ class Stage(Protocol):
 class CrossEntropy:
     name = "xe"
 
-    def __init__(self, cfg, net: torch.nn.Module, data: PreparedData, d: Dist, device: torch.device,
-                 steps_per_epoch: int):
+    def __init__(self, cfg: TrainConfig, net: torch.nn.Module, data: PreparedData, d: Dist,
+                 device: torch.device, steps_per_epoch: int):
         self.cfg, self.net, self.dist, self.device = cfg, net, d, device
         self.epochs, self.patience, self.lr, self.dropout = cfg.epochs, cfg.patience, cfg.lr, True
         self.data = data
@@ -102,8 +85,8 @@ class SelfCritical:
 
     name = "scst"
 
-    def __init__(self, cfg, net: torch.nn.Module, data: PreparedData, d: Dist, device: torch.device,
-                 steps_per_epoch: int = 0):
+    def __init__(self, cfg: TrainConfig, net: torch.nn.Module, data: PreparedData, d: Dist,
+                 device: torch.device, steps_per_epoch: int = 0):
         self.cfg, self.net, self.data = cfg, net, data
         self.epochs, self.lr, self.dropout = cfg.scst_epochs, cfg.scst_lr, cfg.scst_dropout
         self.patience = cfg.patience if cfg.scst_patience is None else cfg.scst_patience

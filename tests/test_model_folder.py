@@ -1,4 +1,4 @@
-"""Model files: safetensors + JSON round trips, and every kind of broken file is a clear error."""
+"""Model folders: safetensors + JSON round trips, and every kind of broken file is a clear error."""
 
 import json
 import os
@@ -18,8 +18,8 @@ from .shapes import all_examples
 
 
 @pytest.fixture
-def checkpoint(shapes_checkpoint, tmp_path):
-    """A private copy of the shapes checkpoint that a test may break."""
+def folder(shapes_checkpoint, tmp_path):
+    """A private copy of the shapes model folder that a test may break."""
     return shutil.copytree(shapes_checkpoint, tmp_path / "model")
 
 
@@ -57,7 +57,7 @@ def test_round_trip_gives_identical_tensors_and_captions(trained_shapes_model, s
     assert load_model(shapes_checkpoint / WEIGHTS_FILE)[1].words == vocab.words
 
 
-def test_fp16_checkpoint(trained_shapes_model, shapes_checkpoint, tmp_path):
+def test_fp16_model_folder(trained_shapes_model, shapes_checkpoint, tmp_path):
     model, vocab, _ = trained_shapes_model
     folder = save_model(tmp_path / "fp16", model, vocab, dtype=torch.float16)
     size16, size32 = (folder / WEIGHTS_FILE).stat().st_size, (shapes_checkpoint / WEIGHTS_FILE).stat().st_size
@@ -85,21 +85,21 @@ def test_saved_files_get_the_usual_permissions(trained_shapes_model, tmp_path):
         assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
-def test_checkpoint_holds_no_pickle_and_loading_never_unpickles(checkpoint, monkeypatch):
-    raw = (checkpoint / WEIGHTS_FILE).read_bytes()
+def test_model_folder_holds_no_pickle_and_loading_never_unpickles(folder, monkeypatch):
+    raw = (folder / WEIGHTS_FILE).read_bytes()
     header_size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_size])  # safetensors: a JSON header, then raw tensors
     assert "decoder.classifier.weight" in header
     assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:8 + header_size]  # no zip, no pickle
-    assert sorted(p.name for p in checkpoint.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("torch.load / pickle used while loading a checkpoint")
+        raise AssertionError("torch.load / pickle used while loading a model folder")
 
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr("pickle.load", forbidden)
     monkeypatch.setattr("pickle.loads", forbidden)
-    model, vocab, _ = load_model(checkpoint)
+    model, vocab, _ = load_model(folder)
     assert len(vocab) == model.decoder.vocab_size
 
 
@@ -112,37 +112,37 @@ def _assert_error(folder, *fragments):
     return message
 
 
-def test_corrupt_weights_file(checkpoint):
-    (checkpoint / WEIGHTS_FILE).write_bytes(b"\x00garbage, not tensors" * 100)
-    _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), "corrupt")
+def test_corrupt_weights_file(folder):
+    (folder / WEIGHTS_FILE).write_bytes(b"\x00garbage, not tensors" * 100)
+    _assert_error(folder, str(folder / WEIGHTS_FILE), "corrupt")
 
 
-def test_truncated_weights_file(checkpoint):
-    path = checkpoint / WEIGHTS_FILE
+def test_truncated_weights_file(folder):
+    path = folder / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    _assert_error(checkpoint, str(path))
+    _assert_error(folder, str(path))
 
 
-def test_config_that_is_not_json(checkpoint):
-    (checkpoint / CONFIG_FILE).write_text('{"format": "captioner", ')
-    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "not valid JSON")
+def test_config_that_is_not_json(folder):
+    (folder / CONFIG_FILE).write_text('{"format": "captioner", ')
+    _assert_error(folder, str(folder / CONFIG_FILE), "not valid JSON")
 
 
-def test_json_that_is_not_a_captioner_config(checkpoint):
-    (checkpoint / CONFIG_FILE).write_text('["a", "list"]')
-    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "not a captioner config")
+def test_json_that_is_not_a_captioner_config(folder):
+    (folder / CONFIG_FILE).write_text('["a", "list"]')
+    _assert_error(folder, str(folder / CONFIG_FILE), "not a captioner config")
 
 
-def test_config_whose_dims_do_not_match_the_weights(checkpoint):
-    _edit_config(checkpoint, lambda c: c["model"].update(hidden_dim=64))
-    message = _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), str(checkpoint / CONFIG_FILE),
+def test_config_whose_dims_do_not_match_the_weights(folder):
+    _edit_config(folder, lambda c: c["model"].update(hidden_dim=64))
+    message = _assert_error(folder, str(folder / WEIGHTS_FILE), str(folder / CONFIG_FILE),
                             "does not match")
     assert "file (128, 128) vs config (64, 128)" in message  # names the tensor and both shapes
 
 
-def test_vocabulary_that_does_not_match_the_weights(checkpoint):
-    _edit_config(checkpoint, lambda c: c["vocabulary"].append("extra"))
-    _assert_error(checkpoint, "decoder.classifier.weight", "does not match")
+def test_vocabulary_that_does_not_match_the_weights(folder):
+    _edit_config(folder, lambda c: c["vocabulary"].append("extra"))
+    _assert_error(folder, "decoder.classifier.weight", "does not match")
 
 
 @pytest.mark.parametrize("edit, fragment", [
@@ -152,25 +152,25 @@ def test_vocabulary_that_does_not_match_the_weights(checkpoint):
     (lambda c: c.pop("model"), "model"),
     (lambda c: c.update(vocabulary=["a", "b"]), "bad vocabulary"),
 ])
-def test_bad_config_values(checkpoint, edit, fragment):
-    _edit_config(checkpoint, edit)
-    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), fragment)
+def test_bad_config_values(folder, edit, fragment):
+    _edit_config(folder, edit)
+    _assert_error(folder, str(folder / CONFIG_FILE), fragment)
 
 
-def test_wrong_format_version(checkpoint):
-    _edit_config(checkpoint, lambda c: c.update(format_version=FORMAT_VERSION + 1))
-    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), f"format version {FORMAT_VERSION + 1}")
+def test_wrong_format_version(folder):
+    _edit_config(folder, lambda c: c.update(format_version=FORMAT_VERSION + 1))
+    _assert_error(folder, str(folder / CONFIG_FILE), f"format version {FORMAT_VERSION + 1}")
 
 
-def test_missing_files(checkpoint, tmp_path):
+def test_missing_files(folder, tmp_path):
     _assert_error(tmp_path / "nowhere", str(tmp_path / "nowhere"), "does not exist")
-    (checkpoint / WEIGHTS_FILE).unlink()
-    _assert_error(checkpoint, str(checkpoint / WEIGHTS_FILE), "missing")
-    (checkpoint / CONFIG_FILE).unlink()
-    _assert_error(checkpoint, str(checkpoint / CONFIG_FILE), "missing")
+    (folder / WEIGHTS_FILE).unlink()
+    _assert_error(folder, str(folder / WEIGHTS_FILE), "missing")
+    (folder / CONFIG_FILE).unlink()
+    _assert_error(folder, str(folder / CONFIG_FILE), "missing")
 
 
-def test_ablation_model_round_trip_and_older_configs_load_gated(shapes_vocab, checkpoint, tmp_path):
+def test_ablation_model_round_trip_and_older_configs_load_gated(shapes_vocab, folder, tmp_path):
     """The ablation switches live in the saved config; configs written before they existed
     (no `gate` key) load as the gated model they were."""
     torch.manual_seed(0)
@@ -184,5 +184,5 @@ def test_ablation_model_round_trip_and_older_configs_load_gated(shapes_vocab, ch
     after = Captioner(loaded, shapes_vocab, device="cpu").caption(images, beam_size=2)
     assert [r.text for r in after] == [r.text for r in before]
 
-    _edit_config(checkpoint, lambda c: c["model"].pop("gate"))
-    assert load_model(checkpoint)[0].decoder.f_beta is not None
+    _edit_config(folder, lambda c: c["model"].pop("gate"))
+    assert load_model(folder)[0].decoder.f_beta is not None
