@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import re
 import time
@@ -24,19 +25,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.data.images import ImageBatch, ImageFiles, LoadedImage, collate_images
+from captioner.model.focus import Focus, as_box
 from captioner.model.options import DecodeOptions
 from captioner.model.results import CaptionResult
 from captioner.serving.captioner import Captioner
 from captioner.serving.records import (
-    CSV_FIELDS,
-    CSV_FIELDS_N_BEST,
     ExistingOutput,
     OutputError,
     RecordWriter,
+    csv_fields,
     drop_failures,
+    failure_record,
+    locked_output,
     output_format,
     path_key,
     read_output,
+    success_record,
 )
 from captioner.serving.settings import BatchSettings
 from captioner.visualize import save_attention_grid
@@ -106,25 +110,40 @@ def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()
     nothing is kept as a literal name, as the shell does. Duplicates are dropped; `exclude`
     (the output file, the attention folder) is never captioned.
     """
-    excluded = {path_key(p) for p in exclude}
-    found: dict[str, str] = {}
+    return list(find_inputs(inputs, exclude))
 
-    def add(path: str) -> None:
+
+def find_inputs(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()) -> dict[str, str]:
+    """find_images' files, each with its shard key: its path relative to the input that found
+    it (a folder; for a glob pattern, its folder part before the first wildcard; for a file
+    named alone, its own folder), with / separators. The same files get the same keys on every
+    machine, wherever the folder is mounted and wherever the command runs from."""
+    excluded = {path_key(p) for p in exclude}
+    found: dict[str, tuple[str, str]] = {}  # path_key -> (path, shard key)
+
+    def add(path: str, base: str) -> None:
         key = path_key(path)
         if key not in excluded:
-            found.setdefault(key, path)
+            found.setdefault(key, (path, os.path.relpath(path, base or ".").replace(os.sep, "/")))
 
     for item in map(str, inputs):
-        matches = [item]
+        matches, base = [item], None
         if not os.path.lexists(item) and glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True)) or [item]
+            base = str(Path(*itertools.takewhile(lambda p: not glob.has_magic(p), Path(item).parts[:-1])))
         for path in matches:
             if os.path.isdir(path):
                 for file in _scan(path, excluded):
-                    add(file)
+                    add(file, base or path)
             else:
-                add(os.path.normpath(path))
-    return list(found.values())
+                add(os.path.normpath(path), base or os.path.dirname(path))
+    return dict(found.values())
+
+
+def missing_inputs(inputs: Sequence[str | Path]) -> list[str]:
+    """The inputs that name nothing: no such file or folder, or a glob pattern matching none."""
+    return [str(item) for item in inputs if not os.path.lexists(item)
+            and not (glob.has_magic(str(item)) and glob.glob(str(item), recursive=True))]
 
 
 # ----------------------------------------------------------------------------- shards
@@ -140,14 +159,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def shard_of(path: str, count: int) -> int:
-    """A stable shard for a file: from a hash of its absolute path, so every file lands in
-    exactly one shard whatever order or spelling found it."""
-    return int.from_bytes(hashlib.sha1(os.fsencode(path_key(path))).digest()[:8], "big") % count
+def shard_of(key: str, count: int) -> int:
+    """A stable shard for a file, from a hash of its shard key (find_inputs): every file lands
+    in exactly one shard, the same on every machine."""
+    return int.from_bytes(hashlib.sha1(os.fsencode(key)).digest()[:8], "big") % count
 
 
-def select_shard(paths: Sequence[str], index: int, count: int) -> list[str]:
-    return [p for p in paths if shard_of(p, count) == index]
+def select_shard(paths: Mapping[str, str] | Sequence[str], index: int, count: int) -> list[str]:
+    """The paths of shard `index` of `count`: of find_inputs' {path: shard key}, or of a list of
+    paths, each keyed by its file name (as if named alone on the command line)."""
+    keys = paths if isinstance(paths, Mapping) else {p: os.path.basename(os.path.normpath(p)) for p in paths}
+    return [p for p in paths if shard_of(keys[p], count) == index]
 
 
 def torchrun_rank() -> tuple[int, int, int] | None:
@@ -165,22 +187,6 @@ def rank_output(output: str | Path, rank: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- records
-
-def success_record(path: str, result: CaptionResult, size: tuple[int, int],
-                   alternatives: bool = False) -> dict[str, Any]:
-    record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 4),
-                              "width": size[0], "height": size[1]}
-    if alternatives:
-        record["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)}
-                                  for a in result.alternatives]
-    record["error"] = None
-    return record
-
-
-def failure_record(path: str, error: str) -> dict[str, Any]:
-    return {"path": path, "caption": None, "score": None, "width": None, "height": None,
-            "error": " ".join(error.split())}  # one line, so every record is one line
-
 
 def attention_filename(path: str) -> str:
     """A flat, collision-free PNG name: the path's readable tail plus a hash of the full path."""
@@ -234,7 +240,7 @@ def caption_files(
     settings: BatchSettings | None = None,
     *,
     fmt: str | None = None,
-    focus: Mapping[str, Sequence[float]] | None = None,
+    focus: Mapping[str, Focus] | None = None,
 ) -> Summary:
     """Caption `paths` into `output` (JSONL or CSV, `fmt` or by its suffix), skipping files it
     already holds a row for.
@@ -244,47 +250,93 @@ def caption_files(
     `settings`: batch size, workers, retries, attention PNGs... (default: BatchSettings()).
     Failed files are skipped too unless `settings.retry_failed`; their old rows are then
     replaced. `focus` maps paths to boxes (x0, y0, x1, y1) to caption a region of those images;
-    a box that does not fit its image makes an error row. Raises OutputError if the output
-    cannot be read back or written.
+    every row then says in `focus` which box it used (null: the whole image), and a box that
+    does not fit its image makes an error row. One run at a time writes an output; a pipe or
+    device (`/dev/stdout`) is written to without resume. Raises OutputError if the output is
+    being written by another run, or cannot be read back or written.
     """
     options = options or DecodeOptions(n_best=1)
     settings = settings or BatchSettings()
     start = time.perf_counter()
     output = Path(output)
     fmt = output_format(output, fmt)
-    existing = read_output(output, fmt, CSV_FIELDS_N_BEST if options.per_image > 1 else CSV_FIELDS)
-    todo, summary = _plan(paths, output, fmt, existing, settings.retry_failed)
-    attention_dir = _attention_folder(settings.save_attention)
-    dataset = ImageFiles(todo, captioner.transform, settings.max_pixels,
-                         thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
-                        collate_fn=collate_images, pin_memory=captioner.device.type == "cuda")
-    boxes = {path_key(p): box for p, box in (focus or {}).items()}
-    alternatives = options.per_image > 1 or "alternatives" in existing.fields
-    writer = RecordWriter(output, fmt, existing.fields)
-    bar = tqdm(total=len(todo), unit="img", disable=not settings.progress or not todo, smoothing=0.05)
-    try:
-        for batch in loader:
-            bias = _focus_bias(captioner, batch, boxes, settings.focus_strength) if boxes else None
-            results = iter(captioner.caption_tensors(batch.pixels, options, bias)
-                           if batch.pixels is not None else ())
-            for item in batch.items:
-                if item.error:
-                    writer.write(failure_record(item.path, item.error))
-                    summary.add_failure(item.error)
-                    continue
-                result = next(results)
-                if attention_dir is not None:
-                    _save_attention(attention_dir, item, result)
-                writer.write(success_record(item.path, result, item.size, alternatives))
-                summary.captioned += 1
-            writer.sync()
-            bar.update(len(batch.items))
-    finally:
-        bar.close()
-        writer.close()
-        summary.seconds = time.perf_counter() - start
+    boxes = None if focus is None else {path_key(p): box for p, box in focus.items()}
+    with locked_output(output):
+        existing = read_output(output, fmt, csv_fields(options.per_image > 1, focus is not None))
+        todo, summary = _plan(paths, output, fmt, existing, settings.retry_failed)
+        alternatives = options.per_image > 1 or "alternatives" in existing.fields
+        run = _Run(captioner, options, settings, alternatives, boxes, summary)
+        try:
+            with RecordWriter(output, fmt, existing.fields) as writer:
+                run.caption(todo, writer)
+        finally:
+            summary.seconds = time.perf_counter() - start
     return summary
+
+
+def prepare_output(output: str | Path, options: DecodeOptions | None = None, *, fmt: str | None = None,
+                   focus: bool = False) -> None:
+    """Check or create the output of a run with nothing to caption (an empty shard), as
+    caption_files would, so that --merge finds every shard's file."""
+    output = Path(output)
+    fmt = output_format(output, fmt)
+    alternatives = (options or DecodeOptions(n_best=1)).per_image > 1
+    with locked_output(output):
+        existing = read_output(output, fmt, csv_fields(alternatives, focus))
+        RecordWriter(output, fmt, existing.fields).close()
+
+
+@dataclass
+class _Run:
+    """How caption_files captions its files into a writer."""
+
+    captioner: Captioner
+    options: DecodeOptions
+    settings: BatchSettings
+    alternatives: bool  # rows hold the n-best list
+    boxes: dict[str, Focus] | None  # path_key -> box, in a --focus-json run
+    summary: Summary
+
+    def caption(self, todo: Sequence[str], writer: RecordWriter) -> None:
+        settings = self.settings
+        attention_dir = _attention_folder(settings.save_attention)
+        dataset = ImageFiles(todo, self.captioner.transform, settings.max_pixels,
+                             thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
+        loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
+                            collate_fn=collate_images, pin_memory=self.captioner.device.type == "cuda")
+        with tqdm(total=len(todo), unit="img", disable=not settings.progress or not todo,
+                  smoothing=0.05) as bar:
+            for batch in loader:
+                self.caption_batch(batch, writer, attention_dir)
+                writer.sync()
+                bar.update(len(batch.items))
+
+    def caption_batch(self, batch: ImageBatch, writer: RecordWriter, attention_dir: Path | None) -> None:
+        bias = (_focus_bias(self.captioner, batch, self.boxes, self.settings.focus_strength)
+                if self.boxes else None)
+        results = iter(self.captioner.caption_tensors(batch.pixels, self.options, bias)
+                       if batch.pixels is not None else ())
+        for item in batch.items:
+            if item.error:
+                writer.write(self.record(failure_record(item.path, item.error)))
+                self.summary.add_failure(item.error)
+                continue
+            result = next(results)
+            assert item.size is not None  # ImageFiles gives every image it loaded its size
+            if attention_dir is not None:
+                _save_attention(attention_dir, item, result)
+            writer.write(self.record(success_record(item.path, result, item.size, self.alternatives)))
+            self.summary.captioned += 1
+
+    def record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """In a focus run, the record with the box it used (None: the whole image) before `error`."""
+        if self.boxes is None:
+            return record
+        box = self.boxes.get(path_key(record["path"]))
+        error = record.pop("error")
+        record["focus"] = None if box is None else list(as_box(box))
+        record["error"] = error
+        return record
 
 
 def _plan(paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput,
@@ -315,7 +367,7 @@ def _attention_folder(folder: str | Path | None) -> Path | None:
     return folder
 
 
-def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Sequence[float]],
+def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Focus],
                 strength: float) -> torch.Tensor | None:
     """The batch's attention bias (n, L), or None if no image of it has a box. An image whose
     box does not fit gets an error and leaves the batch."""
