@@ -82,7 +82,7 @@ def caption_folder_parser() -> argparse.ArgumentParser:
 def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options: DecodeOptions = checked_config(parser, DecodeOptions, args)
     settings: BatchSettings = checked_config(parser, BatchSettings, args)
-    from captioner.serving.batch import missing_inputs, parse_shard
+    from captioner.serving.inputs import missing_inputs, parse_shard
 
     try:
         shard = parse_shard(args.shard) if args.shard else None
@@ -126,7 +126,7 @@ def _select(args: argparse.Namespace, output: str, settings: BatchSettings, shar
     """The files this process captions, or the exit status when there are none (then without
     loading the model): 1 if no image file was found, 0 for an empty shard (its output is made,
     for --merge)."""
-    from captioner.serving.batch import find_inputs, prepare_output, select_shard
+    from captioner.serving.inputs import find_inputs, select_shard
     from captioner.serving.records import OutputError
 
     found = find_inputs(args.inputs, exclude=[output, *filter(None, [settings.save_attention])])
@@ -139,6 +139,8 @@ def _select(args: argparse.Namespace, output: str, settings: BatchSettings, shar
         print("error: no image could be captioned (no image files found)", file=sys.stderr)
         return EXIT_NOTHING_CAPTIONED
     assert shard is not None
+    from captioner.serving.batch import prepare_output
+
     try:
         prepare_output(output, options, fmt=args.format, focus=focus is not None)
     except OutputError as err:

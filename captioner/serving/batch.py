@@ -1,6 +1,7 @@
 """Caption thousands of image files into a resumable JSONL or CSV file.
 
-Worker processes decode and preprocess images while the model captions the previous batch.
+Worker processes decode and preprocess images while the model captions the previous batch
+(captioner.serving.inputs finds the files and splits them into shards).
 A file that cannot be used becomes an `error` row instead of stopping the run. Records are
 appended and flushed batch by batch, so a rerun with the same output picks up where a crashed
 or interrupted run stopped.
@@ -8,17 +9,16 @@ or interrupted run stopped.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import itertools
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -29,6 +29,12 @@ from captioner.model.focus import Focus, as_box
 from captioner.model.options import DecodeOptions
 from captioner.model.results import CaptionResult
 from captioner.serving.captioner import Captioner
+from captioner.serving.inputs import ATTENTION_MARKER  # finding and sharding files; its API also here:
+from captioner.serving.inputs import find_images as find_images
+from captioner.serving.inputs import find_inputs as find_inputs
+from captioner.serving.inputs import looks_like_image as looks_like_image
+from captioner.serving.inputs import parse_shard as parse_shard
+from captioner.serving.inputs import select_shard as select_shard
 from captioner.serving.records import (
     ExistingOutput,
     OutputError,
@@ -45,132 +51,10 @@ from captioner.serving.records import (
 from captioner.serving.settings import BatchSettings
 from captioner.visualize import save_attention_grid
 
-# Folder scans take files with these extensions (a bad one becomes an error row), plus files of
-# any name whose first bytes are an image signature (a JPEG saved as .dat). HEIC is listed so
-# that phone photos Pillow cannot read are reported rather than silently left out.
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-    ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
-})
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
-               b"\x00\x00\x01\x00", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
-_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
-_ISO_MEDIA_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
-
 THUMBNAIL_SIZE = 320  # images kept for --save-attention grids (panels are ~200 px wide)
-# Marks an attention folder, so that later scans of a folder containing it leave it out even
-# when --save-attention is not given again.
-ATTENTION_MARKER = ".captioner-attention"
 
 
-# ----------------------------------------------------------------------------- finding images
-
-def looks_like_image(path: str | Path) -> bool:
-    """True if the file starts with the signature of an image format Pillow reads."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-    except OSError:
-        return False
-    if head.startswith(_SIGNATURES):
-        return True
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
-        return True
-    return head[4:8] == b"ftyp" and head[8:12] in _ISO_MEDIA_BRANDS
-
-
-def _scan(folder: str, excluded: set[str]) -> Iterator[str]:
-    """Image files under `folder`, recursively and sorted. Hidden files and folders (.DS_Store,
-    macOS `._x.jpg` sidecars, our temporary files) and attention folders are skipped."""
-    seen_dirs: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        skipped = path_key(root) in excluded or os.path.exists(os.path.join(root, ATTENTION_MARKER))
-        if real in seen_dirs or skipped:  # seen: a symlink loop
-            dirs.clear()
-            continue
-        seen_dirs.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if name.startswith(".") or path_key(path) in excluded:
-                continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or looks_like_image(path):
-                yield path
-
-
-def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()) -> list[str]:
-    """Expand folders (recursively), files and glob patterns into a list of files to caption.
-
-    Folders contribute files with an image extension or an image signature; other files there
-    are skipped silently. Files named explicitly (or matched by a glob) are always kept, so a
-    missing or non-image file the user asked for gets an error row. A pattern that matches
-    nothing is kept as a literal name, as the shell does. Duplicates are dropped; `exclude`
-    (the output file, the attention folder) is never captioned.
-    """
-    return list(find_inputs(inputs, exclude))
-
-
-def find_inputs(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()) -> dict[str, str]:
-    """find_images' files, each with its shard key: its path relative to the input that found
-    it (a folder; for a glob pattern, its folder part before the first wildcard; for a file
-    named alone, its own folder), with / separators. The same files get the same keys on every
-    machine, wherever the folder is mounted and wherever the command runs from."""
-    excluded = {path_key(p) for p in exclude}
-    found: dict[str, tuple[str, str]] = {}  # path_key -> (path, shard key)
-
-    def add(path: str, base: str) -> None:
-        key = path_key(path)
-        if key not in excluded:
-            found.setdefault(key, (path, os.path.relpath(path, base or ".").replace(os.sep, "/")))
-
-    for item in map(str, inputs):
-        matches, base = [item], None
-        if not os.path.lexists(item) and glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True)) or [item]
-            base = str(Path(*itertools.takewhile(lambda p: not glob.has_magic(p), Path(item).parts[:-1])))
-        for path in matches:
-            if os.path.isdir(path):
-                for file in _scan(path, excluded):
-                    add(file, base or path)
-            else:
-                add(os.path.normpath(path), base or os.path.dirname(path))
-    return dict(found.values())
-
-
-def missing_inputs(inputs: Sequence[str | Path]) -> list[str]:
-    """The inputs that name nothing: no such file or folder, or a glob pattern matching none."""
-    return [str(item) for item in inputs if not os.path.lexists(item)
-            and not (glob.has_magic(str(item)) and glob.glob(str(item), recursive=True))]
-
-
-# ----------------------------------------------------------------------------- shards
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N), 0 <= K < N: this process takes shard K of N."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard {text!r}: expected K/N, e.g. 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard {text!r}: need 0 <= K < N")
-    return index, count
-
-
-def shard_of(key: str, count: int) -> int:
-    """A stable shard for a file, from a hash of its shard key (find_inputs): every file lands
-    in exactly one shard, the same on every machine."""
-    return int.from_bytes(hashlib.sha1(os.fsencode(key)).digest()[:8], "big") % count
-
-
-def select_shard(paths: Mapping[str, str] | Sequence[str], index: int, count: int) -> list[str]:
-    """The paths of shard `index` of `count`: of find_inputs' {path: shard key}, or of a list of
-    paths, each keyed by its file name (as if named alone on the command line)."""
-    keys = paths if isinstance(paths, Mapping) else {p: os.path.basename(os.path.normpath(p)) for p in paths}
-    return [p for p in paths if shard_of(keys[p], count) == index]
-
+# ----------------------------------------------------------------------------- torchrun
 
 def torchrun_rank() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun with more than one process."""
@@ -249,9 +133,9 @@ def caption_files(
     alone); when they keep more than one caption per image, the rows hold the alternatives.
     `settings`: batch size, workers, retries, attention PNGs... (default: BatchSettings()).
     Failed files are skipped too unless `settings.retry_failed`; their old rows are then
-    replaced. `focus` maps paths to boxes (x0, y0, x1, y1) to caption a region of those images;
-    every row then says in `focus` which box it used (null: the whole image), and a box that
-    does not fit its image makes an error row. One run at a time writes an output; a pipe or
+    replaced. `focus` maps paths to boxes (x0, y0, x1, y1) or masks to caption a region of those
+    images; every row then says in `focus` which box it used ("mask", or null: the whole image),
+    and a region that does not fit its image makes an error row. One run at a time writes an output; a pipe or
     device (`/dev/stdout`) is written to without resume. Raises OutputError if the output is
     being written by another run, or cannot be read back or written.
     """
@@ -332,11 +216,21 @@ class _Run:
         """In a focus run, the record with the box it used (None: the whole image) before `error`."""
         if self.boxes is None:
             return record
-        box = self.boxes.get(path_key(record["path"]))
         error = record.pop("error")
-        record["focus"] = None if box is None else list(as_box(box))
+        record["focus"] = _focus_field(self.boxes.get(path_key(record["path"])))
         record["error"] = error
         return record
+
+
+def _focus_field(region: Focus | None) -> list[float] | str | None:
+    """What a record says about its focus region: the box, "mask", or None for the whole image
+    (what a region that is neither gives its error row: the error says what is wrong)."""
+    if region is None:
+        return None
+    try:
+        return list(as_box(region))
+    except ValueError:
+        return "mask" if np.ndim(region) == 2 else None
 
 
 def _plan(paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput,
