@@ -18,6 +18,7 @@ from captioner.serving.batch import (
     attention_filename,
     caption_files,
     find_images,
+    find_inputs,
     looks_like_image,
     select_shard,
 )
@@ -432,7 +433,7 @@ def test_a_killed_rank_resumes_its_shard(tmp_path, shapes_checkpoint):
         proc.kill()
         proc.wait()
     partial = output.read_text().count("\n")
-    expected = {Path(p).name for p in select_shard(find_images([photos]), 1, 2)}
+    expected = {Path(p).name for p in select_shard(find_inputs([photos]), 1, 2)}
     assert 1 <= partial <= len(expected)
     done = subprocess.run(command, cwd=ROOT, env=rank_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

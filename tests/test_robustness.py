@@ -11,7 +11,9 @@ from PIL import Image
 
 from captioner import Captioner, CheckpointError, load_model, save_model
 from captioner.cli.main import caption_folder_main
+from captioner.data.images import ImageLoadError
 from captioner.serving import webapp
+from captioner.serving.settings import BatchSettings
 
 from .shapes import shape_image
 
@@ -98,3 +100,60 @@ def test_the_caption_command_refuses_arguments_out_of_range(tmp_path, capsys, fl
         caption_folder_main([str(tmp_path), "-o", str(tmp_path / "out.jsonl"), *flags])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 33: focus and tensors
+
+
+LEFT = (0, 0, 112, 224)
+
+
+@pytest.mark.parametrize("strength", [3.5e38, 1e39, math.inf, -1.0, "2"])
+def test_a_focus_strength_out_of_range_is_refused_by_name(captioner, strength):
+    """Issue 33.9: 3.5e38 overflowed float32 deep in decoding (IndexError) and ended batch runs."""
+    with pytest.raises(ValueError, match="focus_strength must be a number from 0 to 10000"):
+        captioner.caption(shape_image("red", "circle", "left"), focus=LEFT, focus_strength=strength)
+    with pytest.raises(ValueError, match="focus_strength must be a number from 0 to 10000"):
+        BatchSettings(focus_strength=strength)
+
+
+def test_the_largest_focus_strength_still_captions(captioner):
+    result = captioner.caption(shape_image("red", "circle", "left"), focus=LEFT, focus_strength=1e4)
+    assert result.words and math.isfinite(result.score) and np.isfinite(result.attention).all()
+
+
+def test_the_caption_command_refuses_a_huge_focus_strength(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        caption_folder_main([str(tmp_path), "-o", str(tmp_path / "out.jsonl"), "--focus-strength", "1e39"])
+    assert exit_.value.code == 2
+    assert "--focus-strength must be a number from 0 to 10000, got 1e+39" in capsys.readouterr().err
+
+
+def test_numpy_and_torch_scalars_and_arrays_are_focus_strengths_and_boxes(captioner):
+    """Issue 33.20: what numpy code and detectors hand over."""
+    image = shape_image("red", "circle", "left")
+    expected = captioner.caption(image, focus=LEFT, focus_strength=2.0)
+    for strength in (np.float32(2), np.float64(2), torch.tensor(2.0), np.int64(2)):
+        assert captioner.caption(image, focus=LEFT, focus_strength=strength).score == expected.score
+    for box in (np.array([0, 0, 112, 224.0]), torch.tensor([0, 0, 112, 224]), [np.int64(0), 0, 112, 224]):
+        assert captioner.caption(image, focus=box).score == expected.score
+
+
+@pytest.mark.parametrize("focus, message", [
+    ([[True] * 300] * 200, r"boolean array of the image's size \(224, 224\), got bool \(200, 300\)"),
+    ("0099", "focus box must be four numbers"),
+    ([[1, 2], [3]], "focus mask rows differ in length"),
+    (np.zeros(5), "focus box must be four numbers"),
+])
+def test_a_wrong_focus_gives_a_short_error(captioner, focus, message):
+    with pytest.raises(ValueError, match=message) as err:
+        captioner.caption(shape_image("red", "circle", "left"), focus=focus)
+    assert len(str(err.value)) < 200
+
+
+def test_a_normalised_tensor_is_refused_not_clipped(captioner):
+    """Issue 33.24: a (3, H, W) tensor in -1..1 was silently clipped and captioned differently."""
+    pixels = torch.from_numpy(np.array(shape_image("red", "circle", "left"))).permute(2, 0, 1) / 255.0
+    assert captioner.caption(pixels).words  # 0..1 is a picture
+    with pytest.raises(ImageLoadError, match=r"torch tensor \(3, 224, 224\) float32: has negative values"):
+        captioner.caption(pixels * 2 - 1)

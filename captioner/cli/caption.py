@@ -51,7 +51,8 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--quantize", action=Switch, default=False,
                         help="int8 decoder on CPU: faster, slightly different captions (default: off)")
     parser.add_argument("--shard", metavar="K/N",
-                        help="caption only shard K of N (0-based; a stable split by path hash). Under "
+                        help="caption only shard K of N (0-based; a stable split by a hash of each file's "
+                             "path relative to the input that found it, the same on every machine). Under "
                              "torchrun each process takes the shard of its rank and writes OUTPUT.rankK")
     parser.add_argument("--merge", action="store_true",
                         help="join the shard outputs given as inputs into --output, one record per image")
@@ -67,8 +68,9 @@ CAPTION_HELP = dict(
     description="Caption every image in folders, files or glob patterns into a JSONL or CSV file. "
                 "Folders are searched recursively for image files (by extension or by content); "
                 "hidden files are skipped. Rerunning with the same output skips images already in it.",
-    epilog="Exit status: 0 when at least one input has a caption, 1 when none could be captioned, "
-           "2 when the model cannot be loaded or the output cannot be written. " + OLD_SPELLINGS,
+    epilog="Exit status: 0 when at least one input has a caption (or a --shard has no files), 1 when "
+           "none could be captioned, 2 when an input does not exist, the model cannot be loaded or the "
+           "output cannot be written (or another run is writing it). " + OLD_SPELLINGS,
 )
 
 
@@ -80,7 +82,7 @@ def caption_folder_parser() -> argparse.ArgumentParser:
 def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options: DecodeOptions = checked_config(parser, DecodeOptions, args)
     settings: BatchSettings = checked_config(parser, BatchSettings, args)
-    from captioner.serving.batch import parse_shard
+    from captioner.serving.inputs import missing_inputs, parse_shard
 
     try:
         shard = parse_shard(args.shard) if args.shard else None
@@ -88,9 +90,17 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"--{err}")
     if args.merge:
         return _merge(args.inputs, args.output, args.format)
+    missing = missing_inputs(args.inputs)  # before anything slow: a typo fails at once
+    if missing:
+        more = f" (and {len(missing) - 1} more inputs)" if len(missing) > 1 else ""
+        print(f"error: {missing[0]}: no such file or folder{more}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
     focus = _read_focus(parser, args.focus_json) if args.focus_json else None
     device, output, shard = _this_process(args.device, args.output, shard)
-    from captioner.serving.batch import caption_files, find_images, select_shard
+    paths = _select(args, output, settings, shard, options, focus)
+    if isinstance(paths, int):  # nothing to caption: the exit status
+        return paths
+    from captioner.serving.batch import caption_files
     from captioner.serving.captioner import Captioner
     from captioner.serving.records import OutputError
 
@@ -100,9 +110,6 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
         print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
-    paths = find_images(args.inputs, exclude=[output, *filter(None, [settings.save_attention])])
-    if shard is not None:
-        paths = select_shard(paths, *shard)
     try:
         summary = caption_files(captioner, paths, output, options, settings, fmt=args.format, focus=focus)
     except OutputError as err:
@@ -111,7 +118,49 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to continue where {output} stops", file=sys.stderr)
         return 130
-    return _report(summary, output, found_any=bool(paths))
+    return _report(summary, output)
+
+
+def _select(args: argparse.Namespace, output: str, settings: BatchSettings, shard: tuple[int, int] | None,
+            options: DecodeOptions, focus: dict[str, list[float]] | None) -> list[str] | int:
+    """The files this process captions, or the exit status when there are none (then without
+    loading the model): 1 if no image file was found, 0 for an empty shard (its output is made,
+    for --merge)."""
+    from captioner.serving.inputs import find_inputs, select_shard
+    from captioner.serving.records import OutputError
+
+    found = find_inputs(args.inputs, exclude=[output, *filter(None, [settings.save_attention])])
+    if focus is not None:
+        _warn_unmatched(args.focus_json, focus, found)
+    paths = select_shard(found, *shard) if shard is not None else list(found)
+    if paths:
+        return paths
+    if not found:
+        print("error: no image could be captioned (no image files found)", file=sys.stderr)
+        return EXIT_NOTHING_CAPTIONED
+    assert shard is not None
+    from captioner.serving.batch import prepare_output
+
+    try:
+        prepare_output(output, options, fmt=args.format, focus=focus is not None)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    print(f"note: shard {shard[0]}/{shard[1]} holds none of the {len(found)} files found; nothing to "
+          f"caption -> {output}", file=sys.stderr)
+    return 0
+
+
+def _warn_unmatched(file: str, focus: dict[str, list[float]], found: dict[str, str]) -> None:
+    """Name the --focus-json paths that are none of the inputs (a typo captions the whole image)."""
+    from captioner.serving.records import path_key
+
+    known = {path_key(p) for p in found}
+    unmatched = [name for name in focus if path_key(name) not in known]
+    if unmatched:
+        listed = ", ".join(map(repr, unmatched[:10])) + (" ..." if len(unmatched) > 10 else "")
+        print(f"warning: --focus-json {file}: {len(unmatched)} of {len(focus)} paths match no input "
+              f"image: {listed}", file=sys.stderr)
 
 
 def _this_process(device: str | None, output: str, shard: tuple[int, int] | None
@@ -131,28 +180,37 @@ def _this_process(device: str | None, output: str, shard: tuple[int, int] | None
     return device, str(rank_output(output, rank)), (rank, world)
 
 
-def _report(summary: Summary, output: str, found_any: bool) -> int:
-    """Print the run's summary and its first errors; the exit status."""
+def _report(summary: Summary, output: str) -> int:
+    """Print the run's summary (on stderr when the records stream to stdout or a pipe) and its
+    first errors; the exit status."""
+    from captioner.serving.records import is_stream
+
     for error in summary.first_errors:
         print(f"failed: {error}", file=sys.stderr)
     if summary.failed > len(summary.first_errors):
         print(f"... and {summary.failed - len(summary.first_errors)} more; see the rows with an "
               f"error in {output}", file=sys.stderr)
-    print(f"{summary} -> {output}")
+    print(f"{summary} -> {output}", file=sys.stderr if is_stream(output) else sys.stdout)
     if not summary.any_captioned:
-        print("error: no image could be captioned" + ("" if found_any else " (no image files found)"),
-              file=sys.stderr)
+        print("error: no image could be captioned", file=sys.stderr)
         return EXIT_NOTHING_CAPTIONED
     return 0
 
 
 def _read_focus(parser: argparse.ArgumentParser, path: str) -> dict[str, list[float]]:
+    from captioner.model.focus import as_box
+
     try:
         focus = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         parser.error(f"--focus-json {path}: {err}")
     if not isinstance(focus, dict):
         parser.error(f'--focus-json {path}: expected an object {{"path": [x0, y0, x1, y1], ...}}')
+    for name, box in focus.items():
+        try:
+            as_box(box)
+        except ValueError as err:
+            parser.error(f"--focus-json {path}: {name!r}: {err}")
     return focus
 
 

@@ -60,6 +60,9 @@ def _from_array(array: np.ndarray) -> Image.Image:
         raise ValueError(f"expected an H x W, H x W x 3 or H x W x 4 array, got {array.shape}")
     if min(array.shape[:2]) == 0:
         raise ValueError("has no pixels")
+    if np.issubdtype(array.dtype, np.floating) and array.min() < 0:  # NaN goes on to its own error
+        raise ValueError(f"has negative values (min {array.min():.3g}): pass pixels in 0..1 or 0..255, "
+                         "not a normalised tensor (undo the normalisation first)")
     return Image.fromarray(_to_uint8(array))
 
 
@@ -100,7 +103,11 @@ def _why_missing(path: Path) -> str:
 
 
 def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Path, PIL image or numpy array -> upright 8-bit RGB PIL image.
+    """Path, PIL image, numpy array or torch tensor -> upright 8-bit RGB PIL image.
+
+    Arrays and tensors are (H, W), (H, W, 3|4) or (3|4, H, W): floats in 0..1 (or 0..255 when
+    any value is above 1), integers in 0..255 (0..65535 when any is above 255), or booleans.
+    Negative floats (a normalised tensor) are refused rather than clipped.
 
     Raises ImageLoadError naming the input for missing, non-image, truncated, empty or
     oversized (decompression bomb) inputs.

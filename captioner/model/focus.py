@@ -12,31 +12,56 @@ softmax (instead of the plain mean), so the first words are about the region too
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from captioner.model.options import check_focus_strength
+
 Box = Sequence[float]
-Focus = Box | np.ndarray  # a box, or a boolean mask (H, W)
+Focus = Box | np.ndarray | torch.Tensor  # a box (also a 1-D array or tensor), or a boolean mask (H, W)
 # The default strength: captioner.model.options.DEFAULT_FOCUS_STRENGTH (torch-free, for the flags).
+check_strength = check_focus_strength  # 0 <= strength <= MAX_FOCUS_STRENGTH, or a ValueError
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxtuple = 6
+_SHORT.maxstring = _SHORT.maxother = 40
 
 
-def check_box(box: Box, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+def short_repr(value: object) -> str:
+    """repr cut to a line: error messages quote the input, not 300 KB of it."""
+    return _SHORT.repr(value)
+
+
+def as_box(box: object) -> tuple[float, float, float, float]:
+    """Four numbers (a sequence, or a 1-D numpy array or tensor) -> floats, or a ValueError: a
+    string such as "0099" is not a box."""
+    if isinstance(box, (np.ndarray, torch.Tensor)) and box.ndim == 1:
+        box = box.tolist()
+    values = list(box) if isinstance(box, Sequence) and not isinstance(box, (str, bytes)) else []
+    numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    if len(values) != 4 or not numeric:
+        raise ValueError(f"focus box must be four numbers (x0, y0, x1, y1), got {short_repr(box)}")
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return x0, y0, x1, y1
+
+
+def check_box(box: object, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
     """The box as four floats, or a ValueError saying what is wrong with it."""
     width, height = image_size
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"focus box must be four numbers (x0, y0, x1, y1), got {box!r}") from None
+    x0, y0, x1, y1 = as_box(box)
+    box = short_repr(box)
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise ValueError(f"focus box {box!r} holds NaN or infinite values")
+        raise ValueError(f"focus box {box} holds NaN or infinite values")
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"focus box {box!r} must have x0 < x1 and y0 < y1 (left, top, right, bottom) "
+        raise ValueError(f"focus box {box} must have x0 < x1 and y0 < y1 (left, top, right, bottom) "
                          "and a non-zero area")
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise ValueError(f"focus box {box!r} reaches outside the {width}x{height} image")
+        raise ValueError(f"focus box {box} reaches outside the {width}x{height} image")
     return x0, y0, x1, y1
 
 
@@ -47,25 +72,33 @@ def _overlap(low: float, high: float, extent: int, cells: int) -> torch.Tensor:
     return (inside.clamp(min=0) / (extent / cells)).float()
 
 
+def _as_mask(focus: object) -> torch.Tensor | None:
+    """A mask as a tensor: an array or tensor of 2 or more dimensions, or a list of rows. None
+    for anything else (a box)."""
+    if isinstance(focus, torch.Tensor):
+        return focus.detach().cpu() if focus.ndim != 1 else None
+    if isinstance(focus, np.ndarray):
+        return torch.as_tensor(focus) if focus.ndim != 1 else None
+    if isinstance(focus, (list, tuple)) and focus and isinstance(focus[0], (list, tuple, np.ndarray)):
+        try:
+            return torch.as_tensor(np.asarray(focus))
+        except ValueError:
+            raise ValueError(f"focus mask rows differ in length ({len(focus)} rows)") from None
+    return None
+
+
 def focus_weights(focus: Focus, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """Region -> (h * w,) weights in [0, 1], row-major like the annotation grid."""
     width, height = image_size
     rows, cols = grid
-    if isinstance(focus, np.ndarray) or torch.is_tensor(focus):
-        mask = torch.as_tensor(np.asarray(focus))
+    mask = _as_mask(focus)
+    if mask is not None:
         if mask.dtype != torch.bool or tuple(mask.shape) != (height, width):
             raise ValueError(f"focus mask must be a boolean array of the image's size ({height}, {width}), "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+                             f"got {str(mask.dtype).removeprefix('torch.')} {tuple(mask.shape)}")
         if not mask.any():
             raise ValueError("focus mask selects no pixel")
         weights = F.adaptive_avg_pool2d(mask.float()[None, None], (rows, cols))[0, 0]
         return weights.flatten()
     x0, y0, x1, y1 = check_box(focus, image_size)
     return (_overlap(y0, y1, height, rows)[:, None] * _overlap(x0, x1, width, cols)[None, :]).flatten()
-
-
-def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or strength < 0:
-        raise ValueError(f"focus_strength must be a finite number >= 0, got {strength!r}")
-    return float(strength)

@@ -20,6 +20,9 @@ NO_REPEAT_NGRAM_SIZE = 3
 # How hard a focus region pulls attention (captioner.model.focus): the best of 1, 2, 4, 8 on
 # coco-mini (scripts/evaluate_focus.py). Here, torch-free, so that the flags can show it.
 DEFAULT_FOCUS_STRENGTH = 2.0
+# Beyond ~50 the softmax already puts all attention inside the region; the bound keeps
+# strength x weight far from float32's overflow (3.4e38), which would make every score NaN.
+MAX_FOCUS_STRENGTH = 1e4
 
 
 def check_whole_number(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -28,6 +31,20 @@ def check_whole_number(name: str, value: Any, low: int, high: int | None = None)
     if not whole or value < low or (high is not None and value > high):
         allowed = f"from {low} to {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
+
+
+def check_focus_strength(strength: Any) -> float:
+    """The focus strength as a float, or a ValueError naming it: a finite number from 0 to
+    MAX_FOCUS_STRENGTH (numpy and torch scalars included)."""
+    number = isinstance(strength, numbers.Real) or getattr(strength, "ndim", None) == 0
+    try:
+        value = float(strength) if number and not isinstance(strength, bool) else math.nan
+    except (TypeError, ValueError):  # a 0-d array of text
+        value = math.nan
+    if not 0 <= value <= MAX_FOCUS_STRENGTH:
+        raise ValueError(f"focus_strength must be a number from 0 to {MAX_FOCUS_STRENGTH:g}, "
+                         f"got {strength!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Caption thousands of image files into a resumable JSONL or CSV file.
 
-Worker processes decode and preprocess images while the model captions the previous batch.
+Worker processes decode and preprocess images while the model captions the previous batch
+(captioner.serving.inputs finds the files and splits them into shards).
 A file that cannot be used becomes an `error` row instead of stopping the run. Records are
 appended and flushed batch by batch, so a rerun with the same output picks up where a crashed
 or interrupted run stopped.
@@ -8,147 +9,52 @@ or interrupted run stopped.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.data.images import ImageBatch, ImageFiles, LoadedImage, collate_images
+from captioner.model.focus import Focus, as_box
 from captioner.model.options import DecodeOptions
 from captioner.model.results import CaptionResult
 from captioner.serving.captioner import Captioner
+from captioner.serving.inputs import ATTENTION_MARKER  # finding and sharding files; its API also here:
+from captioner.serving.inputs import find_images as find_images
+from captioner.serving.inputs import find_inputs as find_inputs
+from captioner.serving.inputs import looks_like_image as looks_like_image
+from captioner.serving.inputs import parse_shard as parse_shard
+from captioner.serving.inputs import select_shard as select_shard
 from captioner.serving.records import (
-    CSV_FIELDS,
-    CSV_FIELDS_N_BEST,
     ExistingOutput,
     OutputError,
     RecordWriter,
+    csv_fields,
     drop_failures,
+    failure_record,
+    locked_output,
     output_format,
     path_key,
     read_output,
+    success_record,
 )
 from captioner.serving.settings import BatchSettings
 from captioner.visualize import save_attention_grid
 
-# Folder scans take files with these extensions (a bad one becomes an error row), plus files of
-# any name whose first bytes are an image signature (a JPEG saved as .dat). HEIC is listed so
-# that phone photos Pillow cannot read are reported rather than silently left out.
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-    ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
-})
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
-               b"\x00\x00\x01\x00", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
-_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
-_ISO_MEDIA_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
-
 THUMBNAIL_SIZE = 320  # images kept for --save-attention grids (panels are ~200 px wide)
-# Marks an attention folder, so that later scans of a folder containing it leave it out even
-# when --save-attention is not given again.
-ATTENTION_MARKER = ".captioner-attention"
 
 
-# ----------------------------------------------------------------------------- finding images
-
-def looks_like_image(path: str | Path) -> bool:
-    """True if the file starts with the signature of an image format Pillow reads."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-    except OSError:
-        return False
-    if head.startswith(_SIGNATURES):
-        return True
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
-        return True
-    return head[4:8] == b"ftyp" and head[8:12] in _ISO_MEDIA_BRANDS
-
-
-def _scan(folder: str, excluded: set[str]) -> Iterator[str]:
-    """Image files under `folder`, recursively and sorted. Hidden files and folders (.DS_Store,
-    macOS `._x.jpg` sidecars, our temporary files) and attention folders are skipped."""
-    seen_dirs: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        skipped = path_key(root) in excluded or os.path.exists(os.path.join(root, ATTENTION_MARKER))
-        if real in seen_dirs or skipped:  # seen: a symlink loop
-            dirs.clear()
-            continue
-        seen_dirs.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if name.startswith(".") or path_key(path) in excluded:
-                continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or looks_like_image(path):
-                yield path
-
-
-def find_images(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()) -> list[str]:
-    """Expand folders (recursively), files and glob patterns into a list of files to caption.
-
-    Folders contribute files with an image extension or an image signature; other files there
-    are skipped silently. Files named explicitly (or matched by a glob) are always kept, so a
-    missing or non-image file the user asked for gets an error row. A pattern that matches
-    nothing is kept as a literal name, as the shell does. Duplicates are dropped; `exclude`
-    (the output file, the attention folder) is never captioned.
-    """
-    excluded = {path_key(p) for p in exclude}
-    found: dict[str, str] = {}
-
-    def add(path: str) -> None:
-        key = path_key(path)
-        if key not in excluded:
-            found.setdefault(key, path)
-
-    for item in map(str, inputs):
-        matches = [item]
-        if not os.path.lexists(item) and glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True)) or [item]
-        for path in matches:
-            if os.path.isdir(path):
-                for file in _scan(path, excluded):
-                    add(file)
-            else:
-                add(os.path.normpath(path))
-    return list(found.values())
-
-
-# ----------------------------------------------------------------------------- shards
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N), 0 <= K < N: this process takes shard K of N."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard {text!r}: expected K/N, e.g. 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard {text!r}: need 0 <= K < N")
-    return index, count
-
-
-def shard_of(path: str, count: int) -> int:
-    """A stable shard for a file: from a hash of its absolute path, so every file lands in
-    exactly one shard whatever order or spelling found it."""
-    return int.from_bytes(hashlib.sha1(os.fsencode(path_key(path))).digest()[:8], "big") % count
-
-
-def select_shard(paths: Sequence[str], index: int, count: int) -> list[str]:
-    return [p for p in paths if shard_of(p, count) == index]
-
+# ----------------------------------------------------------------------------- torchrun
 
 def torchrun_rank() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun with more than one process."""
@@ -165,22 +71,6 @@ def rank_output(output: str | Path, rank: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- records
-
-def success_record(path: str, result: CaptionResult, size: tuple[int, int],
-                   alternatives: bool = False) -> dict[str, Any]:
-    record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 4),
-                              "width": size[0], "height": size[1]}
-    if alternatives:
-        record["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)}
-                                  for a in result.alternatives]
-    record["error"] = None
-    return record
-
-
-def failure_record(path: str, error: str) -> dict[str, Any]:
-    return {"path": path, "caption": None, "score": None, "width": None, "height": None,
-            "error": " ".join(error.split())}  # one line, so every record is one line
-
 
 def attention_filename(path: str) -> str:
     """A flat, collision-free PNG name: the path's readable tail plus a hash of the full path."""
@@ -234,7 +124,7 @@ def caption_files(
     settings: BatchSettings | None = None,
     *,
     fmt: str | None = None,
-    focus: Mapping[str, Sequence[float]] | None = None,
+    focus: Mapping[str, Focus] | None = None,
 ) -> Summary:
     """Caption `paths` into `output` (JSONL or CSV, `fmt` or by its suffix), skipping files it
     already holds a row for.
@@ -243,48 +133,104 @@ def caption_files(
     alone); when they keep more than one caption per image, the rows hold the alternatives.
     `settings`: batch size, workers, retries, attention PNGs... (default: BatchSettings()).
     Failed files are skipped too unless `settings.retry_failed`; their old rows are then
-    replaced. `focus` maps paths to boxes (x0, y0, x1, y1) to caption a region of those images;
-    a box that does not fit its image makes an error row. Raises OutputError if the output
-    cannot be read back or written.
+    replaced. `focus` maps paths to boxes (x0, y0, x1, y1) or masks to caption a region of those
+    images; every row then says in `focus` which box it used ("mask", or null: the whole image),
+    and a region that does not fit its image makes an error row. One run at a time writes an output; a pipe or
+    device (`/dev/stdout`) is written to without resume. Raises OutputError if the output is
+    being written by another run, or cannot be read back or written.
     """
     options = options or DecodeOptions(n_best=1)
     settings = settings or BatchSettings()
     start = time.perf_counter()
     output = Path(output)
     fmt = output_format(output, fmt)
-    existing = read_output(output, fmt, CSV_FIELDS_N_BEST if options.per_image > 1 else CSV_FIELDS)
-    todo, summary = _plan(paths, output, fmt, existing, settings.retry_failed)
-    attention_dir = _attention_folder(settings.save_attention)
-    dataset = ImageFiles(todo, captioner.transform, settings.max_pixels,
-                         thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
-                        collate_fn=collate_images, pin_memory=captioner.device.type == "cuda")
-    boxes = {path_key(p): box for p, box in (focus or {}).items()}
-    alternatives = options.per_image > 1 or "alternatives" in existing.fields
-    writer = RecordWriter(output, fmt, existing.fields)
-    bar = tqdm(total=len(todo), unit="img", disable=not settings.progress or not todo, smoothing=0.05)
-    try:
-        for batch in loader:
-            bias = _focus_bias(captioner, batch, boxes, settings.focus_strength) if boxes else None
-            results = iter(captioner.caption_tensors(batch.pixels, options, bias)
-                           if batch.pixels is not None else ())
-            for item in batch.items:
-                if item.error:
-                    writer.write(failure_record(item.path, item.error))
-                    summary.add_failure(item.error)
-                    continue
-                result = next(results)
-                if attention_dir is not None:
-                    _save_attention(attention_dir, item, result)
-                writer.write(success_record(item.path, result, item.size, alternatives))
-                summary.captioned += 1
-            writer.sync()
-            bar.update(len(batch.items))
-    finally:
-        bar.close()
-        writer.close()
-        summary.seconds = time.perf_counter() - start
+    boxes = None if focus is None else {path_key(p): box for p, box in focus.items()}
+    with locked_output(output):
+        existing = read_output(output, fmt, csv_fields(options.per_image > 1, focus is not None))
+        todo, summary = _plan(paths, output, fmt, existing, settings.retry_failed)
+        alternatives = options.per_image > 1 or "alternatives" in existing.fields
+        run = _Run(captioner, options, settings, alternatives, boxes, summary)
+        try:
+            with RecordWriter(output, fmt, existing.fields) as writer:
+                run.caption(todo, writer)
+        finally:
+            summary.seconds = time.perf_counter() - start
     return summary
+
+
+def prepare_output(output: str | Path, options: DecodeOptions | None = None, *, fmt: str | None = None,
+                   focus: bool = False) -> None:
+    """Check or create the output of a run with nothing to caption (an empty shard), as
+    caption_files would, so that --merge finds every shard's file."""
+    output = Path(output)
+    fmt = output_format(output, fmt)
+    alternatives = (options or DecodeOptions(n_best=1)).per_image > 1
+    with locked_output(output):
+        existing = read_output(output, fmt, csv_fields(alternatives, focus))
+        RecordWriter(output, fmt, existing.fields).close()
+
+
+@dataclass
+class _Run:
+    """How caption_files captions its files into a writer."""
+
+    captioner: Captioner
+    options: DecodeOptions
+    settings: BatchSettings
+    alternatives: bool  # rows hold the n-best list
+    boxes: dict[str, Focus] | None  # path_key -> box, in a --focus-json run
+    summary: Summary
+
+    def caption(self, todo: Sequence[str], writer: RecordWriter) -> None:
+        settings = self.settings
+        attention_dir = _attention_folder(settings.save_attention)
+        dataset = ImageFiles(todo, self.captioner.transform, settings.max_pixels,
+                             thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
+        loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
+                            collate_fn=collate_images, pin_memory=self.captioner.device.type == "cuda")
+        with tqdm(total=len(todo), unit="img", disable=not settings.progress or not todo,
+                  smoothing=0.05) as bar:
+            for batch in loader:
+                self.caption_batch(batch, writer, attention_dir)
+                writer.sync()
+                bar.update(len(batch.items))
+
+    def caption_batch(self, batch: ImageBatch, writer: RecordWriter, attention_dir: Path | None) -> None:
+        bias = (_focus_bias(self.captioner, batch, self.boxes, self.settings.focus_strength)
+                if self.boxes else None)
+        results = iter(self.captioner.caption_tensors(batch.pixels, self.options, bias)
+                       if batch.pixels is not None else ())
+        for item in batch.items:
+            if item.error:
+                writer.write(self.record(failure_record(item.path, item.error)))
+                self.summary.add_failure(item.error)
+                continue
+            result = next(results)
+            assert item.size is not None  # ImageFiles gives every image it loaded its size
+            if attention_dir is not None:
+                _save_attention(attention_dir, item, result)
+            writer.write(self.record(success_record(item.path, result, item.size, self.alternatives)))
+            self.summary.captioned += 1
+
+    def record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """In a focus run, the record with the box it used (None: the whole image) before `error`."""
+        if self.boxes is None:
+            return record
+        error = record.pop("error")
+        record["focus"] = _focus_field(self.boxes.get(path_key(record["path"])))
+        record["error"] = error
+        return record
+
+
+def _focus_field(region: Focus | None) -> list[float] | str | None:
+    """What a record says about its focus region: the box, "mask", or None for the whole image
+    (what a region that is neither gives its error row: the error says what is wrong)."""
+    if region is None:
+        return None
+    try:
+        return list(as_box(region))
+    except ValueError:
+        return "mask" if np.ndim(region) == 2 else None
 
 
 def _plan(paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput,
@@ -315,7 +261,7 @@ def _attention_folder(folder: str | Path | None) -> Path | None:
     return folder
 
 
-def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Sequence[float]],
+def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Focus],
                 strength: float) -> torch.Tensor | None:
     """The batch's attention bias (n, L), or None if no image of it has a box. An image whose
     box does not fit gets an error and leaves the batch."""

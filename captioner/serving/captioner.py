@@ -159,12 +159,14 @@ class Captioner:
         (the default; 0 turns it off) stops "a man in a red shirt and a man in a red shirt".
 
         `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
-        pixels or a boolean mask of its size (a list of those, or None, for a list of images);
-        `focus_strength` is how hard (captioner.model.focus). focus=None decodes as without it.
+        pixels (also a 1-D array or tensor of four) or a boolean mask of its size (a list of
+        those, or None, for a list of images); `focus_strength` is how hard, 0 to 10000
+        (captioner.model.focus). focus=None decodes as without it.
 
         Images may be file paths, PIL images, numpy arrays or torch tensors ((3, H, W) or
-        (H, W, 3)). Bad inputs raise ImageLoadError naming the input; decoding options out of
-        range raise ValueError naming the option.
+        (H, W, 3); floats in 0..1 or 0..255, integers in 0..255: pixels, not a normalised tensor,
+        whose negative values are refused). Bad inputs raise ImageLoadError naming the input;
+        decoding options out of range raise ValueError naming the option.
         """
         options = decode_options(options, decoding)
         check_whole_number("batch_size", batch_size, 1)

@@ -8,6 +8,7 @@ actually resolved or pushed.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -57,6 +58,9 @@ def resolve_model(name: str | Path, revision: str | None = None) -> Path:
     """A local model folder or file as given (a path that exists always wins); otherwise a Hub
     repo id, downloaded into (or, offline, found in) the huggingface_hub cache."""
     path = Path(name)
+    link = _unusable_link(path)
+    if link:
+        raise ModelNotFoundError(f"model path {name}: {link}")
     if path.exists() or isinstance(name, Path) or not looks_like_repo_id(str(name)):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repo ids, not to the local path {name}")
@@ -72,6 +76,19 @@ def resolve_model(name: str | Path, revision: str | None = None) -> Path:
             f"({type(err).__name__}: {err})"
         ) from err
     return Path(str(folder))
+
+
+def _unusable_link(path: Path) -> str | None:
+    """Why a path that goes through a symbolic link leads nowhere, or None: such a name is a
+    local path the user meant, not a Hub repo id."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop (a link that points back to itself)"
+        if os.path.islink(path):
+            return "a broken symbolic link (its target does not exist)"
+    return None
 
 
 def find_model(path: str | Path | None, revision: str | None = None, default: Path | None = None) -> Path:
@@ -90,15 +107,20 @@ def find_model(path: str | Path | None, revision: str | None = None, default: Pa
 
 
 def copy_card(source: Path | None, directory: Path) -> None:
-    """Copy the model card of the folder `source` into `directory`, with the local images it shows."""
+    """Copy the model card of the folder `source` into `directory`, with the local images it
+    shows: only those inside `source` whose copy lands inside `directory` (a card that links
+    ../x.png or /etc/x.png must not make saving read or write outside the two folders)."""
     card = source / CARD_FILE if source else None
     if not (source and card and card.is_file()) or card.resolve() == (directory / CARD_FILE).resolve():
         return
     shutil.copyfile(card, directory / CARD_FILE)
     for image in _LOCAL_IMAGE.findall(card.read_text(encoding="utf-8")):
-        if (source / image).is_file() and not (directory / image).exists():
-            (directory / image).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / image, directory / image)
+        original, copy = source / image, directory / image
+        inside = (original.resolve().is_relative_to(source.resolve())
+                  and copy.resolve().is_relative_to(directory.resolve()))
+        if inside and original.is_file() and not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(original, copy)
 
 
 def hub_card(directory: Path, repo_id: str) -> str:

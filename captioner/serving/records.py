@@ -7,6 +7,10 @@ those as JSON `\\udcXX` escapes (the file stays valid UTF-8 JSON, `json.loads` g
 string back and `os.fsencode` the original bytes), and CSV writes the name's original bytes.
 CSV cells that a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage
 return) are stored with a leading `'`, as OWASP recommends; reading strips it again.
+
+Only regular files are read back: a pipe, FIFO or device (`-o /dev/stdout`) is written to as a
+stream, without resume. One run at a time writes a file: `locked_output` holds a lock on a
+hidden sidecar file (`.NAME.lock`) beside it.
 """
 
 from __future__ import annotations
@@ -17,16 +21,22 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from captioner.files import atomic_write
+from captioner.files import ExclusiveLock, LockHeld, atomic_write
+
+if TYPE_CHECKING:
+    from captioner.model.results import CaptionResult
 
 FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "caption", "score", "width", "height", "error")
 CSV_FIELDS_N_BEST = ("path", "caption", "score", "width", "height", "alternatives", "error")
+JSON_CELLS = ("alternatives", "focus")  # CSV cells holding JSON: the n-best list, the focus box
 ENCODING, ERRORS = "utf-8", "surrogateescape"  # file names' undecodable bytes round-trip
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -34,6 +44,52 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 
 class OutputError(RuntimeError):
     """The output file (or attention folder) cannot be read back or written."""
+
+
+def csv_fields(alternatives: bool = False, focus: bool = False) -> tuple[str, ...]:
+    """The CSV columns: with `alternatives` for n-best runs, `focus` for --focus-json runs."""
+    optional = ("alternatives",) * alternatives + ("focus",) * focus
+    return (*CSV_FIELDS[:-1], *optional, "error")
+
+
+def csv_header(fields: Sequence[str]) -> str:
+    return ",".join(fields) + "\n"
+
+
+CSV_HEADERS = {csv_header(f): f for f in (csv_fields(a, b) for a in (False, True) for b in (False, True))}
+
+
+def is_stream(path: str | Path) -> bool:
+    """A pipe, FIFO, terminal or device (`-o /dev/stdout`): written as it comes, never read back."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextmanager
+def locked_output(output: Path) -> Iterator[None]:
+    """Run the block as the only writer of `output`; OutputError at once if another run (of
+    any process) holds it. Streams are not locked."""
+    lock = ExclusiveLock(lock_path(output))
+    if not is_stream(output):
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except LockHeld as err:
+            raise OutputError(f"another captioner run is writing {output} (pid {err.pid or 'unknown'}); "
+                              "wait for it to end or pick another output file") from None
+        except OSError as err:
+            raise OutputError(f"cannot lock {output} (via {lock.path}): {err}") from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def path_key(path: str | Path) -> str:
@@ -65,16 +121,13 @@ def format_line(record: dict[str, Any], fmt: str, fields: Sequence[str] = CSV_FI
         line = json.dumps(record, ensure_ascii=False)
         return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", line) + "\n"
     row = {k: record.get(k) for k in fields}
-    if row.get("alternatives") is not None:
-        row["alternatives"] = json.dumps(row["alternatives"], ensure_ascii=False)
+    for k in JSON_CELLS:
+        if row.get(k) is not None:
+            row[k] = json.dumps(row[k], ensure_ascii=False)
     cells = ["" if v is None else neutralise_formula(v) if isinstance(v, str) else v for v in row.values()]
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue()
-
-
-def csv_header(fields: Sequence[str]) -> str:
-    return ",".join(fields) + "\n"
 
 
 def parse_line(line: str, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> dict[str, Any]:
@@ -92,6 +145,22 @@ def parse_line(line: str, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> dict[
     return row
 
 
+def success_record(path: str, result: CaptionResult, size: tuple[int, int],
+                   alternatives: bool = False) -> dict[str, Any]:
+    record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 4),
+                              "width": size[0], "height": size[1]}
+    if alternatives:
+        record["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)}
+                                  for a in result.alternatives]
+    record["error"] = None
+    return record
+
+
+def failure_record(path: str, error: str) -> dict[str, Any]:
+    return {"path": path, "caption": None, "score": None, "width": None, "height": None,
+            "error": " ".join(error.split())}  # one line, so every record is one line
+
+
 @dataclass
 class ExistingOutput:
     lines: list[str]  # complete record lines (no header)
@@ -105,30 +174,53 @@ class ExistingOutput:
         return {path_key(r["path"]) for r in self.records if r["error"] is not None} - self.done()
 
 
-def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> ExistingOutput:
+def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS, *,
+                repair: bool = True) -> ExistingOutput:
     """Read the records of an earlier run (a CSV keeps the columns it was started with).
 
-    A partial last line (a crash mid-write) is cut off the file, so appending continues on a
-    clean line. Anything else that is not our format is an OutputError, and such a file is
-    never modified: `-o` pointing at the wrong file must not damage it.
+    Only regular files are read: a stream (pipe, FIFO, device) holds no earlier run. A CSV
+    re-saved by a spreadsheet (CRLF line ends, a byte-order mark) reads like ours. A last line
+    without its newline is kept when it is a complete record (a file edited by hand); otherwise
+    it is a partial line (a crash mid-write). With `repair` the file is then made to end on a
+    clean line (the newline added, or the partial line cut off) so that appending can go on.
+    Anything else that is not our format is an OutputError, and such a file is never modified:
+    `-o` pointing at the wrong file must not damage it.
     """
-    if not path.exists():
+    if not path.exists() or is_stream(path):
         return ExistingOutput([], [], tuple(fields))
     try:
         data = path.read_bytes()
-        complete = data.rfind(b"\n") + 1
-        text = data[:complete].decode(ENCODING, ERRORS)
     except OSError as err:
         raise OutputError(f"cannot read {path} as an earlier run's {fmt} output: {err}") from err
-    lines = text.splitlines(keepends=True)
-    headers = [csv_header(f) for f in (CSV_FIELDS, CSV_FIELDS_N_BEST)]
-    first = csv_header(fields) if fmt == "csv" else '{"path": '
+    *lines, tail = data.decode(ENCODING, ERRORS).removeprefix("\ufeff").split("\n")
+    lines = [line.removesuffix("\r") + "\n" for line in lines]
+    fields, lines, records = _parse(path, fmt, tuple(fields), lines)
+    if not tail:
+        return ExistingOutput(lines, records, fields)
+    last = tail.removesuffix("\r") + "\n"
+    complete_header = fmt == "csv" and not data.count(b"\n") and last in CSV_HEADERS
+    record = None if complete_header else _record_or_none(last, fmt, fields)
+    if complete_header or record is not None:
+        fields = CSV_HEADERS[last] if complete_header else fields
+        lines, records = (lines, records) if record is None else ([*lines, last], [*records, record])
+        _repair(path, repair, lambda f: f.write(b"\n"))
+    else:
+        starts = CSV_HEADERS if fmt == "csv" else ['{"path": ']
+        if not data.count(b"\n") and not any(s.startswith(tail) or tail.startswith(s) for s in starts):
+            raise OutputError(f"{path} is not a captions {fmt} file; pick another output file")
+        _repair(path, repair, lambda f: f.truncate(data.rfind(b"\n") + 1))
+    return ExistingOutput(lines, records, fields)
+
+
+def _parse(path: Path, fmt: str, fields: tuple[str, ...], lines: list[str]
+           ) -> tuple[tuple[str, ...], list[str], list[dict[str, Any]]]:
+    """(columns, record lines, records) of complete lines, a CSV's header first; an OutputError
+    names the first line that is not ours."""
     if fmt == "csv" and lines:
-        if lines[0] not in headers:
+        if lines[0] not in CSV_HEADERS:
             raise OutputError(f"{path} is not a captions CSV (first line {lines[0].strip()!r}, "
-                              f"expected {first.strip()!r}); pick another output file")
-        fields = (CSV_FIELDS, CSV_FIELDS_N_BEST)[headers.index(lines[0])]
-        lines = lines[1:]
+                              f"expected {csv_header(fields).strip()!r}); pick another output file")
+        fields, lines = CSV_HEADERS[lines[0]], lines[1:]
     records = []
     for number, line in enumerate(lines, start=2 if fmt == "csv" else 1):
         try:
@@ -136,29 +228,47 @@ def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> Exi
         except (ValueError, StopIteration) as err:
             raise OutputError(f"{path} line {number} is not a {fmt} caption record ({err}); "
                               "pick another output file or --format") from err
-    tail = data[complete:]
-    if tail:
-        if complete == 0 and not (tail.startswith(first.encode()) or first.encode().startswith(tail)):
-            raise OutputError(f"{path} is not a captions {fmt} file; pick another output file")
-        try:
-            os.truncate(path, complete)
-        except OSError as err:
-            raise OutputError(f"cannot repair the partial last line of {path}: {err}") from err
-    return ExistingOutput(lines, records, tuple(fields))
+    return fields, lines, records
+
+
+def _record_or_none(line: str, fmt: str, fields: Sequence[str]) -> dict[str, Any] | None:
+    try:
+        return parse_line(line, fmt, fields)
+    except (ValueError, StopIteration):
+        return None
+
+
+def _repair(path: Path, repair: bool, change: Any) -> None:
+    """Apply `change` to the file opened for binary update, when repairing."""
+    if not repair:
+        return
+    try:
+        with open(path, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            change(f)
+    except OSError as err:
+        raise OutputError(f"cannot repair the last line of {path}: {err}") from err
 
 
 def rewrite_output(path: Path, fmt: str, fields: Sequence[str], lines: Sequence[str]) -> None:
-    """Replace the file's records atomically: a crash leaves the old file or the new one."""
+    """Replace the file's records atomically: a crash leaves the old file or the new one. A
+    stream is written to directly."""
+    text = (csv_header(fields) if fmt == "csv" else "") + "".join(lines)
+
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding=ENCODING, errors=ERRORS) as f:
-            f.write((csv_header(fields) if fmt == "csv" else "") + "".join(lines))
+            f.write(text)
             f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
+            if not is_stream(tmp):
+                os.fsync(f.fileno())
+        if path.exists() and not is_stream(path):
             shutil.copymode(path, tmp)
 
     try:
-        atomic_write(path, write)
+        if is_stream(path):
+            write(str(path))
+        else:
+            atomic_write(path, write)
     except OSError as err:
         raise OutputError(f"cannot write {path}: {err}") from err
 
@@ -172,15 +282,16 @@ def drop_failures(path: Path, fmt: str, existing: ExistingOutput, retry: set[str
 
 def merge_outputs(sources: Sequence[Path], target: Path, fmt: str | None = None) -> tuple[int, int]:
     """Join shard outputs into one file, one record per image: a caption wins over an error,
-    and the first of equals wins. Returns (records written, duplicates dropped)."""
+    and the first of equals wins. Only reads its sources (a partial last line is left out, not
+    cut off). Returns (records written, duplicates dropped)."""
     fmt = output_format(target, fmt)
-    if target.exists():
+    if target.exists() and not is_stream(target):
         raise OutputError(f"{target} exists; merge into a new file")
     chosen: dict[str, tuple[str, dict[str, Any]]] = {}
     fields: tuple[str, ...] | None = None
     total = 0
     for source in sources:
-        existing = read_output(Path(source), fmt)
+        existing = read_output(Path(source), fmt, repair=False)
         if fmt == "csv" and existing.records and fields not in (None, existing.fields):
             raise OutputError(f"{source} has the columns {existing.fields}, the shards before it {fields}")
         fields = existing.fields if existing.records else fields
@@ -194,18 +305,26 @@ def merge_outputs(sources: Sequence[Path], target: Path, fmt: str | None = None)
 
 
 class RecordWriter:
-    """Appends records, one line each, flushed as written; `sync` makes a batch durable."""
+    """Appends records, one line each, flushed as written; `sync` makes a batch durable. As a
+    context manager it closes the file, and an error on the way out is not hidden by one from
+    closing (a full disk fails both)."""
 
     def __init__(self, path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS):
         self.path, self.fmt, self.fields = path, fmt, tuple(fields)
+        self.stream = is_stream(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", newline="", encoding=ENCODING, errors=ERRORS)
-            if fmt == "csv" and self.file.tell() == 0:
-                self.file.write(csv_header(self.fields))
-                self.file.flush()
         except OSError as err:
             raise OutputError(f"cannot write {path}: {err}") from err
+        if fmt == "csv" and (self.stream or self.file.tell() == 0):
+            try:
+                self.file.write(csv_header(self.fields))
+                self.file.flush()
+            except OSError as err:
+                with suppress(OSError):
+                    self.file.close()
+                raise OutputError(f"cannot write {path}: {err}") from err
 
     def write(self, record: dict[str, Any]) -> None:
         try:
@@ -215,10 +334,26 @@ class RecordWriter:
             raise OutputError(f"cannot write {self.path}: {err}") from err
 
     def sync(self) -> None:
+        """Make the records written so far durable (streams: nothing to do)."""
+        if self.stream:
+            return
         try:
             os.fsync(self.file.fileno())
         except OSError as err:
             raise OutputError(f"cannot write {self.path}: {err}") from err
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # closes the file even when its last bytes cannot be written
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err}") from err
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            with suppress(OSError):
+                self.file.close()

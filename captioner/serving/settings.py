@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from captioner.data.limits import DEFAULT_MAX_PIXELS
-from captioner.model.options import DEFAULT_FOCUS_STRENGTH, check_whole_number
+from captioner.model.options import DEFAULT_FOCUS_STRENGTH, check_focus_strength, check_whole_number
 
 DEFAULT_NUM_WORKERS = min(2, os.cpu_count() or 1)
 
@@ -34,14 +34,15 @@ class BatchSettings:
     """Write a PNG of each image's per-word attention into this folder (slow)."""
     progress: bool = True
     """Show a progress bar."""
-    focus_strength: float = DEFAULT_FOCUS_STRENGTH  # checked per image, by Captioner.focus_bias
-    """How hard attention is pulled into a --focus-json box."""
+    focus_strength: float = DEFAULT_FOCUS_STRENGTH
+    """How hard attention is pulled into a --focus-json box (0 to 10000)."""
 
     def __post_init__(self) -> None:
         check_whole_number("batch_size", self.batch_size, 1)
         if self.num_workers is not None:
             check_whole_number("num_workers", self.num_workers, 0)
         check_whole_number("max_pixels", self.max_pixels, 1)
+        check_focus_strength(self.focus_strength)  # before any work: one bad value fails no image
 
     @property
     def workers(self) -> int:
