@@ -60,7 +60,9 @@ def _from_array(array: np.ndarray) -> Image.Image:
         raise ValueError(f"expected an H x W, H x W x 3 or H x W x 4 array, got {array.shape}")
     if min(array.shape[:2]) == 0:
         raise ValueError("has no pixels")
-    if np.issubdtype(array.dtype, np.floating) and array.min() < 0:  # NaN goes on to its own error
+    # A little below zero is a resize's overshoot and is clipped; clearly negative values mean a
+    # normalised tensor, which clipping would silently caption differently. NaN has its own error.
+    if np.issubdtype(array.dtype, np.floating) and array.min() < -0.05 * max(1.0, float(array.max())):
         raise ValueError(f"has negative values (min {array.min():.3g}): pass pixels in 0..1 or 0..255, "
                          "not a normalised tensor (undo the normalisation first)")
     return Image.fromarray(_to_uint8(array))
