@@ -21,7 +21,7 @@ import torch
 from captioner.data.images import load_image
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
-from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.onnx_encoder import runtime_encoder
 from captioner.training.config import TrainConfig
 from captioner.training.losses import caption_loss
 from captioner.training.optimizer import make_optimizer
@@ -50,7 +50,7 @@ def main() -> None:
 
     inputs = {}  # setting -> (from_stage, input batch)
     for stage in args.stages:
-        encoder = InferenceEncoder(model.encoder, until_stage=stage)
+        encoder = runtime_encoder(model.encoder, until_stage=stage)
         with torch.inference_mode():
             encoder(pixels[:2])  # warm-up
             start = time.perf_counter()

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests start servers, torchrun ranks and training subprocesses beside the test process; on a
 # small machine one thread each avoids OpenMP oversubscription (10x slowdowns were measured).
@@ -6,6 +9,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The ONNX Runtime encoder caches its exported graphs: in a folder of the test session's own,
+# shared by its subprocesses, not in the user's ~/.cache.
+if "CAPTIONER_CACHE" not in os.environ:
+    os.environ["CAPTIONER_CACHE"] = tempfile.mkdtemp(prefix="captioner-tests-")
+    atexit.register(shutil.rmtree, os.environ["CAPTIONER_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 

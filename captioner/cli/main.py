@@ -262,14 +262,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     add_model_arguments(parser, "model folder or Hub repo id to time (default: random decoder weights)")
     parser.add_argument("--quantize", action=Switch, default=False,
                         help="int8 dynamic quantization of the decoder (default: off)")
-    parser.add_argument("--compile", action=Switch, default=False,
-                        help="also time the inference encoder under torch.compile (compiles for minutes) "
-                             "(default: off)")
-    parser.add_argument("--int8", action=Switch, default=False,
-                        help="also time the static int8 encoder (needs torchao; compiles for a minute) "
-                             "(default: off)")
     parser.add_argument("--vocab-size", type=positive_int, default=3000,
                         help="words of the random-decoder vocabulary (default: %(default)s)")
+    parser.add_argument("--encoder-batches", type=positive_int, nargs="+", default=[1, 8],
+                        help="photos per encoder call (default: 1 8)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32],
                         help="photos per caption() call (default: 1 32)")
     add_decoding_arguments(parser, max_length=None)  # none: 16 words with random weights, else 20
@@ -280,7 +276,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs of each contender first (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2],
-                        help="torch thread counts to time (default: 1 2)")
+                        help="thread counts to time, torch's and onnxruntime's (default: 1 2)")
     parser.add_argument("--extract-images", type=int, default=64,
                         help="photos per feature-extraction run (Flickr8k photos if --flickr-root is "
                              "there, else generated ones; 0: skip) (default: %(default)s)")
@@ -337,9 +333,9 @@ DESCRIPTIONS = {
     "app": "Start the web UI on http://127.0.0.1:7860 (same as python app.py).",
     "export": "Copy a trained model folder (e.g. runs/x/best) to a release folder, by default as fp16; "
               "several sources make one model whose decoders vote.",
-    "benchmark": "Time on this machine, for each --threads count, the encoder (timm's unmodified "
-                 "backbone against the inference encoder, one optimisation at a time), the whole "
-                 "caption() call and feature extraction; --dev-cider N scores the encoder options on "
+    "benchmark": "Time on this machine, for each --threads count, the encoder (timm's stock "
+                 "backbone, the torch Encoder, onnxruntime), the whole caption() call and feature "
+                 "extraction, then start-up and peak memory; --dev-cider N scores the encoders on "
                  "Flickr8k dev photos instead. Without --model the decoder has random weights "
                  "(fine for timing only) and --max-length is 16 unless given (20 with --model).",
 }

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from captioner.data.images import ImageBatch, ImageFiles, collate_images
 from captioner.files import atomic_write
 from captioner.model.encoder import Encoder
-from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.onnx_encoder import runtime_encoder
 
 if sys.platform == "win32":  # no fcntl: no lock; start one extraction per cache at a time
     fcntl = None
@@ -143,8 +143,8 @@ class FeatureCache:
         loader = DataLoader(ImageFiles([self.paths[r] for r in todo], self.transform),
                             batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                             generator=torch.Generator())
-        # The same grids (or activations), faster.
-        encoder = InferenceEncoder(self.encoder.to(device).eval(), until_stage=self.stage)
+        # The same grids (or activations), faster: ONNX Runtime on a CPU.
+        encoder = runtime_encoder(self.encoder.to(device).eval(), until_stage=self.stage)
         start = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img", disable=not progress)
         failed = []

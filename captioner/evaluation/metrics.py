@@ -29,7 +29,7 @@ from captioner.data.feature_cache import FeatureCache
 from captioner.data.images import ImageFiles, collate_images
 from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel
-from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
 from captioner.model.vocabulary import Vocabulary, tokenize
@@ -175,7 +175,7 @@ def image_grids(model: CaptionModel, images: Sequence[ImageCaptions], batch_size
         return
     loader = DataLoader(ImageFiles([i.path for i in images], model.encoder.transform),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
-    encoder = InferenceEncoder(model.encoder)  # what Captioner runs: the same grids, faster
+    encoder = runtime_encoder(model.encoder)  # what Captioner runs: the same grids, faster
     for batch in loader:
         batch.raise_errors()  # a score over fewer images than asked for would mislead
         yield encoder(batch.pixels.to(device))

@@ -3,20 +3,20 @@
     captioner benchmark --model weights        # the shipped model: the honest numbers
     captioner benchmark                        # default ModelConfig, random decoder
 
-For each thread count (--threads, default 1 and 2), in one run:
-1. the encoder on one photo: timm's unmodified model (`timm.create_model(arch).forward_features`)
-   against the project's inference encoder (captioner.model.inference_encoder), one optimisation
-   at a time,
-   with the GFLOP/s each achieves and, for scale, a large fp32 matrix product's GFLOP/s;
-2. the full caption() call (image preprocessing, encoder, beam search, attention maps) for 1
-   photo and a batch of 32: today's (the code path before issue 20: the plain Encoder, and
-   decoding through nn.LSTMCell) and the project's (inference encoder, word tables);
+In one run, for each thread count (--threads, default 1 and 2: torch's threads and onnxruntime's
+intra-op threads alike):
+1. the encoder on --encoder-batches photos (default 1 and 8): timm's stock model
+   (`timm.create_model(arch).forward_features`), the project's Encoder in eager PyTorch (the
+   torch path: training, GPUs) and onnxruntime fp32 (captioner.model.onnx_encoder: the CPU path);
+2. the full caption() call (preprocessing, encoder, beam search, attention maps) for each of
+   --batch-sizes photos, with the torch encoder and with onnxruntime;
 3. feature extraction for training (the feature cache's loader and fp16 grids, batch 32, photos
-   loaded in the main process): photos/s, plain encoder against inference encoder.
---compile and --int8 add the inference encoder's opt-ins to 1 and 2. `--dev-cider N` instead
-scores every encoder option on the first N Flickr8k dev photos (what each costs in CIDEr).
-Every comparison interleaves its contenders run by run, so that a change in the machine's load
-hits them alike, and reports medians over --runs after --warmup untimed runs.
+   loaded in the main process): photos/s, torch against onnxruntime.
+Then the onnxruntime encoder's start-up (export on first use, load from the cache) and the
+process's peak memory. `--dev-cider N` instead scores the encoders on the first N Flickr8k dev
+photos (CIDEr, and how many captions equal the first encoder's). Every comparison interleaves its
+contenders run by run, so that a change in the machine's load hits them alike, and reports
+medians over --runs after --warmup untimed runs.
 
 Without --model the decoder has random weights (the encoder has its real ImageNet
 weights). That is fine for timing only: a random decoder never says <end>, so every caption
@@ -28,8 +28,8 @@ The flags are defined in captioner.cli (add_benchmark_arguments), so that --help
 from __future__ import annotations
 
 import argparse
-import copy
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -52,9 +52,8 @@ from captioner.data.images import ImageFiles, collate_images
 from captioner.evaluation.metrics import score_captions
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
-from captioner.model.decoder import AttentionDecoder
 from captioner.model.encoder import Encoder
-from captioner.model.inference_encoder import InferenceEncoder, calibration_photos
+from captioner.model.onnx_encoder import OnnxEncoder
 from captioner.model.options import DecodeOptions
 from captioner.model.vocabulary import SPECIAL_TOKENS, Vocabulary
 from captioner.serving import captioner as api
@@ -62,6 +61,7 @@ from captioner.serving.captioner import Captioner
 
 Calls = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # name -> (function, its arguments)
 Forward = Callable[[torch.Tensor], torch.Tensor]
+STOCK, TORCH, ONNX = "timm stock forward_features", "torch eager (Encoder)", "onnxruntime fp32"
 
 
 def run(args: argparse.Namespace, options: DecodeOptions) -> None:
@@ -95,21 +95,6 @@ def with_encoder(captioner: Captioner, encoder: torch.nn.Module) -> Captioner:
     return other
 
 
-TODAY = "today (plain Encoder, LSTMCell)"
-
-
-def todays_captioner(captioner: Captioner) -> Captioner:
-    """The code path before issue 20: the plain Encoder, and decoding through nn.LSTMCell (a
-    copy of the model, so the project's decoder keeps its word tables)."""
-    model = copy.deepcopy(captioner.model)
-    for module in model.modules():
-        if isinstance(module, AttentionDecoder):
-            module.word_tables = False
-    other = Captioner(model, captioner.vocab, device="cpu")
-    other.encoder = model.encoder
-    return other
-
-
 def clock(args: argparse.Namespace) -> Callable[[], float]:
     """The timer --clock names: wall time, or this process's CPU time."""
     return time.process_time if args.clock == "cpu" else time.perf_counter
@@ -119,6 +104,11 @@ def sample_image(size: int) -> Image.Image:
     """A real photo (skimage's coffee cup) at `size` pixels square, as a user would pass it."""
     image = Image.fromarray(data.coffee())
     return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def interleaved(calls: Calls, args: argparse.Namespace, runs: int | None = None
@@ -149,18 +139,6 @@ def unmodified_backbone(encoder: Encoder) -> Forward:
     return torch.nn.Sequential(*list(net.children())[:-2]).eval()
 
 
-def matmul_gflops(now: Callable[[], float], n: int = 2048, runs: int = 5) -> float:
-    """fp32 GFLOP/s of an n x n matrix product, about the best the CPU does at this precision."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    seconds = []
-    for _ in range(runs):
-        t0 = now()
-        a @ b
-        seconds.append(now() - t0)
-    return 2 * n**3 / statistics.median(seconds) / 1e9
-
-
 def extraction_paths(folder: Path, args: argparse.Namespace) -> list[str]:
     """--extract-images Flickr8k photos if --flickr-root is a folder, else as many generated ones."""
     if args.flickr_root and Path(args.flickr_root).is_dir():
@@ -188,46 +166,34 @@ def extract(encoder: Encoder, forward: Forward, paths: list[str]) -> float:
 
 
 def dev_cider(captioner: Captioner, args: argparse.Namespace, options: DecodeOptions) -> None:
-    """Caption the first --dev-cider Flickr8k dev photos with each encoder option and score them."""
-    encoder, project = captioner.model.encoder, captioner.encoder
-    dataset = load_flickr(args.flickr_root)
-    images = dataset["val"][: args.dev_cider]
+    """Caption the first --dev-cider Flickr8k dev photos with each encoder and score them."""
+    encoders: dict[str, torch.nn.Module] = {"torch": captioner.model.encoder,
+                                            "onnx": OnnxEncoder(captioner.model.encoder).prepare()}
+    images = load_flickr(args.flickr_root)["val"][: args.dev_cider]
     references = {i.image_id: i.captions for i in images}
     pixels = torch.stack([captioner.preprocess(i.path) for i in images])
-    train_photos = dataset["train"][:32]
-    encoders: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
-        "today": ("today (plain Encoder)", lambda: encoder),
-        "project": ("project (fp32)", lambda: project),
-        "compile": ("project + torch.compile", lambda: InferenceEncoder(encoder, compile=True)),
-        "int8-skimage": ("int8, calibrated on 10 scikit-image photos", lambda: InferenceEncoder(
-            encoder, int8_calibration=calibration_photos(encoder.transform))),
-        "int8-flickr": ("int8, calibrated on 32 Flickr8k train photos", lambda: InferenceEncoder(
-            encoder, int8_calibration=torch.stack([captioner.preprocess(i.path) for i in train_photos]))),
-    }
     print(f"{len(images)} Flickr8k dev photos, beam {options.beam_size}, "
           f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}")
-    print(f"{'encoder':<46} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
-    plain = None
-    for name, build in (encoders[key] for key in args.encoders):
-        captioner.encoder = build()
+    print(f"{'encoder':<10} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
+    first = None
+    for name in args.encoders:
+        captioner.encoder = encoders[name]
         with torch.inference_mode():
-            captioner.encoder(pixels[:1])  # compiles, if it does, for each batch size to come
-            captioner.encoder(pixels[: api.CPU_ENCODER_BATCH])
             t0 = time.perf_counter()
             for part in pixels.split(api.CPU_ENCODER_BATCH):
                 captioner.encoder(part)
             seconds = time.perf_counter() - t0
-        texts = [r.text for batch in pixels.split(32)
-                 for r in captioner.caption_tensors(batch, options)]
-        plain = plain or texts
+        texts = [r.text for batch in pixels.split(32) for r in captioner.caption_tensors(batch, options)]
+        first = first or texts
         scores = score_captions(dict(zip(references, texts, strict=True)), references, meteor=False)
-        same = sum(a == b for a, b in zip(texts, plain, strict=True))
-        print(f"{name:<46} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
+        same = sum(a == b for a, b in zip(texts, first, strict=True))
+        print(f"{name:<10} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
               f"{seconds:>10.1f}")
 
 
 def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args: argparse.Namespace) -> None:
-    """The three timings (encoder, caption(), feature extraction) for each of --threads."""
+    """The timings (encoder, caption(), feature extraction) for each of --threads, then start-up
+    and peak memory."""
     encoder = captioner.model.encoder
     image = sample_image(args.image_size)
     pixels = captioner.preprocess(image)[None]  # (1, 3, S, S)
@@ -235,49 +201,24 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
     with FlopCounterMode(display=False) as flop_counter:
         forward(pixels)
     encoder_gflop = flop_counter.get_total_flops() / 1e9
-    opt_ins = opt_in_encoders(encoder, args)
-    captioners = {TODAY: todays_captioner(captioner), "project": captioner}
-    for name, fast_encoder in opt_ins.items():
-        captioners[f"project, {name[8:]}"] = with_encoder(captioner, fast_encoder)
-    encoders: dict[str, Forward] = {f"{encoder.spec.arch} unmodified": forward,
-                                    "project Encoder (today)": encoder, **encoder_steps(captioner), **opt_ins}
     print_setting(captioner, what, options, args, encoder_gflop)
     torch_threads = torch.get_num_threads()
     for threads in args.threads:
         torch.set_num_threads(threads)
+        onnx = OnnxEncoder(encoder, threads=threads).prepare()
         print(f"\n=== {threads} thread(s), load average {os.getloadavg()[0]:.1f} ===")
-        time_encoders(encoders, pixels, encoder_gflop, args)
-        time_captions(captioners, image, options, args)
+        encoders: dict[str, Forward] = {STOCK: forward, TORCH: encoder, ONNX: onnx}
+        stock = time_encoders(encoders, pixels, encoder_gflop, args)
+        captioners = {"torch encoder": with_encoder(captioner, encoder),
+                      "onnxruntime encoder": with_encoder(captioner, onnx)}
+        time_captions(captioners, image, options, args, stock)
         if args.extract_images:
-            time_extraction(captioner, args)
+            time_extraction(encoder, onnx, args)
     torch.set_num_threads(torch_threads)
+    time_startup(encoder)
+    print(f"peak memory of this process: {peak_memory_mb():.0f} MB")
     if args.model:
         print(f"\ncaption: {captioner.caption(image, options).text!r}")
-
-
-def encoder_steps(captioner: Captioner) -> dict[str, torch.nn.Module]:
-    """The inference encoder's optimisations added one at a time, ending with the project's."""
-    encoder = captioner.model.encoder
-    return {
-        "+ batch norm folded": InferenceEncoder(encoder, static_padding=False, channels_last=False,
-                                                matmul_pointwise=False, fuse=False),
-        "+ static padding": InferenceEncoder(encoder, channels_last=False, matmul_pointwise=False,
-                                             fuse=False),
-        "+ channels_last": InferenceEncoder(encoder, matmul_pointwise=False, fuse=False),
-        "+ 1x1 convs as matmuls": InferenceEncoder(encoder, fuse=False),
-        "+ oneDNN conv+ReLU6 fused (project)": captioner.encoder,
-    }
-
-
-def opt_in_encoders(encoder: Encoder, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    """--compile and --int8: encoders timed alone and inside caption()."""
-    opt_ins: dict[str, torch.nn.Module] = {}
-    if args.compile:
-        opt_ins["opt-in: torch.compile (inductor)"] = InferenceEncoder(encoder, compile=True)
-    if args.int8:
-        opt_ins["opt-in: int8 (torchao, skimage calib.)"] = InferenceEncoder(
-            encoder, int8_calibration=calibration_photos(encoder.transform))
-    return opt_ins
 
 
 def print_setting(captioner: Captioner, what: str, options: DecodeOptions, args: argparse.Namespace,
@@ -290,30 +231,35 @@ def print_setting(captioner: Captioner, what: str, options: DecodeOptions, args:
           f"{args.runs} interleaved runs after {args.warmup} warm-up; encoder {encoder_gflop:.2f} GFLOP "
           "per photo")
     print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start "
-          "(a busy machine inflates times)")
+          f"(a busy machine inflates times); peak memory after loading {peak_memory_mb():.0f} MB")
 
 
 def time_encoders(encoders: dict[str, Forward], pixels: torch.Tensor, encoder_gflop: float,
-                  args: argparse.Namespace) -> None:
-    """The encoders on one photo, against the first (the unmodified backbone), and the CPU's
-    matrix-product speed for scale."""
-    with torch.inference_mode():
-        ms, _ = interleaved({name: (forward, (pixels,)) for name, forward in encoders.items()}, args)
-    base = next(iter(ms.values()))
-    matmul = matmul_gflops(clock(args))  # timed with the encoder's clock
-    print(f"encoder, 1 photo at {pixels.shape[-1]}px {'ms':>20}  x unmodified  GFLOP/s  % of matmul")
-    for name, value in ms.items():
-        gflops = encoder_gflop / value * 1000
-        share = 100 * gflops / matmul
-        print(f"  {name:<38} {value:>6.1f} {value / base:>8.2f} {gflops:>11.1f} {share:>8.0f}%")
-    print(f"  fp32 2048x2048 matmul: {matmul:.1f} GFLOP/s")
+                  args: argparse.Namespace) -> float:
+    """The encoders on each of --encoder-batches photos, against the first (timm's stock model).
+    Returns the stock model's ms for one photo (the first batch size's, per photo)."""
+    print(f"encoder at {pixels.shape[-1]}px {'photos':>26} {'ms':>8} {'ms/photo':>9} {'x stock':>8} "
+          f"{'GFLOP/s':>8}")
+    stock_one = 0.0
+    for batch in args.encoder_batches:
+        photos = pixels.expand(batch, -1, -1, -1).contiguous()
+        with torch.inference_mode():
+            ms, _ = interleaved({name: (forward, (photos,)) for name, forward in encoders.items()}, args)
+        base = ms[STOCK]
+        stock_one = stock_one or base / batch
+        for name, value in ms.items():
+            gflops = encoder_gflop * batch / value * 1000
+            print(f"  {name:<32} {batch:>6} {value:>8.1f} {value / batch:>9.1f} {value / base:>8.2f} "
+                  f"{gflops:>8.1f}")
+    return stock_one
 
 
 def time_captions(captioners: dict[str, Captioner], image: Image.Image, options: DecodeOptions,
-                  args: argparse.Namespace) -> None:
-    """The whole caption() call of each captioner, for each of --batch-sizes, against today's."""
-    print(f"caption(), beam {options.beam_size}, attention maps {'photos':>12} {'ms':>8} {'x today':>8} "
-          f"{'ms/photo':>9} {'words':>6}")
+                  args: argparse.Namespace, stock_ms: float) -> None:
+    """The whole caption() call of each captioner for each of --batch-sizes photos; per photo
+    against the stock encoder alone on one photo (x stock enc.)."""
+    print(f"caption(), beam {options.beam_size}, attention maps {'photos':>5} {'ms':>8} {'ms/photo':>9} "
+          f"{'x stock enc.':>13} {'words':>6}")
     for batch in args.batch_sizes:
         photos = image if batch == 1 else [image] * batch
         ms, results = interleaved(
@@ -322,22 +268,34 @@ def time_captions(captioners: dict[str, Captioner], image: Image.Image, options:
             args, runs=args.runs if batch == 1 else max(3, args.runs // 2))
         for name, value in ms.items():
             result = results[name] if batch == 1 else results[name][0]
-            print(f"  {name:<44} {batch:>6} {value:>8.1f} {value / ms[TODAY]:>8.2f} "
-                  f"{value / batch:>9.1f} {len(result.words):>6}")
+            print(f"  {name:<36} {batch:>6} {value:>8.1f} {value / batch:>9.1f} "
+                  f"{value / batch / stock_ms:>13.2f} {len(result.words):>6}")
 
 
-def time_extraction(captioner: Captioner, args: argparse.Namespace) -> None:
-    """Feature extraction's photos/s with the plain encoder (today) and the inference encoder."""
-    encoder = captioner.model.encoder
-    project = InferenceEncoder(encoder)
+def time_extraction(encoder: Encoder, onnx: OnnxEncoder, args: argparse.Namespace) -> None:
+    """Feature extraction's photos/s with the torch encoder and with onnxruntime."""
     with tempfile.TemporaryDirectory() as folder:
         paths = extraction_paths(Path(folder), args)
-        rates: dict[str, list[float]] = {"today": [], "project": []}
+        rates: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
         for _ in range(args.extract_runs):
-            rates["today"].append(extract(encoder, encoder, paths))
-            rates["project"].append(extract(encoder, project, paths))
-    today, fast = (statistics.median(rates[k]) for k in ("today", "project"))
+            rates["torch"].append(extract(encoder, encoder, paths))
+            rates["onnxruntime"].append(extract(encoder, onnx, paths))
+    eager, fast = (statistics.median(rates[k]) for k in ("torch", "onnxruntime"))
     source = "Flickr8k" if args.flickr_root and Path(args.flickr_root).is_dir() else "generated"
     print(f"feature extraction, {len(paths)} {source} photos, batch 32 (median of "
-          f"{args.extract_runs}): today {today:.1f} photos/s, project {fast:.1f} photos/s "
-          f"({fast / today:.2f}x)")
+          f"{args.extract_runs}): torch {eager:.1f} photos/s, onnxruntime {fast:.1f} photos/s "
+          f"({fast / eager:.2f}x)")
+
+
+def time_startup(encoder: Encoder) -> None:
+    """The onnxruntime encoder's start-up: exported on first use (written to an empty cache),
+    then loaded from the cache, each up to a session ready to run."""
+    with tempfile.TemporaryDirectory() as folder:
+        seconds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            ready = OnnxEncoder(encoder, cache=folder).prepare()
+            seconds.append(time.perf_counter() - t0)
+        size = sum(f.stat().st_size for f in Path(folder, "onnx").glob("*.onnx")) / 1e6
+    print(f"\nonnxruntime start-up: first use {seconds[0]:.2f} s (export, {size:.1f} MB .onnx written to the "
+          f"cache), cached {seconds[1]:.2f} s (digest, read, session); {ready.origin}")

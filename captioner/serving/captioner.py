@@ -13,7 +13,7 @@ from captioner.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from captioner.model.caption_model import CaptionModel
 from captioner.model.focus import Focus, check_strength, focus_weights
 from captioner.model.folder import load_model, save_model
-from captioner.model.inference_encoder import InferenceEncoder
+from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
 from captioner.model.results import CaptionResult, caption_features
 from captioner.model.vocabulary import Vocabulary
@@ -59,9 +59,9 @@ class Captioner:
                  quantize: bool = False):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
-        # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, rewritten to be faster (a
-        # frozen copy with the same grids); any module that does the same may stand in.
-        self.encoder: torch.nn.Module = InferenceEncoder(self.model.encoder)
+        # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, on ONNX Runtime on a CPU
+        # (the same grids, faster); any module that does the same may stand in.
+        self.encoder: torch.nn.Module = runtime_encoder(self.model.encoder)
         if quantize and self.device.type == "cpu":
             self.model.decoder = quantize_decoder(self.model.decoder)
         self.vocab = vocab

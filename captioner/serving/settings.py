@@ -14,7 +14,7 @@ from captioner.model.options import DEFAULT_FOCUS_STRENGTH, check_focus_strength
 DEFAULT_NUM_WORKERS = min(2, os.cpu_count() or 1)
 
 # The encoders `captioner benchmark --dev-cider` can score (captioner.serving.benchmark).
-ENCODER_OPTIONS = ("today", "project", "compile", "int8-skimage", "int8-flickr")
+ENCODER_OPTIONS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)

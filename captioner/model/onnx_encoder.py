@@ -1,0 +1,190 @@
+"""The encoder on ONNX Runtime: what runs it on a CPU.
+
+`runtime_encoder(encoder)` is what inference calls: on a CPU an OnnxEncoder, elsewhere (CUDA) the
+plain eager Encoder. An OnnxEncoder computes exactly Encoder.forward(images) (pixels (B, 3, S, S) ->
+grid (B, L, D), any B), or with until_stage=K the activations entering stage K (a stage cache's
+rows), with onnxruntime: it folds the batch norms, plans the memory and picks blocked convolution
+kernels itself, ~2x faster than eager PyTorch on a CPU (docs/benchmarks.md).
+
+Where the .onnx lives: made on first use (the legacy TorchScript exporter, ~1 s for the shipped
+encoder) and cached as $CAPTIONER_CACHE/onnx (default $XDG_CACHE_HOME/captioner/onnx, else
+~/.cache/captioner/onnx) under a digest of the weights and the versions that shape the graph;
+later loads read it (~0.1 s). Nothing goes into the model folder, so any folder works and a
+read-only install too: if the cache cannot be written, the exported bytes stay in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import transforms
+
+from captioner.files import atomic_write
+from captioner.model.encoder import Encoder, build_transform
+
+INPUT, OUTPUT = "pixels", "grid"
+OPSET = 17
+EXPORT_FORMAT = 1  # bump when the exported graph changes for the same weights
+# One intra-op thread: on the 2-core test machine two were slower for one process (the cores are
+# shared, and the decoder runs on the other); `captioner benchmark` measures both.
+DEFAULT_THREADS = 1
+THREADS_ENV = "CAPTIONER_ORT_THREADS"
+
+
+def cache_dir() -> Path:
+    """$CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else ~/.cache/captioner."""
+    if os.environ.get("CAPTIONER_CACHE"):
+        return Path(os.environ["CAPTIONER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
+
+
+def default_threads() -> int:
+    """Intra-op threads: $CAPTIONER_ORT_THREADS if set, else DEFAULT_THREADS."""
+    value = os.environ.get(THREADS_ENV, "")
+    if not value:
+        return DEFAULT_THREADS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
+    return int(value)
+
+
+def _exported_module(encoder: Encoder, until_stage: int | None) -> nn.Module:
+    """What the graph computes: the whole Encoder, or its stages before until_stage."""
+    if until_stage is None:
+        return encoder
+    encoder.check_stage(until_stage)
+    return nn.Sequential(*encoder.stages[:until_stage])
+
+
+def graph_name(encoder: Encoder, until_stage: int | None = None) -> str:
+    """The cache file's name: what the graph computes, and a digest of everything that changes it
+    (weights and batch-norm statistics, sizes, the exporter's version and settings)."""
+    import onnxruntime
+
+    what = f"{encoder.grid_size}x{encoder.grid_size}" if until_stage is None else f"stage{until_stage}"
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}:{OPSET}:{torch.__version__}:{onnxruntime.__version__}:"
+                            f"{encoder.image_size}:{what}".encode())
+    for name, tensor in _exported_module(encoder, until_stage).state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{digest.hexdigest()[:16]}.onnx"
+
+
+def export_onnx(encoder: Encoder, until_stage: int | None = None) -> bytes:
+    """The encoder (or its stages before until_stage) as an ONNX model, batch axis dynamic."""
+    module = copy.deepcopy(_exported_module(encoder, until_stage)).cpu().float().eval()
+    example = torch.zeros(2, 3, encoder.image_size, encoder.image_size)
+    # The legacy TorchScript exporter: ~1 s for the shipped encoder, where torch.export (dynamo=True)
+    # takes 12-15 s for a graph that runs as fast (docs/benchmarks.md).
+    with (tempfile.TemporaryDirectory() as folder, torch.inference_mode(False), torch.no_grad(),
+          warnings.catch_warnings()):
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+        path = Path(folder) / "encoder.onnx"
+        torch.onnx.export(module, (example,), path, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        return path.read_bytes()
+
+
+def load_or_export(encoder: Encoder, until_stage: int | None = None,
+                   directory: Path | None = None) -> tuple[Path | bytes, str]:
+    """The encoder's graph and where it came from: ("cache"), exported and written to the cache
+    ("exported"), or exported and kept in memory, the cache not being writable ("memory")."""
+    path = (directory or cache_dir()) / "onnx" / graph_name(encoder, until_stage)
+    if path.is_file():
+        return path, "cache"
+    model = export_onnx(encoder, until_stage)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(model))
+    except OSError:
+        return model, "memory"
+    return path, "exported"
+
+
+def ort_session(model: Path | bytes, threads: int | None = None) -> Any:
+    """A CPU onnxruntime session: all graph optimisations (the blocked-convolution layout needs
+    them), sequential execution, `threads` intra-op threads that sleep rather than spin when idle
+    (spinning threads take a shared core from the decoder and other processes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder(nn.Module):
+    """Encoder.forward(images) on ONNX Runtime (CPU): the same inputs and (B, L, D) grids as torch
+    tensors; with until_stage=K the (B, C, H, W) activations entering stage K instead.
+
+    The graph is made from the encoder's weights at the first call (or prepare()): build a new
+    OnnxEncoder after changing them. threads: intra-op threads (default $CAPTIONER_ORT_THREADS, else
+    1). cache: the folder holding onnx/ (default cache_dir()).
+    """
+
+    def __init__(self, encoder: Encoder, until_stage: int | None = None, threads: int | None = None,
+                 cache: str | Path | None = None):
+        super().__init__()
+        if until_stage is not None:
+            encoder.check_stage(until_stage)
+        self._encoder = [encoder]  # in a list: not a submodule (no parameters of its own here)
+        self.until_stage, self.threads = until_stage, threads
+        self.cache = Path(cache) if cache is not None else None
+        self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
+        self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
+        self.origin: str | None = None  # "cache", "exported" or "memory" once prepared
+        self._session: Any = None
+        self._lock = threading.Lock()
+        self.eval()
+
+    @property
+    def transform(self) -> transforms.Compose:
+        return build_transform(self.backbone_name, self.image_size)
+
+    def prepare(self) -> OnnxEncoder:
+        """Load (or export) the graph and open the session now rather than at the first call."""
+        with self._lock:
+            if self._session is None:
+                model, self.origin = load_or_export(self._encoder[0], self.until_stage, self.cache)
+                self._session = ort_session(model, self.threads)
+        return self
+
+    def train(self, mode: bool = True) -> OnnxEncoder:
+        if mode:
+            raise RuntimeError("OnnxEncoder is for inference only: train the Encoder it was built from")
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"OnnxEncoder expects images (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        if self._session is None:
+            self.prepare()
+        pixels = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
+        (out,) = self._session.run([OUTPUT], {INPUT: pixels})
+        return torch.from_numpy(out)
+
+
+def runtime_encoder(encoder: Encoder, until_stage: int | None = None) -> nn.Module:
+    """What inference runs for `encoder`: OnnxEncoder on a CPU, the eager Encoder (or its stages
+    before until_stage) on another device. Either maps pixels to what Encoder.forward returns (or
+    the activations entering stage until_stage)."""
+    if next(encoder.parameters()).device.type == "cpu":
+        return OnnxEncoder(encoder, until_stage)
+    return _exported_module(encoder, until_stage).eval()
