@@ -158,17 +158,24 @@ def evidence_bias(probabilities: torch.Tensor, vocabulary: Sequence[str], penalt
     of categories ImageNet can see whose evidence is below ABSENT_BELOW get -penalty, weighted by
     how reliable missing evidence is for that category (1 - its Flickr8k train miss rate). Person
     words are never touched (ImageNet has no person class)."""
-    table, misses = imagenet_words(), miss_rates()
-    present = category_probabilities(probabilities) >= ABSENT_BELOW  # (B, C)
-    column = {c: i for i, c in enumerate(table.categories)}
+    word_ids, columns, weights = _object_words(tuple(vocabulary))
+    absent = (category_probabilities(probabilities) < ABSENT_BELOW).float().cpu()  # (B, C)
     bias = torch.zeros(probabilities.shape[0], len(vocabulary))
-    for word_id, word in enumerate(vocabulary):
-        category = table.word_category.get(word)
-        if category is not None and category in column:
-            weight = 1.0 - misses.get(category, 0.0)
-            bias[:, word_id] = -penalty * weight * (~present[:, column[category]]).float().cpu()
+    bias[:, word_ids] = -penalty * weights * absent[:, columns]
     return bias
 
+
+@functools.lru_cache(maxsize=4)
+def _object_words(vocabulary: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocabulary's object words of categories ImageNet can see: their ids, their category's
+    column in category_probabilities, and the weight of missing evidence (1 - miss rate)."""
+    table, misses = imagenet_words(), miss_rates()
+    column = {c: i for i, c in enumerate(table.categories)}
+    found = [(i, table.word_category[w]) for i, w in enumerate(vocabulary)
+             if table.word_category.get(w) in column]
+    return (torch.tensor([i for i, _ in found], dtype=torch.long),
+            torch.tensor([column[c] for _, c in found], dtype=torch.long),
+            torch.tensor([1.0 - misses.get(c, 0.0) for _, c in found]))
 
 def check_untuned_before(fine_tune_from: int | None) -> None:
     """Evidence reads the caption encoder's stage-7 input as ImageNet's: refuse a model whose
