@@ -28,6 +28,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,9 +181,10 @@ class GroundingReport:
 def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
                        beam_size: int = 3, batch_size: int = 8,
                        synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
-                       progress: bool = False) -> GroundingReport:
+                       progress: bool = False, **decoding: Any) -> GroundingReport:
     """Caption every annotated image of a COCO instances file with `captioner` (a Captioner)
-    and measure grounding and hallucination. Images without annotations are skipped."""
+    and measure grounding and hallucination. Images without annotations are skipped. Other
+    decoding options (DecodeOptions fields, e.g. evidence_penalty=4.0) go to the captioner."""
     from pycocotools.coco import COCO
     from tqdm import tqdm
 
@@ -215,7 +217,7 @@ def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
     for start in tqdm(batches, desc="captioning", disable=not progress):
         batch = entries[start : start + batch_size]
         captions = captioner.caption([images_dir / e["file_name"] for e in batch],
-                                     beam_size=beam_size, batch_size=batch_size)
+                                     beam_size=beam_size, batch_size=batch_size, **decoding)
         for entry, caption in zip(batch, captions, strict=True):
             masks = category_masks(coco, entry["id"])  # at the size the JSON gives the image
             results.append(ground_caption(caption.words, caption.attention, masks, objects,

@@ -116,6 +116,7 @@ def beam_search(
     features: torch.Tensor,  # (B, L, D)
     options: DecodeOptions,
     focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.model.focus)
+    word_bias: torch.Tensor | None = None,  # (B, V) added to every step's log-probabilities
 ) -> list[list[Hypothesis]]:
     """Per image, its best captions, best first: beam search over all images x beams in one
     tensor batch (options.beam_size 1 is greedy decoding).
@@ -126,6 +127,7 @@ def beam_search(
     candidates, so there is always an answer.
     Ranking: log_prob / length**length_penalty (0 = plain log-probability).
     no_repeat_ngram_size = n > 0: no caption contains the same n-gram twice.
+    word_bias: per image, a log-probability bias on words (captioner.model.evidence.evidence_bias).
     Returns, per image, the `n_best` (default: beam_size) hypotheses.
     """
     batch, num_cells = features.shape[:2]
@@ -146,6 +148,8 @@ def beam_search(
         logits, state, alpha, gate = decoder.step(feats, keys, words, state, focus)
         logp = _log_probs(logits)
         _block_repeated_ngrams(logp, tokens, options.no_repeat_ngram_size)
+        if word_bias is not None:
+            logp = logp + word_bias
         (n, beams), vocab = beam_scores.shape, logp.shape[-1]
         candidates = (beam_scores.unsqueeze(-1) + logp.view(n, beams, vocab)).view(n, -1)
         top_scores, top_index = candidates.topk(k, dim=1)  # (n, K)
@@ -158,6 +162,7 @@ def beam_search(
         if step == 0:
             feats, keys = feats.repeat_interleave(k, dim=0), keys.repeat_interleave(k, dim=0)
             focus = focus.repeat_interleave(k, dim=0) if focus is not None else None
+            word_bias = word_bias.repeat_interleave(k, dim=0) if word_bias is not None else None
 
         ended = (words.view(n, k) == Vocabulary.end_id) & torch.isfinite(top_scores)
         beam_scores = top_scores.masked_fill(ended, float("-inf"))
@@ -180,6 +185,7 @@ def beam_search(
             rows = (k * keep[:, None] + torch.arange(k, device=device)).view(-1)
             feats, keys, words, state = feats[rows], keys[rows], words[rows], (state[0][rows], state[1][rows])
             focus = focus[rows] if focus is not None else None
+            word_bias = word_bias[rows] if word_bias is not None else None
             tokens, alphas, gates = tokens[rows], alphas[rows], gates[rows]
             beam_scores = beam_scores[keep]
             searching = [searching[i] for i in keep.tolist()]

@@ -67,6 +67,10 @@ class DecodeOptions:
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE
     """Never repeat an n-gram of this many words within a caption (3 stops 'a man in a red shirt
     and a man in a red shirt'; 0: allow repeats)."""
+    evidence_penalty: float = 0.0
+    """Lower, by up to this much log-probability, the object words (dog, car, ...) of categories
+    the encoder's ImageNet classifier sees no evidence of in the photo, weighted by how reliable
+    missing evidence is for each (captioner.model.evidence; 0: off, the prototype used 4)."""
 
     def __post_init__(self) -> None:
         self.check()
@@ -81,6 +85,10 @@ class DecodeOptions:
         penalty = self.length_penalty
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
             raise ValueError(f"length_penalty must be a finite number, got {penalty!r}")
+        evidence = self.evidence_penalty
+        if (isinstance(evidence, bool) or not isinstance(evidence, (int, float))
+                or not math.isfinite(evidence) or evidence < 0):
+            raise ValueError(f"evidence_penalty must be a finite number >= 0, got {evidence!r}")
 
     @property
     def per_image(self) -> int:

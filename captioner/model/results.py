@@ -10,6 +10,7 @@ import torch
 
 from captioner.model.decoder import Decoder
 from captioner.model.decoding import Hypothesis, beam_search
+from captioner.model.evidence import Evidence, evidence_bias, evidence_items, word_evidence
 from captioner.model.options import DecodeOptions
 from captioner.model.vocabulary import Vocabulary
 
@@ -35,16 +36,34 @@ class CaptionResult:
     # (len(words),): the gating scalar beta of each word, 0-1 (mean over its channels): how much
     # the image fed that word; low values mark words the language model filled in by itself.
     gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    # Only when asked for (caption(..., evidence=True)): what the encoder's ImageNet classifier
+    # saw, best first, and for each word the evidence for it (None: a word ImageNet cannot name).
+    evidence: list[Evidence] | None = None
+    word_evidence: list[Evidence | None] | None = None
 
 
 @torch.inference_mode()
 def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, options: DecodeOptions,
-                     focus: torch.Tensor | None = None) -> list[CaptionResult]:
+                     focus: torch.Tensor | None = None,
+                     evidence: torch.Tensor | None = None) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
-    Captioner, evaluation and validation during training. `focus`: attention bias (B, L)."""
-    beams = beam_search(decoder, features, options, focus)
+    Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
+    `evidence`: ImageNet class probabilities (B, 1000) (captioner.model.evidence), which the
+    results then carry and options.evidence_penalty needs."""
+    bias = None
+    if options.evidence_penalty:
+        if evidence is None:
+            raise ValueError("evidence_penalty needs each photo's ImageNet evidence: caption photos with "
+                             "a Captioner (grids alone do not carry it)")
+        bias = evidence_bias(evidence, vocab.words, options.evidence_penalty).to(features.device)
+    beams = beam_search(decoder, features, options, focus, bias)
     side = math.isqrt(features.shape[1])  # grids are square
-    return [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
+    results = [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
+    if evidence is not None:
+        for result, probabilities in zip(results, evidence.cpu(), strict=True):
+            result.evidence = evidence_items(probabilities)
+            result.word_evidence = word_evidence(result.words, probabilities)
+    return results
 
 
 def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, int]) -> CaptionResult:
