@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -185,13 +185,17 @@ def check_untuned_before(fine_tune_from: int | None) -> None:
                             f"before {EVIDENCE_STAGE} are no longer ImageNet's, so it has no evidence")
 
 
-def encode_with_evidence(encoder: Encoder, head: ImageNetEvidence,
-                         pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with_evidence(encoder: Encoder, head: ImageNetEvidence, pixels: torch.Tensor,
+                         trunk: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Photos (B, 3, S, S) -> the annotation grids (B, L, D) and ImageNet probabilities (B, 1000):
-    the encoder's stages up to 7 run once, then its own (tuned) tail and the untuned one. Plain
-    eager torch (in channels_last, where a CPU's convolutions are fastest), so the grids equal
-    the InferenceEncoder's up to float rounding."""
-    stage_input = pixels.contiguous(memory_format=torch.channels_last)
-    for stage in encoder.stages[:EVIDENCE_STAGE]:
-        stage_input = stage(stage_input)
+    the encoder's stages up to 7 run once (`trunk`, e.g. the ONNX runtime's, else eager torch),
+    then its own (tuned) tail and the untuned one, in channels_last, where a CPU's convolutions
+    are fastest."""
+    if trunk is None:
+        stage_input = pixels.contiguous(memory_format=torch.channels_last)
+        for stage in encoder.stages[:EVIDENCE_STAGE]:
+            stage_input = stage(stage_input)
+    else:
+        stage_input = trunk(pixels).contiguous(memory_format=torch.channels_last)
     return encoder(stage_input, from_stage=EVIDENCE_STAGE), head(stage_input)

@@ -11,7 +11,12 @@ import torch
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from captioner.model.caption_model import CaptionModel
-from captioner.model.evidence import ImageNetEvidence, check_untuned_before, encode_with_evidence
+from captioner.model.evidence import (
+    EVIDENCE_STAGE,
+    ImageNetEvidence,
+    check_untuned_before,
+    encode_with_evidence,
+)
 from captioner.model.focus import Focus, check_strength, focus_weights
 from captioner.model.folder import load_model, save_model
 from captioner.model.onnx_encoder import runtime_encoder
@@ -71,6 +76,7 @@ class Captioner:
         self.path: Path | None = None  # the model folder it was loaded from, if any
         self.config: dict[str, Any] = {}  # that folder's config.json (metadata, stored dtype)
         self._evidence_head: ImageNetEvidence | None = None  # built when evidence is first asked for
+        self._evidence_trunk: torch.nn.Module | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
@@ -123,6 +129,12 @@ class Captioner:
             self._evidence_head = ImageNetEvidence(self.model.encoder.backbone_name).to(self.device)
         return self._evidence_head
 
+    def evidence_trunk(self) -> torch.nn.Module:
+        """The encoder's stages before the evidence stage, on the runtime the encoder uses."""
+        if self._evidence_trunk is None:
+            self._evidence_trunk = runtime_encoder(self.model.encoder, until_stage=EVIDENCE_STAGE)
+        return self._evidence_trunk
+
     @torch.inference_mode()
     def caption_tensors(self, pixels: torch.Tensor, options: DecodeOptions | None = None,
                         focus: torch.Tensor | None = None, evidence: bool = False,
@@ -134,7 +146,8 @@ class Captioner:
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         probabilities = None
         if evidence or options.evidence_penalty:
-            parts = [encode_with_evidence(self.model.encoder, self.evidence_head(), part)
+            head, trunk = self.evidence_head(), self.evidence_trunk()
+            parts = [encode_with_evidence(self.model.encoder, head, part, trunk)
                      for part in pixels.split(chunk)]
             features, probabilities = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
