@@ -177,7 +177,8 @@ def _corrupt(data: bytes, rng: random.Random) -> bytes:
     if kind == 0:
         for _ in range(rng.randint(1, 3)):
             inside_exif = start >= 0 and rng.random() < 0.5
-            at = start + rng.randrange(min(40, len(data) - start)) if inside_exif else rng.randrange(len(data))
+            at = start + rng.randrange(min(40, len(data) - start)) if inside_exif else None
+            at = rng.randrange(len(data)) if at is None else at
             data[at] = rng.randrange(256)
     elif kind == 1:
         data = data[: rng.randrange(1, len(data))]

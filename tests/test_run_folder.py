@@ -114,8 +114,8 @@ def test_a_second_training_into_a_folder_in_use_is_refused(dataset, cache_dir, t
     out = tmp_path / "run"
     out.mkdir()
     with exclusive_lock(out / LOCK_FILE):
-        with pytest.raises(RunFolderError, match=rf"another training is writing to {re.escape(str(out))} "
-                                                 rf"\(.*held by process {os.getpid()}\); nothing was written"):
+        message = rf"another training is writing to {re.escape(str(out))} \(.*held by process {os.getpid()}\)"
+        with pytest.raises(RunFolderError, match=message + "; nothing was written"):
             train(quick(dataset, out, cache_dir))
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]
     train(quick(dataset, out, cache_dir, stop_after_step=1))  # once it is free
@@ -132,9 +132,10 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_written(stop
     cfg, out = copy_of(stopped_run, tmp_path)
     before = snapshot(out)
     typo = dataclasses.replace(cfg, resume=True, seed=3, model=dataclasses.replace(cfg.model, hidden_dim=128))
-    with pytest.raises(RunFolderError, match=r"--resume: .* is a run with other settings \(the run's -> given: "
-                                             r"model.hidden_dim 64 -> 128; seed 0 -> 3\); nothing was written"
-                                             rf".*--config {re.escape(str(out / TRAIN_CONFIG_FILE))} --resume true"):
+    message = (r"--resume: .* is a run with other settings \(the run's -> given: model.hidden_dim 64 -> 128; "
+               r"seed 0 -> 3\); nothing was written"
+               rf".*--config {re.escape(str(out / TRAIN_CONFIG_FILE))} --resume true")
+    with pytest.raises(RunFolderError, match=message):
         train(typo)
     assert snapshot(out) == before
     # What a resume may change (how long, where, the learning rate) it may.
@@ -162,9 +163,9 @@ def test_a_truncated_run_state_is_named_with_what_to_do(stopped_run, tmp_path, k
     state = out / STATE_FILE
     os.truncate(state, int(state.stat().st_size * kept))
     before = snapshot(out)
-    with pytest.raises(RunStateError, match=rf"{re.escape(str(state))} cannot be resumed from: it is truncated "
-                                            r"or damaged \(.*\)\. Restore it from a copy, or start the run "
-                                            r"anew with --overwrite true"):
+    message = (rf"{re.escape(str(state))} cannot be resumed from: it is truncated or damaged \(.*\)\. "
+               r"Restore it from a copy, or start the run anew with --overwrite true")
+    with pytest.raises(RunStateError, match=message):
         train(dataclasses.replace(cfg, resume=True))
     assert snapshot(out) == before
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class FeatureCache:
                 f"feature cache file {path} is {found} (truncated or damaged): delete "
                 f"{self.stem}.f16, .done and .json to compute the cache again")
 
-    def _open_features(self, mode: str) -> np.memmap:
+    def _open_features(self, mode: Literal["r", "r+"]) -> np.memmap:
         self._check_size(self.features_file, self.nbytes)
         return np.memmap(self.features_file, dtype=np.float16, mode=mode, shape=self.shape)
 

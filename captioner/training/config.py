@@ -132,8 +132,8 @@ class TrainConfig:
         for name, low in WHOLE_NUMBERS.items():
             if getattr(self, name) is not None or name not in OPTIONAL:
                 check_whole_number(name, getattr(self, name), low)
-        for name, (low, low_included, high, high_included) in NUMBERS.items():
-            check_number(name, getattr(self, name), low, high, low_included, high_included)
+        for name, (least, least_included, most, most_included) in NUMBERS.items():
+            check_number(name, getattr(self, name), least, most, least_included, most_included)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite: choose one (resume continues the run in output_dir, "
                              "overwrite deletes it)")

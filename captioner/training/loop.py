@@ -88,7 +88,6 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run. Returns a summary with the best validation scores."""
     check_config(cfg)
-    check_run_folder(cfg)
     with ExitStack() as held:  # the run folder's lock, until the run ends
         return run_stages(set_up(cfg, held))
 
@@ -145,6 +144,8 @@ def set_up(cfg: TrainConfig, held: ExitStack) -> Run:
     """Processes, data, model, output folder (claimed for as long as `held` is) and inputs; the
     saved progress when resuming. Nothing is written before the data and model are ready."""
     d, device = setup_distributed(cfg.device)
+    if d.is_main:  # rank 0 only: the others may start after it has written train_config.json
+        check_run_folder(cfg)
     folder = Path(cfg.output_dir)
     state_path = folder / STATE_FILE
     resuming = cfg.resume and state_path.exists()

@@ -1,10 +1,10 @@
 """Guarding a run folder: one training in it at a time, an earlier run never silently replaced,
 and a resume with other settings refused before anything is written.
 
-`check_run_folder` runs before any data is read (on every rank: it only reads); `claim_run_folder`
-runs once the data and model are ready, just before the first write: it locks the folder (rank 0,
-for the whole training), checks again under the lock, and with `overwrite` deletes the earlier
-run's files (only those: other files in the folder stay).
+Both run on rank 0 only (the other ranks may start after it has written). `check_run_folder`
+runs before any data is read; `claim_run_folder` once the data and model are ready, just before
+the first write: it locks the folder for the whole training, checks again under the lock, and
+with `overwrite` deletes the earlier run's files (only those: other files in the folder stay).
 """
 
 from __future__ import annotations
