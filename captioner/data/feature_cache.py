@@ -147,6 +147,7 @@ class FeatureCache:
         todo = [int(r) for r in missing if r % world_size == rank]
         if not todo:
             return stats
+        self._check_size(self.features_file, self.nbytes)  # before reserving would pad it with zeros
         with self._writing():
             reserve_space(self.features_file, self.nbytes)  # a cache made sparse by an older version
         features = self._open_features("r+")
