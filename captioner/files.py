@@ -1,18 +1,16 @@
-"""Writing files so that a reader never sees half of one, whatever kills the writer, and locking
-them so that two writers never interleave."""
+"""Writing files so that a reader never sees half of one, whatever kills the writer; locks that
+keep two writers apart; disk space reserved before a file is filled."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import sys
 import tempfile
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
@@ -32,71 +30,79 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
-class LockHeld(RuntimeError):
-    """Another process holds the lock; `pid` is its process id when it could be read."""
+# ----------------------------------------------------------------------------- locks and space
 
-    def __init__(self, path: Path, pid: int | None):
-        super().__init__(f"{path} is locked by {'process ' + str(pid) if pid else 'another process'}")
-        self.path, self.pid = path, pid
-
-
-class ExclusiveLock:
-    """An exclusive lock on the file `path` (created holding our pid, removed on release);
-    `acquire` raises LockHeld at once if another process holds it. Also a context manager.
-
-    A POSIX advisory lock (flock): the kernel drops it when its holder dies, so a killed run
-    never leaves a stale lock behind. Without fcntl (Windows) nothing is locked.
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, -1
-
-    def acquire(self) -> None:
-        if fcntl is not None:
-            self.fd = _acquire(self.path)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            with suppress(OSError):
-                os.unlink(self.path)  # still holding the lock: whoever opened it before retries
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> ExclusiveLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+if sys.platform == "win32":  # no fcntl: no lock (one writer at a time is then the user's care)
+    fcntl = None
+else:
+    import fcntl
 
 
-def _acquire(path: Path) -> int:
-    """Open, lock and return the lock file's descriptor, with our pid written in it."""
-    assert fcntl is not None
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+class LockedError(RuntimeError):
+    """Another process holds the lock; the message names the lock file and `holder`."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an OS lock on `lock_file` (created if need be; the OS releases it when the process
+    dies, so a killed holder never leaves a stale lock). wait=False: FolderLockedError at once
+    if another process holds it."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock_file, "a+") as handle:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            try:  # the last holder removes the file on release: lock the file that is there now
-                current = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                current = False
-            if current:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                return fd
-        except BlockingIOError:
-            pid = _read_pid(fd)
-            os.close(fd)
-            raise LockHeld(path, pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as err:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LockedError(f"{lock_file} is held by {holder}", holder) from err
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        yield  # released when the file is closed
+
+
+class DiskFullError(OSError):
+    """Not enough free space for a file that is about to be written (the message says how much
+    is needed, where, and how much is free)."""
+
+
+def reserve_space(path: Path, size: int) -> None:
+    """Give the file at `path` (created if need be) `size` bytes of real disk blocks, so that
+    writing into it later (e.g. through a memory map, where a full disk is a fatal SIGBUS) cannot
+    run out of space. Data already in the file is kept; the file is extended with zeros.
+
+    Raises DiskFullError "disk full: needs X GB at PATH (Y GB free)" before allocating anything
+    when the file system's free space is short, and also if the allocation itself runs out.
+    """
+    have = getattr(path.stat(), "st_blocks", 0) * 512 if path.exists() else 0  # allocated already
+    free = shutil.disk_usage(path.parent).free
+    if size - have > free:
+        raise DiskFullError(f"disk full: needs {_gb(size - have)} at {path} ({_gb(free)} free)")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if size > 0 and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:
+            os.ftruncate(fd, max(size, os.fstat(fd).st_size))
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(f"disk full: needs {_gb(size - have)} at {path} ({_gb(free)} free)") from err
+        if err.errno == errno.EFBIG:
+            raise DiskFullError(f"file too large: {path} needs {_gb(size)}, more than its file system "
+                                "allows in one file") from err
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate:
+            raise                                                  # the free-space check is all
+        os.ftruncate(fd, max(size, os.fstat(fd).st_size))
+    finally:
         os.close(fd)
 
 
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return None  # its holder has not written it yet
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"

@@ -4,7 +4,10 @@ Reuse of the cache by a second train() run is checked in test_training.py.
 """
 
 import copy
+import errno
+import os
 import re
+import shutil
 import sys
 import threading
 
@@ -12,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.data.feature_cache import FeatureCache, encoder_key
+from captioner.data.feature_cache import FeatureCache, FeatureCacheError, encoder_key
 from captioner.data.images import ImageLoadError
+from captioner.files import DiskFullError, reserve_space
 from captioner.model.encoder import Encoder
 
 from .shapes import write_coco_dataset
@@ -193,3 +197,77 @@ def test_a_cache_can_be_filled_in_part_and_read_where_filled(encoder, image_path
     assert torch.equal(cache.batch([3, 1]), full.batch([3, 1]))
     with pytest.raises(RuntimeError, match="incomplete: it lacks some of rows"):
         cache.batch([1, 2])
+
+
+# ----------------------------------------------------------------------------- disks and damaged files
+
+
+def allocated(path) -> int:
+    return path.stat().st_blocks * 512
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="st_blocks: POSIX only")
+def test_the_cache_file_gets_its_disk_blocks_before_rows_are_written(encoder, image_paths, tmp_path):
+    """A sparse memory-mapped file on a disk that fills up kills the process with SIGBUS ("Bus
+    error", exit 135, no message): the whole file is allocated first. (What this proves: the
+    blocks are reserved, so writing the rows needs no new ones; it does not fill a disk.)"""
+    cache = FeatureCache(tmp_path, encoder, image_paths)
+    cache.extract(num_workers=0, progress=False, rows=[0])  # one row of 16 written
+    assert cache.features_file.stat().st_size == cache.nbytes
+    assert allocated(cache.features_file) >= cache.nbytes
+    assert allocated(cache.done_file) >= len(image_paths)
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_anything_is_allocated(
+        encoder, image_paths, tmp_path):
+    """Asked for 41 TB (an absurd list size on this small fixture), extraction stops at once
+    with the size and the path, and no file was allocated."""
+    cache = FeatureCache(tmp_path, encoder, image_paths)
+    cache.shape = (10**9, *cache.shape[1:])
+    message = rf"disk full: needs 40960.00 GB at {re.escape(str(cache.features_file))} \([0-9.]+ [GM]B free\)"
+    with pytest.raises(DiskFullError, match=message + ".*--cache-dir"):
+        cache.extract(num_workers=0, progress=False)
+    assert not cache.done_file.exists()  # not created: the next run tries again
+    assert not cache.features_file.exists() or allocated(cache.features_file) == 0
+    with pytest.raises(DiskFullError, match="disk full: needs"):
+        reserve_space(tmp_path / "huge.bin", shutil.disk_usage(tmp_path).free + 10**9)
+    assert not (tmp_path / "huge.bin").exists()
+
+
+@pytest.mark.parametrize("damaged", [".f16", ".done"])
+def test_a_truncated_cache_file_is_named_with_what_to_do(encoder, image_paths, tmp_path, damaged):
+    """A cache copied half-way (or cut by a full disk): was `ValueError: mmap length is greater
+    than file size`."""
+    FeatureCache(tmp_path, encoder, image_paths[:4]).extract(num_workers=0, progress=False)
+    cache = FeatureCache(tmp_path, encoder, image_paths[:4])
+    path = cache.stem.with_suffix(damaged)
+    os.truncate(path, path.stat().st_size // 2)
+    message = rf"feature cache file {re.escape(str(path))} is [0-9,]+ bytes, expected [0-9,]+ .*delete"
+    for use in (cache.load, lambda: cache.batch([0])):
+        with pytest.raises(FeatureCacheError, match=message):
+            use()
+    if damaged == ".f16":  # extraction goes on only with rows to do (and must not pad the file)
+        done = np.memmap(cache.done_file, dtype=np.uint8, mode="r+")
+        done[3] = 0
+        done.flush()
+        del done
+    with pytest.raises(FeatureCacheError, match=message):
+        cache.extract(num_workers=0, progress=False)
+    assert path.stat().st_size < (cache.nbytes if damaged == ".f16" else len(cache.paths))
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(encoder, image_paths, tmp_path, monkeypatch):
+    """A new --cache-dir on a read-only file system (or where a file stands) was a raw OSError.
+    The read-only mount is simulated (tests run as root, and cannot mount); the file is real."""
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("not a folder")
+    message = rf"cannot write the feature cache in {re.escape(str(in_the_way))}.*give a writable folder"
+    with pytest.raises(FeatureCacheError, match=message + r" \(--cache-dir\)"):
+        FeatureCache(in_the_way / "cache", encoder, image_paths[:2]).extract(num_workers=0, progress=False)
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(FeatureCacheError, match=r"\(Read-only file system\): give a writable folder"):
+        FeatureCache(tmp_path / "ro", encoder, image_paths[:2]).extract(num_workers=0, progress=False)

@@ -1,6 +1,9 @@
 """load_image: every odd but valid input becomes upright 8-bit RGB, every bad one a clear error."""
 
+import io
+import random
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -112,6 +115,103 @@ def test_pil_images_of_any_mode():
     for mode in ("1", "L", "LA", "P", "I", "F", "I;16", "CMYK", "YCbCr", "RGB", "RGBA"):
         loaded = load_image(Image.new(mode, (3, 2)))
         assert loaded.mode == "RGB" and loaded.size == (3, 2), mode
+
+
+def test_premultiplied_la_loads_like_rgba():
+    """Mode La (grey, premultiplied alpha) is read as its RGBa twin is: unpremultiplied, alpha
+    dropped (Pillow converts La to nothing but LA)."""
+    grey = Image.merge("LA", (Image.linear_gradient("L").resize((8, 8)), Image.new("L", (8, 8), 160)))
+    rgba = Image.merge("RGBA", (*[grey.getchannel("L")] * 3, grey.getchannel("A")))
+    from_la = np.asarray(load_image(grey.convert("La")), dtype=int)
+    from_rgba = np.asarray(load_image(rgba.convert("RGBa")), dtype=int)
+    assert from_la.shape == (8, 8, 3) and np.abs(from_la - from_rgba).max() <= 1
+
+
+def _exif_tiff_start(exif: bytes) -> int:
+    return max(exif.find(b"MM\x00*"), exif.find(b"II*\x00"))
+
+
+@pytest.mark.parametrize("fmt, damage", [("JPEG", "entry"), ("PNG", "entry"), ("WEBP", "entry"),
+                                         ("PNG", "tiff header"), ("WEBP", "tiff header")])
+def test_a_photo_with_malformed_exif_is_read_unrotated(tmp_path, fmt, damage):
+    """Its pixels decode; only the orientation cannot be read (Pillow raised struct.error, or
+    SyntaxError 'not a TIFF file', from exif_transpose): the photo is used as stored."""
+    image = Image.new("RGB", (60, 30), RED)
+    image.paste(BLUE, (30, 0, 60, 30))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "camera"  # the orientation would rotate it, if it could be read
+    raw = bytearray(exif.tobytes())
+    start = _exif_tiff_start(bytes(raw))
+    if damage == "tiff header":
+        raw[start : start + 2] = b"XX"
+    else:
+        raw[start + 11] = 0  # the first entry (Make, text) becomes ImageWidth, which is a number
+    path = tmp_path / f"odd.{fmt.lower()}"
+    image.save(path, fmt, exif=bytes(raw), **({"quality": 95} if fmt != "PNG" else {}))
+    loaded = load_image(path)
+    assert loaded.size == (60, 30)  # unrotated
+    assert _close(_pixel(loaded, (5, 15)), RED) and _close(_pixel(loaded, (55, 15)), BLUE)
+
+
+def _seed_files() -> dict[str, bytes]:
+    """Small files of each format, with EXIF where the format has it."""
+    image = Image.new("RGB", (24, 16), (200, 30, 30))
+    image.paste(BLUE, (0, 3, 12, 6))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "camera"
+    files = {}
+    for fmt, options in [("JPEG", {"exif": exif}), ("PNG", {"exif": exif}), ("WEBP", {"exif": exif}),
+                         ("GIF", {}), ("TIFF", {}), ("BMP", {})]:
+        buffer = io.BytesIO()
+        (image.convert("P") if fmt == "GIF" else image).save(buffer, fmt, **options)
+        files[fmt] = buffer.getvalue()
+    return files
+
+
+def _corrupt(data: bytes, rng: random.Random) -> bytes:
+    """A few bytes changed (half the time inside the EXIF block), cut short, or bytes inserted
+    or deleted."""
+    data = bytearray(data)
+    start = _exif_tiff_start(bytes(data))
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randint(1, 3)):
+            inside_exif = start >= 0 and rng.random() < 0.5
+            at = start + rng.randrange(min(40, len(data) - start)) if inside_exif else None
+            at = rng.randrange(len(data)) if at is None else at
+            data[at] = rng.randrange(256)
+    elif kind == 1:
+        data = data[: rng.randrange(1, len(data))]
+    elif kind == 2:
+        at = rng.randrange(len(data))
+        data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+    else:
+        at = rng.randrange(len(data))
+        del data[at : at + rng.randint(1, 8)]
+    return bytes(data)
+
+
+def test_corrupted_files_load_or_raise_image_load_error(tmp_path):
+    """Fuzzing, bounded: 6 formats x 60 corrupted copies (fixed seed), each read in a fraction of
+    a second. Every one is either an RGB image or an ImageLoadError naming the file, never
+    another exception (a red-team run of 253,000 found struct.error, SyntaxError, TypeError)."""
+    rng = random.Random(33)
+    outcomes: dict[str, int] = {"loaded": 0, "refused": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's notes on the damage it works around
+        for fmt, data in _seed_files().items():
+            for case in range(60):
+                path = tmp_path / f"case{case}.{fmt.lower()}"
+                path.write_bytes(_corrupt(data, rng))
+                try:
+                    loaded = load_image(path)
+                except ImageLoadError as err:
+                    assert str(path) in str(err)
+                    outcomes["refused"] += 1
+                else:
+                    assert loaded.mode == "RGB" and min(loaded.size) > 0
+                    outcomes["loaded"] += 1
+    assert outcomes["loaded"] > 30 and outcomes["refused"] > 30, outcomes
 
 
 # ----------------------------------------------------------------------------- bad inputs

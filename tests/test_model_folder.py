@@ -157,6 +157,37 @@ def test_bad_config_values(folder, edit, fragment):
     _assert_error(folder, str(folder / CONFIG_FILE), fragment)
 
 
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda c: c.update(ensemble_size=100_000), ["says ensemble_size 100000", "holds 1 decoder(s)"]),
+    (lambda c: c.pop("ensemble_size") and c["model"].update(decoders=100_000),  # older spelling
+     ["says ensemble_size 100000"]),
+    (lambda c: c["model"].update(hidden_dim=1_000_000), ["does not match", "vs config (1000000, "]),
+    (lambda c: c.update(vocabulary=c["vocabulary"] + [f"w{i}" for i in range(200_000)]),
+     ["decoder.classifier.weight", "does not match"]),
+    (lambda c: c.update(ensemble_size="2"), ["ensemble_size must be a whole number >= 1, got '2'"]),
+    (lambda c: c.update(ensemble_size=0), ["ensemble_size must be a whole number >= 1, got 0"]),
+])
+def test_absurd_sizes_are_refused_from_the_weights_header_before_anything_is_built(
+        folder, monkeypatch, edit, fragments):
+    """config.json is checked against the safetensors header (names and shapes) first: a
+    config saying 100000 decoders built decoders until memory ran out (4.8 GB in 23 s)."""
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr("captioner.model.folder.CaptionModel", never)
+    _edit_config(folder, edit)
+    _assert_error(folder, str(folder / CONFIG_FILE), *fragments)
+
+
+@pytest.mark.parametrize("entry, shown", [(5, "5"), (None, "None"), ({"w": 1}, "{'w': 1}")])
+def test_vocabulary_entries_that_are_not_words_are_refused_at_load(folder, entry, shown):
+    """Such a config loaded, then every caption() failed with a TypeError."""
+    _edit_config(folder, lambda c: c["vocabulary"].__setitem__(6, entry))
+    for load in (load_model, Captioner.from_pretrained):
+        with pytest.raises(CheckpointError, match=rf"bad vocabulary \(vocabulary entry 6 is {shown}"):
+            load(folder)
+
+
 def test_wrong_format_version(folder):
     _edit_config(folder, lambda c: c.update(format_version=FORMAT_VERSION + 1))
     _assert_error(folder, str(folder / CONFIG_FILE), f"format version {FORMAT_VERSION + 1}")

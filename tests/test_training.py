@@ -314,8 +314,7 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(dataset, cache_dir, t
         path.write_bytes(b"partial")
     keep = out / "notes.tmp"  # not one of ours
     keep.write_text("mine")
-    # A run that stops right after the data is prepared: no epochs at all.
-    train(make_config(dataset, out, cache_dir, epochs=0, scst_epochs=0))
+    train(make_config(dataset, out, cache_dir, epochs=1, scst_epochs=0, stop_after_step=1))
     assert not any(p.exists() for p in stale) and keep.exists()
 
 

@@ -7,6 +7,11 @@ Under torchrun every rank extracts its own share of rows. A new image list first
 rows it shares with the encoder's other caches (the dev half of a train+dev cache, a run with a
 different `max_val_images`), so each image goes through the encoder once. Creating a cache
 holds a file lock, so two processes started together do not truncate each other's files.
+
+The files get all their disk blocks before rows are written (captioner.files.reserve_space): a
+memory-mapped write into a sparse file on a full disk would kill the process with SIGBUS, no
+message. A file of the wrong size (a truncated copy) or a folder that cannot be written is a
+FeatureCacheError that names the file and what to do.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,14 +33,9 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from captioner.data.images import ImageBatch, ImageFiles, collate_images
-from captioner.files import atomic_write
+from captioner.files import DiskFullError, atomic_write, exclusive_lock, reserve_space
 from captioner.model.encoder import Encoder
 from captioner.model.onnx_encoder import runtime_encoder
-
-if sys.platform == "win32":  # no fcntl: no lock; start one extraction per cache at a time
-    fcntl = None
-else:
-    import fcntl
 
 
 def encoder_key(encoder: Encoder, mirrored: bool = False, stage: int | None = None) -> str:
@@ -59,16 +59,8 @@ def weights_digest(modules: Sequence[torch.nn.Module]) -> str:
     return digest.hexdigest()[:8]
 
 
-@contextmanager
-def _exclusive(lock_file: Path):
-    """Hold an OS file lock: two processes (say, two evaluations started together) creating the
-    same cache would otherwise each truncate the files the other is filling."""
-    if fcntl is None:
-        yield
-        return
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
-        yield
+class FeatureCacheError(RuntimeError):
+    """A cache that cannot be used as it is: the message names its files and what to do."""
 
 
 class FeatureCache:
@@ -102,11 +94,31 @@ class FeatureCache:
     def done_file(self) -> Path:
         return self.stem.with_suffix(".done")
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the features file."""
+        return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+
     def missing_rows(self) -> np.ndarray:
         if not self.done_file.exists():
             return np.arange(len(self.paths))
+        self._check_size(self.done_file, len(self.paths))
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r", shape=(len(self.paths),))
         return np.flatnonzero(done == 0)
+
+    def _check_size(self, path: Path, expected: int) -> None:
+        """A file of another size than its cache's shape (a truncated copy, a disk that filled
+        up under an older version) would fail deep in numpy, or be read as zeros."""
+        size = path.stat().st_size if path.exists() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size:,} bytes, expected {expected:,}"
+            raise FeatureCacheError(
+                f"feature cache file {path} is {found} (truncated or damaged): delete "
+                f"{self.stem}.f16, .done and .json to compute the cache again")
+
+    def _open_features(self, mode: Literal["r", "r+"]) -> np.memmap:
+        self._check_size(self.features_file, self.nbytes)
+        return np.memmap(self.features_file, dtype=np.float16, mode=mode, shape=self.shape)
 
     def is_complete(self) -> bool:
         return len(self.missing_rows()) == 0
@@ -120,7 +132,6 @@ class FeatureCache:
         Unreadable images stop extraction with one error listing them: training on a silently
         zero-filled grid would be worse than failing.
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
         missing = self.missing_rows()
         stats = {"images": 0, "seconds": 0.0, "images_per_second": 0.0, "already_cached":
                  len(self.paths) - len(missing), "copied": 0}
@@ -136,7 +147,10 @@ class FeatureCache:
         todo = [int(r) for r in missing if r % world_size == rank]
         if not todo:
             return stats
-        features = np.memmap(self.features_file, dtype=np.float16, mode="r+", shape=self.shape)
+        self._check_size(self.features_file, self.nbytes)  # before reserving would pad it with zeros
+        with self._writing():
+            reserve_space(self.features_file, self.nbytes)  # a cache made sparse by an older version
+        features = self._open_features("r+")
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
         # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a
         # training run would then depend on whether its features were already cached.
@@ -166,30 +180,45 @@ class FeatureCache:
         return stats
 
     def _create_once(self) -> int:
-        """Allocate a new cache (sparse files) and copy what other caches hold; returns the rows
-        copied, 0 if the cache already existed. Locked: another process may be creating it too."""
-        with _exclusive(self.stem.with_suffix(".lock")):
-            if self.done_file.exists():
-                return 0
-            np.memmap(self.features_file, dtype=np.float16, mode="w+", shape=self.shape).flush()
-            info = {"encoder": self.key, "shape": self.shape, "paths": self.paths}
-            atomic_write(self.stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info)))
-            np.memmap(self.done_file, dtype=np.uint8, mode="w+", shape=(len(self.paths),)).flush()
-            return self._copy_from_other_caches()
+        """Allocate a new cache (zeros on reserved disk blocks) and copy what other caches hold;
+        returns the rows copied, 0 if the cache already existed. Locked: another process may be
+        creating it too."""
+        with self._writing():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with exclusive_lock(self.stem.with_suffix(".lock")):
+                if self.done_file.exists():
+                    return 0
+                self.features_file.unlink(missing_ok=True)  # left by a creation that was killed
+                reserve_space(self.features_file, self.nbytes)
+                info = json.dumps({"encoder": self.key, "shape": self.shape, "paths": self.paths})
+                atomic_write(self.stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(info))
+                reserve_space(self.done_file, len(self.paths))  # all rows to do; its existence: created
+        return self._copy_from_other_caches()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A folder that cannot be written (read-only, not a folder, no permission) named as such."""
+        try:
+            yield
+        except DiskFullError as err:
+            raise DiskFullError(f"{err}: make room there, or put the cache elsewhere (--cache-dir)") from err
+        except OSError as err:
+            raise FeatureCacheError(f"cannot write the feature cache in {self.folder} "
+                                    f"({err.strerror or err}): give a writable folder (--cache-dir)") from err
 
     def _copy_from_other_caches(self) -> int:
         """Fill this new cache with the rows other caches of the encoder already computed."""
         rows_of: dict[str, list[int]] = {}
         for row, path in enumerate(self.paths):  # a list may hold an image twice (train = val)
             rows_of.setdefault(os.path.abspath(path), []).append(row)
-        features = np.memmap(self.features_file, dtype=np.float16, mode="r+", shape=self.shape)
+        features = self._open_features("r+")
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
         for info_file in sorted(self.folder.glob("*.json")):
             other = info_file.with_suffix("")
             if other == self.stem or not other.with_suffix(".done").exists():
                 continue
             info = json.loads(info_file.read_text())
-            if tuple(info["shape"][1:]) != self.shape[1:]:
+            if tuple(info["shape"][1:]) != self.shape[1:] or not _whole(other, info["shape"]):
                 continue
             other_done = np.fromfile(other.with_suffix(".done"), dtype=np.uint8)
             pairs = [(mine, theirs) for theirs, path in enumerate(info["paths"]) if other_done[theirs]
@@ -211,8 +240,7 @@ class FeatureCache:
         if self._features is None:
             if not self.is_complete():
                 raise RuntimeError(f"feature cache {self.stem} is incomplete: run extract() first")
-            self._features = np.memmap(self.features_file, dtype=np.float16, mode="r",
-                                       shape=self.shape)
+            self._features = self._open_features("r")
         return self._features
 
     def batch(self, rows: Sequence[int]) -> torch.Tensor:
@@ -223,10 +251,17 @@ class FeatureCache:
             if np.isin(wanted, self.missing_rows()).any():
                 raise RuntimeError(f"feature cache {self.stem} is incomplete: it lacks some of rows "
                                    f"{wanted.tolist()[:8]}; run extract() first")
-            features = np.memmap(self.features_file, dtype=np.float16, mode="r", shape=self.shape)
+            features = self._open_features("r")
         else:
             features = self.load()
         order = np.argsort(wanted)  # sorted reads are kinder to the page cache
         grids = np.empty((len(wanted), *self.shape[1:]), dtype=np.float16)
         grids[order] = features[wanted[order]]
         return torch.from_numpy(grids).float()
+
+
+def _whole(stem: Path, shape: Sequence[int]) -> bool:
+    """Whether another cache's files have the sizes of its shape (a damaged one is not copied from)."""
+    features, done = stem.with_suffix(".f16"), stem.with_suffix(".done")
+    return (features.exists() and features.stat().st_size == int(np.prod(shape)) * 2
+            and done.exists() and done.stat().st_size == shape[0])

@@ -73,6 +73,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied alpha, as RGBa: unpremultiplied, alpha dropped
+        image = image.convert("LA").convert("L")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -146,8 +148,7 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         if width == 0 or height == 0:
             raise ValueError("has no pixels")
         image.load()  # decode now, so truncated files fail here
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return _to_rgb(_upright(image))
     except ImageLoadError:
         raise
     except Image.UnidentifiedImageError as err:
@@ -160,6 +161,19 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
         raise ImageLoadError(f"{name}: cannot decode image ({err})") from err
     except ValueError as err:
         raise ImageLoadError(f"{name}: {err}") from err
+    except Exception as err:  # what else a decoder raises on a hostile file: struct.error, SyntaxError ...
+        raise ImageLoadError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as stored if its metadata cannot be read
+    (a photo whose pixels decode is not refused for a malformed EXIF block)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" notes: handled here
+            return ImageOps.exif_transpose(image)
+    except Exception:  # struct.error, SyntaxError ("not a TIFF file"), TypeError, ...
+        return image
 
 
 # ----------------------------------------------------------------------------- files in workers

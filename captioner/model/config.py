@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
+
+from captioner.model.options import check_whole_number
 
 LEGACY_SETTINGS = ("decoders",)
 """Keys older files hold among the model settings that are not architecture: `decoders`, the
@@ -44,6 +47,20 @@ class ModelConfig:
     gate: bool = True
     """Off: no gating scalar beta on the context (an ablation)."""
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse sizes and rates that make no sense (ValueError naming the setting), before they
+        reach torch, whose errors would not say which."""
+        for name in ("image_size", "embed_dim", "hidden_dim", "attention_dim"):
+            check_whole_number(name, getattr(self, name), 1)
+        for name in ("grid_size", "annotation_dim"):
+            if getattr(self, name) is not None:
+                check_whole_number(name, getattr(self, name), 1)
+        for name in ("dropout", "input_dropout"):
+            check_number(name, getattr(self, name), 0.0, 1.0, high_included=False)
+
     @classmethod
     def from_saved(cls, settings: Mapping[str, Any]) -> ModelConfig:
         """The architecture a saved file describes: a model folder's config.json "model"
@@ -54,3 +71,16 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
         return cls(**{k: v for k, v in settings.items() if k in known})
+
+
+def check_number(name: str, value: Any, low: float, high: float = math.inf, low_included: bool = True,
+                 high_included: bool = True) -> None:
+    """ValueError naming the setting and its allowed range unless `value` is a finite number in it."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    above = number and (value >= low if low_included else value > low)
+    below = number and (value <= high if high_included else value < high)
+    if not (above and below):
+        allowed = f"{'>=' if low_included else '>'} {low:g}"
+        if math.isfinite(high):
+            allowed += f" and {'<=' if high_included else '<'} {high:g}"
+        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")

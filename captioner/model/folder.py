@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel, build_decoder
 from captioner.model.config import ModelConfig
 from captioner.model.decoder import AttentionDecoder
+from captioner.model.encoder import backbone_spec
 from captioner.model.ensemble import DecoderEnsemble
 from captioner.model.vocabulary import Vocabulary
 
@@ -82,50 +83,99 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 def load_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
-    """Load a model folder (or its model.safetensors). Returns (model in eval mode, vocab, config)."""
+    """Load a model folder (or its model.safetensors). Returns (model in eval mode, vocab, config).
+
+    The config is checked against the weights file's header (names and shapes, no tensor data)
+    before anything is built: a config.json saying 100000 decoders or a 10^6-wide LSTM is refused
+    at once instead of filling memory."""
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
     if not directory.exists():
         raise CheckpointError(f"model path {path} does not exist")
     config = read_config(directory)
-    config_path = directory / CONFIG_FILE
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    model_config, vocab, members = _read_settings(config, config_path)
+    header = _read_header(weights_path)
+    found = {k.split(".")[2] for k in header if k.startswith("decoder.members.")}
+    if members != (len(found) or 1):
+        raise CheckpointError(f"{config_path} says ensemble_size {members}, but {weights_path} holds "
+                              f"{len(found) or 1} decoder(s)")
+    _check_fits(_decoder_shapes(model_config, len(vocab), members, config_path), header,
+                weights_path, config_path, only="decoder.")
+    state = _read_weights(weights_path)
+    try:
+        model = _build_model(model_config, len(vocab), members)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a typo'd backbone, a size as text
+        raise CheckpointError(f"{config_path}: bad model settings {config['model']} ({err})") from err
+    expected = model.state_dict()
+    _check_fits({k: tuple(v.shape) for k, v in expected.items()}, header, weights_path, config_path)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device).eval(), vocab, config
+
+
+def _read_settings(config: dict[str, Any], config_path: Path) -> tuple[ModelConfig, Vocabulary, int]:
+    """A config.json's architecture, vocabulary and number of voting decoders, each checked."""
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' settings")
     try:
         model_config = ModelConfig.from_saved(config["model"])
-    except ValueError as err:  # a setting no version wrote
+    except ValueError as err:  # a setting no version wrote, or a value out of range
         raise CheckpointError(f"{config_path}: {err}") from err
     try:
         vocab = Vocabulary(config["vocabulary"])
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: bad vocabulary ({err})") from err
-    weights_path = directory / WEIGHTS_FILE
-    state = _read_weights(weights_path)
-    try:
-        model = _build_model(model_config, len(vocab), ensemble_size(config))
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a typo'd backbone, a size as text
-        raise CheckpointError(f"{config_path}: bad model settings {config['model']} ({err})") from err
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k}: file {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
-        for k, v in state.items() if k in expected and v.shape != expected[k].shape
-    ]
-    if problems:
-        raise CheckpointError(
-            f"{weights_path} does not match {config_path}: {'; '.join(problems[:5])}"
-            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-        )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model.to(device).eval(), vocab, config
+    members = ensemble_size(config)
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+        raise CheckpointError(f"{config_path}: ensemble_size must be a whole number >= 1, got {members!r}")
+    return model_config, vocab, members
 
 
 def ensemble_size(config: dict[str, Any]) -> int:
     """How many decoders vote in the model folder whose config.json is `config` (older folders
     said it among the model settings: `decoders`, see ModelConfig.from_saved)."""
     return config["ensemble_size"] if "ensemble_size" in config else config["model"].get("decoders", 1)
+
+
+def _read_header(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' names and shapes, from the file's header alone."""
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing")
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from err
+
+
+def _decoder_shapes(config: ModelConfig, vocab_size: int, members: int, config_path: Path
+                    ) -> dict[str, tuple[int, ...]]:
+    """The decoder tensors the config describes, from one decoder built on the meta device (no
+    memory), repeated per member."""
+    try:
+        with torch.device("meta"):
+            decoder = build_decoder(config, vocab_size, backbone_spec(config.backbone).feature_dim)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{config_path}: bad model settings {asdict(config)} ({err})") from err
+    prefixes = ["decoder."] if members == 1 else [f"decoder.members.{i}." for i in range(members)]
+    return {p + k: tuple(v.shape) for p in prefixes for k, v in decoder.state_dict().items()}
+
+
+def _check_fits(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], weights_path: Path,
+                config_path: Path, only: str = "") -> None:
+    """Refuse weights that do not fit the model the config describes (among the tensors whose
+    names start with `only`), naming the tensors and both shapes."""
+    found = {k: v for k, v in found.items() if k.startswith(only)}
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [f"{k}: file {v} vs config {expected[k]}" for k, v in found.items()
+                 if k in expected and v != expected[k]]
+    if problems:
+        raise CheckpointError(
+            f"{weights_path} does not match {config_path}: {'; '.join(problems[:5])}"
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
 
 
 def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:

@@ -23,12 +23,12 @@ import re
 import shutil
 import stat
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.files import ExclusiveLock, LockHeld, atomic_write
+from captioner.files import LockedError, atomic_write, exclusive_lock
 
 if TYPE_CHECKING:
     from captioner.model.results import CaptionResult
@@ -76,20 +76,20 @@ def lock_path(output: Path) -> Path:
 def locked_output(output: Path) -> Iterator[None]:
     """Run the block as the only writer of `output`; OutputError at once if another run (of
     any process) holds it. Streams are not locked."""
-    lock = ExclusiveLock(lock_path(output))
-    if not is_stream(output):
+    if is_stream(output):
+        yield
+        return
+    lock = lock_path(output)
+    with ExitStack() as stack:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except LockHeld as err:
-            raise OutputError(f"another captioner run is writing {output} (pid {err.pid or 'unknown'}); "
+            stack.enter_context(exclusive_lock(lock, wait=False))
+        except LockedError as err:
+            raise OutputError(f"another captioner run is writing {output} ({err.holder}); "
                               "wait for it to end or pick another output file") from None
         except OSError as err:
-            raise OutputError(f"cannot lock {output} (via {lock.path}): {err}") from err
-    try:
+            raise OutputError(f"cannot lock {output} (via {lock}): {err}") from err
         yield
-    finally:
-        lock.release()
 
 
 def path_key(path: str | Path) -> str:

@@ -3,11 +3,26 @@ here: the command line builds flags from it)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from captioner.data.config import DataConfig
-from captioner.model.config import ModelConfig
+from captioner.model.config import ModelConfig, check_number
+from captioner.model.options import check_whole_number
+
+# The checked settings: whole numbers and their least value (none allowed where OPTIONAL) ...
+WHOLE_NUMBERS = {"min_word_count": 1, "max_caption_words": 1, "epochs": 1, "batch_size": 1,
+                 "warmup_steps": 0, "fine_tune_from": 0, "scst_epochs": 0, "scst_samples": 1,
+                 "scst_max_length": 1, "val_beam_size": 1, "val_max_length": 1, "patience": 1,
+                 "scst_patience": 1, "checkpoint_every": 1, "stop_after_step": 1, "seed": 0,
+                 "num_workers": 0}
+OPTIONAL = {"fine_tune_from", "scst_patience", "stop_after_step"}
+# ... and numbers: (least, least allowed, most, most allowed).
+ABOVE_0, AT_LEAST_0 = (0.0, False, math.inf, True), (0.0, True, math.inf, True)
+NUMBERS = {"lr": ABOVE_0, "encoder_lr": ABOVE_0, "scst_lr": ABOVE_0, "grad_clip": ABOVE_0,
+           "alpha_reg": AT_LEAST_0, "scst_xe_weight": AT_LEAST_0, "min_lr_ratio": (0.0, True, 1.0, True),
+           "ema_decay": (0.0, True, 1.0, False), "label_smoothing": (0.0, True, 1.0, False)}
 
 
 @dataclass
@@ -101,8 +116,27 @@ class TrainConfig:
     """Processes loading images (0: load them in the main process)."""
     resume: bool = False
     """Continue the run in output_dir from its last saved state."""
+    overwrite: bool = False
+    """Train into an output_dir that holds another run anyway: its run state, config, metrics and
+    best/ are deleted first (without this or resume, such a folder is refused)."""
     progress: bool = True
     """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings that make no sense (ValueError naming the setting and its range), before
+        any data is read: a bad one would otherwise fail after data preparation, or quietly train
+        something else (a negative learning rate climbs the loss)."""
+        for name, low in WHOLE_NUMBERS.items():
+            if getattr(self, name) is not None or name not in OPTIONAL:
+                check_whole_number(name, getattr(self, name), low)
+        for name, (least, least_included, most, most_included) in NUMBERS.items():
+            check_number(name, getattr(self, name), least, most, least_included, most_included)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite: choose one (resume continues the run in output_dir, "
+                             "overwrite deletes it)")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -110,5 +144,9 @@ class TrainConfig:
         files' model settings are read by ModelConfig.from_saved."""
         raw = dict(raw)
         data = DataConfig(**raw.pop("data", {}))
-        model = ModelConfig.from_saved(raw.pop("model", {}))
+        try:
+            model = ModelConfig.from_saved(raw.pop("model", {}))
+        except ValueError as err:  # "dropout must be ..." -> "model.dropout must be ..."
+            raise ValueError(f"model.{err}" if str(err).split(" ")[0] in ModelConfig.__dataclass_fields__
+                             else str(err)) from None
         return cls(data=data, model=model, **raw)

@@ -50,7 +50,8 @@ def prepare_data(config: DataConfig, min_word_count: int, max_caption_words: int
     dataset = load_dataset(config)
     train = dataset["train"]
     val = dataset.splits.get("val", [])[: config.max_val_images]
-    vocab = vocab or Vocabulary.build((c for item in train for c in item.captions), min_word_count)
+    vocab = vocab or Vocabulary.build((c for item in train for c in item.captions), min_word_count,
+                                      max_words=max_caption_words)  # the words training sees
     return PreparedData(vocab, train + val, len(train), encode_captions(train, vocab, max_caption_words))
 
 

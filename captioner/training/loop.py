@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from captioner.evaluation.metrics import score_captions
+from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel
 from captioner.model.folder import WEIGHTS_FILE, architecture, load_model, save_model
 from captioner.model.options import DecodeOptions
@@ -41,11 +43,13 @@ from captioner.training.inputs import (
 )
 from captioner.training.metrics_log import MetricsLog
 from captioner.training.optimizer import make_average, make_optimizer
+from captioner.training.run_folder import check_run_folder, claim_run_folder
 from captioner.training.run_state import (
     BEST_FOLDER,
     STATE_FILE,
     TRAIN_CONFIG_FILE,
     Progress,
+    check_state_fits,
     load_run_state,
     read_progress,
     read_run_vocabulary,
@@ -84,8 +88,13 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run. Returns a summary with the best validation scores."""
     check_config(cfg)
-    run = set_up(cfg)
-    progress, model, d = run.progress, run.model, run.dist
+    with ExitStack() as held:  # the run folder's lock, until the run ends
+        return run_stages(set_up(cfg, held))
+
+
+def run_stages(run: Run) -> dict[str, Any]:
+    """Each stage's epochs, from where the run is: train, validate, save, stop early."""
+    cfg, progress, model, d = run.cfg, run.progress, run.model, run.dist
     resumed_stage = progress.stage if cfg.resume and (run.folder / STATE_FILE).exists() else None
     stage_names = [name for name in STAGES if name == "xe" or cfg.scst_epochs > 0]
     for name in stage_names[stage_names.index(progress.stage):] if not progress.done else []:
@@ -131,9 +140,12 @@ def check_hard_attention_settings(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} {value!r}: expected a number from {low} to {high}")
 
 
-def set_up(cfg: TrainConfig) -> Run:
-    """Processes, data, model, output folder and inputs; the saved progress when resuming."""
+def set_up(cfg: TrainConfig, held: ExitStack) -> Run:
+    """Processes, data, model, output folder (claimed for as long as `held` is) and inputs; the
+    saved progress when resuming. Nothing is written before the data and model are ready."""
     d, device = setup_distributed(cfg.device)
+    if d.is_main:  # rank 0 only: the others may start after it has written train_config.json
+        check_run_folder(cfg)
     folder = Path(cfg.output_dir)
     state_path = folder / STATE_FILE
     resuming = cfg.resume and state_path.exists()
@@ -146,13 +158,16 @@ def set_up(cfg: TrainConfig) -> Run:
     model = CaptionModel(cfg.model, len(data.vocab)).to(device)
     if cfg.init_from and initial is not None:
         start_from(model, initial[0], cfg.init_from)
+    if resuming:
+        check_state_fits(state_path, model)
     model.encoder.set_trainable(cfg.fine_tune_from)
+    held.enter_context(claim_run_folder(cfg, d.is_main))
     if d.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
         # left by a killed atomic_write
         for stale in [*folder.glob(".*.tmp"), *folder.glob(f"{BEST_FOLDER}/.*.tmp")]:
             stale.unlink(missing_ok=True)
-        (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+        text = json.dumps(asdict(replace(cfg, overwrite=False)), indent=2)  # overwrite: done, not a setting
+        atomic_write(folder / TRAIN_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     inputs = Inputs(model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress,
                     cfg.fine_tune_inputs)
     net: torch.nn.Module = model
@@ -243,12 +258,15 @@ def check_finite(loss: torch.Tensor, run: Run, stage: Stage) -> None:
     if run.dist.world_size > 1:
         finite = run.dist.all_sum([float(not finite)], run.device)[0] == 0
     if not finite:
-        progress = run.progress
+        progress, state = run.progress, run.folder / STATE_FILE
+        saved = (f"{state} holds the last good run state" if state.exists() else
+                 "no run state was saved yet, so there is nothing to resume")
+        again = "rerun with --resume true" if state.exists() else "start the run again with --overwrite true"
         raise TrainingDiverged(
             f"the {stage.name} loss became {loss.item()} at step {progress.global_step + 1} (epoch "
             f"{progress.epoch + 1}, batch {progress.step_in_epoch + 1}); the weights were not updated and "
-            f"{run.folder / STATE_FILE} holds the last good run state. Lower the learning rate or "
-            "check the inputs (a NaN in the feature cache?), then rerun with --resume true.")
+            f"{saved}. Lower the learning rate or check the inputs (a NaN in the feature cache? delete "
+            f"its files under {run.cfg.cache_dir} to compute them again), then {again}.")
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 
@@ -26,6 +26,10 @@ from captioner.model.vocabulary import Vocabulary
 STATE_FILE = "checkpoint.safetensors"  # the run state; the name of older runs, so they resume
 TRAIN_CONFIG_FILE = "train_config.json"
 BEST_FOLDER = "best"
+
+
+class RunStateError(RuntimeError):
+    """A run state that cannot be resumed from: the message names the file and what to do."""
 
 
 @dataclass
@@ -101,7 +105,8 @@ def load_run_state(path: Path, model: CaptionModel, optimizer: torch.optim.Optim
                    average: AveragedModel | None = None) -> None:
     """Restore the weights, optimizer and RNG streams in place (see read_progress for the rest)."""
     meta = _run_metadata(path)
-    tensors = load_file(str(path))
+    tensors = _read_tensors(path)
+    check_state_fits(path, model)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if average is not None:
         saved = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
@@ -123,13 +128,52 @@ def read_progress(path: Path) -> Progress:
 
 
 def read_run_vocabulary(path: Path) -> Vocabulary:
-    return Vocabulary(_run_metadata(path)["vocabulary"])
+    try:
+        return Vocabulary(_run_metadata(path)["vocabulary"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise _unreadable(path, f"bad vocabulary: {err}") from err
+
+
+def check_state_fits(path: Path, model: CaptionModel) -> None:
+    """Refuse a run state whose weights do not fit `model` (another --model setting), from the
+    file's header alone: before anything is written or trained."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {k[6:]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.")}
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, str(err)) from err
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k}: saved {saved[k]}, the model has {shape}" for k, shape in expected.items()
+                if k in saved and saved[k] != shape]
+    problems += [f"missing {k}" for k in expected if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in expected]
+    if problems:
+        raise RunStateError(f"{path} holds weights of another model: {'; '.join(problems[:4])}"
+                            + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
+                            + ". Resume with the run's own settings (--config of its train_config.json)")
 
 
 def _run_metadata(path: Path) -> dict[str, Any]:
     """The JSON part of a run state: progress, optimizer settings, vocabulary, RNG."""
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["state"])
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"])
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise _unreadable(path, str(err)) from err
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, str(err)) from err
+
+
+def _unreadable(path: Path, why: str) -> RunStateError:
+    return RunStateError(
+        f"{path} cannot be resumed from: it is truncated or damaged ({why}). Restore it from a "
+        "copy, or start the run anew with --overwrite true (deletes its run state, metrics and "
+        "best/)")
 
 
 def last_step_model(run_dir: str | Path, averaged: bool = False
@@ -146,7 +190,7 @@ def last_step_model(run_dir: str | Path, averaged: bool = False
     train_config = json.loads((run_dir / TRAIN_CONFIG_FILE).read_text())
     vocab = read_run_vocabulary(state_path)
     prefix = "ema.module." if averaged else "model."
-    saved = load_file(str(state_path))
+    saved = _read_tensors(state_path)
     tensors = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
     if averaged and not tensors:
         raise ValueError(f"{state_path} holds no moving average of the weights (ema_decay was 0)")
