@@ -1,0 +1,174 @@
+"""The web app's model, loaded and run in a process of its own.
+
+Start-up is mostly imports (gradio for the page; torch, timm and the model's modules for the
+model) and the model's load, all bound to one core by Python's GIL. In one process they queue
+behind each other; in two they run side by side on a 2-core machine, so the page and the model
+are both ready in about the time of the slower one. The model process then warms up (a first
+caption is slower than the next) unless a caption is already waiting, and answers one caption
+at a time: the app's queue runs one anyway.
+
+Nothing here imports torch in the app's process: results cross the pipe as `Captioned`, plain
+numpy and strings with the attribute names of captioner.model.results.CaptionResult.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captioner.model.options import DecodeOptions
+
+WARM_UP_SIZE = 64  # pixels: the encoder sees every photo at its own input size anyway
+
+
+@dataclass
+class Alternative:
+    text: str
+    score: float
+    log_prob: float
+
+
+@dataclass
+class Captioned:
+    """A caption as the app needs it (CaptionResult's fields, without torch to unpickle)."""
+
+    text: str
+    words: list[str]
+    score: float
+    log_prob: float
+    attention: np.ndarray
+    alternatives: list[Alternative] = field(default_factory=list)
+    finished: bool = True
+    notes: list[str] = field(default_factory=list)
+    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    @classmethod
+    def of(cls, result: Any) -> Captioned:
+        return cls(result.text, list(result.words), float(result.score), float(result.log_prob),
+                   np.asarray(result.attention), [Alternative(a.text, float(a.score), float(a.log_prob))
+                                                  for a in result.alternatives],
+                   bool(result.finished), list(result.notes), np.asarray(result.gate))
+
+
+class ModelProcess:
+    """Stands for a Captioner (`caption`, the About text) whose model loads and runs in a child
+    process. `ready` is set once it has loaded or failed; if it failed (or the process died),
+    `failed` is set, which stops the app's server, and `error` says why."""
+
+    def __init__(self, folder: Path, device: str | None, quantize: bool):
+        self.ready, self.failed = threading.Event(), threading.Event()
+        self.error: str | None = None
+        self.about: str = ""
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self._pipe, child = context.Pipe()
+        self._process = context.Process(target=serve_model, args=(child, folder, device, quantize),
+                                        name="captioner-model", daemon=True)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._process.start()
+        threading.Thread(target=self._wait_until_loaded, name="model-loaded", daemon=True).start()
+
+    def _wait_until_loaded(self) -> None:
+        try:
+            kind, payload = self._pipe.recv()
+        except (EOFError, OSError):
+            kind, payload = "failed", self._died()
+        if kind == "ready":
+            self.about = payload
+        else:
+            self.error = payload
+            self.failed.set()
+        self.ready.set()
+
+    def _died(self) -> str:
+        self._process.join(timeout=5)
+        return f"the model process stopped (exit code {self._process.exitcode})"
+
+    def loaded(self) -> ModelProcess:
+        """Itself, once the model has loaded (waits for it); RuntimeError if it could not load."""
+        self.ready.wait()
+        if self.error is not None:
+            raise RuntimeError(f"the model did not load: {self.error}")
+        return self
+
+    def describe(self) -> str:
+        """The About panel's Markdown (waits for the model)."""
+        return self.loaded().about
+
+    def caption(self, image: Any, options: DecodeOptions | None = None, *,
+                focus: Any = None, focus_strength: float | None = None) -> Captioned:
+        """Captioner.caption for one image, in the model process; its TypeError and ValueError
+        (a bad box or strength) come back as such."""
+        self.loaded()
+        with self._lock:
+            try:
+                self._pipe.send((image, options, focus, focus_strength))
+                kind, payload = self._pipe.recv()
+            except (EOFError, OSError) as err:
+                self.error = self._died()
+                self.failed.set()
+                raise RuntimeError(self.error) from err
+        if kind == "ok":
+            return payload
+        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(payload)
+
+    def stop(self) -> None:
+        self._pipe.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.terminate()
+
+
+def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool) -> None:
+    """The model process: load, say "ready" with the About text (or "failed" with why), warm up
+    unless a caption is waiting, then caption until the app closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; it closes the pipe
+    captioner = load(pipe, folder, device, quantize)
+    if captioner is None:
+        return
+    if not pipe.poll():
+        warm_up(captioner)
+    while True:
+        try:
+            image, options, focus, strength = pipe.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            extra = {} if strength is None else {"focus_strength": strength}
+            reply: tuple[str, Any] = ("ok", Captioned.of(captioner.caption(image, options, focus=focus,
+                                                                            **extra)))
+        except Exception as err:  # noqa: BLE001 (sent to the app, which decides what the user sees)
+            reply = (type(err).__name__, str(err))
+        pipe.send(reply)
+
+
+def load(pipe: Any, folder: Path, device: str | None, quantize: bool) -> Any:
+    """The Captioner, after telling the app "ready"; None after telling it why it failed."""
+    from captioner.model.folder import CheckpointError
+    from captioner.serving.captioner import Captioner
+    from captioner.serving.model_card import describe_model
+
+    try:
+        captioner = Captioner.from_pretrained(folder, device=device, quantize=quantize)
+    except CheckpointError as err:
+        pipe.send(("failed", f"cannot start without a model: {err}"))
+        return None
+    except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without one
+        pipe.send(("failed", f"device {device!r} is not usable here: {err}"))
+        return None
+    pipe.send(("ready", describe_model(folder, captioner)))
+    return captioner
+
+
+def warm_up(captioner: Any) -> None:
+    """One caption of a blank photo: the first call sets up kernels the later ones reuse."""
+    from PIL import Image
+
+    captioner.caption(Image.new("RGB", (WARM_UP_SIZE, WARM_UP_SIZE), (128, 128, 128)))
