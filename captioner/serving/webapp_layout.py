@@ -128,7 +128,7 @@ def page(examples: list[list[str]], credits: str, about: str, options: DecodeOpt
             gr.Markdown(f"Example photos from scikit-image: {credits}.", elem_classes="small-print")
     big, words, step, opacity, gallery = attention_view()
     with gr.Accordion("About the model", open=False):
-        about_text = gr.Markdown(about, elem_classes="small-print")
+        about_text = gr.Markdown(about, elem_classes="small-print", elem_id="about")
     return Page(image, beam, length, button, status, picker, strength, focus_box, region_button,
                 region_status, whole_image, caption, info, table, gallery_examples, big, words, step,
                 opacity, gallery, about_text, api_button)
