@@ -102,7 +102,7 @@ def require_dataset(kind: str, given: dict[str, Any], docs: dict[str, str],
                            f"drop {them} or pass the --data.kind {them} belong{'s' * (them == 'it')} to")
     if missing:
         wanted = " ".join(f"{_flag(name)} {_metavar(name)}" for name in missing)
-        what = "; ".join(docs[name] for name in missing if docs.get(name))
+        what = "; ".join(docs[name].rstrip(".") for name in missing if docs.get(name))
         start = "no dataset given" if not present else f"--data.kind {kind} also needs {_flags(missing)}"
         raise CommandError(f"{start}: pass {wanted}" + (f" ({what})" if what else ""))
 

@@ -71,15 +71,6 @@ class ImageData(data_classes.ImageData):
         return value if isinstance(value, data_classes.ImageData) else {}
 
 
-class PhotoInput(gr.Image):
-    """gr.Image (the same component on the page) with the forgiving ImageData above."""
-
-    data_model = ImageData
-
-    def get_block_name(self) -> str:
-        return "image"
-
-
 @dataclass
 class Page:
     """The components the app's events read and write."""
@@ -136,8 +127,11 @@ def page(examples: list[list[str]], credits: str, about: str, options: DecodeOpt
 
 def input_controls(options: DecodeOptions) -> tuple[gr.Image, gr.Slider, gr.Slider, gr.Button]:
     """The photo, the beam size and maximum length sliders, and the Caption button."""
-    image = PhotoInput(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
+    image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
                      height=380, elem_id="input-image")
+    # the forgiving ImageData above; on the instance, since a subclass of a Gradio component
+    # would make Gradio write a .pyi file beside this module
+    image.data_model = ImageData
     with gr.Row():
         beam = gr.Slider(1, MAX_BEAM, value=options.beam_size, step=1, label="Beam size",
                          info="1 = greedy; more beams explore more captions")
