@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -201,6 +202,27 @@ def test_the_model_process_captions_like_the_captioner(shapes_checkpoint, tmp_pa
     with pytest.raises(RuntimeError, match="did not load"):
         failing.caption(image)
     failing.stop()
+
+
+def test_the_apps_process_never_imports_torch(shapes_checkpoint, tmp_path):
+    """The page's process reads uploads and draws overlays; the model process does the rest."""
+    path = save_shape(tmp_path, "green", "circle", "left")
+    code = f"""
+import sys
+from pathlib import Path
+from captioner.serving import webapp
+from captioner.serving.app_model import ModelProcess
+model = ModelProcess(Path({str(shapes_checkpoint)!r}), "cpu", False)
+model.start()
+demo = webapp.build_app(model, model.describe, webapp.example_images(Path({str(tmp_path)!r})))
+text, *_ = webapp.caption_upload(model, {{"path": {str(path)!r}}})
+model.stop()
+print(text, sorted(m for m in ("torch", "timm", "nltk") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "a green circle on the left []"
 
 
 def test_the_component_file_log_lines_and_only_they_are_dropped(capsys):

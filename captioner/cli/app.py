@@ -102,9 +102,8 @@ def announce_model(model: ModelProcess) -> None:
 
 
 def preload_photo_modules() -> None:
-    """The first photo needs captioner.data.images (torch) and the overlays matplotlib: import
-    them while the model loads rather than once the photo has arrived."""
-    import captioner.data.images
+    """The overlays of the first photo need matplotlib (captioner.visualize): import it while the
+    model loads rather than once the photo has arrived."""
     import captioner.visualize  # noqa: F401
 
 

@@ -7,8 +7,9 @@ are both ready in about the time of the slower one. The model process then warms
 caption is slower than the next) unless a caption is already waiting, and answers one caption
 at a time: the app's queue runs one anyway.
 
-Nothing here imports torch in the app's process: results cross the pipe as `Captioned`, plain
-numpy and strings with the attribute names of captioner.model.results.CaptionResult.
+The app's process never imports torch: the model process reads the photo too (load_image) and
+sends back a copy at display size with the caption, as `Captioned`, plain numpy and strings with
+the attribute names of captioner.model.results.CaptionResult.
 """
 
 from __future__ import annotations
@@ -21,10 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from captioner.model.options import DecodeOptions
 
 WARM_UP_SIZE = 64  # pixels: the encoder sees every photo at its own input size anyway
+DISPLAY_SIZE = 512  # overlays are drawn on a copy this big: fast, and every thumbnail alike
+
+
+class UnreadableImage(ValueError):
+    """The photo could not be read (captioner.data.images.ImageLoadError in the model process)."""
+
+
+def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
+    """The image scaled (up or down) to `size` px on its long side, so all overlays match."""
+    scale = size / max(image.size)
+    new_size = (max(round(image.width * scale), 1), max(round(image.height * scale), 1))
+    return image.resize(new_size, Image.Resampling.LANCZOS)
 
 
 @dataclass
@@ -104,12 +118,19 @@ class ModelProcess:
 
     def caption(self, image: Any, options: DecodeOptions | None = None, *,
                 focus: Any = None, focus_strength: float | None = None) -> Captioned:
-        """Captioner.caption for one image, in the model process; its TypeError and ValueError
-        (a bad box or strength) come back as such."""
+        """Captioner.caption for one image (a path, a PIL image...), in the model process; its
+        TypeError and ValueError (a bad box or strength) come back as such."""
+        return self.caption_file(image, options, focus=focus, focus_strength=focus_strength)[2]
+
+    def caption_file(self, image: Any, options: DecodeOptions | None = None, *, focus: Any = None,
+                     focus_strength: float | None = None, max_pixels: int | None = None,
+                     ) -> tuple[Image.Image, tuple[int, int], Captioned]:
+        """(the photo at display size, its size, its caption): the photo is read in the model
+        process (UnreadableImage if it cannot be), so this process needs no torch."""
         self.loaded()
         with self._lock:
             try:
-                self._pipe.send((image, options, focus, focus_strength))
+                self._pipe.send((image, options, focus, focus_strength, max_pixels))
                 kind, payload = self._pipe.recv()
             except (EOFError, OSError) as err:
                 self.error = self._died()
@@ -117,7 +138,8 @@ class ModelProcess:
                 raise RuntimeError(self.error) from err
         if kind == "ok":
             return payload
-        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(payload)
+        errors = {"ImageLoadError": UnreadableImage, "TypeError": TypeError, "ValueError": ValueError}
+        raise errors.get(kind, RuntimeError)(payload)
 
     def stop(self) -> None:
         self._pipe.close()
@@ -135,15 +157,18 @@ def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool) -> 
         return
     if not pipe.poll():
         warm_up(captioner)
+    from captioner.data.images import load_image
+
     while True:
         try:
-            image, options, focus, strength = pipe.recv()
+            image, options, focus, strength, max_pixels = pipe.recv()
         except (EOFError, OSError):
             return
         try:
+            picture = load_image(image, max_pixels or captioner.max_pixels)
             extra = {} if strength is None else {"focus_strength": strength}
-            reply: tuple[str, Any] = ("ok", Captioned.of(captioner.caption(image, options, focus=focus,
-                                                                            **extra)))
+            result = captioner.caption(picture, options, focus=focus, **extra)
+            reply: tuple[str, Any] = ("ok", (display_copy(picture), picture.size, Captioned.of(result)))
         except Exception as err:  # noqa: BLE001 (sent to the app, which decides what the user sees)
             reply = (type(err).__name__, str(err))
         pipe.send(reply)
@@ -169,6 +194,4 @@ def load(pipe: Any, folder: Path, device: str | None, quantize: bool) -> Any:
 
 def warm_up(captioner: Any) -> None:
     """One caption of a blank photo: the first call sets up kernels the later ones reuse."""
-    from PIL import Image
-
     captioner.caption(Image.new("RGB", (WARM_UP_SIZE, WARM_UP_SIZE), (128, 128, 128)))

@@ -24,6 +24,7 @@ from PIL import Image
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions
 from captioner.serving import webapp_events as events
 from captioner.serving import webapp_layout as layout
+from captioner.serving.app_model import ModelProcess, UnreadableImage
 from captioner.serving.model_card import CARD_PAGE
 from captioner.serving.webapp_events import MAX_PIXELS
 from captioner.serving.webapp_layout import CSS, MAX_BEAM, MAX_WORDS, TITLE
@@ -39,12 +40,11 @@ from captioner.serving.webapp_views import (  # noqa: F401 (the app's views, als
     word_view,
 )
 
-# captioner.data.images (torch) and .visualize (matplotlib) are imported where they are used (and
-# ahead of the first photo by cli.run_app): the page is served first, the model loads beside it.
+# Neither torch nor the model's modules: with the model in its own process (app_model) this
+# process never imports them. captioner.visualize (matplotlib) is imported where it is used.
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from captioner.serving.app_model import ModelProcess
     from captioner.serving.captioner import Captioner
 
 MAX_FILE_SIZE = "10mb"  # per upload, enforced by Gradio's upload route
@@ -57,8 +57,9 @@ EXAMPLES = {
     "rocket": ("rocket.jpg", "DSCOVR launch, SpaceX (public domain)"),
 }
 
-def read_upload(payload: Any) -> Image.Image:
-    """Gradio's file payload -> RGB image, or a gr.Error naming the file the user chose.
+def upload_path(payload: Any) -> tuple[str, str]:
+    """Gradio's file payload -> (the uploaded file's path, the name the user gave it), or
+    gr.Error("Upload an image first").
 
     The caption event skips Gradio's own image preprocessing (which would fail on a bad file with
     a generic error), so every upload, good or bad, reaches load_image; so does whatever an API
@@ -68,15 +69,41 @@ def read_upload(payload: Any) -> Image.Image:
     if not isinstance(path, str) or not path:
         raise gr.Error("Upload an image first (drop a file, paste one, or use the webcam).",
                        print_exception=False)
+    return path, str(payload.get("orig_name") or Path(path).name)
+
+
+def read_upload(payload: Any) -> Image.Image:
+    """Gradio's file payload -> RGB image, or a gr.Error naming the file the user chose."""
     from captioner.data.images import ImageLoadError, load_image
 
-    name = payload.get("orig_name") or Path(path).name
+    path, name = upload_path(payload)
     try:
         return load_image(path, MAX_PIXELS)
     except ImageLoadError as err:
-        message = str(err).replace(str(path), str(name))
-        raise gr.Error(f"Could not read this image: {html.escape(message)}", title="Not an image",
-                       print_exception=False) from err
+        raise unreadable(err, path, name) from err
+
+
+def unreadable(err: Exception, path: str, name: str) -> gr.Error:
+    """"Could not read this image: holiday.png: ...", with the server's path as the user's name."""
+    message = str(err).replace(path, name)
+    return gr.Error(f"Could not read this image: {html.escape(message)}", title="Not an image",
+                    print_exception=False)
+
+
+def run_model(captioner: Captioner | ModelProcess, payload: Any, options: DecodeOptions,
+              box: tuple[float, ...] | None, strength: float) -> tuple[Image.Image, tuple[int, int], Any]:
+    """(the photo at display size, its size in pixels, its caption). The model process reads
+    the photo itself; a Captioner in this process gets it read here."""
+    path, name = upload_path(payload)
+    if not isinstance(captioner, ModelProcess):
+        picture = read_upload(payload)
+        result = captioner.caption(picture, options, focus=box, focus_strength=strength)
+        return display_copy(picture), picture.size, result
+    try:
+        return captioner.caption_file(path, options, focus=box, focus_strength=strength,
+                                      max_pixels=MAX_PIXELS)
+    except UnreadableImage as err:
+        raise unreadable(err, path, name) from err
 
 
 def parse_box(text: Any) -> tuple[float, ...] | None:
@@ -108,7 +135,7 @@ def caption_upload(captioner: Captioner | ModelProcess, image: Any, beam_size: A
     """Run the model once: (caption, n-best table, one attention overlay per word, state).
     The sliders' beam size and maximum length (default: `options`') replace those of `options`.
     With a focus box "x0, y0, x1, y1" (image pixels), the caption is about that region."""
-    picture = read_upload(image)
+    upload_path(image)  # "Upload an image first" before any other complaint
     options = options or DecodeOptions()
     beam = options.beam_size if beam_size is None else whole_number(beam_size, 1, MAX_BEAM, "beam size")
     length = (options.max_length if max_length is None
@@ -118,14 +145,16 @@ def caption_upload(captioner: Captioner | ModelProcess, image: Any, beam_size: A
     try:
         strength = DEFAULT_FOCUS_STRENGTH if focus_strength is None else float(focus_strength)
         n_best = None if options.n_best is None else min(options.n_best, beam)
-        result = captioner.caption(picture, options.replace(beam_size=beam, max_length=length, n_best=n_best),
-                                   focus=box, focus_strength=strength)
+        picture, size, result = run_model(captioner, image, options.replace(
+            beam_size=beam, max_length=length, n_best=n_best), box, strength)
+    except gr.Error:  # already worded for the user (and a ValueError too)
+        raise
     except (TypeError, ValueError) as err:  # a box outside the image, a strength below 0
         raise gr.Error(html.escape(str(err)), print_exception=False) from err
-    shown = Shown(display_copy(picture), result.words, result.attention, result.score,
+    shown = Shown(picture, result.words, result.attention, result.score,
                   result.log_prob, result.finished, result.notes, result.gate)
     if box is not None:
-        scale = shown.image.width / picture.width
+        scale = shown.image.width / size[0]
         x0, y0, x1, y1 = (v * scale for v in box)
         shown.box = (x0, y0, x1, y1)
     return result.text, alternatives_table(result), overlays(shown, opacity), shown

@@ -11,11 +11,11 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioner.serving.app_model import DISPLAY_SIZE, display_copy  # noqa: F401 (also views')
+
 if TYPE_CHECKING:
     from captioner.model.results import CaptionResult
     from captioner.serving.app_model import Captioned
-
-DISPLAY_SIZE = 512  # overlays are drawn on a copy this big: fast, and every thumbnail alike
 
 
 @dataclass
@@ -31,14 +31,6 @@ class Shown:
     notes: list[str] = field(default_factory=list)  # e.g. the input is tiny
     gate: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (len(words),) beta
     box: tuple[float, float, float, float] | None = None  # the focus box, in display pixels
-
-
-def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
-    """The image scaled (up or down) to `size` px on its long side, so all overlays match."""
-    scale = size / max(image.size)
-    new_size = (max(round(image.width * scale), 1), max(round(image.height * scale), 1))
-    return image.resize(new_size, Image.Resampling.LANCZOS)
-
 
 
 def word_label(word: str, gate: float) -> str:
