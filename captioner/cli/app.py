@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from captioner.cli.caption import MODEL_HELP, add_decoding_arguments, add_model_arguments
 from captioner.cli.errors import CommandError
-from captioner.cli.flags import Switch, checked_config
+from captioner.cli.flags import Switch, checked_config, positive_int
 from captioner.model.options import DecodeOptions
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="int8 decoder on CPU: faster captions, slightly different scores (default: off)")
     parser.add_argument("--device", default=env("CAPTIONER_DEVICE"),
                         help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads the model runs on ($OMP_NUM_THREADS, default: all cores but "
+                             "one, which the page keeps; at least 1)")
     parser.add_argument("--share", action=Switch, default=False,
                         help="also serve through a public gradio.live link (default: off)")
     add_decoding_arguments(parser)  # beam size and length: the sliders' starting values
@@ -61,7 +64,7 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_port(args.host, args.port)
     from captioner.serving.app_model import ModelProcess
 
-    model = ModelProcess(folder, args.device, args.quantize)
+    model = ModelProcess(folder, args.device, args.quantize, args.threads)
     model.start()
     try:
         serve_app(model, folder, options, args, parser)

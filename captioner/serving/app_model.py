@@ -7,6 +7,11 @@ are both ready in about the time of the slower one. The model process then warms
 caption is slower than the next) unless a caption is already waiting, and answers one caption
 at a time: the app's queue runs one anyway.
 
+By default the model process runs torch on one core fewer than the machine has (at least one),
+leaving one to the page's process. On a busy 2-core machine, two torch threads were much slower
+than one (loading the model 2.9-3.5 s against 0.8 s, a caption 0.3-0.7 s against 0.2-0.3 s):
+a thread that waits for its descheduled twin wastes its turn.
+
 The app's process never imports torch: the model process reads the photo too (load_image) and
 sends back a copy at display size with the caption, as `Captioned`, plain numpy and strings with
 the attribute names of captioner.model.results.CaptionResult.
@@ -15,6 +20,7 @@ the attribute names of captioner.model.results.CaptionResult.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +38,12 @@ DISPLAY_SIZE = 512  # overlays are drawn on a copy this big: fast, and every thu
 
 class UnreadableImage(ValueError):
     """The photo could not be read (captioner.data.images.ImageLoadError in the model process)."""
+
+
+def default_threads() -> int:
+    """Torch threads for the model process: $OMP_NUM_THREADS if set, else all cores but one."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) - 1)
 
 
 def display_copy(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
@@ -75,13 +87,14 @@ class ModelProcess:
     process. `ready` is set once it has loaded or failed; if it failed (or the process died),
     `failed` is set, which stops the app's server, and `error` says why."""
 
-    def __init__(self, folder: Path, device: str | None, quantize: bool):
+    def __init__(self, folder: Path, device: str | None, quantize: bool, threads: int | None = None):
         self.ready, self.failed = threading.Event(), threading.Event()
         self.error: str | None = None
         self.about: str = ""
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=serve_model, args=(child, folder, device, quantize),
+        self._process = context.Process(target=serve_model,
+                                        args=(child, folder, device, quantize, threads or default_threads()),
                                         name="captioner-model", daemon=True)
         self._lock = threading.Lock()
 
@@ -148,10 +161,11 @@ class ModelProcess:
             self._process.terminate()
 
 
-def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool) -> None:
+def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool, threads: int) -> None:
     """The model process: load, say "ready" with the About text (or "failed" with why), warm up
     unless a caption is waiting, then caption until the app closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; it closes the pipe
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch loads, below
     captioner = load(pipe, folder, device, quantize)
     if captioner is None:
         return
