@@ -1,18 +1,24 @@
 """App start-up: seconds from `python app.py` to its page, to the model loaded, to a first caption.
 
-    python scripts/benchmark_app_startup.py               # 3 starts of app.py, shipped model
+    python scripts/benchmark_app_startup.py                        # 3 starts of app.py, shipped model
     python scripts/benchmark_app_startup.py --runs 5 --model runs/x/best
+    python scripts/benchmark_app_startup.py --compare ../old-checkout   # interleaved: this, old, this...
 
-Also prints where an in-process start spends its time (imports, model load, UI build), each
-phase timed alone, one after the other. Numbers depend on the machine's load: note `uptime`.
+The first caption is asked for as soon as the page answers (the worst case: nothing has warmed up).
+Then prints where the time goes, phase by phase, each phase timed alone in one process: what the
+app's process does before serving and what its model process does before the first caption.
+Numbers depend on the machine's load: compare checkouts with --compare, which interleaves their
+starts so that both see the same load.
 """
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                     "HF_HUB_DISABLE_TELEMETRY": "1"}
+PHOTO = Path("/tmp/captioner-startup-photo.png")
 PHASES = """
 import sys, time
 t = time.perf_counter()
@@ -28,16 +35,20 @@ def mark(label):
     now = time.perf_counter()
     print(f"{now - t:6.2f} s  {label}", flush=True)
     t = now
+print("the app's process, before it serves the page:")
 import gradio; mark("import gradio")
 from captioner.serving import webapp; mark("import captioner.serving.webapp")
+demo = webapp.build_app(None, "", webapp.example_images()); mark("build the UI")
+print("the model process, before the first caption:")
 import torch; mark("import torch")
 import timm; mark("import timm (the encoder)")
-from captioner import Captioner; mark("import the rest of captioner.api (torchvision, ...)")
-cap = Captioner.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else None, device="cpu")
+from captioner.serving.captioner import Captioner; mark("import the rest (nltk, torchvision, ...)")
+cap = Captioner.from_pretrained(sys.argv[1] or None, device="cpu")
 mark("load the model")
-about = webapp.describe_model(cap.path, cap); examples = webapp.example_images()
-mark("about panel + examples")
-webapp.build_app(cap, about, examples); mark("build the UI")
+from PIL import Image
+photo = Image.open(sys.argv[2]).convert("RGB")
+cap.caption(photo); mark("first caption (cold)")
+cap.caption(photo); mark("second caption (warm)")
 """
 
 
@@ -47,19 +58,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_start(model: str | None) -> tuple[float, float]:
-    """(seconds to the page, seconds to the first caption) for one `python app.py`."""
+def one_start(root: Path, model: str | None) -> tuple[float, float | None, float]:
+    """(seconds to the page, to the app's "model loaded" line if it prints one, to the first
+    caption) for one `python app.py` of the checkout `root`."""
     from gradio_client import Client, handle_file
-    from PIL import Image
-    from skimage import data
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu"]
+    command = [sys.executable, str(root / "app.py"), "--port", str(port), "--device", "cpu"]
     start = time.perf_counter()
-    server = subprocess.Popen(command + (["--model", model] if model else []), cwd=ROOT,
-                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(command + (["--model", model] if model else []), cwd=root,
+                              env=ENV | {"PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    loaded: list[float] = []
+
+    def watch() -> None:
+        for line in server.stdout or []:
+            if re.search(r"model loaded", line, re.I) and not loaded:
+                loaded.append(time.perf_counter() - start)
+
+    threading.Thread(target=watch, daemon=True).start()
     try:
         while True:
             if server.poll() is not None:
@@ -70,29 +89,52 @@ def one_start(model: str | None) -> tuple[float, float]:
             except OSError:
                 time.sleep(0.05)
         page = time.perf_counter() - start
-        photo = Path("/tmp/captioner-startup-photo.png")
-        Image.fromarray(data.astronaut()).save(photo)
-        Client(url, verbose=False).predict(handle_file(str(photo)), 1, 20, 0.6, api_name="/caption")
-        return page, time.perf_counter() - start
+        Client(url, verbose=False).predict(handle_file(str(PHOTO)), 1, 20, 0.6, api_name="/caption")
+        return page, (loaded[0] if loaded else None), time.perf_counter() - start
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
+def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
+    pages, loads, captions = zip(*runs, strict=True)
+    print(f"{name}:")
+    print(f"  python app.py -> page served:   median {statistics.median(pages):5.2f} s  "
+          f"({', '.join(f'{p:.2f}' for p in pages)})")
+    if all(load is not None for load in loads):
+        print(f"  python app.py -> model loaded:  median {statistics.median(loads):5.2f} s  "
+              f"({', '.join(f'{x:.2f}' for x in loads)})")
+    print(f"  python app.py -> first caption: median {statistics.median(captions):5.2f} s  "
+          f"({', '.join(f'{c:.2f}' for c in captions)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="starts of each checkout (default: 3)")
     parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
+    parser.add_argument("--compare", metavar="CHECKOUT", type=Path,
+                        help="another checkout of captioner (e.g. the previous version) whose app.py "
+                             "starts alternate with this one's")
+    parser.add_argument("--no-phases", dest="phases", action="store_false",
+                        help="skip the phase-by-phase breakdown")
     args = parser.parse_args()
-    print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    pages, captions = zip(*(one_start(args.model) for _ in range(args.runs)), strict=True)
-    print(f"python app.py -> page served:   median {statistics.median(pages):.2f} s  "
-          f"({', '.join(f'{p:.2f}' for p in pages)})")
-    print(f"python app.py -> first caption: median {statistics.median(captions):.2f} s  "
-          f"({', '.join(f'{c:.2f}' for c in captions)})")
-    print("where an in-process start spends its time (phase by phase):")
-    subprocess.run([sys.executable, "-c", PHASES, *([args.model] if args.model else [])],
-                   cwd=ROOT, env=ENV | {"PYTHONPATH": str(ROOT)}, check=True)
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(PHOTO)
+    roots = [ROOT, *([args.compare.resolve()] if args.compare else [])]
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    runs: dict[Path, list] = {root: [] for root in roots}
+    for _ in range(args.runs):
+        for root in roots:  # interleaved: each checkout sees the same load
+            runs[root].append(one_start(root, args.model))
+    print(f"load average at the end:   {os.getloadavg()[0]:.2f}")
+    for root in roots:
+        report(str(root), runs[root])
+    if args.phases:
+        print("where the time goes (phase by phase, each alone, in one process):")
+        subprocess.run([sys.executable, "-c", PHASES, args.model or "", str(PHOTO)], cwd=ROOT,
+                       env=ENV | {"PYTHONPATH": str(ROOT)}, check=True)
 
 
 if __name__ == "__main__":

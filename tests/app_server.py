@@ -25,12 +25,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(checkpoint: Path) -> Iterator[str]:
-    """Start `python app.py --checkpoint ... --port N`, wait until it serves its page, yield its URL."""
+def running_app(checkpoint: Path, log_path: Path | None = None) -> Iterator[str]:
+    """Start `python app.py --checkpoint ... --port N`, wait until it serves its page, yield its URL.
+    The server's output (stdout and stderr) goes to `log_path` if given."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    with tempfile.TemporaryFile() as log:
+    with open(log_path, "w+b") if log_path else tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--port", str(port)],
             cwd=ROOT, env=os.environ | OFFLINE_ENV, stdout=log, stderr=subprocess.STDOUT,

@@ -1,4 +1,6 @@
-"""The web app in a real headless browser: upload, caption, step through the words, bad uploads."""
+"""The web app in a real headless browser, at desktop (1280x900) and phone (390x844) sizes, checked
+for what a person sees: the caption appears on upload and is scrolled into view, problems are
+text in view, nothing sits off-screen, no table cell runs into the next, no label is cut."""
 
 import re
 import shutil
@@ -18,8 +20,39 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 REVIEW_SCREENSHOT = Path("/tmp/app_screenshot.png")
 ALL_IMAGES_SHOWN = "[...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
+SIZES = {"desktop": (1280, 900), "phone": (390, 844)}
+CARD = """# Shapes model
 
-# The app serves its page first and loads the model behind it: the first caption can take a while
+## Data
+
+Ten thousand drawn shapes, one per photo.
+
+## Scores (held-out shapes)
+
+| decoding | BLEU-4 | METEOR | CIDEr |
+|---|---|---|---|
+| **beam 3 (default)** | 71.20 | 40.10 | **123.45** |
+
+![the attention of every word](attention.png)
+"""
+
+# In the viewport, with a size: what a person looking at the screen can see.
+IN_VIEW = """e => { const r = e.getBoundingClientRect();
+  return r.width > 0 && r.height > 0 && r.top >= -1 && r.left >= -1
+         && r.bottom <= innerHeight + 1 && r.right <= innerWidth + 1; }"""
+# Each listed element that is shown: [its text, left, right, text cut (wider than its box)?].
+BOXES = """selector => [...document.querySelectorAll(selector)].filter(e => e.offsetWidth > 0).map(e => {
+  const r = e.getBoundingClientRect();
+  return [e.innerText, r.left, r.right, e.scrollWidth > e.clientWidth + 1]; })"""
+# The alternatives table, row by row: [text, cell left, cell right, text left, text right] per cell.
+CELLS = """() => [...document.querySelectorAll('#alternatives [role=row]')].map(row =>
+  [...row.querySelectorAll('[role=gridcell]')].map(cell => {
+    const c = cell.getBoundingClientRect(), range = document.createRange();
+    range.selectNodeContents(cell.querySelector('span') || cell);
+    const t = range.getBoundingClientRect();
+    return [cell.innerText.trim(), c.left, c.right, t.left, t.right]; })).filter(r => r.length)"""
+
+# The app serves its page first and loads the model beside it: the first caption can take a while
 # on a busy machine. Assertions wait up to this long (they end as soon as they hold).
 expect.set_options(timeout=90_000)
 
@@ -28,8 +61,17 @@ pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's 
 
 
 @pytest.fixture(scope="module")
-def app_url(shapes_checkpoint):
-    with running_app(shapes_checkpoint) as url:
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("app") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def app_url(shapes_checkpoint, tmp_path_factory, server_log):
+    """The app on the shapes model, with a model card (and the image it shows)."""
+    model = shutil.copytree(shapes_checkpoint, tmp_path_factory.mktemp("carded") / "model")
+    (model / "MODEL_CARD.md").write_text(CARD)
+    shape_image("red", "circle", "left").save(model / "attention.png")
+    with running_app(model, log_path=server_log) as url:
         yield url
 
 
@@ -41,22 +83,80 @@ def browser():
         browser.close()
 
 
+def open_page(browser, url, size):
+    page = browser.new_page(viewport=dict(zip(("width", "height"), SIZES[size], strict=True)))
+    page.set_default_timeout(60_000)  # a busy CPU box can be slow; the waits end as soon as it is done
+    page.goto(url)
+    return page
+
+
 @pytest.fixture
 def page(browser, app_url):
-    page = browser.new_page(viewport={"width": 1400, "height": 1700})  # all of it: lazy images load
-    page.set_default_timeout(60_000)  # a busy CPU box can be slow; the waits end as soon as it is done
-    page.goto(app_url)
+    page = open_page(browser, app_url, "desktop")
     yield page
     page.close()
 
 
-def test_upload_caption_and_step_through_the_words(page, tmp_path):
+@pytest.fixture(params=list(SIZES))
+def sized_page(request, browser, app_url):
+    page = open_page(browser, app_url, request.param)
+    yield page
+    page.close()
+
+
+def upload(page, path):
+    page.locator("#input-image input[type=file]").set_input_files(path)
+
+
+def in_view(page, selector):
+    return page.locator(selector).first.evaluate(IN_VIEW)
+
+
+def assert_nothing_off_screen_or_cut(page, selector):
+    width = page.evaluate("innerWidth")
+    for text, left, right, cut in page.evaluate(BOXES, selector):
+        assert left >= -1 and right <= width + 1, f"{selector} {text!r} off-screen: {left:.0f}-{right:.0f}"
+        assert not cut, f"{selector} {text!r} is cut"
+
+
+def test_an_upload_is_captioned_without_a_click_and_shown_in_view(sized_page, tmp_path):
+    page = sized_page
     path = tmp_path / "red_circle_left.png"
     shape_image("red", "circle", "left").save(path)
-    page.locator("#input-image input[type=file]").set_input_files(path)
-    expect(page.locator("#input-image img")).to_be_visible()  # the preview: the upload is done
-    page.locator("#caption-button").click()
+    upload(page, path)  # no click: the caption follows the upload
+    expect(page.locator("#caption textarea")).to_have_value("a red circle on the left")
+    expect(page.locator("#attention-gallery .thumbnail-item")).to_have_count(6)
+    page.wait_for_function(f"({IN_VIEW})(document.querySelector('#caption'))")  # scrolled to it
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth"), "the page scrolls sideways"
 
+    rows = page.evaluate(CELLS)
+    assert len(rows) == 3 and rows[0][1][0] == "a red circle on the left"
+    for row in rows:
+        for (text, left, right, text_left, text_right), following in zip(row, row[1:] + [None], strict=True):
+            assert left - 0.5 <= text_left and text_right <= right + 0.5, f"{text!r} leaves its cell"
+            assert following is None or right <= following[1] + 0.5, f"{text!r} overlaps the next cell"
+            assert right <= page.evaluate("innerWidth") + 1, f"{text!r} off-screen"
+    for selector in ("#attention-gallery .thumbnail-item", "#attention-gallery .caption-label",
+                     "[data-testid=block-label]", "#word-overlay label"):
+        assert_nothing_off_screen_or_cut(page, selector)
+    expect(page.locator("#word-overlay")).to_contain_text("Word 1 of 6: “a” · image gate β = 0.")
+
+    page.locator("#input-image").scroll_into_view_if_needed()
+    page.locator("input[aria-label='number input for Beam size']").fill("1")
+    page.locator("input[aria-label='number input for Beam size']").press("Enter")
+    page.locator("#caption-button").click()  # "Caption": again, with the new settings
+    expect(page.locator("#alternatives [role=row]:has([role=gridcell])")).to_have_count(1)
+    page.wait_for_function(ALL_IMAGES_SHOWN)
+    shot = tmp_path / "app.png"
+    page.screenshot(path=shot, full_page=True)
+    name = "app_screenshot.png" if page.viewport_size["width"] > 600 else "app_screenshot_phone.png"
+    shutil.copy(shot, REVIEW_SCREENSHOT.with_name(name))
+
+
+def test_step_through_the_words(page, tmp_path):
+    path = tmp_path / "red_circle_left.png"
+    shape_image("red", "circle", "left").save(path)
+    upload(page, path)
     expect(page.locator("#caption textarea")).to_have_value("a red circle on the left")
     expect(page.locator("#alternatives")).to_contain_text("a red circle on the right")
     thumbnails = page.locator("#attention-gallery .thumbnail-item")
@@ -74,10 +174,6 @@ def test_upload_caption_and_step_through_the_words(page, tmp_path):
     expect(highlighted).to_have_text("left")
     expect(page.locator("#word-slider input[type=number]")).to_have_value("6")
 
-    page.wait_for_function(ALL_IMAGES_SHOWN)
-    page.screenshot(path=tmp_path / "app.png", full_page=True)
-    shutil.copy(tmp_path / "app.png", REVIEW_SCREENSHOT)
-
 
 def test_example_photo_captions_on_click(page, tmp_path):
     page.locator("#examples .gallery-item").first.click()
@@ -91,48 +187,54 @@ def test_example_photo_captions_on_click(page, tmp_path):
     shutil.copy(tmp_path / "example.png", REVIEW_SCREENSHOT.with_name("app_screenshot_photo.png"))
 
 
-def test_bad_uploads_show_an_error(page, tmp_path):
+def test_problems_are_text_in_view_not_a_red_pill(sized_page, tmp_path):
+    """No photo, a file that is no image, a region without a box: a sentence where the user looks."""
+    page = sized_page
+    page.locator("#caption-button").click()
+    status = page.locator("#status")
+    expect(status).to_have_text(re.compile("Upload an image first"))
+    assert in_view(page, "#status")
+
     fake = tmp_path / "holiday.png"
     fake.write_bytes(np.random.default_rng(0).bytes(5000))
-    page.locator("#input-image input[type=file]").set_input_files(fake)
-    expect(page.locator("#input-image img")).to_be_attached()
-    page.locator("#caption-button").click()
-    expect(page.get_by_text("holiday.png: not a recognised image file")).to_be_visible()
+    upload(page, fake)
+    expect(status).to_have_text(re.compile("holiday.png: not a recognised image file"))
+    page.wait_for_function(f"({IN_VIEW})(document.querySelector('#status'))")
+
+    page.locator("#region").get_by_text("Caption a region").click()
+    page.locator("#region-button").click()
+    region_status = page.locator("#region-status")
+    expect(region_status).to_have_text(re.compile("Draw a box on the image first"))
+    page.wait_for_function(f"({IN_VIEW})(document.querySelector('#region-status'))")
+    assert page.get_by_text("Error", exact=True).count() == 0  # no bare "Error" pill anywhere
 
     text = tmp_path / "notes.txt"
     text.write_text("not an image\n")
     page.reload()
-    page.locator("#input-image input[type=file]").set_input_files(text)
+    upload(page, text)
     expect(page.get_by_text("Invalid file type: notes.txt")).to_be_visible()
 
 
-def test_on_a_phone_the_alternatives_keep_their_numbers_on_one_line(browser, app_url, tmp_path):
-    """At 375 px wide the caption column wraps; the score and p columns never break mid-number."""
-    page = browser.new_page(viewport={"width": 375, "height": 2400})
-    page.set_default_timeout(60_000)
-    try:
-        page.goto(app_url)
-        path = tmp_path / "blue_square_right.png"
-        shape_image("blue", "square", "right").save(path)
-        page.locator("#input-image input[type=file]").set_input_files(path)
-        expect(page.locator("#input-image img")).to_be_visible()
-        page.locator("#caption-button").click()
-        expect(page.locator("#caption textarea")).to_have_value("a blue square on the right")
-        expect(page.locator("#alternatives [data-testid='cell-2-3']")).to_be_visible()
-        for row in range(3):
-            for column in (2, 3):  # score and p
-                span = page.locator(f"#alternatives [data-testid='cell-{row}-{column}'] span")
-                text = span.inner_text().strip()
-                height, font = span.evaluate(
-                    "e => [e.getBoundingClientRect().height, parseFloat(getComputedStyle(e).fontSize)]")
-                assert text and height < 2 * font, (row, column, text, height)  # one line
-                clipped = span.evaluate("e => e.closest('[role=gridcell]').scrollWidth"
-                                        " > e.closest('[role=gridcell]').clientWidth + 1")
-                assert not clipped, (row, column, text)
-        page.screenshot(path=tmp_path / "phone.png", full_page=True)
-        shutil.copy(tmp_path / "phone.png", REVIEW_SCREENSHOT.with_name("app_screenshot_phone.png"))
-    finally:
-        page.close()
+def test_about_the_model_is_a_short_summary_with_a_link_to_the_card(sized_page):
+    page = sized_page
+    page.get_by_text("About the model").click()
+    about = page.locator("#about")
+    expect(about).to_contain_text("BLEU-4 71.20 · METEOR 40.10 · CIDEr 123.45")
+    expect(about).to_contain_text("Ten thousand drawn shapes")
+    text = about.inner_text()
+    assert "{" not in text and "/tmp" not in text and "synthetic shapes (tests)" not in text
+    assert about.evaluate("e => e.getBoundingClientRect().height") < 700
+    assert_nothing_off_screen_or_cut(page, "#about p, #about a")
+    assert not page.get_by_role("link", name="Home").is_visible()  # no bar of pages
+
+    with page.context.expect_page() as opened:  # in a new tab: the app keeps its caption
+        page.get_by_role("link", name="Read the full model card").click()
+    card = opened.value
+    expect(card.locator("#model-card")).to_contain_text("Ten thousand drawn shapes, one per photo.")
+    card.wait_for_function(ALL_IMAGES_SHOWN)
+    assert card.locator("#model-card img").evaluate("i => i.naturalWidth") == 224
+    assert_nothing_off_screen_or_cut(card, "#model-card p")
+    card.close()
 
 
 def test_draw_a_box_and_caption_that_region(page, tmp_path):
@@ -142,8 +244,8 @@ def test_draw_a_box_and_caption_that_region(page, tmp_path):
 
     path = tmp_path / "two_shapes.png"
     two_shapes(("red", "circle"), ("blue", "square")).save(path)
-    page.locator("#input-image input[type=file]").set_input_files(path)
-    expect(page.locator("#input-image img")).to_be_visible()
+    upload(page, path)
+    expect(page.locator("#caption textarea")).not_to_have_value("")  # the whole photo first
     page.locator("#region").get_by_text("Caption a region").click()
     canvas = page.locator("#region-picker canvas")
     expect(canvas).to_be_visible()
@@ -157,6 +259,7 @@ def test_draw_a_box_and_caption_that_region(page, tmp_path):
     page.mouse.up()
     page.locator("#region-button").click()
 
+    expect(page.locator("#focus-box textarea, #focus-box input").first).not_to_have_value("")
     expect(page.locator("#caption textarea")).to_have_value(re.compile("red circle"))
     box_text = page.locator("#focus-box textarea, #focus-box input").first.input_value()
     x0, y0, x1, y1 = map(float, box_text.split(","))
@@ -164,6 +267,14 @@ def test_draw_a_box_and_caption_that_region(page, tmp_path):
     words = page.locator("#caption textarea").input_value().split()
     expect(page.locator("#attention-gallery .thumbnail-item")).to_have_count(len(words))
     expect(page.locator("#word-overlay")).to_contain_text(f"Word 1 of {len(words)}")
+    assert page.locator("#region-status").inner_text().strip() == ""
     page.wait_for_function(ALL_IMAGES_SHOWN)
     page.screenshot(path=tmp_path / "region.png", full_page=True)
     shutil.copy(tmp_path / "region.png", REVIEW_SCREENSHOT.with_name("app_screenshot_region.png"))
+
+
+def test_the_server_log_is_quiet(server_log):
+    """After every test above (page loads, bad uploads): no tracebacks, no line per page asset."""
+    log = server_log.read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+    assert "environment=client" not in log and "file_name=" not in log, log[-3000:]

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import typing
@@ -267,3 +268,62 @@ def test_a_short_benchmark_runs_every_timing(tmp_path, capsys):
     caption_rows = [line.split() for line in out.splitlines()
                     if line.split()[:2] == ["onnxruntime", "encoder"] and line.split()[2].isdigit()]
     assert [row[2] for row in caption_rows] == ["1", "2"]  # caption() of 1 photo and of 2
+
+
+# --- expected failures: one line on stderr naming the input and the fix, no traceback -------------
+
+def run_captioner(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real `captioner` command in a subprocess, offline."""
+    return subprocess.run([sys.executable, "-m", "captioner", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                       "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, command: str, *expected: str) -> None:
+    assert run.returncode == 1, (run.returncode, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"captioner {command}: error: "), run.stderr
+    assert all(text in lines[0] for text in expected), lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate"], ["no dataset given: pass --data.root DIR (flickr: the folder with the token file"]),
+    (["evaluate", "--data.root", "/nope"], ["Flickr dataset folder not found: /nope (check --data.root)"]),
+    (["evaluate", "--data.kind", "coco"], ["pass --data.train FILE --data.train-images DIR"]),
+    (["evaluate", "--data.train", "a.json"], ["--data.kind flickr takes --data.root, not --data.train"]),
+    (["train", "--data.root", "/nope", "--epochs", "1"], ["/nope (check --data.root)"]),
+    (["train", "--config", "/nope/train_config.json"], ["--config /nope/train_config.json: no such file"]),
+    (["export", "/nope", "/tmp/captioner-export-test"], ["model path /nope does not exist"]),
+    (["app", "--model", "/nope"], ["cannot start without a model: /nope does not exist: pass --model"]),
+])
+def test_an_expected_failure_is_one_line_naming_the_input_and_the_fix(argv, expected):
+    assert_one_line_error(run_captioner(*argv), argv[0], *expected)
+
+
+@pytest.mark.slow
+def test_app_on_a_busy_port_says_to_pass_another_port():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = run_captioner("app", "--port", str(port))
+    assert_one_line_error(run, "app", f"port {port} on 127.0.0.1 is already in use: pass another --port")
+    assert "GRADIO_SERVER_PORT" not in run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [["--debug"], ["--no-debug"]])
+def test_debug_shows_the_traceback(how):
+    env = {"CAPTIONER_DEBUG": "1"} if how == ["--no-debug"] else {}  # the variable, or the flag
+    run = run_captioner("evaluate", *how, env=env)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "pass --data.root DIR" in run.stderr
+
+
+def test_the_help_documents_the_exit_status(capsys):
+    for argv in ([], ["evaluate"], ["app"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "Exit status: 0 on success; 1 if the command failed" in out, argv
+        assert argv == [] or "--debug, --no-debug on an error, also print the traceback" in out

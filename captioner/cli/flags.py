@@ -206,12 +206,23 @@ def checked_config(parser: argparse.ArgumentParser, cls, args: argparse.Namespac
 
 
 def load_config_file(path: str | Path | None) -> dict[str, Any]:
+    """A saved config (--config FILE) as a dict; CommandError if it cannot be read as one."""
+    from captioner.cli.errors import CommandError
+
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    return json.loads(path.read_text())
+        raise CommandError(f"--config {path}: no such file (a run's train_config.json, e.g. "
+                           "runs/NAME/train_config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--config {path}: not a readable JSON file ({err})") from err
+    if not isinstance(config, dict):
+        raise CommandError(f"--config {path}: expected a JSON object of settings, "
+                           f"got {type(config).__name__}")
+    return config
 
 
 class FlagParser(argparse.ArgumentParser):

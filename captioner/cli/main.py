@@ -14,8 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
 
+from captioner.cli.app import add_app_arguments, run_app
 from captioner.cli.caption import (  # noqa: F401 (caption_folder_main: the captioner-caption script)
     CAPTION_HELP,
     EXIT_NOTHING_CAPTIONED,
@@ -29,12 +29,14 @@ from captioner.cli.caption import (  # noqa: F401 (caption_folder_main: the capt
     caption_folder_parser,
     run_caption,
 )
+from captioner.cli.errors import EXIT_STATUS, require_dataset, run_reporting
 from captioner.cli.flags import (
     FlagParser,
     Switch,
     add_config_arguments,
     checked_config,
     config_from_args,
+    field_docs,
     load_config_file,
     positive_int,
 )
@@ -42,9 +44,6 @@ from captioner.data.config import DataConfig
 from captioner.model.options import DecodeOptions
 from captioner.serving.settings import ENCODER_OPTIONS
 from captioner.training.config import TrainConfig
-
-if TYPE_CHECKING:
-    from captioner.serving.captioner import Captioner
 
 Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
@@ -59,9 +58,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
+    except ValueError as err:  # a setting out of range, in a flag or in the --config file
+        parser.error(str(err))
+    check_dataset(cfg.data)
     from captioner.training.loop import train
 
-    cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
     summary = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, from rank 0
         print(json.dumps(summary, indent=2))
@@ -98,11 +101,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options: DecodeOptions = checked_config(parser, DecodeOptions, args)
+    data_cfg = config_from_args(DataConfig, args, prefix="data.")
+    check_dataset(data_cfg)
     from captioner.data.datasets import load_dataset
     from captioner.evaluation.metrics import evaluate_model
     from captioner.serving.captioner import Captioner
 
-    data_cfg = config_from_args(DataConfig, args, prefix="data.")
     images = load_dataset(data_cfg)[args.split][: args.max_images]
     captioner = Captioner.from_pretrained(args.model, device=args.device, quantize=args.quantize,
                                           revision=args.revision)
@@ -124,101 +128,13 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-# ----------------------------------------------------------------------------- app
+def check_dataset(config: DataConfig) -> None:
+    """CommandError naming the --data.* flags to pass if `config` lacks its dataset's paths."""
+    from captioner.data.datasets import DATASET_PATHS
 
-def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags override environment variables, which override the defaults."""
-    env = os.environ.get
-    parser.add_argument("--host", default=env("CAPTIONER_HOST", "127.0.0.1"),
-                        help="address to bind; 0.0.0.0 exposes the app to your network "
-                             "($CAPTIONER_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=env("CAPTIONER_PORT", "7860"),
-                        help="port ($CAPTIONER_PORT, default 7860)")
-    add_model_arguments(parser, MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"),
-                        default=env("CAPTIONER_WEIGHTS"))
-    parser.add_argument("--quantize", action=Switch, default=False,
-                        help="int8 decoder on CPU: faster captions, slightly different scores (default: off)")
-    parser.add_argument("--device", default=env("CAPTIONER_DEVICE"),
-                        help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)")
-    parser.add_argument("--share", action=Switch, default=False,
-                        help="also serve through a public gradio.live link (default: off)")
-    add_decoding_arguments(parser)  # beam size and length: the sliders' starting values
-    return parser
-
-
-def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Serve the page first, load the model beside it: the page needs gradio, not the model's
-    modules (torch.nn, timm), so the model loads in the background once the server is up and a
-    click on Caption waits for it. A missing model is still refused before anything starts."""
-    options: DecodeOptions = checked_config(parser, DecodeOptions, args)
-    from captioner.serving import hub
-
-    try:
-        folder = hub.find_model(args.model, args.revision)
-    except hub.ModelNotFoundError as err:
-        sys.exit(f"{parser.prog}: cannot start without a model: {err}")
-    from captioner.serving import webapp  # imports gradio
-
-    try:
-        webapp.check_options(options)
-    except ValueError as err:  # "beam_size must be ..." -> "--beam-size must be ..."
-        name, _, rest = str(err).partition(" ")
-        parser.error(f"--{name.replace('_', '-')} {rest}")
-    captioner = BackgroundCaptioner(folder, args.device, args.quantize)
-
-    def about() -> str:  # called when a page opens; waits for the model
-        return webapp.describe_model(folder, captioner.loaded())
-
-    demo = webapp.build_app(cast("Captioner", captioner), about, webapp.example_images(), options)
-    captioner.start()
-    webapp.serve(demo, args.host, args.port, args.share, stop=captioner.failed)  # Ctrl-C or a failed load
-    if captioner.error is not None:
-        sys.exit(f"{parser.prog}: {captioner.error}")
-    return 0
-
-
-class BackgroundCaptioner:
-    """Stands for a Captioner that loads in a background thread: any attribute waits for it. If
-    loading fails, `failed` is set (which stops the server) and `error` says why."""
-
-    def __init__(self, folder: Path, device: str | None, quantize: bool):
-        import threading
-
-        self.folder, self.device, self.quantize = folder, device, quantize
-        self.ready, self.failed = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._load, name="load-model", daemon=True)
-        self.captioner: Any = None
-        self.error: str | None = None
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _load(self) -> None:
-        from captioner.model.folder import CheckpointError
-        from captioner.serving.captioner import Captioner
-
-        try:
-            self.captioner = Captioner.from_pretrained(self.folder, device=self.device,
-                                                       quantize=self.quantize)
-        except CheckpointError as err:
-            self.error = f"cannot start without a model: {err}"
-        except (RuntimeError, AssertionError) as err:  # e.g. --device cuda on a machine without one
-            self.error = f"device {self.device!r} is not usable here: {err}"
-        finally:
-            self.ready.set()
-        if self.error is not None:
-            print(f"error: {self.error}", file=sys.stderr)
-            self.failed.set()  # serve() returns; run_app then exits with the error
-
-    def loaded(self) -> Any:
-        """The Captioner, once loaded (waits for it)."""
-        self.ready.wait()
-        if self.captioner is None:
-            raise RuntimeError(f"the model did not load: {self.error}")
-        return self.captioner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loaded(), name)
+    if config.kind in DATASET_PATHS:  # an unknown kind: load_dataset says which exist
+        given = {name: getattr(config, name) for name in set().union(*(t for t, _ in DATASET_PATHS.values()))}
+        require_dataset(config.kind, given, field_docs(DataConfig), DATASET_PATHS)
 
 
 # ----------------------------------------------------------------------------- export
@@ -343,22 +259,27 @@ DESCRIPTIONS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="captioner", description="Show, Attend and Tell image captioning.",
-                        epilog=OLD_SPELLINGS)
+                        epilog=f"{EXIT_STATUS} {OLD_SPELLINGS}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=DESCRIPTIONS[name], epilog=OLD_SPELLINGS)
+        epilog = CAPTION_HELP["epilog"] if name == "caption" else f"{EXIT_STATUS} {OLD_SPELLINGS}"
+        sub = commands.add_parser(name, help=summary, description=DESCRIPTIONS[name], epilog=epilog)
         add_arguments(sub)
+        sub.add_argument("--debug", action=Switch, default=False, help="on an error, also print the "
+                         "traceback (or set CAPTIONER_DEBUG=1) (default: off)")
         sub.set_defaults(run=run, command_parser=sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`captioner COMMAND ...`; returns the exit status."""
+    """`captioner COMMAND ...`; returns the exit status (see EXIT_STATUS)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args.run(args, args.command_parser)
+    parser = args.command_parser
+    return run_reporting(lambda: args.run(args, parser), args, parser.prog,
+                         EXIT_SETUP_FAILED if args.command == "caption" else 1)
 
 
 def alias(command: str) -> Callable[[], None]:
