@@ -22,19 +22,34 @@ if TYPE_CHECKING:
     from captioner.serving.hub import ModelNotFoundError
 
 _EXPORTS = {
-    "Alternative": "model.results", "CaptionResult": "model.results",
+    "Alternative": "model.results",
+    "CaptionResult": "model.results",
     "Captioner": "serving.captioner",
     "DecodeOptions": "model.options",
-    "CheckpointError": "model.folder", "load_model": "model.folder", "save_model": "model.folder",
+    "CheckpointError": "model.folder",
+    "load_model": "model.folder",
+    "save_model": "model.folder",
     "ModelNotFoundError": "serving.hub",
-    "ImageLoadError": "data.images", "load_image": "data.images",
-    "CaptionModel": "model.caption_model", "ModelConfig": "model.config",
+    "ImageLoadError": "data.images",
+    "load_image": "data.images",
+    "CaptionModel": "model.caption_model",
+    "ModelConfig": "model.config",
     "Vocabulary": "model.vocabulary",
 }
 __all__ = [
-    "Alternative", "CaptionModel", "CaptionResult", "Captioner", "CheckpointError", "DecodeOptions",
-    "ImageLoadError", "ModelConfig", "ModelNotFoundError", "Vocabulary", "load_image",
-    "load_model", "save_model",
+    "Alternative",
+    "CaptionModel",
+    "CaptionResult",
+    "Captioner",
+    "CheckpointError",
+    "DecodeOptions",
+    "ImageLoadError",
+    "ModelConfig",
+    "ModelNotFoundError",
+    "Vocabulary",
+    "load_image",
+    "load_model",
+    "save_model",
 ]
 __version__ = "0.1.0"
 

@@ -95,10 +95,11 @@ def reserve_space(path: Path, size: int) -> None:
             free = shutil.disk_usage(path.parent).free
             raise DiskFullError(f"disk full: needs {_gb(size - have)} at {path} ({_gb(free)} free)") from err
         if err.errno == errno.EFBIG:
-            raise DiskFullError(f"file too large: {path} needs {_gb(size)}, more than its file system "
-                                "allows in one file") from err
+            raise DiskFullError(
+                f"file too large: {path} needs {_gb(size)}, more than its file system allows in one file"
+            ) from err
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate:
-            raise                                                  # the free-space check is all
+            raise  # the free-space check is all
         os.ftruncate(fd, max(size, os.fstat(fd).st_size))
     finally:
         os.close(fd)

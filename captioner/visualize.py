@@ -28,8 +28,9 @@ def attention_heatmap(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return heat / heat.max() if heat.max() > 0 else heat
 
 
-def overlay_attention(image: Image.Image, alpha: np.ndarray, opacity: float = 0.6,
-                      colormap: str = "jet") -> Image.Image:
+def overlay_attention(
+    image: Image.Image, alpha: np.ndarray, opacity: float = 0.6, colormap: str = "jet"
+) -> Image.Image:
     """The image with one word's attention drawn over it as a coloured heat map."""
     image = image.convert("RGB")
     heat = attention_heatmap(alpha, image.size)
@@ -39,13 +40,18 @@ def overlay_attention(image: Image.Image, alpha: np.ndarray, opacity: float = 0.
     return Image.fromarray((blended * 255).round().astype(np.uint8))
 
 
-def attention_figure(image: Image.Image, words: Sequence[str], attention: np.ndarray,
-                     columns: int = 5, opacity: float = 0.6, title: str | None = None) -> Figure:
+def attention_figure(
+    image: Image.Image,
+    words: Sequence[str],
+    attention: np.ndarray,
+    columns: int = 5,
+    opacity: float = 0.6,
+    title: str | None = None,
+) -> Figure:
     """One panel per word: the image with that word's attention, labelled with the word."""
     panels = ["<image>", *words]
     rows = (len(panels) + columns - 1) // columns
-    figure = Figure(figsize=(2.6 * columns, 2.8 * rows + (0.4 if title else 0)),
-                    layout="constrained")
+    figure = Figure(figsize=(2.6 * columns, 2.8 * rows + (0.4 if title else 0)), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for i, ax in enumerate(axes):
         ax.set_axis_off()
@@ -59,8 +65,9 @@ def attention_figure(image: Image.Image, words: Sequence[str], attention: np.nda
     return figure
 
 
-def save_attention_grid(path: str | Path, image: Image.Image, words: Sequence[str],
-                        attention: np.ndarray, **kwargs) -> Path:
+def save_attention_grid(
+    path: str | Path, image: Image.Image, words: Sequence[str], attention: np.ndarray, **kwargs
+) -> Path:
     """Write the attention_figure as a PNG (no window is ever opened)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +76,9 @@ def save_attention_grid(path: str | Path, image: Image.Image, words: Sequence[st
     return path
 
 
-def save_focus_figure(path: str | Path, image: Image.Image,
-                      panels: Sequence[tuple[Sequence[float] | None, str]]) -> Path:
+def save_focus_figure(
+    path: str | Path, image: Image.Image, panels: Sequence[tuple[Sequence[float] | None, str]]
+) -> Path:
     """One panel per (box or None, caption): the photo with the box outlined, the caption above."""
     from matplotlib.patches import Rectangle
 
@@ -81,8 +89,7 @@ def save_focus_figure(path: str | Path, image: Image.Image,
             x0, y0, x1, y1 = box
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=3))
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=1))
-        ax.set_title(("box: " if box is not None else "whole photo: ") + _wrap(caption),
-                     fontsize=10)
+        ax.set_title(("box: " if box is not None else "whole photo: ") + _wrap(caption), fontsize=10)
         ax.axis("off")
     fig.savefig(path, dpi=90)
     return Path(path)

@@ -16,7 +16,8 @@ from captioner.visualize import save_attention_grid
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", "--checkpoint", default=str(DEFAULT_WEIGHTS), help="model folder")
     parser.add_argument("--image", default="astronaut")
     parser.add_argument("--output", default="attention.png")
@@ -25,8 +26,9 @@ def main() -> None:
     captioner = Captioner.from_pretrained(args.model)
     image = load_photo(args.image)
     result = captioner.caption(image, beam_size=args.beam_size)
-    save_attention_grid(args.output, image, result.words, result.attention,
-                        title=f'"{result.text}" (beam {args.beam_size})')
+    save_attention_grid(
+        args.output, image, result.words, result.attention, title=f'"{result.text}" (beam {args.beam_size})'
+    )
     print(f"{result.text}\nwrote {args.output}")
 
 

@@ -24,8 +24,11 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-                    "HF_HUB_DISABLE_TELEMETRY": "1"}
+ENV = os.environ | {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 PHOTO = Path("/tmp/captioner-startup-photo.png")
 PHASES = """
 import sys, time
@@ -68,9 +71,14 @@ def one_start(root: Path, model: str | None) -> tuple[float, float | None, float
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     command = [sys.executable, str(root / "app.py"), "--port", str(port), "--device", "cpu"]
     start = time.perf_counter()
-    server = subprocess.Popen(command + (["--model", model] if model else []), cwd=root,
-                              env=ENV | {"PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        command + (["--model", model] if model else []),
+        cwd=root,
+        env=ENV | {"PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     loaded: list[float] = []
 
     def watch() -> None:
@@ -99,24 +107,35 @@ def one_start(root: Path, model: str | None) -> tuple[float, float | None, float
 def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
     pages, loads, captions = zip(*runs, strict=True)
     print(f"{name}:")
-    print(f"  python app.py -> page served:   median {statistics.median(pages):5.2f} s  "
-          f"({', '.join(f'{p:.2f}' for p in pages)})")
+    print(
+        f"  python app.py -> page served:   median {statistics.median(pages):5.2f} s  "
+        f"({', '.join(f'{p:.2f}' for p in pages)})"
+    )
     if all(load is not None for load in loads):
-        print(f"  python app.py -> model loaded:  median {statistics.median(loads):5.2f} s  "
-              f"({', '.join(f'{x:.2f}' for x in loads)})")
-    print(f"  python app.py -> first caption: median {statistics.median(captions):5.2f} s  "
-          f"({', '.join(f'{c:.2f}' for c in captions)})")
+        print(
+            f"  python app.py -> model loaded:  median {statistics.median(loads):5.2f} s  "
+            f"({', '.join(f'{x:.2f}' for x in loads)})"
+        )
+    print(
+        f"  python app.py -> first caption: median {statistics.median(captions):5.2f} s  "
+        f"({', '.join(f'{c:.2f}' for c in captions)})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="starts of each checkout (default: 3)")
     parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
-    parser.add_argument("--compare", metavar="CHECKOUT", type=Path,
-                        help="another checkout of captioner (e.g. the previous version) whose app.py "
-                             "starts alternate with this one's")
-    parser.add_argument("--no-phases", dest="phases", action="store_false",
-                        help="skip the phase-by-phase breakdown")
+    parser.add_argument(
+        "--compare",
+        metavar="CHECKOUT",
+        type=Path,
+        help="another checkout of captioner (e.g. the previous version) whose app.py "
+        "starts alternate with this one's",
+    )
+    parser.add_argument(
+        "--no-phases", dest="phases", action="store_false", help="skip the phase-by-phase breakdown"
+    )
     args = parser.parse_args()
     from PIL import Image
     from skimage import data
@@ -133,8 +152,12 @@ def main() -> None:
         report(str(root), runs[root])
     if args.phases:
         print("where the time goes (phase by phase, each alone, in one process):")
-        subprocess.run([sys.executable, "-c", PHASES, args.model or "", str(PHOTO)], cwd=ROOT,
-                       env=ENV | {"PYTHONPATH": str(ROOT)}, check=True)
+        subprocess.run(
+            [sys.executable, "-c", PHASES, args.model or "", str(PHOTO)],
+            cwd=ROOT,
+            env=ENV | {"PYTHONPATH": str(ROOT)},
+            check=True,
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,18 @@ from captioner.serving.batch import caption_files, find_images
 from captioner.serving.captioner import Captioner
 from captioner.serving.settings import DEFAULT_NUM_WORKERS, BatchSettings
 
-SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
-           "immunohistochemistry", "coins", "colorwheel", "retina")
+SAMPLES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "colorwheel",
+    "retina",
+)
 
 
 def make_photos(folder: Path, count: int, seed: int = 0) -> list[str]:
@@ -64,8 +74,9 @@ def bare_model(captioner: Captioner, pixels: torch.Tensor, batch_size: int, opti
     return len(pixels) / (time.perf_counter() - start)
 
 
-def pipeline(captioner: Captioner, paths: list[str], output: Path, options: DecodeOptions,
-             settings: BatchSettings) -> float:
+def pipeline(
+    captioner: Captioner, paths: list[str], output: Path, options: DecodeOptions, settings: BatchSettings
+) -> float:
     output.unlink(missing_ok=True)
     summary = caption_files(captioner, paths, output, options, settings)
     if summary.captioned != len(paths):
@@ -90,10 +101,14 @@ def main() -> None:
         print(f"model: {args.model}")
     else:
         captioner = random_captioner()
-        print("model: default ModelConfig with a RANDOM decoder (timing only: captions are "
-              f"nonsense and always run to max_length {max_length})")
-    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, batch {args.batch_size}, "
-          f"beam {args.beam_size}, max_length {max_length}, num_workers {args.num_workers}")
+        print(
+            "model: default ModelConfig with a RANDOM decoder (timing only: captions are "
+            f"nonsense and always run to max_length {max_length})"
+        )
+    print(
+        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, batch {args.batch_size}, "
+        f"beam {args.beam_size}, max_length {max_length}, num_workers {args.num_workers}"
+    )
     # (b) as Captioner.caption_tensors decodes by default, (a) as `captioner caption` does (one
     # caption per image)
     options = DecodeOptions(beam_size=args.beam_size, max_length=max_length)
@@ -109,14 +124,19 @@ def main() -> None:
 
         piped, bare = [], []
         for run in range(args.repeats):
-            piped.append(pipeline(captioner, paths, Path(tmp) / "captions.jsonl", options.replace(n_best=1),
-                                  settings))
+            piped.append(
+                pipeline(captioner, paths, Path(tmp) / "captions.jsonl", options.replace(n_best=1), settings)
+            )
             bare.append(bare_model(captioner, pixels, args.batch_size, options))
-            print(f"run {run + 1}: (a) pipeline {piped[-1]:.2f} images/s, (b) bare model "
-                  f"{bare[-1]:.2f} images/s, ratio {piped[-1] / bare[-1]:.2f}")
+            print(
+                f"run {run + 1}: (a) pipeline {piped[-1]:.2f} images/s, (b) bare model "
+                f"{bare[-1]:.2f} images/s, ratio {piped[-1] / bare[-1]:.2f}"
+            )
     a, b = statistics.median(piped), statistics.median(bare)
-    print(f"median: (a) pipeline {a:.2f} images/s | (b) bare model {b:.2f} images/s | "
-          f"ratio {a / b:.2f} (target >= 0.80)")
+    print(
+        f"median: (a) pipeline {a:.2f} images/s | (b) bare model {b:.2f} images/s | "
+        f"ratio {a / b:.2f} (target >= 0.80)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,16 +51,30 @@ def main() -> None:
 
     def step(name: str, start: float, **extra) -> None:
         rss, peak = memory_mb()
-        rows.append({"step": name, "seconds": round(time.perf_counter() - start, 1),
-                     "rss_mb": round(rss), "peak_rss_mb": round(peak), **extra})
+        rows.append(
+            {
+                "step": name,
+                "seconds": round(time.perf_counter() - start, 1),
+                "rss_mb": round(rss),
+                "peak_rss_mb": round(peak),
+                **extra,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     start = time.perf_counter()
-    config = DataConfig(kind="coco", train=str(args.root / "annotations" / "captions_train2017.json"),
-                        train_images=str(args.root / "train2017"))
+    config = DataConfig(
+        kind="coco",
+        train=str(args.root / "annotations" / "captions_train2017.json"),
+        train_images=str(args.root / "train2017"),
+    )
     images = load_dataset(config)["train"]
-    step("read the dataset (pycocotools, file checks)", start, images=len(images),
-         captions=sum(len(i.captions) for i in images))
+    step(
+        "read the dataset (pycocotools, file checks)",
+        start,
+        images=len(images),
+        captions=sum(len(i.captions) for i in images),
+    )
 
     start = time.perf_counter()
     vocab = Vocabulary.build((c for item in images for c in item.captions), args.min_word_count)
@@ -74,9 +88,12 @@ def main() -> None:
     model = CaptionModel(ModelConfig(), len(vocab))  # Lite0 at 224 px: 7x7 grids
     cache = FeatureCache(args.cache_dir, model.encoder, [i.path for i in images])
     stats = cache.extract(num_workers=2, progress=False, rows=range(args.extract))
-    step(f"feature cache: allocate {len(images):,} rows, extract {args.extract:,}", start,
-         images_per_second=round(stats["images_per_second"], 1),
-         cache_gb=round(cache.features_file.stat().st_size / 1e9, 1))
+    step(
+        f"feature cache: allocate {len(images):,} rows, extract {args.extract:,}",
+        start,
+        images_per_second=round(stats["images_per_second"], 1),
+        cache_gb=round(cache.features_file.stat().st_size / 1e9, 1),
+    )
 
     start = time.perf_counter()
     cfg = TrainConfig(model=model.config)
@@ -85,8 +102,13 @@ def main() -> None:
     model.train()
     for k in range(args.steps):
         batch_rows = list(range(32 * k, 32 * (k + 1)))
-        batch = step_batch(batch_rows, cache.batch(batch_rows), [data.encoded[r] for r in batch_rows],
-                           False, torch.device("cpu"))
+        batch = step_batch(
+            batch_rows,
+            cache.batch(batch_rows),
+            [data.encoded[r] for r in batch_rows],
+            False,
+            torch.device("cpu"),
+        )
         loss, _ = stage.loss(batch)
         optimizer.zero_grad()
         loss.backward()

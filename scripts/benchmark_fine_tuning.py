@@ -32,8 +32,13 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="a folder of photos (default: generated ones)")
     parser.add_argument("--backbone", default="efficientnet_lite2")
     parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--stages", type=int, nargs="+", default=[7, 6],
-                        help="stage caches to time (Lite2: 7 = last block group + head, 6 = last two)")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[7, 6],
+        help="stage caches to time (Lite2: 7 = last block group + head, 6 = last two)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting and repetition")
     parser.add_argument("--repeats", type=int, default=3)
@@ -57,8 +62,16 @@ def main() -> None:
             activations = encoder(pixels)
             rate = len(pixels) / (time.perf_counter() - start)
         size = activations[0].numel() * 2 / 1024
-        print(json.dumps({"stage cache": stage, "activations": list(activations.shape[1:]),
-                          "kb_per_photo_fp16": round(size), "fill_photos_per_s": round(rate, 1)}))
+        print(
+            json.dumps(
+                {
+                    "stage cache": stage,
+                    "activations": list(activations.shape[1:]),
+                    "kb_per_photo_fp16": round(size),
+                    "fill_photos_per_s": round(rate, 1),
+                }
+            )
+        )
         inputs[f"stage cache, tune from stage {stage}"] = (stage, activations.clone())
     inputs[f"photos, tune from stage {args.stages[0]}"] = (0, pixels)
 
@@ -82,9 +95,16 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) / args.steps)
     for name, seconds in times.items():
         best = min(seconds)
-        print(json.dumps({"setting": name, "seconds_per_step": round(best, 3),
-                          "photos_per_s": round(args.batch_size / best, 1),
-                          "threads": torch.get_num_threads()}))
+        print(
+            json.dumps(
+                {
+                    "setting": name,
+                    "seconds_per_step": round(best, 3),
+                    "photos_per_s": round(args.batch_size / best, 1),
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
 
 
 def photos(folder: Path | None, model: CaptionModel, count: int) -> torch.Tensor:
@@ -94,9 +114,16 @@ def photos(folder: Path | None, model: CaptionModel, count: int) -> torch.Tensor
         from PIL import Image
 
         generator = torch.Generator().manual_seed(0)
-        return torch.stack([transform(Image.fromarray(
-            torch.randint(0, 256, (224, 224, 3), generator=generator, dtype=torch.uint8).numpy()))
-            for _ in range(count)])
+        return torch.stack(
+            [
+                transform(
+                    Image.fromarray(
+                        torch.randint(0, 256, (224, 224, 3), generator=generator, dtype=torch.uint8).numpy()
+                    )
+                )
+                for _ in range(count)
+            ]
+        )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:count]
     return torch.stack([transform(load_image(p)) for p in files])
 

@@ -19,14 +19,20 @@ from captioner.evaluation.focus import HOW, evaluate_focus
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", required=True, help="folder of the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON")
     parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
     parser.add_argument("--strength", type=float, nargs="+", default=[4.0])
-    parser.add_argument("--how", choices=HOW, nargs="+", default=["both"],
-                        help="steer the attention scores and the initial state, or one of them")
+    parser.add_argument(
+        "--how",
+        choices=HOW,
+        nargs="+",
+        default=["both"],
+        help="steer the attention scores and the initial state, or one of them",
+    )
     parser.add_argument("--beam-size", "--beam_size", type=int, default=3)
     parser.add_argument("--limit", type=int, help="the first N images only")
     parser.add_argument("--output-dir", "--output_dir", type=Path)

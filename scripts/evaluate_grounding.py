@@ -23,26 +23,44 @@ from captioner.serving.captioner import DEFAULT_WEIGHTS, Captioner
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", required=True, help="folder holding the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON (boxes and masks)")
-    parser.add_argument("--model", "--checkpoint", default=str(DEFAULT_WEIGHTS),
-                        help="model folder (default: weights/)")
+    parser.add_argument(
+        "--model", "--checkpoint", default=str(DEFAULT_WEIGHTS), help="model folder (default: weights/)"
+    )
     parser.add_argument("--beam-size", "--beam_size", type=int, default=3, help="1 = greedy")
     parser.add_argument("--length-penalty", "--length_penalty", type=float, default=0.0)
-    parser.add_argument("--evidence-penalty", "--evidence_penalty", type=float, default=0.0,
-                        help="lower object words the ImageNet evidence does not support (0: off)")
+    parser.add_argument(
+        "--evidence-penalty",
+        "--evidence_penalty",
+        type=float,
+        default=0.0,
+        help="lower object words the ImageNet evidence does not support (0: off)",
+    )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--synonyms", help="JSON {category: [words]} for non-COCO categories "
-                        "(default: captioner.evaluation.coco_objects.COCO_SYNONYMS)")
+    parser.add_argument(
+        "--synonyms",
+        help="JSON {category: [words]} for non-COCO categories "
+        "(default: captioner.evaluation.coco_objects.COCO_SYNONYMS)",
+    )
     parser.add_argument("--output-dir", "--output_dir", help="where metrics.json and details.jsonl go")
     args = parser.parse_args()
     synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS
     captioner = Captioner.from_pretrained(args.model, device=args.device)
-    report = evaluate_grounding(captioner, args.images, args.instances, beam_size=args.beam_size,
-                                batch_size=args.batch_size, synonyms=synonyms, progress=True,
-                                length_penalty=args.length_penalty, evidence_penalty=args.evidence_penalty)
+    report = evaluate_grounding(
+        captioner,
+        args.images,
+        args.instances,
+        beam_size=args.beam_size,
+        batch_size=args.batch_size,
+        synonyms=synonyms,
+        progress=True,
+        length_penalty=args.length_penalty,
+        evidence_penalty=args.evidence_penalty,
+    )
     if report.skipped:
         print(f"skipped {len(report.skipped)} images without instance annotations", file=sys.stderr)
     if args.output_dir:

@@ -16,8 +16,9 @@ from captioner.visualize import save_focus_figure
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
     parser.add_argument("--image", default="astronaut")
     parser.add_argument("--boxes", nargs="+", default=["0,0,256,512", "0,256,512,512"])

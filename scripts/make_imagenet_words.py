@@ -37,11 +37,21 @@ ANCHORS: dict[str, list[tuple[str, int, str]]] = {
     "motorcycle": [("motorcycle", 1, "motor"), ("motor_scooter", 1, "wheel"), ("moped", 1, "motor")],
     "airplane": [("airplane", 1, "aircraft"), ("wing", 2, "airfoil")],
     "bus": [("bus", 1, "vehicle")],
-    "train": [("train", 1, "railway"), ("locomotive", 1, "rail"), ("passenger_car", 1, "railcar"),
-              ("freight_car", 1, "railway"), ("streetcar", 1, "tracks")],
+    "train": [
+        ("train", 1, "railway"),
+        ("locomotive", 1, "rail"),
+        ("passenger_car", 1, "railcar"),
+        ("freight_car", 1, "railway"),
+        ("streetcar", 1, "tracks"),
+    ],
     "truck": [("truck", 1, "motor"), ("tractor", 1, "")],
-    "boat": [("boat", 1, "vessel"), ("ship", 1, "vessel"), ("gondola", 4, "boat"),
-             ("catamaran", 1, "sailboat"), ("trimaran", 1, "hull")],
+    "boat": [
+        ("boat", 1, "vessel"),
+        ("ship", 1, "vessel"),
+        ("gondola", 4, "boat"),
+        ("catamaran", 1, "sailboat"),
+        ("trimaran", 1, "hull"),
+    ],
     "traffic light": [("traffic_light", 1, "signal")],
     "parking meter": [("parking_meter", 1, "timer")],
     "bench": [("bench", 1, "seat"), ("park_bench", 1, "bench")],
@@ -84,8 +94,12 @@ ANCHORS: dict[str, list[tuple[str, int, str]]] = {
     "bed": [("bed", 1, "sleep")],
     "dining table": [("dining_table", 1, "")],
     "toilet": [("toilet", 2, "bowl"), ("toilet_seat", 1, "")],
-    "tv": [("television_receiver", 1, "electronic"), ("monitor", 4, "display"),
-           ("screen", 3, "cathode"), ("home_theater", 1, "")],
+    "tv": [
+        ("television_receiver", 1, "electronic"),
+        ("monitor", 4, "display"),
+        ("screen", 3, "cathode"),
+        ("home_theater", 1, ""),
+    ],
     "laptop": [("laptop", 1, "computer"), ("notebook", 2, "computer")],
     "mouse": [("mouse", 4, "cursor")],
     "remote": [("remote_control", 1, "")],
@@ -108,24 +122,73 @@ ANCHORS: dict[str, list[tuple[str, int, str]]] = {
 # (ImageNet's 'cup' is a punch, its 'stove' any heater, its 'television' the system; the photos
 # are cups, kitchen stoves and TV sets).
 OFFSET_ANCHORS: dict[str, str] = {
-    "06277280": "tv", "03782006": "tv", "03180011": "tv",  # television, monitor, desktop computer
-    "07930864": "cup", "04330267": "oven", "04026417": "handbag", "02766320": "bed",
+    "06277280": "tv",
+    "03782006": "tv",
+    "03180011": "tv",  # television, monitor, desktop computer
+    "07930864": "cup",
+    "04330267": "oven",
+    "04026417": "handbag",
+    "02766320": "bed",
 }
 # Classes that WordNet puts under an anchor but whose photos are not that COCO category.
 EXCLUDE = {"03259280": "Dutch oven (a pot)", "04023962": "punching bag"}
 # ImageNet has no person class; these imply that a person is (probably) there.
-PERSON_ANCHORS = [("person", 1, "human"), ("clothing", 1, ""), ("headdress", 1, ""),
-                  ("footwear", 2, ""), ("sports_equipment", 1, ""), ("mask", 4, "face"),
-                  ("brassiere", 1, ""), ("swimsuit", 1, "")]
+PERSON_ANCHORS = [
+    ("person", 1, "human"),
+    ("clothing", 1, ""),
+    ("headdress", 1, ""),
+    ("footwear", 2, ""),
+    ("sports_equipment", 1, ""),
+    ("mask", 4, "face"),
+    ("brassiere", 1, ""),
+    ("swimsuit", 1, ""),
+]
 # Caption words are taken from a class's own names and its hypernyms this many steps up at most
 # (then the COCO category's own words); abstract ancestors never name a photo.
 WORD_DEPTH = 3
-STOP_WORDS = {"object", "entity", "whole", "artifact", "thing", "unit", "structure", "device",
-              "instrumentality", "container", "equipment", "covering", "commodity", "matter",
-              "substance", "food", "solid", "organism", "being", "animal", "vertebrate",
-              "mammal", "placental", "carnivore", "implement", "system", "article", "ware",
-              "way", "area", "region", "location", "geological_formation", "formation",
-              "shape", "form", "part", "piece", "material", "stuff", "abstraction"}
+STOP_WORDS = {
+    "object",
+    "entity",
+    "whole",
+    "artifact",
+    "thing",
+    "unit",
+    "structure",
+    "device",
+    "instrumentality",
+    "container",
+    "equipment",
+    "covering",
+    "commodity",
+    "matter",
+    "substance",
+    "food",
+    "solid",
+    "organism",
+    "being",
+    "animal",
+    "vertebrate",
+    "mammal",
+    "placental",
+    "carnivore",
+    "implement",
+    "system",
+    "article",
+    "ware",
+    "way",
+    "area",
+    "region",
+    "location",
+    "geological_formation",
+    "formation",
+    "shape",
+    "form",
+    "part",
+    "piece",
+    "material",
+    "stuff",
+    "abstraction",
+}
 
 
 def parse_data_noun(path: Path) -> dict[str, dict]:
@@ -157,7 +220,7 @@ def parse_index_noun(path: Path) -> dict[str, list[str]]:
         if line.startswith("  "):
             continue
         fields = line.split()
-        index[fields[0]] = fields[-int(fields[2]):]
+        index[fields[0]] = fields[-int(fields[2]) :]
     return index
 
 
@@ -193,13 +256,20 @@ def ancestors_by_depth(synsets: dict, offset: str) -> list[tuple[int, str]]:
 def imagenet_classes() -> list[tuple[str, str]]:
     """[(synset id "n01440764", its label)] in class-index order."""
     synset_ids = (TIMM_INFO / "imagenet_synsets.txt").read_text().split()
-    lemmas = dict(line.split("\t", 1) for line in
-                  (TIMM_INFO / "imagenet_synset_to_lemma.txt").read_text().splitlines())
+    lemmas = dict(
+        line.split("\t", 1) for line in (TIMM_INFO / "imagenet_synset_to_lemma.txt").read_text().splitlines()
+    )
     return [(s, lemmas[s].split(",")[0].strip()) for s in synset_ids]
 
 
-def class_entry(chain: list[tuple[int, str]], label: str, synsets: dict, anchor_of: dict[str, str],
-                person_anchors: dict[str, str], vocab: set[str]) -> dict:
+def class_entry(
+    chain: list[tuple[int, str]],
+    label: str,
+    synsets: dict,
+    anchor_of: dict[str, str],
+    person_anchors: dict[str, str],
+    vocab: set[str],
+) -> dict:
     """One class's label, COCO category, caption words and implies_person."""
     category = next((anchor_of[o] for _, o in chain if o in anchor_of), None)
     if chain[0][1] in EXCLUDE:
@@ -208,11 +278,13 @@ def class_entry(chain: list[tuple[int, str]], label: str, synsets: dict, anchor_
     for depth, offset in chain:
         if depth > WORD_DEPTH:
             break
-        words += [w for w in synsets[offset]["lemmas"]
-                  if w in vocab and w not in STOP_WORDS and w not in words]
+        words += [
+            w for w in synsets[offset]["lemmas"] if w in vocab and w not in STOP_WORDS and w not in words
+        ]
     if category:
-        words += [w for w in COCO_SYNONYMS.get(category, [])
-                  if w in vocab and " " not in w and w not in words]
+        words += [
+            w for w in COCO_SYNONYMS.get(category, []) if w in vocab and " " not in w and w not in words
+        ]
     implies = any(o in person_anchors for _, o in chain)
     return {"label": label, "coco": category, "words": words, "implies_person": implies}
 
@@ -224,30 +296,38 @@ def build(vocabulary: list[str]) -> dict:
     anchor_of |= OFFSET_ANCHORS
     person_anchors = resolve(index, synsets, PERSON_ANCHORS)
     vocab = set(vocabulary)
-    classes = [class_entry(ancestors_by_depth(synsets, wnid[1:]), label, synsets, anchor_of,
-                           person_anchors, vocab) for wnid, label in imagenet_classes()]
+    classes = [
+        class_entry(ancestors_by_depth(synsets, wnid[1:]), label, synsets, anchor_of, person_anchors, vocab)
+        for wnid, label in imagenet_classes()
+    ]
     objects = ObjectVocabulary()
     word_category = {}
     for word in vocabulary:  # single caption words -> category, read as the grounding evaluation reads them
         known, category = objects.lookup([word])
         if known and category:
             word_category[word] = category
-    return {"source": "WordNet 3.0 (Debian wordnet-base data.noun) hypernyms of timm's ImageNet-1k "
-                      "synsets; scripts/make_imagenet_words.py",
-            "classes": classes, "word_category": word_category}
+    return {
+        "source": "WordNet 3.0 (Debian wordnet-base data.noun) hypernyms of timm's ImageNet-1k "
+        "synsets; scripts/make_imagenet_words.py",
+        "classes": classes,
+        "word_category": word_category,
+    }
 
 
 def dump(table: dict) -> str:
     """Compact JSON, one class per line (small, and diffs read well)."""
     rows = ",\n  ".join(json.dumps(c, separators=(",", ":")) for c in table["classes"])
     words = json.dumps(table["word_category"], separators=(",", ":"), sort_keys=True)
-    return (f'{{"source": {json.dumps(table["source"])},\n "classes": [\n  {rows}\n ],\n'
-            f' "word_category": {words}\n}}\n')
+    return (
+        f'{{"source": {json.dumps(table["source"])},\n "classes": [\n  {rows}\n ],\n'
+        f' "word_category": {words}\n}}\n'
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT / "weights"), help="model folder whose vocabulary to use")
     parser.add_argument("--output", default=str(ROOT / "captioner/model/imagenet_words.json"))
     args = parser.parse_args()
@@ -255,10 +335,12 @@ def main() -> None:
     table = build(vocabulary)
     Path(args.output).write_text(dump(table))
     classes = table["classes"]
-    print(f"classes with a COCO category: {sum(bool(c['coco']) for c in classes)}/1000, "
-          f"{len({c['coco'] for c in classes if c['coco']})} categories; implies_person: "
-          f"{sum(c['implies_person'] for c in classes)}; "
-          f"with caption words: {sum(bool(c['words']) for c in classes)}")
+    print(
+        f"classes with a COCO category: {sum(bool(c['coco']) for c in classes)}/1000, "
+        f"{len({c['coco'] for c in classes if c['coco']})} categories; implies_person: "
+        f"{sum(c['implies_person'] for c in classes)}; "
+        f"with caption words: {sum(bool(c['words']) for c in classes)}"
+    )
     print("dog breeds -> dog:", sum(c["coco"] == "dog" for c in classes[151:269]), "/ 118")
     print("person classes:", [c["label"] for c in classes if c["coco"] == "person"])
 

@@ -23,14 +23,16 @@ from PIL import Image
 COCO_IMAGES, COCO_CAPTIONS = 123_287, 616_767
 # Frequent caption words (COCO's most common ones) first; a long tail of rarer made-up words
 # follows, with Zipf frequencies over the whole list.
-COMMON = ("a on of the in with and is man to sitting two an at standing people are next white "
-          "woman street table holding that it person large down top group field up small tennis "
-          "near front his plate train dog while red room riding cat water young baby bus kitchen "
-          "playing sign there black her pizza their grass building blue by some one food through "
-          "park snow bathroom laying green three sits other toilet frisbee over parked ball bed "
-          "player for from picture looking city beach giraffe several stop has out wooden road "
-          "walking around motorcycle couple boy skateboard ocean grassy board living side truck "
-          "girl bear tree men sink horse elephant")
+COMMON = (
+    "a on of the in with and is man to sitting two an at standing people are next white "
+    "woman street table holding that it person large down top group field up small tennis "
+    "near front his plate train dog while red room riding cat water young baby bus kitchen "
+    "playing sign there black her pizza their grass building blue by some one food through "
+    "park snow bathroom laying green three sits other toilet frisbee over parked ball bed "
+    "player for from picture looking city beach giraffe several stop has out wooden road "
+    "walking around motorcycle couple boy skateboard ocean grassy board living side truck "
+    "girl bear tree men sink horse elephant"
+)
 
 
 def caption_words(rng: np.random.Generator, vocabulary: list[str], count: int) -> list[str]:
@@ -39,12 +41,15 @@ def caption_words(rng: np.random.Generator, vocabulary: list[str], count: int) -
     lengths = np.clip(rng.normal(10.5, 2.4, count).round().astype(int), 5, 30)
     words = rng.choice(len(vocabulary), size=int(lengths.sum()), p=weights / weights.sum())
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return [" ".join(vocabulary[w] for w in words[a:b]).capitalize() + "."
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [
+        " ".join(vocabulary[w] for w in words[a:b]).capitalize() + "."
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
-def write_dataset(root: Path, images: int = COCO_IMAGES, captions: int | None = None,
-                  size: int = 32, seed: int = 0) -> tuple[Path, Path]:
+def write_dataset(
+    root: Path, images: int = COCO_IMAGES, captions: int | None = None, size: int = 32, seed: int = 0
+) -> tuple[Path, Path]:
     """Returns (captions JSON, image folder)."""
     captions = captions if captions is not None else round(images * COCO_CAPTIONS / COCO_IMAGES)
     if captions < images:
@@ -62,15 +67,34 @@ def write_dataset(root: Path, images: int = COCO_IMAGES, captions: int | None = 
         name = f"{image_id:012d}.jpg"
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         Image.new("RGB", (size, size), colour).save(image_dir / name, quality=75)
-        records.append({"id": image_id, "file_name": name, "width": size, "height": size,
-                        "license": 0, "coco_url": "", "date_captured": "", "flickr_url": ""})
+        records.append(
+            {
+                "id": image_id,
+                "file_name": name,
+                "width": size,
+                "height": size,
+                "license": 0,
+                "coco_url": "",
+                "date_captured": "",
+                "flickr_url": "",
+            }
+        )
     texts = caption_words(rng, vocabulary, captions)
-    annotations = [{"id": k + 1, "image_id": int(owner) + 1, "caption": text}
-                   for k, (owner, text) in enumerate(zip(owners, texts, strict=True))]
+    annotations = [
+        {"id": k + 1, "image_id": int(owner) + 1, "caption": text}
+        for k, (owner, text) in enumerate(zip(owners, texts, strict=True))
+    ]
     path = annotation_dir / "captions_train2017.json"
-    path.write_text(json.dumps({"info": {"description": "synthetic COCO-format captions"},
-                                "licenses": [{"id": 0, "name": "synthetic", "url": ""}],
-                                "images": records, "annotations": annotations}))
+    path.write_text(
+        json.dumps(
+            {
+                "info": {"description": "synthetic COCO-format captions"},
+                "licenses": [{"id": 0, "name": "synthetic", "url": ""}],
+                "images": records,
+                "annotations": annotations,
+            }
+        )
+    )
     return path, image_dir
 
 

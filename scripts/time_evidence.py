@@ -1,6 +1,6 @@
 """What evidence=True costs: caption() with and without it, interleaved photo by photo, 1 thread.
 
-  PYTHONPATH=. python scripts/time_evidence.py --images ../shared/data/coco-mini/train2017 --n 20
+PYTHONPATH=. python scripts/time_evidence.py --images ../shared/data/coco-mini/train2017 --n 20
 """
 
 import argparse
@@ -15,8 +15,9 @@ from captioner.serving.captioner import Captioner
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", required=True)
     parser.add_argument("--n", type=int, default=20, help="photos (each captioned once per setting)")
     args = parser.parse_args()

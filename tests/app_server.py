@@ -34,7 +34,10 @@ def running_app(checkpoint: Path, log_path: Path | None = None) -> Iterator[str]
     with open(log_path, "w+b") if log_path else tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--port", str(port)],
-            cwd=ROOT, env=os.environ | OFFLINE_ENV, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=os.environ | OFFLINE_ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + START_TIMEOUT

@@ -29,8 +29,9 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # The small model used by most tests: real pretrained Lite0 features, small decoder.
-TINY = ModelConfig(image_size=128, embed_dim=64, hidden_dim=128, attention_dim=64,
-                   annotation_dim=128, dropout=0.0)
+TINY = ModelConfig(
+    image_size=128, embed_dim=64, hidden_dim=128, attention_dim=64, annotation_dim=128, dropout=0.0
+)
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +52,9 @@ def trained_shapes_model(shapes_vocab):
 def shapes_checkpoint(trained_shapes_model, tmp_path_factory) -> Path:
     """The trained shapes model saved as a checkpoint folder."""
     model, vocab, _ = trained_shapes_model
-    return save_model(tmp_path_factory.mktemp("checkpoint"), model, vocab,
-                      metadata={"trained_on": "synthetic shapes (tests)"})
+    return save_model(
+        tmp_path_factory.mktemp("checkpoint"),
+        model,
+        vocab,
+        metadata={"trained_on": "synthetic shapes (tests)"},
+    )

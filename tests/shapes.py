@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-           "yellow": (240, 220, 20)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20)}
 SHAPES = ("circle", "square")
 SIDES = ("left", "right")
 
@@ -51,8 +50,7 @@ def write_coco_dataset(root: Path, examples=None) -> tuple[Path, Path]:
         images.append({"id": i, "file_name": name, "width": image.width, "height": image.height})
         annotations.append({"id": i, "image_id": i, "caption": caption})
     path = root / "captions.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "info": {}, "licenses": []}))
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "info": {}, "licenses": []}))
     return path, image_dir
 
 

@@ -111,10 +111,13 @@ def test_decoding_options_as_keywords_or_as_one_object(captioner):
     image = EXAMPLES[9][0]
     by_name = captioner.caption(image, beam_size=4, n_best=2, length_penalty=1.0)
     options = DecodeOptions(beam_size=4, n_best=2, length_penalty=1.0)
-    for result in (captioner.caption(image, options), captioner.caption(image, DecodeOptions(), beam_size=4,
-                                                                         n_best=2, length_penalty=1.0)):
-        assert [(a.text, a.score) for a in result.alternatives] == [(a.text, a.score)
-                                                                    for a in by_name.alternatives]
+    for result in (
+        captioner.caption(image, options),
+        captioner.caption(image, DecodeOptions(), beam_size=4, n_best=2, length_penalty=1.0),
+    ):
+        assert [(a.text, a.score) for a in result.alternatives] == [
+            (a.text, a.score) for a in by_name.alternatives
+        ]
     with pytest.raises(TypeError, match="options must be a DecodeOptions, got 3"):
         captioner.caption(image, 3)
     with pytest.raises(TypeError, match="unknown decoding option 'beam'"):

@@ -42,6 +42,7 @@ def pixel_distance(a: Image.Image, b: Image.Image) -> float:
 
 # --- in-process: the pieces app.py puts together ---------------------------------------------------
 
+
 def test_sliders_redraw_from_the_kept_result(shapes_checkpoint, tmp_path):
     """After one model run, opacity and word changes need only the state, never the model."""
     captioner = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
@@ -51,8 +52,9 @@ def test_sliders_redraw_from_the_kept_result(shapes_checkpoint, tmp_path):
     assert text == "a green square on the right" and table[0][1] == text
     assert [label.split(" · ")[0] for _, label in gallery] == shown.words == text.split()
     assert shown.gate.shape == (len(shown.words),) and ((shown.gate > 0) & (shown.gate < 1)).all()
-    assert [label for _, label in gallery] == [f"{w} · β {g:.2f}" for w, g in zip(shown.words, shown.gate,
-                                                                                 strict=True)]
+    assert [label for _, label in gallery] == [
+        f"{w} · β {g:.2f}" for w, g in zip(shown.words, shown.gate, strict=True)
+    ]
     assert max(shown.image.size) == DISPLAY_SIZE
 
     plain = webapp.overlays(shown, 0.0)
@@ -81,15 +83,19 @@ def test_about_panel_summarises_the_model_and_links_its_card(shapes_checkpoint, 
     (with_card / "MODEL_CARD.md").write_text(
         "# Shapes model\n\n## Data\n\nTen thousand drawn shapes.\n\nMore about them.\n\n"
         "## Scores (held-out shapes)\n\n| decoding | BLEU-4 | METEOR | CIDEr |\n|---|---|---|---|\n"
-        "| greedy | 1.00 | 2.00 | 3.00 |\n| **beam 3 (default)** | 4.00 | 5.00 | **9.87** |\n")
+        "| greedy | 1.00 | 2.00 | 3.00 |\n| **beam 3 (default)** | 4.00 | 5.00 | **9.87** |\n"
+    )
     about = describe_model(with_card, captioner)
     assert "**Training data.** Ten thousand drawn shapes." in about and "More about" not in about
     assert "(held-out shapes; default decoding): BLEU-4 4.00 · METEOR 5.00 · CIDEr 9.87" in about
     assert f"[Read the full model card]({CARD_PAGE})" in about and "No model card" not in about
 
     members = [{"path": "/home/someone/runs/a", "epoch": "xe-7"}, {"path": "b", "epoch": "xe-5"}]
-    pair = save_model(tmp_path / "pair", *load_ensemble([shapes_checkpoint, shapes_checkpoint])[:2],
-                      metadata={"ensemble_of": members})
+    pair = save_model(
+        tmp_path / "pair",
+        *load_ensemble([shapes_checkpoint, shapes_checkpoint])[:2],
+        metadata={"ensemble_of": members},
+    )
     about = describe_model(pair, Captioner.from_pretrained(pair, device="cpu"))
     assert "2 LSTM decoders, trained apart, that average" in about
     assert "/home/someone" not in about and "xe-7" not in about  # no machine paths, no raw metadata
@@ -109,8 +115,9 @@ def test_about_the_shipped_model_quotes_the_readmes_scores_and_no_machine_paths(
     assert "xe-9" not in about and "{" not in about and len(about) < 1500
 
 
-@pytest.mark.parametrize("metadata", [[1, 2, 3], "text", 7, None, {"val_scores": [1], "train_config": 3,
-                                                                    "trained_on": {"x": 1}}])
+@pytest.mark.parametrize(
+    "metadata", [[1, 2, 3], "text", 7, None, {"val_scores": [1], "train_config": 3, "trained_on": {"x": 1}}]
+)
 def test_odd_metadata_in_config_json_never_breaks_the_about_panel(shapes_checkpoint, tmp_path, metadata):
     """Issue 33, item 22: `"metadata": [1, 2, 3]` in config.json made the About panel raise."""
     folder = shutil.copytree(shapes_checkpoint, tmp_path / "model")
@@ -126,7 +133,9 @@ def test_the_card_page_serves_only_images_inside_the_model_folder(tmp_path):
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "inside.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
-    (folder / "MODEL_CARD.md").write_text("![in](inside.png) ![out](../outside.png) ![web](https://x.org/a.png)")
+    (folder / "MODEL_CARD.md").write_text(
+        "![in](inside.png) ![out](../outside.png) ![web](https://x.org/a.png)"
+    )
     text, images = card_page(folder)
     assert images == [(folder / "inside.png").resolve()]
     assert f"gradio_api/file={(folder / 'inside.png').resolve()}" in text
@@ -153,13 +162,15 @@ def test_the_pages_events_show_problems_as_text_and_never_raise(shapes_checkpoin
 
     good = save_shape(tmp_path, "red", "circle", "left")
     upload = {"path": str(good), "orig_name": good.name}
-    box, *kept, region_status, status = last(events.caption_region(caption, ready, {"boxes": []}, upload,
-                                                                   3, 20, 0.6, 8))
+    box, *kept, region_status, status = last(
+        events.caption_region(caption, ready, {"boxes": []}, upload, 3, 20, 0.6, 8)
+    )
     assert region_status.startswith("⚠️ Draw a box on the image first") and status == ""
     assert all(isinstance(value, type(gr.skip())) for value in [box, *kept])  # the last result stays
     raw = {"boxes": [{"xmin": 0, "ymin": 40, "xmax": 100, "ymax": 160, "scaleFactor": 2}]}
-    box, text, *_, region_status, status = last(events.caption_region(caption, ready, raw, upload,
-                                                                      3, 20, 0.6, 8))
+    box, text, *_, region_status, status = last(
+        events.caption_region(caption, ready, raw, upload, 3, 20, 0.6, 8)
+    )
     assert box == "0, 20, 50, 80" and text.startswith("a red") and region_status == status == ""
 
     loading = list(events.caption_photo(caption, lambda: False, upload))
@@ -219,8 +230,14 @@ text, *_ = webapp.caption_upload(model, {{"path": {str(path)!r}}})
 model.stop()
 print(text, sorted(m for m in ("torch", "timm", "nltk") if m in sys.modules))
 """
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "a green circle on the left []"
 
@@ -242,14 +259,19 @@ def test_example_photos_are_written_and_readable(tmp_path):
 
 @pytest.mark.slow
 def test_app_without_a_model_exits_with_a_clear_message(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1
     assert "cannot start without a model: no trained model in" in run.stderr
     assert "Traceback" not in run.stderr
 
 
 # --- over HTTP: the running app ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def app_url(shapes_checkpoint):
@@ -270,8 +292,7 @@ def test_only_the_caption_endpoint_is_public(client):
 @pytest.mark.slow
 def test_caption_endpoint(client, tmp_path):
     path = save_shape(tmp_path, "red", "circle", "left")
-    caption, alternatives, attention = client.predict(handle_file(str(path)), 3, 20, 0.6,
-                                                      api_name="/caption")
+    caption, alternatives, attention = client.predict(handle_file(str(path)), 3, 20, 0.6, api_name="/caption")
     assert caption == "a red circle on the left"
 
     assert alternatives["headers"] == ["#", "caption", "score", "p"]
@@ -318,12 +339,15 @@ def make_bad_file(folder, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, message", [
-    ("text", "notes.txt: not a recognised image file"),
-    ("fake", "fake.png: not a recognised image file"),
-    ("truncated", "truncated.jpg: cannot decode image"),
-    ("huge", "exceeds the limit of 40,000,000"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("text", "notes.txt: not a recognised image file"),
+        ("fake", "fake.png: not a recognised image file"),
+        ("truncated", "truncated.jpg: cannot decode image"),
+        ("huge", "exceeds the limit of 40,000,000"),
+    ],
+)
 def test_bad_files_are_clear_errors_and_the_server_carries_on(client, tmp_path, kind, message):
     with pytest.raises(AppError, match=message) as caught:
         client.predict(handle_file(str(make_bad_file(tmp_path, kind))), api_name="/caption")
@@ -342,6 +366,7 @@ def test_no_image_is_a_clear_error(client, image):
 
 @pytest.mark.slow
 def test_oversized_upload_is_refused(app_url):
-    response = httpx.post(f"{app_url}gradio_api/upload", trust_env=False,
-                          files={"files": ("big.png", b"\0" * (10 * 2**20 + 1))})
+    response = httpx.post(
+        f"{app_url}gradio_api/upload", trust_env=False, files={"files": ("big.png", b"\0" * (10 * 2**20 + 1))}
+    )
     assert response.status_code == 413

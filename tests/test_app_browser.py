@@ -15,9 +15,16 @@ from .shapes import shape_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Offline and quiet: no component updates, no sync, and every host except the app unresolvable.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
 REVIEW_SCREENSHOT = Path("/tmp/app_screenshot.png")
 ALL_IMAGES_SHOWN = "[...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)"
 SIZES = {"desktop": (1280, 900), "phone": (390, 844)}
@@ -56,8 +63,10 @@ CELLS = """() => [...document.querySelectorAll('#alternatives [role=row]')].map(
 # on a busy machine. Assertions wait up to this long (they end as soon as they hold).
 expect.set_options(timeout=90_000)
 
-pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}"),
-              pytest.mark.slow]
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +145,12 @@ def test_an_upload_is_captioned_without_a_click_and_shown_in_view(sized_page, tm
             assert left - 0.5 <= text_left and text_right <= right + 0.5, f"{text!r} leaves its cell"
             assert following is None or right <= following[1] + 0.5, f"{text!r} overlaps the next cell"
             assert right <= page.evaluate("innerWidth") + 1, f"{text!r} off-screen"
-    for selector in ("#attention-gallery .thumbnail-item", "#attention-gallery .caption-label",
-                     "[data-testid=block-label]", "#word-overlay label"):
+    for selector in (
+        "#attention-gallery .thumbnail-item",
+        "#attention-gallery .caption-label",
+        "[data-testid=block-label]",
+        "#word-overlay label",
+    ):
         assert_nothing_off_screen_or_cut(page, selector)
     expect(page.locator("#word-overlay")).to_contain_text("Word 1 of 6: “a” · image gate β = 0.")
 

@@ -95,8 +95,19 @@ def by_name(records: list[dict]) -> dict[str, dict]:
 
 def run(photos_or_files, output: Path, checkpoint: Path, *flags: str) -> int:
     inputs = [str(p) for p in (photos_or_files if isinstance(photos_or_files, list) else [photos_or_files])]
-    return caption_folder_main([*inputs, "-o", str(output), "--model", str(checkpoint),
-                                "--max-pixels", str(MAX_PIXELS), "--no-progress", *flags])
+    return caption_folder_main(
+        [
+            *inputs,
+            "-o",
+            str(output),
+            "--model",
+            str(checkpoint),
+            "--max-pixels",
+            str(MAX_PIXELS),
+            "--no-progress",
+            *flags,
+        ]
+    )
 
 
 def test_find_images_by_extension_or_content(tmp_path, monkeypatch):
@@ -108,17 +119,31 @@ def test_find_images_by_extension_or_content(tmp_path, monkeypatch):
     # Explicit files are kept even when they are not images; globs expand; duplicates go.
     found = find_images([photos / "notes.txt", str(photos / "sub" / "*.png"), photos / "sub"])
     assert [os.path.relpath(p, photos) for p in found] == [
-        "notes.txt", "sub/blue_right.png", "sub/deeper/green_left.jpeg"]
+        "notes.txt",
+        "sub/blue_right.png",
+        "sub/deeper/green_left.jpeg",
+    ]
     assert find_images([photos], exclude=[photos / "sub"]) == [
-        p for p in find_images([photos]) if "/sub/" not in p]
+        p for p in find_images([photos]) if "/sub/" not in p
+    ]
 
 
 def test_folder_with_good_and_bad_files(tmp_path, monkeypatch, shapes_checkpoint):
     photos = make_photos(tmp_path, monkeypatch)
     output = tmp_path / "captions.jsonl"
     monkeypatch.setenv("CAPTIONER_WEIGHTS", str(shapes_checkpoint))  # the default model
-    code = caption_folder_main([str(photos), "-o", str(output), "--max-pixels", str(MAX_PIXELS),
-                                "--num-workers", "0", "--no-progress"])
+    code = caption_folder_main(
+        [
+            str(photos),
+            "-o",
+            str(output),
+            "--max-pixels",
+            str(MAX_PIXELS),
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = by_name(read_jsonl(output))
     assert set(rows) == {Path(g[0]).name for g in GOOD} | set(BAD)
@@ -141,8 +166,19 @@ def test_workers_csv_n_best_and_attention(tmp_path, monkeypatch, shapes_checkpoi
     (photos / "locked.jpg").unlink()  # its denial may be simulated in this process only
     output = tmp_path / "captions.csv"
     attention = photos / "attention"  # inside the scanned folder: must not be captioned later
-    code = run(photos, output, shapes_checkpoint, "--num-workers", "2", "--batch-size", "3",
-               "--n-best", "2", "--save-attention", str(attention))
+    code = run(
+        photos,
+        output,
+        shapes_checkpoint,
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "3",
+        "--n-best",
+        "2",
+        "--save-attention",
+        str(attention),
+    )
     assert code == 0
     with output.open(newline="") as f:
         rows = by_name(list(csv.DictReader(f)))
@@ -174,8 +210,20 @@ def test_length_penalty_reaches_the_beam_search(tmp_path, monkeypatch, shapes_ch
     captioner = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
     for penalty in ("0.0", "1.0"):
         output = tmp_path / f"captions-{penalty}.jsonl"
-        assert run(files, output, shapes_checkpoint, "--length-penalty", penalty, "--n-best", "2",
-                   "--num-workers", "0") == 0
+        assert (
+            run(
+                files,
+                output,
+                shapes_checkpoint,
+                "--length-penalty",
+                penalty,
+                "--n-best",
+                "2",
+                "--num-workers",
+                "0",
+            )
+            == 0
+        )
         rows = by_name(read_jsonl(output))
         for path in files:
             expected = captioner.caption(str(path), beam_size=3, length_penalty=float(penalty), n_best=2)
@@ -183,7 +231,8 @@ def test_length_penalty_reaches_the_beam_search(tmp_path, monkeypatch, shapes_ch
             assert row["caption"] == expected.text
             assert row["score"] == pytest.approx(expected.score, abs=1e-4)  # stored to 4 decimals
             assert [a["score"] for a in row["alternatives"]] == pytest.approx(
-                [a.score for a in expected.alternatives], abs=1e-4)
+                [a.score for a in expected.alternatives], abs=1e-4
+            )
     normalised = by_name(read_jsonl(tmp_path / "captions-1.0.jsonl"))["red_left.jpg"]
     plain = by_name(read_jsonl(tmp_path / "captions-0.0.jsonl"))["red_left.jpg"]
     words = len(plain["caption"].split()) + 1  # with <end>
@@ -302,7 +351,8 @@ def odd_names_folder(root: Path) -> tuple[Path, bytes, Path]:
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])
 def test_file_names_that_are_not_utf8_are_captioned_recorded_exactly_and_resumed(
-        tmp_path, shapes_checkpoint, suffix):
+    tmp_path, shapes_checkpoint, suffix
+):
     photos, latin1, formula = odd_names_folder(tmp_path)
     output = tmp_path / f"captions.{suffix}"
     assert run(photos, output, shapes_checkpoint, "--num-workers", "0") == 0
@@ -397,10 +447,22 @@ def test_torchrun_ranks_caption_their_shards_like_one_process(tmp_path, shapes_c
     photos = shapes_folder(tmp_path)
     flags = ["--checkpoint", str(shapes_checkpoint), "--num-workers", "0", "--no-progress"]
     assert run(photos, tmp_path / "one.jsonl", shapes_checkpoint, "--num-workers", "0") == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "scripts/caption_folder.py", str(photos), "-o", str(tmp_path / "out.jsonl"), *flags]
-    done = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "scripts/caption_folder.py",
+        str(photos),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        *flags,
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [tmp_path / f"out.rank{k}.jsonl" for k in range(2)]
     assert all(captions_of(r) for r in ranks) and not (tmp_path / "out.jsonl").exists()
@@ -416,12 +478,24 @@ def test_a_killed_rank_resumes_its_shard(tmp_path, shapes_checkpoint):
     """What one torchrun rank sees (RANK, WORLD_SIZE), killed with SIGKILL mid-run, then rerun."""
     photos = shapes_folder(tmp_path)
     rank_env = subprocess_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0")
-    command = [sys.executable, "scripts/caption_folder.py", str(photos), "-o", str(tmp_path / "out.jsonl"),
-               "--checkpoint", str(shapes_checkpoint), "--num-workers", "0", "--batch-size", "1",
-               "--no-progress"]
+    command = [
+        sys.executable,
+        "scripts/caption_folder.py",
+        str(photos),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--checkpoint",
+        str(shapes_checkpoint),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
     output = tmp_path / "out.rank1.jsonl"
-    proc = subprocess.Popen(command, cwd=ROOT, env=rank_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=rank_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not (output.exists() and output.read_text().count("\n") >= 1):

@@ -44,6 +44,7 @@ def small_folder(root: Path, count: int = 4) -> Path:
 
 def no_model_load(monkeypatch) -> None:
     """Loading the model fails the test: the command must have stopped before."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
@@ -53,8 +54,9 @@ def no_model_load(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- inputs (33.3, 33.19, 34.3)
 
 
-def test_shards_are_the_same_on_every_machine_wherever_the_folder_is(tmp_path, shapes_checkpoint,
-                                                                     monkeypatch):
+def test_shards_are_the_same_on_every_machine_wherever_the_folder_is(
+    tmp_path, shapes_checkpoint, monkeypatch
+):
     """Issue 33.3: the same photos at m1/photos and m2/home/u/photos, each machine running from
     its own folder, shard by the path relative to the input: every photo in exactly one shard."""
     m1 = tmp_path / "m1"
@@ -104,8 +106,9 @@ def test_an_empty_shard_is_not_a_failure(tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- output (33.4-6, 12, 13b, 17)
 
 
-def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_path, shapes_checkpoint,
-                                                                           capsys):
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(
+    tmp_path, shapes_checkpoint, capsys
+):
     """Issue 33.4: another run holds the output's lock: refused at once, the file untouched."""
     photos = small_folder(tmp_path)
     output = tmp_path / "out.jsonl"
@@ -124,10 +127,21 @@ def test_records_stream_to_a_pipe_without_resume(tmp_path, shapes_checkpoint):
     """Issue 33.5: `-o /dev/stdout | cat` hung reading the pipe back; records stream, the summary
     goes to stderr."""
     photos = small_folder(tmp_path)
-    command = [sys.executable, "scripts/caption_folder.py", str(photos), "-o", "/dev/stdout",
-               "--checkpoint", str(shapes_checkpoint), "--num-workers", "0", "--no-progress"]
-    done = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
+    command = [
+        sys.executable,
+        "scripts/caption_folder.py",
+        str(photos),
+        "-o",
+        "/dev/stdout",
+        "--checkpoint",
+        str(shapes_checkpoint),
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == 4 and all(r["caption"] for r in records)
@@ -150,15 +164,33 @@ def test_a_full_disk_on_a_regular_file_exits_2_with_one_line(tmp_path, shapes_ch
     """Issue 33.6: the file-size limit stands in for a disk filling up mid-run (Python ignores
     SIGXFSZ, so the write fails with EFBIG as it would with ENOSPC)."""
     photos = small_folder(tmp_path)
-    command = [sys.executable, "scripts/caption_folder.py", str(photos), "-o", str(tmp_path / "out.jsonl"),
-               "--checkpoint", str(shapes_checkpoint), "--num-workers", "0", "--batch-size", "1",
-               "--no-progress"]
+    command = [
+        sys.executable,
+        "scripts/caption_folder.py",
+        str(photos),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--checkpoint",
+        str(shapes_checkpoint),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
 
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))  # one or two records
 
-    done = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300, preexec_fn=limit_file_size)
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert f"error: cannot write {tmp_path / 'out.jsonl'}: [Errno 27] File too large" in done.stderr
@@ -215,8 +247,9 @@ def test_a_csv_re_saved_by_a_spreadsheet_resumes(tmp_path, shapes_checkpoint, en
 # ----------------------------------------------------------------------------- --focus-json (33.18)
 
 
-def test_focus_json_names_unmatched_paths_refuses_non_boxes_and_records_the_box(tmp_path, shapes_checkpoint,
-                                                                                capsys):
+def test_focus_json_names_unmatched_paths_refuses_non_boxes_and_records_the_box(
+    tmp_path, shapes_checkpoint, capsys
+):
     photos = small_folder(tmp_path)
     paths = sorted(find_inputs([photos]))
     boxes = tmp_path / "boxes.json"
@@ -248,8 +281,9 @@ def test_a_bad_region_given_to_caption_files_is_an_error_row(tmp_path, captioner
     mask = np.zeros((224, 224), dtype=bool)
     mask[:, :112] = True
     output = tmp_path / "out.jsonl"
-    summary = caption_files(captioner, paths[:3], output, settings=SETTINGS,
-                            focus={paths[0]: "0099", paths[1]: mask})
+    summary = caption_files(
+        captioner, paths[:3], output, settings=SETTINGS, focus={paths[0]: "0099", paths[1]: mask}
+    )
     assert (summary.captioned, summary.failed) == (2, 1)
     records = read_jsonl(output)
     assert "focus box must be four numbers" in records[0]["error"] and records[0]["focus"] is None
@@ -266,8 +300,9 @@ def test_save_pretrained_copies_only_card_images_inside_both_folders(shapes_chec
     shutil.copytree(shapes_checkpoint, source)
     shape_image("red", "circle", "left").save(tmp_path / "src" / "secret_outside.png")
     shape_image("red", "circle", "left").save(source / "figure.png")
-    (source / "MODEL_CARD.md").write_text("# m\n![x](../secret_outside.png) ![y](figure.png) "
-                                          f"![z]({tmp_path / 'src' / 'secret_outside.png'})\n")
+    (source / "MODEL_CARD.md").write_text(
+        f"# m\n![x](../secret_outside.png) ![y](figure.png) ![z]({tmp_path / 'src' / 'secret_outside.png'})\n"
+    )
     target = Captioner.from_pretrained(source).save_pretrained(tmp_path / "exp_out" / "m")
     assert (target / "figure.png").is_file() and (target / "MODEL_CARD.md").is_file()
     assert sorted(p.name for p in (tmp_path / "exp_out").iterdir()) == ["m"]

@@ -50,20 +50,36 @@ def test_one_command_has_every_subcommand():
 @pytest.mark.parametrize("argv", [[], *([name] for name in COMMANDS)])
 def test_help_imports_neither_torch_nor_gradio(argv):
     """`captioner [SUB] --help` parses its flags before importing anything heavy."""
-    code = ("import sys\nfrom captioner.cli.main import main\ntry:\n    main(sys.argv[1:])\n"
-            "except SystemExit as done:\n    assert done.code == 0\n"
-            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    run = subprocess.run([sys.executable, "-c", code, *argv, "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+    code = (
+        "import sys\nfrom captioner.cli.main import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as done:\n    assert done.code == 0\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert "usage: captioner" in run.stdout
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
 
 
 def test_import_captioner_loads_neither_gradio_nor_matplotlib():
-    code = ("import sys, captioner\nassert captioner.Captioner.__name__ == 'Captioner'\n"
-            "print(sorted(m for m in ('gradio', 'matplotlib') if m in sys.modules))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+    code = (
+        "import sys, captioner\nassert captioner.Captioner.__name__ == 'Captioner'\n"
+        "print(sorted(m for m in ('gradio', 'matplotlib') if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert run.stdout.strip() == "[]"
 
 
@@ -116,9 +132,21 @@ def test_help_text_comes_from_the_field_docstrings(capsys):
 @pytest.mark.parametrize("command", ["caption", "evaluate", "app", "benchmark"])
 def test_the_decoding_flags_are_declared_once_from_decode_options(command):
     parser = subcommands()[command]
-    given = parser.parse_args([*(["x.jpg"] if command == "caption" else []), "--beam-size", "5",
-                               "--length-penalty", "1.0", "--no-repeat-ngram-size", "2", "--n-best", "2",
-                               "--max-length", "9"])
+    given = parser.parse_args(
+        [
+            *(["x.jpg"] if command == "caption" else []),
+            "--beam-size",
+            "5",
+            "--length-penalty",
+            "1.0",
+            "--no-repeat-ngram-size",
+            "2",
+            "--n-best",
+            "2",
+            "--max-length",
+            "9",
+        ]
+    )
     assert config_from_args(DecodeOptions, given) == DecodeOptions(5, 9, 1.0, 2, 2)
     flags = {f.dest: f for f in config_fields(DecodeOptions)}
     actions = {a.dest: a for a in parser._actions}
@@ -173,10 +201,14 @@ def test_flags_are_kebab_case_and_the_underscore_spelling_is_accepted():
     snake = parse("caption", "x.jpg", "--beam_size", "5", "--no_repeat_ngram_size=2", "--n_best", "2")
     settings = [{k: v for k, v in vars(args).items() if k != "command_parser"} for args in (kebab, snake)]
     assert settings[0] == settings[1] and (kebab.beam_size, kebab.no_repeat_ngram_size) == (5, 2)
-    args = parse("train", "--output_dir", "runs/my_run", "--model.grid_size", "7",
-                 "--data.max-val-images", "3")
+    args = parse(
+        "train", "--output_dir", "runs/my_run", "--model.grid_size", "7", "--data.max-val-images", "3"
+    )
     assert (args.output_dir, getattr(args, "model.grid_size"), getattr(args, "data.max_val_images")) == (
-        "runs/my_run", 7, 3)  # values keep their underscores
+        "runs/my_run",
+        7,
+        3,
+    )  # values keep their underscores
     assert caption_folder_parser().parse_args(["--beam_size", "4", "a.png"]).beam_size == 4
 
 
@@ -189,7 +221,12 @@ def test_train_flags_override_a_saved_config(tmp_path):
     args = parse("train", "--config", str(path), "--epochs", "3", "--model.dropout", "0.1", "--resume")
     cfg = config_from_args(TrainConfig, args, load_config_file(args.config))
     assert (cfg.epochs, cfg.model.hidden_dim, cfg.model.dropout, cfg.output_dir, cfg.resume) == (
-        3, 64, 0.1, "runs/a", True)
+        3,
+        64,
+        0.1,
+        "runs/a",
+        True,
+    )
 
 
 def test_unknown_flags_are_refused_with_the_subcommand_name(capsys):
@@ -201,14 +238,30 @@ def test_unknown_flags_are_refused_with_the_subcommand_name(capsys):
 
 @pytest.mark.slow
 def test_scripts_and_app_py_are_aliases_of_the_subcommands():
-    for script, command in [("scripts/train.py", "train"), ("scripts/evaluate.py", "evaluate"),
-                            ("scripts/export_model.py", "export"), ("scripts/caption_folder.py", "caption"),
-                            ("scripts/benchmark.py", "benchmark"), ("app.py", "app")]:
-        alias = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
-                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
-        direct = subprocess.run([sys.executable, "-m", "captioner", command, "--help"], cwd=ROOT,
-                                capture_output=True, text=True, check=True,
-                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    for script, command in [
+        ("scripts/train.py", "train"),
+        ("scripts/evaluate.py", "evaluate"),
+        ("scripts/export_model.py", "export"),
+        ("scripts/caption_folder.py", "caption"),
+        ("scripts/benchmark.py", "benchmark"),
+        ("app.py", "app"),
+    ]:
+        alias = subprocess.run(
+            [sys.executable, script, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            check=True,
+        )
+        direct = subprocess.run(
+            [sys.executable, "-m", "captioner", command, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
         assert alias.stdout == direct.stdout and f"usage: captioner {command}" in alias.stdout, script
 
 
@@ -221,25 +274,50 @@ def test_app_stops_with_a_clear_error_when_the_model_fails_behind_the_page(shape
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     from .app_server import OFFLINE_ENV, free_port
 
-    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(broken),
-                          "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(broken), "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 1, run.stderr
     assert "cannot start without a model" in run.stderr and "corrupt or not a safetensors file" in run.stderr
     assert "Traceback" not in run.stderr
 
 
-BENCHMARK_FLAGS = ["--checkpoint", "--quantize", "--encoder-batches", "--vocab-size", "--batch-sizes",
-                   "--beam-size", "--max-length", "--image-size", "--runs", "--warmup", "--threads",
-                   "--extract-images", "--extract-runs", "--flickr-root", "--dev-cider", "--encoders",
-                   "--clock"]
+BENCHMARK_FLAGS = [
+    "--checkpoint",
+    "--quantize",
+    "--encoder-batches",
+    "--vocab-size",
+    "--batch-sizes",
+    "--beam-size",
+    "--max-length",
+    "--image-size",
+    "--runs",
+    "--warmup",
+    "--threads",
+    "--extract-images",
+    "--extract-runs",
+    "--flickr-root",
+    "--dev-cider",
+    "--encoders",
+    "--clock",
+]
 
 
 def test_benchmark_help_lists_the_benchmarks_own_flags():
     """The benchmark lives in the library (captioner.benchmark); its flags are the subcommand's."""
-    run = subprocess.run([sys.executable, "-m", "captioner", "benchmark", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [sys.executable, "-m", "captioner", "benchmark", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert "usage: captioner benchmark" in run.stdout
     assert [flag for flag in BENCHMARK_FLAGS if flag not in run.stdout] == []
     assert "torch,onnx" in run.stdout  # --encoders' choices
@@ -256,27 +334,63 @@ def test_benchmark_refuses_dev_cider_without_flickr8k(tmp_path, capsys):
 def test_a_short_benchmark_runs_every_timing(tmp_path, capsys):
     """One run of each table (random decoder, Lite0 at 224 px, generated photos): the numbers
     are meaningless, but every code path behind them runs."""
-    main(["benchmark", "--runs", "1", "--warmup", "0", "--threads", "1", "--batch-sizes", "1", "2",
-          "--encoder-batches", "1", "2",
-          "--max-length", "4", "--extract-images", "2", "--extract-runs", "1",
-          "--flickr-root", str(tmp_path / "missing")])
+    main(
+        [
+            "benchmark",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--encoder-batches",
+            "1",
+            "2",
+            "--max-length",
+            "4",
+            "--extract-images",
+            "2",
+            "--extract-runs",
+            "1",
+            "--flickr-root",
+            str(tmp_path / "missing"),
+        ]
+    )
     out = capsys.readouterr().out
-    for row in ("timm stock forward_features", "torch eager (Encoder)", "onnxruntime fp32",
-                "torch encoder", "feature extraction, 2 generated photos", "onnxruntime start-up",
-                "peak memory"):
+    for row in (
+        "timm stock forward_features",
+        "torch eager (Encoder)",
+        "onnxruntime fp32",
+        "torch encoder",
+        "feature extraction, 2 generated photos",
+        "onnxruntime start-up",
+        "peak memory",
+    ):
         assert row in out, row
-    caption_rows = [line.split() for line in out.splitlines()
-                    if line.split()[:2] == ["onnxruntime", "encoder"] and line.split()[2].isdigit()]
+    caption_rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:2] == ["onnxruntime", "encoder"] and line.split()[2].isdigit()
+    ]
     assert [row[2] for row in caption_rows] == ["1", "2"]  # caption() of 1 photo and of 2
 
 
 # --- expected failures: one line on stderr naming the input and the fix, no traceback -------------
 
+
 def run_captioner(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real `captioner` command in a subprocess, offline."""
-    return subprocess.run([sys.executable, "-m", "captioner", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                                       "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "captioner", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, command: str, *expected: str) -> None:
@@ -287,16 +401,25 @@ def assert_one_line_error(run: subprocess.CompletedProcess, command: str, *expec
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, expected", [
-    (["evaluate"], ["no dataset given: pass --data.root DIR (flickr: the folder with the token file"]),
-    (["evaluate", "--data.root", "/nope"], ["Flickr dataset folder not found: /nope (check --data.root)"]),
-    (["evaluate", "--data.kind", "coco"], ["pass --data.train FILE --data.train-images DIR"]),
-    (["evaluate", "--data.train", "a.json"], ["--data.kind flickr takes --data.root, not --data.train"]),
-    (["train", "--data.root", "/nope", "--epochs", "1"], ["/nope (check --data.root)"]),
-    (["train", "--config", "/nope/train_config.json"], ["--config /nope/train_config.json: no such file"]),
-    (["export", "/nope", "/tmp/captioner-export-test"], ["model path /nope does not exist"]),
-    (["app", "--model", "/nope"], ["cannot start without a model: /nope does not exist: pass --model"]),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["evaluate"], ["no dataset given: pass --data.root DIR (flickr: the folder with the token file"]),
+        (
+            ["evaluate", "--data.root", "/nope"],
+            ["Flickr dataset folder not found: /nope (check --data.root)"],
+        ),
+        (["evaluate", "--data.kind", "coco"], ["pass --data.train FILE --data.train-images DIR"]),
+        (["evaluate", "--data.train", "a.json"], ["--data.kind flickr takes --data.root, not --data.train"]),
+        (["train", "--data.root", "/nope", "--epochs", "1"], ["/nope (check --data.root)"]),
+        (
+            ["train", "--config", "/nope/train_config.json"],
+            ["--config /nope/train_config.json: no such file"],
+        ),
+        (["export", "/nope", "/tmp/captioner-export-test"], ["model path /nope does not exist"]),
+        (["app", "--model", "/nope"], ["cannot start without a model: /nope does not exist: pass --model"]),
+    ],
+)
 def test_an_expected_failure_is_one_line_naming_the_input_and_the_fix(argv, expected):
     assert_one_line_error(run_captioner(*argv), argv[0], *expected)
 

@@ -101,10 +101,7 @@ def test_missing_image_folder(tmp_path):
         ("", "file is empty"),
         ("{not json", "not valid JSON"),
         ('{"images": [], "annotations": []}', "no images with captions"),
-        (
-            '{"images": [{"id": 1}], "annotations": []}',
-            r"images\[0\] needs an 'id' and a 'file_name'",
-        ),
+        ('{"images": [{"id": 1}], "annotations": []}', r"images\[0\] needs an 'id' and a 'file_name'"),
         (
             '{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 1, '
             '"bbox": [0, 0, 1, 1]}]}',
@@ -164,12 +161,7 @@ def test_load_karpathy_coco(tmp_path):
 def test_load_karpathy_flickr_uses_file_names_as_ids(tmp_path):
     split_json = write_json(
         tmp_path / "dataset_flickr8k.json",
-        {
-            "images": [
-                karpathy_entry("x.jpg", "train", "a dog"),
-                karpathy_entry("y.jpg", "test", "a cat"),
-            ]
-        },
+        {"images": [karpathy_entry("x.jpg", "train", "a dog"), karpathy_entry("y.jpg", "test", "a cat")]},
     )
     write_images(tmp_path / "images", "x.jpg", "y.jpg")
     data = load_karpathy(split_json, tmp_path / "images")
@@ -180,12 +172,7 @@ def test_load_karpathy_flickr_uses_file_names_as_ids(tmp_path):
 def test_karpathy_malformed_entry_names_its_index(tmp_path):
     split_json = write_json(
         tmp_path / "dataset_coco.json",
-        {
-            "images": [
-                karpathy_entry("a.jpg", "train", "x"),
-                karpathy_entry("b.jpg", "holdout", "y"),
-            ]
-        },
+        {"images": [karpathy_entry("a.jpg", "train", "x"), karpathy_entry("b.jpg", "holdout", "y")]},
     )
     with pytest.raises(DatasetError, match=r"dataset_coco.json: images\[1\] is malformed"):
         load_karpathy(split_json, tmp_path)
@@ -287,12 +274,7 @@ def test_flickr30k_token_file(tmp_path):
 
     write_json(
         tmp_path / "dataset_flickr30k.json",
-        {
-            "images": [
-                karpathy_entry("1.jpg", "train", "A man ."),
-                karpathy_entry("2.jpg", "val", "A dog ."),
-            ]
-        },
+        {"images": [karpathy_entry("1.jpg", "train", "A man ."), karpathy_entry("2.jpg", "val", "A dog .")]},
     )
     data = load_flickr(tmp_path)
     assert [i.image_id for i in data["val"]] == ["2.jpg"]
@@ -319,9 +301,7 @@ def test_load_pairs_jsonl_with_image_root(tmp_path):
     write_images(tmp_path / "images", "a.png")
     pairs = tmp_path / "meta" / "pairs.jsonl"
     pairs.parent.mkdir()
-    pairs.write_text(
-        '{"image": "a.png", "caption": "one"}\n\n{"image": "a.png", "caption": "two"}\n'
-    )
+    pairs.write_text('{"image": "a.png", "caption": "one"}\n\n{"image": "a.png", "caption": "two"}\n')
     items = load_pairs(pairs, image_root=tmp_path / "images")
     assert [(i.image_id, i.captions) for i in items] == [("a.png", ["one", "two"])]
 
@@ -329,11 +309,7 @@ def test_load_pairs_jsonl_with_image_root(tmp_path):
 @pytest.mark.parametrize(
     "name, content, problem",
     [
-        (
-            "p.jsonl",
-            '{"image": "a.png", "caption": "x"}\n{"image": "a.png"\n',
-            r"p.jsonl:2: invalid",
-        ),
+        ("p.jsonl", '{"image": "a.png", "caption": "x"}\n{"image": "a.png"\n', r"p.jsonl:2: invalid"),
         ("p.jsonl", '{"image": "a.png", "text": "x"}\n', r"p.jsonl:1: expected"),
         ("p.csv", "file,text\na.png,x\n", "header must have 'image' and 'caption'"),
         ("p.csv", "image,caption\n,x\n", r"p.csv:2: missing image path"),
@@ -356,13 +332,17 @@ def test_load_dataset_coco_train_and_val(tmp_path):
     val = coco_json(tmp_path / "captions_val.json", {2: ["b"]})
     write_images(tmp_path / "train", "000000000001.jpg")
     write_images(tmp_path / "val", "000000000002.jpg")
-    data = load_dataset(DataConfig("coco", train=str(train), train_images=str(tmp_path / "train"),
-                                   val=str(val), val_images=str(tmp_path / "val")))
+    data = load_dataset(
+        DataConfig(
+            "coco",
+            train=str(train),
+            train_images=str(tmp_path / "train"),
+            val=str(val),
+            val_images=str(tmp_path / "val"),
+        )
+    )
     assert isinstance(data, CaptionDataset)
-    assert {s: [i.image_id for i in v] for s, v in data.splits.items()} == {
-        "train": ["1"],
-        "val": ["2"],
-    }
+    assert {s: [i.image_id for i in v] for s, v in data.splits.items()} == {"train": ["1"], "val": ["2"]}
     with pytest.raises(DatasetError, match=r"no 'test' split .*\['train', 'val'\]"):
         data["test"]
 

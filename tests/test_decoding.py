@@ -22,8 +22,9 @@ END = Vocabulary.end_id
 def _random_decoder(vocab_size=12, feature_dim=32, seed=0):
     """A small untrained decoder: with few words it says <end> now and then, at random steps."""
     torch.manual_seed(seed)
-    return AttentionDecoder(vocab_size, feature_dim, annotation_dim=16, embed_dim=16, hidden_dim=24,
-                            attention_dim=16, dropout=0.0).eval()
+    return AttentionDecoder(
+        vocab_size, feature_dim, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16, dropout=0.0
+    ).eval()
 
 
 def _random_features(batch, num_cells=9, feature_dim=32, seed=4):
@@ -57,8 +58,12 @@ class BigramDecoder(nn.Module):
     def step(self, features, keys, words, state, focus=None):
         num_cells = features.shape[1]
         num_rows = len(words)  # no gate: the context passes unscaled
-        return (self.table[words], state, features.new_full((num_rows, num_cells), 1.0 / num_cells),
-                features.new_ones(num_rows))
+        return (
+            self.table[words],
+            state,
+            features.new_full((num_rows, num_cells), 1.0 / num_cells),
+            features.new_ones(num_rows),
+        )
 
 
 X, Y, Z = 4, 5, 6  # word ids after the four special tokens
@@ -176,8 +181,9 @@ def test_beam_search_n_best_are_ranked_distinct_and_rescore_exactly():
 def test_n_best_does_not_change_the_best_caption():
     """`y y y` (unfinished at max_length) outscores the finished `x`: asking for fewer
     alternatives must not change which caption wins."""
-    decoder = BigramDecoder(7, {Vocabulary.start_id: {Y: 0.6, X: 0.4}, X: {END: 0.6, X: 0.4},
-                                Y: {Y: 0.9, Z: 0.1}})
+    decoder = BigramDecoder(
+        7, {Vocabulary.start_id: {Y: 0.6, X: 0.4}, X: {END: 0.6, X: 0.4}, Y: {Y: 0.9, Z: 0.1}}
+    )
     features = torch.zeros(1, 4, 8)
     full = _search(decoder, features, beam_size=2, max_length=3)[0]
     assert [h.tokens for h in full] == [[Y, Y, Y], [X]]
@@ -190,8 +196,15 @@ def test_n_best_does_not_change_the_best_caption():
 
 def test_length_penalty_prefers_the_longer_caption():
     """`x` has the higher log-probability (0.35 vs 0.27), `y z` the higher per-word one."""
-    decoder = BigramDecoder(7, {Vocabulary.start_id: {X: 0.7, Y: 0.3}, X: {END: 0.5, X: 0.3, Y: 0.2},
-                                Y: {Z: 0.95, END: 0.05}, Z: {END: 0.95, Z: 0.05}})
+    decoder = BigramDecoder(
+        7,
+        {
+            Vocabulary.start_id: {X: 0.7, Y: 0.3},
+            X: {END: 0.5, X: 0.3, Y: 0.2},
+            Y: {Z: 0.95, END: 0.05},
+            Z: {END: 0.95, Z: 0.05},
+        },
+    )
     features = torch.zeros(2, 4, 8)
     plain = _search(decoder, features, beam_size=2, max_length=10)[0]
     assert [h.tokens for h in plain] == [[X], [Y, Z]]
@@ -221,7 +234,8 @@ def test_a_decoder_that_never_ends_stops_at_max_length(trained_shapes_model, sha
         assert all(not h.finished and len(h.tokens) == 9 for h in hyps)
         assert all(math.isfinite(h.score) for h in hyps)
     results = Captioner(endless, vocab, device="cpu").caption(
-        [img for img, _, _ in all_examples()[:2]], beam_size=3, max_length=9)
+        [img for img, _, _ in all_examples()[:2]], beam_size=3, max_length=9
+    )
     assert all(not r.finished and len(r.words) == 9 and r.attention.shape == (9, 4, 4) for r in results)
     # the unmodified model does finish
     assert all(h.finished for h in _greedy(model.decoder, features, max_length=9))
@@ -271,8 +285,9 @@ def test_trained_model_captions_and_looks_at_the_shape(beam_size, trained_shapes
     model, vocab, losses = trained_shapes_model
     assert losses[-1] < 0.2 * losses[0]
     examples = all_examples()
-    results = Captioner(model, vocab, device="cpu").caption([img for img, _, _ in examples],
-                                                             beam_size=beam_size)
+    results = Captioner(model, vocab, device="cpu").caption(
+        [img for img, _, _ in examples], beam_size=beam_size
+    )
     assert [r.text for r in results] == [caption for _, caption, _ in examples]
     for result, (_, caption, side) in zip(results, examples, strict=True):
         colour = result.attention[1]  # "a <colour> ..."
@@ -294,13 +309,14 @@ def test_unk_is_never_written_even_when_the_model_prefers_it():
     unbanned = decoder.classifier(torch.zeros(1, 16)).argmax(dim=-1)
     assert int(unbanned) == Vocabulary.unk_id  # without the ban, greedy would say <unk>
     torch.manual_seed(0)
-    hypotheses = [*_sampled(decoder, features, 6, greedy=True),
-                  *_sampled(decoder, features, 6),
-                  *(h for hyps in _search(decoder, features, beam_size=3, max_length=6) for h in hyps)]
+    hypotheses = [
+        *_sampled(decoder, features, 6, greedy=True),
+        *_sampled(decoder, features, 6),
+        *(h for hyps in _search(decoder, features, beam_size=3, max_length=6) for h in hyps),
+    ]
     assert len(hypotheses) == 4 + 4 + 12
     assert sum(len(h.tokens) for h in hypotheses) > 20  # real words were written instead
     assert all(Vocabulary.unk_id not in h.tokens for h in hypotheses)
-
 
 
 # ----------------------------------------------------------------------------- repetition
@@ -309,8 +325,12 @@ def test_unk_is_never_written_even_when_the_model_prefers_it():
 def test_no_repeat_ngram_size_blocks_a_repeated_phrase():
     """A bigram model that loops `x y x y ...`: with n = 2 no caption says `x y` twice, with
     n = 3 none says `x y x` twice; the blocked word gives way to the next-best one."""
-    table = {Vocabulary.start_id: {X: 0.9, Z: 0.1}, X: {Y: 0.8, END: 0.2}, Y: {X: 0.6, Z: 0.3, END: 0.1},
-             Z: {END: 0.9, Z: 0.1}}
+    table = {
+        Vocabulary.start_id: {X: 0.9, Z: 0.1},
+        X: {Y: 0.8, END: 0.2},
+        Y: {X: 0.6, Z: 0.3, END: 0.1},
+        Z: {END: 0.9, Z: 0.1},
+    }
     decoder = BigramDecoder(7, table)
     features = torch.zeros(2, 4, 8)
     (loop,) = _greedy(decoder, features[:1], max_length=8)
@@ -329,8 +349,10 @@ def test_no_repeat_ngram_size_blocks_a_repeated_phrase():
                 grams = list(zip(*(h.tokens[i:] for i in range(n)), strict=False))
                 assert len(grams) == len(set(grams)), (n, h.tokens)
                 words = [Vocabulary.start_id, *h.tokens] + ([END] if h.finished else [])
-                exact = sum(math.log(table[a].get(b, math.exp(-30)))  # the decoder's floor
-                            for a, b in zip(words, words[1:], strict=False))
+                exact = sum(
+                    math.log(table[a].get(b, math.exp(-30)))  # the decoder's floor
+                    for a, b in zip(words, words[1:], strict=False)
+                )
                 assert h.log_prob == pytest.approx(exact, abs=1e-4)
 
 
@@ -403,8 +425,9 @@ def test_beam_search_reports_the_attention_and_gate_of_each_word(beam_size, focu
 
 def test_a_decoder_without_the_gate_reports_a_gate_of_one():
     torch.manual_seed(0)
-    decoder = AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24,
-                               attention_dim=16, dropout=0.0, gate=False).eval()
+    decoder = AttentionDecoder(
+        12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16, dropout=0.0, gate=False
+    ).eval()
     for h in _greedy(decoder, _random_features(2), max_length=5):
         assert h.tokens and torch.equal(h.gates, torch.ones(len(h.tokens)))
 
@@ -423,8 +446,16 @@ def test_decoding_without_gradients_equals_the_lstm_cells_path(attention):
     """Without gradients a step looks up each word's share of the LSTM gates instead of
     multiplying its embedding (AttentionDecoder._word_tables): same words, same numbers."""
     torch.manual_seed(0)
-    decoder = AttentionDecoder(40, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16,
-                               attention=attention, dropout=0.0).eval()
+    decoder = AttentionDecoder(
+        40,
+        32,
+        annotation_dim=16,
+        embed_dim=16,
+        hidden_dim=24,
+        attention_dim=16,
+        attention=attention,
+        dropout=0.0,
+    ).eval()
     features = _random_features(6)
     tokens, log_probs, alphas = _greedy_tensors(decoder, features, grad=True)
     fast_tokens, fast_log_probs, fast_alphas = _greedy_tensors(decoder, features, grad=False)

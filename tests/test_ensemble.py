@@ -25,8 +25,9 @@ from .shapes import all_examples
 
 def _decoder(seed: int) -> AttentionDecoder:
     torch.manual_seed(seed)
-    return AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24,
-                            attention_dim=16, dropout=0.0).eval()
+    return AttentionDecoder(
+        12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16, dropout=0.0
+    ).eval()
 
 
 def _features(batch: int) -> torch.Tensor:
@@ -44,8 +45,9 @@ def test_an_ensemble_of_one_decoder_twice_decodes_like_the_decoder():
     twice = DecoderEnsemble([decoder, copy.deepcopy(decoder)]).eval()
     features = _features(5)
     options = DecodeOptions(beam_size=3, max_length=10, no_repeat_ngram_size=0)
-    for alone, together in zip(beam_search(decoder, features, options),
-                               beam_search(twice, features, options), strict=True):
+    for alone, together in zip(
+        beam_search(decoder, features, options), beam_search(twice, features, options), strict=True
+    ):
         assert [h.tokens for h in together] == [h.tokens for h in alone]
         assert [h.score for h in together] == pytest.approx([h.score for h in alone], abs=1e-4)
         for a, b in zip(alone, together, strict=True):
@@ -101,20 +103,32 @@ def second_shapes_checkpoint(trained_shapes_model, tmp_path_factory):
     other = copy.deepcopy(model)
     torch.manual_seed(1)
     other.decoder = CaptionModel(model.config, len(vocab), encoder_weights="random").decoder
-    return save_model(tmp_path_factory.mktemp("second"), other.eval(), vocab,
-                      metadata={"member": "second"})
+    return save_model(tmp_path_factory.mktemp("second"), other.eval(), vocab, metadata={"member": "second"})
 
 
 @pytest.mark.slow
-def test_export_writes_an_ensemble_that_loads_and_captions(shapes_checkpoint, second_shapes_checkpoint,
-                                                           tmp_path):
+def test_export_writes_an_ensemble_that_loads_and_captions(
+    shapes_checkpoint, second_shapes_checkpoint, tmp_path
+):
     target = tmp_path / "ensemble"
-    subprocess.run([sys.executable, "scripts/export_model.py", str(shapes_checkpoint),
-                    str(second_shapes_checkpoint), str(target), "--dtype", "float32"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/export_model.py",
+            str(shapes_checkpoint),
+            str(second_shapes_checkpoint),
+            str(target),
+            "--dtype",
+            "float32",
+        ],
+        check=True,
+    )
     model, vocab, config = load_model(target)
     assert isinstance(model.decoder, DecoderEnsemble) and len(model.decoder.members) == 2
     assert [m["path"] for m in config["metadata"]["ensemble_of"]] == [
-        str(shapes_checkpoint), str(second_shapes_checkpoint)]
+        str(shapes_checkpoint),
+        str(second_shapes_checkpoint),
+    ]
     first, _, _ = load_model(shapes_checkpoint)
     for name, tensor in first.decoder.state_dict().items():
         assert torch.equal(model.decoder.members[0].state_dict()[name], tensor), name
@@ -125,8 +139,9 @@ def test_export_writes_an_ensemble_that_loads_and_captions(shapes_checkpoint, se
         assert result.attention.sum(axis=(1, 2)) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_members_that_cannot_vote_together_are_refused(shapes_checkpoint, second_shapes_checkpoint,
-                                                       trained_shapes_model, tmp_path):
+def test_members_that_cannot_vote_together_are_refused(
+    shapes_checkpoint, second_shapes_checkpoint, trained_shapes_model, tmp_path
+):
     model, vocab, _ = trained_shapes_model
     with pytest.raises(CheckpointError, match="at least 2"):
         load_ensemble([shapes_checkpoint])
@@ -152,7 +167,8 @@ def test_members_that_cannot_vote_together_are_refused(shapes_checkpoint, second
 
 
 def test_an_ensemble_is_stored_beside_the_model_settings_and_old_exports_load(
-        shapes_checkpoint, second_shapes_checkpoint, tmp_path):
+    shapes_checkpoint, second_shapes_checkpoint, tmp_path
+):
     """The ensemble is an inference-time wrapper: `ensemble_size` sits beside the model settings
     (which describe one decoder, as training builds it); folders exported when it was a model
     setting (`model.decoders`) load the same."""

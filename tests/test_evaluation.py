@@ -128,9 +128,7 @@ def test_cider_d_prefers_matching_captions():
     corpus, _ = small_corpus()
     scorer = CiderD(corpus)
     refs = corpus[2]
-    good, random_caption = scorer.scores(
-        [refs[0], ["blue", "cat", "on", "a", "ball"]], [refs, refs]
-    )
+    good, random_caption = scorer.scores([refs[0], ["blue", "cat", "on", "a", "ball"]], [refs, refs])
     assert good > random_caption >= 0
     # A batch repeats each image's references for several samples; results do not depend on it.
     repeated = scorer.scores([refs[0]] * 3, [refs] * 3)

@@ -61,13 +61,19 @@ def test_an_encoder_with_other_weights_never_reads_these_grids(encoder, image_pa
     tuned = copy.deepcopy(encoder)
     with torch.no_grad():
         tuned.stages[-1][0].weight.mul_(1.01)
-    assert (FeatureCache(tmp_path, tuned, image_paths).folder
-            != FeatureCache(tmp_path, encoder, image_paths).folder)
+    assert (
+        FeatureCache(tmp_path, tuned, image_paths).folder
+        != FeatureCache(tmp_path, encoder, image_paths).folder
+    )
     # A stage cache depends only on the stages below its stage.
-    assert (FeatureCache(tmp_path, tuned, image_paths, stage=8).folder
-            == FeatureCache(tmp_path, encoder, image_paths, stage=8).folder)
-    assert (FeatureCache(tmp_path, tuned, image_paths, stage=8).folder
-            != FeatureCache(tmp_path, encoder, image_paths, stage=7).folder)
+    assert (
+        FeatureCache(tmp_path, tuned, image_paths, stage=8).folder
+        == FeatureCache(tmp_path, encoder, image_paths, stage=8).folder
+    )
+    assert (
+        FeatureCache(tmp_path, tuned, image_paths, stage=8).folder
+        != FeatureCache(tmp_path, encoder, image_paths, stage=7).folder
+    )
 
 
 @pytest.mark.parametrize("stage", [6, 8])
@@ -94,8 +100,9 @@ def test_mirrored_cache_holds_the_grids_of_the_mirrored_photos(encoder, image_pa
     assert mirrored.folder.name == f"{plain.folder.name}-hflip"
     assert mirrored.extract(batch_size=8, num_workers=0, progress=False)["copied"] == 0  # not plain rows
     with torch.inference_mode():
-        expected = encoder(torch.stack([encoder.transform(ImageOps.mirror(load_image(p)))
-                                        for p in image_paths]))
+        expected = encoder(
+            torch.stack([encoder.transform(ImageOps.mirror(load_image(p))) for p in image_paths])
+        )
     assert torch.allclose(mirrored.batch(range(16)), expected, rtol=2e-3, atol=2e-3)
     # Not the plain grids, and not the plain grids mirrored cell by cell either.
     assert not torch.allclose(expected, fresh_grids, atol=1e-2)
@@ -138,8 +145,9 @@ def test_extraction_resumes_after_an_interruption(encoder, image_paths, fresh_gr
     assert resumed.extract(num_workers=0, progress=False)["images"] == 0
 
 
-def test_a_new_image_list_copies_what_other_caches_computed(encoder, image_paths, fresh_grids, tmp_path,
-                                                            monkeypatch):
+def test_a_new_image_list_copies_what_other_caches_computed(
+    encoder, image_paths, fresh_grids, tmp_path, monkeypatch
+):
     """Images shared with an earlier list (the dev half of a train+dev cache) are not re-encoded."""
     first = FeatureCache(tmp_path / "cache", encoder, image_paths[:10])
     first.extract(batch_size=8, num_workers=0, progress=False)
@@ -153,8 +161,9 @@ def test_a_new_image_list_copies_what_other_caches_computed(encoder, image_paths
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no fcntl file locks on Windows")
-def test_a_second_process_waits_while_another_creates_the_same_cache(encoder, image_paths, fresh_grids,
-                                                                     tmp_path):
+def test_a_second_process_waits_while_another_creates_the_same_cache(
+    encoder, image_paths, fresh_grids, tmp_path
+):
     """Two evaluations started together once truncated each other's new cache: creation is locked."""
     import fcntl
 
@@ -162,8 +171,9 @@ def test_a_second_process_waits_while_another_creates_the_same_cache(encoder, im
     cache.folder.mkdir(parents=True)
     with open(cache.stem.with_suffix(".lock"), "a") as held:  # another process creating the cache
         fcntl.flock(held, fcntl.LOCK_EX)
-        worker = threading.Thread(target=cache.extract, kwargs={"num_workers": 0, "progress": False},
-                                  daemon=True)  # a hang fails the test, not the whole run
+        worker = threading.Thread(
+            target=cache.extract, kwargs={"num_workers": 0, "progress": False}, daemon=True
+        )  # a hang fails the test, not the whole run
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive() and not cache.done_file.exists()  # waiting, nothing written
@@ -219,7 +229,8 @@ def test_the_cache_file_gets_its_disk_blocks_before_rows_are_written(encoder, im
 
 
 def test_a_cache_larger_than_the_free_space_is_refused_before_anything_is_allocated(
-        encoder, image_paths, tmp_path):
+    encoder, image_paths, tmp_path
+):
     """Asked for 41 TB (an absurd list size on this small fixture), extraction stops at once
     with the size and the path, and no file was allocated."""
     cache = FeatureCache(tmp_path, encoder, image_paths)

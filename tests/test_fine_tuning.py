@@ -108,8 +108,18 @@ def test_tuning_the_head_solves_what_the_frozen_encoder_cannot(dataset, cache_di
     them apart in 160 steps; the exported model carries the tuned encoder."""
     from captioner import Captioner
 
-    cfg = make_config(dataset, tmp_path / "unused", cache_dir, epochs=40, scst_epochs=0, patience=40,
-                      lr=5e-3, encoder_lr=3e-4, ema_decay=0.0, dropout=0.0)
+    cfg = make_config(
+        dataset,
+        tmp_path / "unused",
+        cache_dir,
+        epochs=40,
+        scst_epochs=0,
+        patience=40,
+        lr=5e-3,
+        encoder_lr=3e-4,
+        ema_decay=0.0,
+        dropout=0.0,
+    )
     data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words)
     torch.manual_seed(0)  # the starting decoder does not depend on what earlier tests drew
     blind = CaptionModel(cfg.model, len(data.vocab))
@@ -122,8 +132,9 @@ def test_tuning_the_head_solves_what_the_frozen_encoder_cannot(dataset, cache_di
 
     exact, distinct = {}, {}
     for name, tune in (("frozen", None), ("tuned", HEAD)):
-        run = dataclasses.replace(cfg, output_dir=str(tmp_path / name), init_from=str(start),
-                                  fine_tune_from=tune)
+        run = dataclasses.replace(
+            cfg, output_dir=str(tmp_path / name), init_from=str(start), fine_tune_from=tune
+        )
         train(run)
         captioner = Captioner.from_pretrained(tmp_path / name / "best", device="cpu")
         captions = [r.text for r in captioner.caption([img for img, _, _ in all_examples()])]
@@ -142,8 +153,16 @@ def test_self_critical_training_after_cross_entropy_keeps_tuning_the_encoder(dat
 
     ends = {}
     for name, scst_epochs in (("xe", 0), ("xe+scst", 1)):
-        run = make_config(dataset, tmp_path / name, cache_dir, epochs=1, scst_epochs=scst_epochs,
-                          fine_tune_from=HEAD, encoder_lr=1e-3, ema_decay=0.0)
+        run = make_config(
+            dataset,
+            tmp_path / name,
+            cache_dir,
+            epochs=1,
+            scst_epochs=scst_epochs,
+            fine_tune_from=HEAD,
+            encoder_lr=1e-3,
+            ema_decay=0.0,
+        )
         train(run)
         ends[name] = state_tensors(tmp_path / name)
     head, stem = "model.encoder.body.conv_head.weight", "model.encoder.body.conv_stem.weight"

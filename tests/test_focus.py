@@ -47,16 +47,19 @@ def test_a_box_maps_onto_the_grid_through_the_squashing_resize():
     assert torch.allclose(focus_weights(mask, (400, 200), (4, 4)).view(4, 4), expected)
 
 
-@pytest.mark.parametrize("box, message", [
-    ((0, 0, 300, 100), "reaches outside the 200x100 image"),
-    ((-1, 0, 50, 50), "reaches outside"),
-    ((10, 10, 10, 50), "non-zero area"),
-    ((50, 10, 10, 50), "x0 < x1"),
-    ((0, math.nan, 50, 50), "NaN"),
-    ((0, 0, 50), "four numbers"),
-    (np.zeros((10, 10), dtype=bool), r"boolean array of the image's size \(100, 200\)"),
-    (np.zeros((100, 200), dtype=bool), "selects no pixel"),
-])
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ((0, 0, 300, 100), "reaches outside the 200x100 image"),
+        ((-1, 0, 50, 50), "reaches outside"),
+        ((10, 10, 10, 50), "non-zero area"),
+        ((50, 10, 10, 50), "x0 < x1"),
+        ((0, math.nan, 50, 50), "NaN"),
+        ((0, 0, 50), "four numbers"),
+        (np.zeros((10, 10), dtype=bool), r"boolean array of the image's size \(100, 200\)"),
+        (np.zeros((100, 200), dtype=bool), "selects no pixel"),
+    ],
+)
 def test_bad_regions_are_clear_errors(captioner, box, message):
     image = Image.new("RGB", (200, 100))
     with pytest.raises(ValueError, match=message):
@@ -74,8 +77,10 @@ def test_no_focus_is_exactly_the_plain_decoding(captioner):
     assert [h[0].tokens for h in direct] == [captioner.vocab.encode(r.text)[1:-1] for r in plain]
 
 
-@pytest.mark.parametrize("left_shape, right_shape", [
-    (("red", "circle"), ("blue", "square")), (("green", "square"), ("yellow", "circle"))])
+@pytest.mark.parametrize(
+    "left_shape, right_shape",
+    [(("red", "circle"), ("blue", "square")), (("green", "square"), ("yellow", "circle"))],
+)
 def test_focus_on_one_of_two_shapes_names_that_shape_and_looks_there(captioner, left_shape, right_shape):
     """The model only ever saw one shape per image; with two, a box picks which one it names."""
     image = two_shapes(left_shape, right_shape)
@@ -104,13 +109,27 @@ def test_the_batch_captioner_takes_boxes_from_a_json_file(tmp_path, shapes_check
     image = two_shapes(("red", "circle"), ("blue", "square"))
     for name in ("left.png", "right.png", "whole.png", "bad.png"):
         image.save(photos / name)
-    boxes = {str(photos / "left.png"): [0, 56, 112, 168], str(photos / "right.png"): [112, 56, 224, 168],
-             str(photos / "bad.png"): [0, 0, 500, 50]}
+    boxes = {
+        str(photos / "left.png"): [0, 56, 112, 168],
+        str(photos / "right.png"): [112, 56, 224, 168],
+        str(photos / "bad.png"): [0, 0, 500, 50],
+    }
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     output = tmp_path / "out.jsonl"
-    code = caption_folder_main([str(photos), "-o", str(output), "--checkpoint", str(shapes_checkpoint),
-                                "--focus-json", str(tmp_path / "boxes.json"), "--num-workers", "0",
-                                "--no-progress"])
+    code = caption_folder_main(
+        [
+            str(photos),
+            "-o",
+            str(output),
+            "--checkpoint",
+            str(shapes_checkpoint),
+            "--focus-json",
+            str(tmp_path / "boxes.json"),
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = {Path(r["path"]).name: r for r in map(json.loads, output.read_text().splitlines())}
     assert "red circle" in rows["left.png"]["caption"] and "blue square" in rows["right.png"]["caption"]
@@ -133,15 +152,34 @@ def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_pa
         images.append({"id": image_id, "file_name": name, "width": 224, "height": 224})
         for (_, shape), x in ((left, 0), (right, 112)):
             x0, y0, x1, y1 = x + 18, 74, x + 94, 150  # the shape's bounding box
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0,
-                                "category_id": 1 if shape == "circle" else 2,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "iscrowd": 0,
+                    "category_id": 1 if shape == "circle" else 2,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                }
+            )
     instances = tmp_path / "instances.json"
-    instances.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
-        {"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]}))
-    reports = evaluate_focus(captioner, tmp_path, instances, settings=[("both", 4.0), ("attention", 0.0)],
-                             synonyms={"circle": ["circle"], "square": ["square"]})
+    instances.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+            }
+        )
+    )
+    reports = evaluate_focus(
+        captioner,
+        tmp_path,
+        instances,
+        settings=[("both", 4.0), ("attention", 0.0)],
+        synonyms={"circle": ["circle"], "square": ["square"]},
+    )
     focused, unsteered = reports[("both", 4.0)], reports[("attention", 0.0)]
     assert len(focused.trials) == 4 and all(t.nameable for t in focused.trials)
     summary = focused.summary()

@@ -31,24 +31,41 @@ from .shapes import COLOURS, SHAPES, SIDES, shape_image
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 SHAPE_WORDS = {"circle": ["circle"], "square": ["square"]}
-METRIC_KEYS = ["pointing_game", "centre_baseline", "attention_mass", "uniform_baseline", "chair_i",
-               "chair_s", "images", "grounded_words", "object_mentions"]
+METRIC_KEYS = [
+    "pointing_game",
+    "centre_baseline",
+    "attention_mass",
+    "uniform_baseline",
+    "chair_i",
+    "chair_s",
+    "images",
+    "grounded_words",
+    "object_mentions",
+]
 SIZE = 224
 
 
 # --- the synonym table ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("caption, expected", [
-    ("a man and two puppies near a hot dog stand", [("man", "person"), ("puppies", "dog"),
-                                                    ("hot dog", "hot dog")]),
-    ("two women ride bikes past a bus stop", [("women", "person"), ("bikes", "bicycle")]),
-    ("a boy in an orange shirt sits at a table", [("boy", "person"), ("table", "dining table")]),
-    ("a child hugs a teddy bear next to a bear", [("child", "person"), ("teddy bear", "teddy bear"),
-                                                  ("bear", "bear")]),
-    ("people and children and a man", [("people", "person")]),  # first mention per category
-    ("a man rides a jet ski near the ladies", [("man", "person")]),
-    ("buses and benches and knives", [("buses", "bus"), ("benches", "bench"), ("knives", "knife")]),
-])
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        (
+            "a man and two puppies near a hot dog stand",
+            [("man", "person"), ("puppies", "dog"), ("hot dog", "hot dog")],
+        ),
+        ("two women ride bikes past a bus stop", [("women", "person"), ("bikes", "bicycle")]),
+        ("a boy in an orange shirt sits at a table", [("boy", "person"), ("table", "dining table")]),
+        (
+            "a child hugs a teddy bear next to a bear",
+            [("child", "person"), ("teddy bear", "teddy bear"), ("bear", "bear")],
+        ),
+        ("people and children and a man", [("people", "person")]),  # first mention per category
+        ("a man rides a jet ski near the ladies", [("man", "person")]),
+        ("buses and benches and knives", [("buses", "bus"), ("benches", "bench"), ("knives", "knife")]),
+    ],
+)
 def test_caption_words_map_to_coco_categories(caption, expected):
     mentions = ObjectVocabulary().mentions(caption.split())
     assert [(m.phrase, m.category) for m in mentions] == expected
@@ -66,6 +83,7 @@ def test_the_table_names_every_coco_category_once():
 
 
 # --- the metrics on hand-made attention ------------------------------------------------------------
+
 
 def _square_mask(top: int, left: int, side: int, size: int = 100) -> np.ndarray:
     mask = np.zeros((size, size), dtype=bool)
@@ -97,8 +115,9 @@ def test_attention_mass_is_the_share_of_upsampled_attention_on_the_masks():
     left_half = np.zeros((100, 100), dtype=bool)
     left_half[:, :50] = True
     uniform = np.full((1, 4, 4), 1 / 16, dtype=np.float32)
-    assert ground_caption(["square"], uniform, {"square": left_half}, objects).objects[0].mass \
-        == pytest.approx(50.0)
+    assert ground_caption(["square"], uniform, {"square": left_half}, objects).objects[
+        0
+    ].mass == pytest.approx(50.0)
     on_left = np.zeros((1, 4, 4), dtype=np.float32)
     on_left[0, :, :2] = 1 / 8  # all attention on the two left columns
     heat = upsample_attention(on_left[0], (100, 100))
@@ -122,6 +141,7 @@ def test_naming_an_absent_category_counts_toward_chair():
 
 
 # --- the shapes world as a COCO instances file -------------------------------------------------------
+
 
 def _shape_mask(shape: str, side: str, size: int = SIZE) -> np.ndarray:
     """The pixels shapes.shape_image paints, drawn the same way."""
@@ -160,12 +180,19 @@ def write_instances(folder, images: list[tuple[Image.Image, list[tuple[str, str]
                 segmentation, crowd = [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]], 0
             else:
                 segmentation, crowd = _crowd_rle(mask), 1
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box,
-                                "category_id": category_id[shape], "segmentation": segmentation,
-                                "area": int(mask.sum()), "iscrowd": crowd})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "bbox": box,
+                    "category_id": category_id[shape],
+                    "segmentation": segmentation,
+                    "area": int(mask.sum()),
+                    "iscrowd": crowd,
+                }
+            )
     path = folder / "instances.json"
-    path.write_text(json.dumps({"images": entries, "annotations": annotations,
-                                "categories": categories}))
+    path.write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
     return image_dir, path
 
 
@@ -235,13 +262,17 @@ def test_a_shape_that_is_not_there_counts_toward_chair(shapes_captioner, tmp_pat
     """The same two-shape picture, captioned the same way, once with both shapes annotated and
     once with the named shape missing from the annotations."""
     image = two_shapes()
-    both = evaluate_grounding(shapes_captioner, *write_instances(
-        tmp_path / "both", [(image, [("circle", "left"), ("square", "right")])]), synonyms=SHAPE_WORDS)
+    both = evaluate_grounding(
+        shapes_captioner,
+        *write_instances(tmp_path / "both", [(image, [("circle", "left"), ("square", "right")])]),
+        synonyms=SHAPE_WORDS,
+    )
     (named,) = [o.category for o in both.images[0].objects]
     assert both.metrics["chair_s"] == 0.0 and both.metrics["grounded_words"] == 1
     other = {"circle": ("square", "right"), "square": ("circle", "left")}[named]
-    without = evaluate_grounding(shapes_captioner, *write_instances(tmp_path / "without", [(image, [other])]),
-                                 synonyms=SHAPE_WORDS)
+    without = evaluate_grounding(
+        shapes_captioner, *write_instances(tmp_path / "without", [(image, [other])]), synonyms=SHAPE_WORDS
+    )
     assert without.images[0].caption == both.images[0].caption
     assert without.metrics["chair_i"] == without.metrics["chair_s"] == 100.0
     assert without.metrics["grounded_words"] == 0 and np.isnan(without.metrics["pointing_game"])
@@ -257,10 +288,27 @@ def test_the_script_writes_metrics_and_details(shapes_checkpoint, shapes_world, 
     synonyms = tmp_path / "shapes.json"
     synonyms.write_text(json.dumps(SHAPE_WORDS))
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate_grounding.py"), "--images", str(image_dir),
-         "--instances", str(instances), "--checkpoint", str(shapes_checkpoint), "--beam_size", "2",
-         "--synonyms", str(synonyms), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate_grounding.py"),
+            "--images",
+            str(image_dir),
+            "--instances",
+            str(instances),
+            "--checkpoint",
+            str(shapes_checkpoint),
+            "--beam_size",
+            "2",
+            "--synonyms",
+            str(synonyms),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)
     assert list(printed) == METRIC_KEYS and printed["images"] == printed["object_mentions"] == 16
@@ -268,8 +316,7 @@ def test_the_script_writes_metrics_and_details(shapes_checkpoint, shapes_world, 
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(written) == METRIC_KEYS
     lines = [json.loads(line) for line in (tmp_path / "out" / "details.jsonl").read_text().splitlines()]
-    assert len(lines) == 17 and lines[-1] == {"file_name": "000017.png",
-                                              "skipped": "no instance annotations"}
+    assert len(lines) == 17 and lines[-1] == {"file_name": "000017.png", "skipped": "no instance annotations"}
 
 
 def test_bad_inputs_are_named(shapes_world, tmp_path):
@@ -281,8 +328,9 @@ def test_bad_inputs_are_named(shapes_world, tmp_path):
     with pytest.raises(FileNotFoundError, match="16 images of .* are not in"):
         evaluate_grounding(None, tmp_path, instances, synonyms=SHAPE_WORDS)
     captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1,
-                                                                    "caption": "a dog"}]}))
+    captions.write_text(
+        json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]})
+    )
     with pytest.raises(ValueError, match="captions.json is not a COCO instances file .*'categories'"):
         evaluate_grounding(None, image_dir, captions)
     (tmp_path / "notes.txt").write_text("not json")
@@ -292,8 +340,13 @@ def test_bad_inputs_are_named(shapes_world, tmp_path):
 
 def test_write_report_keeps_exactly_the_metric_keys(tmp_path):
     objects = ObjectVocabulary(SHAPE_WORDS)
-    grounded = ground_caption(["circle"], np.full((1, 2, 2), 0.25, dtype=np.float32),
-                              {"circle": _square_mask(0, 0, 40)}, objects, gate=[0.3])
+    grounded = ground_caption(
+        ["circle"],
+        np.full((1, 2, 2), 0.25, dtype=np.float32),
+        {"circle": _square_mask(0, 0, 40)},
+        objects,
+        gate=[0.3],
+    )
     write_report(GroundingReport(summarise([grounded]), [grounded], []), tmp_path)
     assert list(json.loads((tmp_path / "metrics.json").read_text())) == METRIC_KEYS
     (detail,) = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
@@ -307,12 +360,18 @@ COCO_MINI = SHARED_DATA / "coco-mini"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (COCO_MINI / "annotations" / "instances_train2017.json").is_file(),
-                    reason="coco-mini (../shared/data/coco-mini) is not available")
+@pytest.mark.skipif(
+    not (COCO_MINI / "annotations" / "instances_train2017.json").is_file(),
+    reason="coco-mini (../shared/data/coco-mini) is not available",
+)
 def test_the_shipped_model_on_coco_mini():
     captioner = Captioner.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
-    report = evaluate_grounding(captioner, COCO_MINI / "train2017",
-                                COCO_MINI / "annotations" / "instances_train2017.json", beam_size=1)
+    report = evaluate_grounding(
+        captioner,
+        COCO_MINI / "train2017",
+        COCO_MINI / "annotations" / "instances_train2017.json",
+        beam_size=1,
+    )
     metrics = report.metrics
     assert metrics["images"] + len(report.skipped) == 80
     assert metrics["object_mentions"] >= metrics["images"] // 2

@@ -93,8 +93,9 @@ def test_entropy_term_spreads_a_peaked_attention():
     (-attention_entropy(alphas, torch.ones(1, 1, dtype=torch.bool))).backward()  # the loss term / lambda_e
     assert scores.grad[0] > 0 and (scores.grad[1:] < 0).all(), scores.grad
     uniform = torch.full((1, 1, 4), 0.25)
-    assert float(attention_entropy(uniform, torch.ones(1, 1, dtype=torch.bool))) == pytest.approx(torch.log(
-        torch.tensor(4.0)).item())
+    assert float(attention_entropy(uniform, torch.ones(1, 1, dtype=torch.bool))) == pytest.approx(
+        torch.log(torch.tensor(4.0)).item()
+    )
 
 
 def test_baseline_is_a_moving_average_of_the_reward_starting_at_the_first_batch():
@@ -117,8 +118,16 @@ def _greedy(decoder, features, max_length):
 
 def _hard_decoder(seed=0) -> AttentionDecoder:
     torch.manual_seed(seed)
-    return AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16,
-                            attention="hard", dropout=0.0).eval()
+    return AttentionDecoder(
+        12,
+        32,
+        annotation_dim=16,
+        embed_dim=16,
+        hidden_dim=24,
+        attention_dim=16,
+        attention="hard",
+        dropout=0.0,
+    ).eval()
 
 
 def test_decoding_attends_the_argmax_cell_and_reports_alpha():
@@ -153,8 +162,16 @@ def test_a_focus_bias_steers_the_argmax_location():
 
 def test_expectation_decoding_is_the_soft_model_with_the_same_weights():
     hard = _hard_decoder()
-    soft = AttentionDecoder(12, 32, annotation_dim=16, embed_dim=16, hidden_dim=24, attention_dim=16,
-                            attention="additive", dropout=0.0).eval()
+    soft = AttentionDecoder(
+        12,
+        32,
+        annotation_dim=16,
+        embed_dim=16,
+        hidden_dim=24,
+        attention_dim=16,
+        attention="additive",
+        dropout=0.0,
+    ).eval()
     missing, unexpected = soft.load_state_dict(hard.state_dict(), strict=False)
     assert missing == [] and sorted(unexpected) == ["attention.baseline_updates", "attention.reward_baseline"]
     assert isinstance(soft.attention, AdditiveAttention) and not isinstance(soft.attention, HardAttention)
@@ -206,8 +223,11 @@ def test_hard_model_folder_loads_without_a_flag_and_draws_attention_maps(tmp_pat
 
 
 def test_bad_hard_attention_settings_are_refused(dataset, cache_dir, tmp_path):  # noqa: F811
-    for name, value in [("hard_expectation_probability", 1.5), ("hard_baseline_decay", -0.1),
-                        ("hard_entropy_weight", -1.0)]:
+    for name, value in [
+        ("hard_expectation_probability", 1.5),
+        ("hard_baseline_decay", -0.1),
+        ("hard_entropy_weight", -1.0),
+    ]:
         cfg = make_config(dataset, tmp_path / name, cache_dir, **{name: value})
         with pytest.raises(ValueError, match=name):
             train(cfg)
@@ -217,11 +237,22 @@ def test_bad_hard_attention_settings_are_refused(dataset, cache_dir, tmp_path): 
 # ----------------------------------------------------------------------------- learning
 
 
-def train_hard(model: CaptionModel, features: torch.Tensor, captions: list[str], vocab: Vocabulary,
-               steps: int, **settings) -> list[dict]:
+def train_hard(
+    model: CaptionModel,
+    features: torch.Tensor,
+    captions: list[str],
+    vocab: Vocabulary,
+    steps: int,
+    **settings,
+) -> list[dict]:
     """The cross-entropy stage's hard-attention objective, full batch, on fixed annotation grids."""
-    batch = step_batch(list(range(len(captions))), features, [[vocab.encode(c)] for c in captions],
-                       from_stage=None, device=torch.device("cpu"))
+    batch = step_batch(
+        list(range(len(captions))),
+        features,
+        [[vocab.encode(c)] for c in captions],
+        from_stage=None,
+        device=torch.device("cpu"),
+    )
     cfg = TrainConfig(model=model.config, **settings)
     tokens, count = float((batch.lengths - 1).sum()), float(len(batch.lengths))
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=3e-3)
@@ -292,12 +323,18 @@ def test_hard_attention_learns_to_look_at_the_cell_that_names_the_shape():
     grids = torch.stack([g for g, _, _ in world])
     train_hard(model, grids, [c for _, c, _ in world], vocab, steps=800, alpha_reg=0.0)
     model.eval()
-    best = [hypotheses[0] for hypotheses in beam_search(
-        model.decoder, grids, DecodeOptions(beam_size=3, max_length=12, no_repeat_ngram_size=0))]
+    best = [
+        hypotheses[0]
+        for hypotheses in beam_search(
+            model.decoder, grids, DecodeOptions(beam_size=3, max_length=12, no_repeat_ngram_size=0)
+        )
+    ]
     texts = [" ".join(vocab.decode(h.tokens)) for h in best]
     exact = sum(text == caption for text, (_, caption, _) in zip(texts, world, strict=True))
-    on_shape = sum(any(int(alpha.argmax()) == cell for alpha in h.alphas)
-                   for h, (_, _, cell) in zip(best, world, strict=True))
+    on_shape = sum(
+        any(int(alpha.argmax()) == cell for alpha in h.alphas)
+        for h, (_, _, cell) in zip(best, world, strict=True)
+    )
     assert exact >= 12 and on_shape >= 12, (exact, on_shape)
 
 
@@ -309,6 +346,7 @@ def test_killed_hard_attention_run_with_scst_resumes_to_the_same_result(dataset,
     """--model.attention hard through scripts/train.py: cross-entropy with sampled locations,
     then SCST over words and locations. SIGKILL mid-epoch, resume twice: the run ends bit for
     bit where an uninterrupted one does, the REINFORCE baseline included."""
+
     def config(name: str) -> TrainConfig:
         cfg = make_config(dataset, tmp_path / name, cache_dir, alpha_reg=0.0)
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="hard"))

@@ -85,15 +85,18 @@ def test_repo_id_resolves_from_the_offline_cache(hub_cache, shapes_checkpoint, o
 
 
 def test_repo_id_not_in_the_offline_cache_is_a_clear_error(hub_cache):
-    with pytest.raises(ModelNotFoundError, match="'nobody/no-such-model' is neither a local model folder "
-                                                 "nor a Hugging Face Hub repo"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match="'nobody/no-such-model' is neither a local model folder nor a Hugging Face Hub repo",
+    ):
         Captioner.from_pretrained("nobody/no-such-model", device="cpu")
     with pytest.raises(ModelNotFoundError, match="at revision 'v9'"):
         Captioner.from_pretrained("nobody/no-such-model", device="cpu", revision="v9")
 
 
-def test_a_local_folder_wins_over_a_repo_id_of_the_same_name(hub_cache, shapes_checkpoint, other_checkpoint,
-                                                            tmp_path, monkeypatch):
+def test_a_local_folder_wins_over_a_repo_id_of_the_same_name(
+    hub_cache, shapes_checkpoint, other_checkpoint, tmp_path, monkeypatch
+):
     add_to_hub_cache(hub_cache, REPO, shapes_checkpoint, COMMIT, ["main"])
     shutil.copytree(other_checkpoint, tmp_path / REPO)
     monkeypatch.chdir(tmp_path)
@@ -114,7 +117,11 @@ def test_save_pretrained_writes_a_folder_that_loads_back_the_same(shapes_checkpo
 
     saved = original.save_pretrained(tmp_path / "saved")
     assert sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()) == [
-        "MODEL_CARD.md", "config.json", "figures/attention.png", "model.safetensors"]
+        "MODEL_CARD.md",
+        "config.json",
+        "figures/attention.png",
+        "model.safetensors",
+    ]
     assert (saved / "MODEL_CARD.md").read_text() == (source / "MODEL_CARD.md").read_text()
     config = json.loads((saved / "config.json").read_text())
     assert config["weights_dtype"] == "float16"  # stored as it was loaded: the file stays small
@@ -146,11 +153,15 @@ def test_push_to_hub_uploads_the_model_folder_with_its_card(shapes_checkpoint, t
         folder = Path(folder_path)
         files = {p.name: p.read_bytes() for p in folder.iterdir()}
         loaded = Captioner.from_pretrained(folder, device="cpu")  # what the Hub will serve loads
-        calls.append(("upload_folder", {"repo_id": repo_id, "files": files, "captions": captions(loaded),
-                                        **kwargs}))
+        calls.append(
+            ("upload_folder", {"repo_id": repo_id, "files": files, "captions": captions(loaded), **kwargs})
+        )
         return huggingface_hub.CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}", commit_message="",
-            commit_description="", oid=COMMIT)
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}",
+            commit_message="",
+            commit_description="",
+            oid=COMMIT,
+        )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)

@@ -93,18 +93,21 @@ def test_cmyk_jpeg(tmp_path):
     assert loaded.mode == "RGB" and _close(_pixel(loaded, (8, 8)), RED, tol=20)
 
 
-@pytest.mark.parametrize("array, expected", [
-    (np.full((4, 6, 3), (255, 0, 0), dtype=np.uint8), RED),
-    (np.full((4, 6, 3), (65535, 0, 0), dtype=np.uint16), RED),
-    (np.full((4, 6, 3), (1.0, 0.0, 0.0), dtype=np.float32), RED),
-    (np.full((4, 6, 3), (255.0, 0.0, 0.0), dtype=np.float64), RED),  # floats in 0..255
-    (np.full((4, 6), 0.5), (128, 128, 128)),  # H x W grayscale
-    (np.full((4, 6, 1), 200, dtype=np.uint8), (200, 200, 200)),
-    (np.full((4, 6, 4), (0, 0, 255, 0), dtype=np.uint8), WHITE),  # transparent: white
-    (np.full((4, 6, 4), (0, 0, 255, 255), dtype=np.uint8), BLUE),
-    (np.full((3, 4, 6), 255, dtype=np.uint8), WHITE),  # channels first
-    (np.ones((4, 6), dtype=bool), WHITE),
-])
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (np.full((4, 6, 3), (255, 0, 0), dtype=np.uint8), RED),
+        (np.full((4, 6, 3), (65535, 0, 0), dtype=np.uint16), RED),
+        (np.full((4, 6, 3), (1.0, 0.0, 0.0), dtype=np.float32), RED),
+        (np.full((4, 6, 3), (255.0, 0.0, 0.0), dtype=np.float64), RED),  # floats in 0..255
+        (np.full((4, 6), 0.5), (128, 128, 128)),  # H x W grayscale
+        (np.full((4, 6, 1), 200, dtype=np.uint8), (200, 200, 200)),
+        (np.full((4, 6, 4), (0, 0, 255, 0), dtype=np.uint8), WHITE),  # transparent: white
+        (np.full((4, 6, 4), (0, 0, 255, 255), dtype=np.uint8), BLUE),
+        (np.full((3, 4, 6), 255, dtype=np.uint8), WHITE),  # channels first
+        (np.ones((4, 6), dtype=bool), WHITE),
+    ],
+)
 def test_numpy_arrays(array, expected):
     loaded = load_image(array)
     assert loaded.mode == "RGB" and loaded.size == (6, 4)
@@ -131,8 +134,10 @@ def _exif_tiff_start(exif: bytes) -> int:
     return max(exif.find(b"MM\x00*"), exif.find(b"II*\x00"))
 
 
-@pytest.mark.parametrize("fmt, damage", [("JPEG", "entry"), ("PNG", "entry"), ("WEBP", "entry"),
-                                         ("PNG", "tiff header"), ("WEBP", "tiff header")])
+@pytest.mark.parametrize(
+    "fmt, damage",
+    [("JPEG", "entry"), ("PNG", "entry"), ("WEBP", "entry"), ("PNG", "tiff header"), ("WEBP", "tiff header")],
+)
 def test_a_photo_with_malformed_exif_is_read_unrotated(tmp_path, fmt, damage):
     """Its pixels decode; only the orientation cannot be read (Pillow raised struct.error, or
     SyntaxError 'not a TIFF file', from exif_transpose): the photo is used as stored."""
@@ -160,8 +165,14 @@ def _seed_files() -> dict[str, bytes]:
     exif = Image.Exif()
     exif[0x0112], exif[0x010F] = 6, "camera"
     files = {}
-    for fmt, options in [("JPEG", {"exif": exif}), ("PNG", {"exif": exif}), ("WEBP", {"exif": exif}),
-                         ("GIF", {}), ("TIFF", {}), ("BMP", {})]:
+    for fmt, options in [
+        ("JPEG", {"exif": exif}),
+        ("PNG", {"exif": exif}),
+        ("WEBP", {"exif": exif}),
+        ("GIF", {}),
+        ("TIFF", {}),
+        ("BMP", {}),
+    ]:
         buffer = io.BytesIO()
         (image.convert("P") if fmt == "GIF" else image).save(buffer, fmt, **options)
         files[fmt] = buffer.getvalue()
@@ -257,6 +268,7 @@ def test_decompression_bomb_by_max_pixels(tmp_path):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims to be width x height: a few bytes that would decode to gigabytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -273,12 +285,15 @@ def test_decompression_bomb_by_header(tmp_path, width, height):
     _assert_error(path, "bomb.png", "decompression bomb")
 
 
-@pytest.mark.parametrize("array, fragment", [
-    (np.zeros((5, 6, 2), np.uint8), "expected an H x W"),
-    (np.zeros((0, 6, 3), np.uint8), "no pixels"),
-    (np.full((4, 6), np.nan), "NaN"),
-    (np.zeros((2, 4, 6, 3), np.uint8), "expected an H x W"),
-])
+@pytest.mark.parametrize(
+    "array, fragment",
+    [
+        (np.zeros((5, 6, 2), np.uint8), "expected an H x W"),
+        (np.zeros((0, 6, 3), np.uint8), "no pixels"),
+        (np.full((4, 6), np.nan), "NaN"),
+        (np.zeros((2, 4, 6, 3), np.uint8), "expected an H x W"),
+    ],
+)
 def test_bad_arrays(array, fragment):
     _assert_error(array, "numpy array", fragment)
 

@@ -34,8 +34,12 @@ def layer(module: str) -> str:
 def runtime_imports(path: Path) -> set[str]:
     """Modules of captioner that `path` imports when it runs (at the top or inside functions)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                   and ast.unparse(node.test).endswith("TYPE_CHECKING") for n in ast.walk(node)}
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for n in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -49,8 +53,11 @@ def runtime_imports(path: Path) -> set[str]:
 
 
 def modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p
-            for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    return {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p
+        for p in PACKAGE.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
 
 
 def test_every_module_imports_only_its_own_layer_and_the_layers_below():
@@ -69,9 +76,11 @@ def test_every_module_imports_only_its_own_layer_and_the_layers_below():
 
 
 def test_the_records_module_and_the_command_line_help_load_no_torch():
-    code = ("import sys, captioner.serving.records, captioner.cli.main as m\n"
-            "try:\n    m.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted({'torch', 'timm', 'gradio'} & set(sys.modules))\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, captioner.serving.records, captioner.cli.main as m\n"
+        "try:\n    m.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted({'torch', 'timm', 'gradio'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -12,12 +12,7 @@ from skimage import data
 from captioner import CaptionModel, ModelConfig, Vocabulary
 from captioner.model.attention import AdditiveAttention, MultiplicativeAttention, build_attention
 from captioner.model.decoder import AttentionDecoder
-from captioner.model.encoder import (
-    BACKBONES,
-    Encoder,
-    EncoderWeightsError,
-    build_transform,
-)
+from captioner.model.encoder import BACKBONES, Encoder, EncoderWeightsError, build_transform
 from captioner.model.vocabulary import SPECIAL_TOKENS, tokenize
 from captioner.training.losses import caption_loss
 
@@ -73,8 +68,7 @@ def test_unknown_backbone_and_bad_weights_file(tmp_path):
         Encoder("efficientnet_lite0", weights=tmp_path / "nope.pth")
 
 
-@pytest.mark.parametrize("backbone, image_size", [("efficientnet_lite0", 224),
-                                                  ("efficientnet_lite2", 260)])
+@pytest.mark.parametrize("backbone, image_size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
 def test_offline_imagenet_weights_recognise_an_espresso(backbone, image_size):
     """The package's tensors are paired with timm's by position: with a wrong pairing, the
     encoder's pooled features under the package's own ImageNet classifier would not recognise an
@@ -156,8 +150,14 @@ def test_both_attention_types_learn_the_shapes(kind, shapes_vocab):
 
 def _random_decoder(vocab_size=15, feature_dim=20, **kwargs):
     torch.manual_seed(0)
-    kwargs = {"annotation_dim": 16, "embed_dim": 12, "hidden_dim": 24, "attention_dim": 10,
-              "dropout": 0.0, **kwargs}
+    kwargs = {
+        "annotation_dim": 16,
+        "embed_dim": 12,
+        "hidden_dim": 24,
+        "attention_dim": 10,
+        "dropout": 0.0,
+        **kwargs,
+    }
     return AttentionDecoder(vocab_size, feature_dim, **kwargs).eval()
 
 
@@ -290,10 +290,28 @@ def test_caption_loss_label_smoothing_and_gradient():
 
 
 def test_tokenizer_lowercases_and_drops_punctuation_offline():
-    assert tokenize("A Man, riding a HORSE!  (on the beach).") == ["a", "man", "riding", "a", "horse",
-                                                                  "on", "the", "beach"]
+    assert tokenize("A Man, riding a HORSE!  (on the beach).") == [
+        "a",
+        "man",
+        "riding",
+        "a",
+        "horse",
+        "on",
+        "the",
+        "beach",
+    ]
     assert tokenize("Two dogs' toys; a well-known dog's bone: 3 of them...") == [
-        "two", "dogs", "toys", "a", "well-known", "dog's", "bone", "3", "of", "them"]
+        "two",
+        "dogs",
+        "toys",
+        "a",
+        "well-known",
+        "dog's",
+        "bone",
+        "3",
+        "of",
+        "them",
+    ]
     assert tokenize("") == [] and tokenize("?!.") == []
 
 

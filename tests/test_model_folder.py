@@ -67,8 +67,9 @@ def test_fp16_model_folder(trained_shapes_model, shapes_checkpoint, tmp_path):
     loaded, _, config = load_model(folder)
     assert config["weights_dtype"] == "float16"
     assert loaded.decoder.classifier.weight.dtype == torch.float32  # runs in fp32 on the CPU
-    torch.testing.assert_close(loaded.decoder.classifier.weight, model.decoder.classifier.weight,
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        loaded.decoder.classifier.weight, model.decoder.classifier.weight, atol=1e-3, rtol=1e-3
+    )
     results = Captioner(loaded, vocab, device="cpu").caption(_images())
     assert [r.text for r in results] == [caption for _, caption, _ in all_examples()[::3]]
     assert not list(folder.glob(".*.tmp"))  # atomic writes leave nothing behind
@@ -90,7 +91,7 @@ def test_model_folder_holds_no_pickle_and_loading_never_unpickles(folder, monkey
     header_size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_size])  # safetensors: a JSON header, then raw tensors
     assert "decoder.classifier.weight" in header
-    assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:8 + header_size]  # no zip, no pickle
+    assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[: 8 + header_size]  # no zip, no pickle
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
 
     def forbidden(*args, **kwargs):
@@ -135,8 +136,7 @@ def test_json_that_is_not_a_captioner_config(folder):
 
 def test_config_whose_dims_do_not_match_the_weights(folder):
     _edit_config(folder, lambda c: c["model"].update(hidden_dim=64))
-    message = _assert_error(folder, str(folder / WEIGHTS_FILE), str(folder / CONFIG_FILE),
-                            "does not match")
+    message = _assert_error(folder, str(folder / WEIGHTS_FILE), str(folder / CONFIG_FILE), "does not match")
     assert "file (128, 128) vs config (64, 128)" in message  # names the tensor and both shapes
 
 
@@ -145,32 +145,44 @@ def test_vocabulary_that_does_not_match_the_weights(folder):
     _assert_error(folder, "decoder.classifier.weight", "does not match")
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda c: c["model"].update(colour="blue"), "unknown model settings ['colour']"),
-    (lambda c: c["model"].update(backbone="vgg16"), "unknown backbone"),
-    (lambda c: c["model"].update(hidden_dim="big"), "hidden_dim"),
-    (lambda c: c.pop("model"), "model"),
-    (lambda c: c.update(vocabulary=["a", "b"]), "bad vocabulary"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda c: c["model"].update(colour="blue"), "unknown model settings ['colour']"),
+        (lambda c: c["model"].update(backbone="vgg16"), "unknown backbone"),
+        (lambda c: c["model"].update(hidden_dim="big"), "hidden_dim"),
+        (lambda c: c.pop("model"), "model"),
+        (lambda c: c.update(vocabulary=["a", "b"]), "bad vocabulary"),
+    ],
+)
 def test_bad_config_values(folder, edit, fragment):
     _edit_config(folder, edit)
     _assert_error(folder, str(folder / CONFIG_FILE), fragment)
 
 
-@pytest.mark.parametrize("edit, fragments", [
-    (lambda c: c.update(ensemble_size=100_000), ["says ensemble_size 100000", "holds 1 decoder(s)"]),
-    (lambda c: c.pop("ensemble_size") and c["model"].update(decoders=100_000),  # older spelling
-     ["says ensemble_size 100000"]),
-    (lambda c: c["model"].update(hidden_dim=1_000_000), ["does not match", "vs config (1000000, "]),
-    (lambda c: c.update(vocabulary=c["vocabulary"] + [f"w{i}" for i in range(200_000)]),
-     ["decoder.classifier.weight", "does not match"]),
-    (lambda c: c.update(ensemble_size="2"), ["ensemble_size must be a whole number >= 1, got '2'"]),
-    (lambda c: c.update(ensemble_size=0), ["ensemble_size must be a whole number >= 1, got 0"]),
-])
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (lambda c: c.update(ensemble_size=100_000), ["says ensemble_size 100000", "holds 1 decoder(s)"]),
+        (
+            lambda c: c.pop("ensemble_size") and c["model"].update(decoders=100_000),  # older spelling
+            ["says ensemble_size 100000"],
+        ),
+        (lambda c: c["model"].update(hidden_dim=1_000_000), ["does not match", "vs config (1000000, "]),
+        (
+            lambda c: c.update(vocabulary=c["vocabulary"] + [f"w{i}" for i in range(200_000)]),
+            ["decoder.classifier.weight", "does not match"],
+        ),
+        (lambda c: c.update(ensemble_size="2"), ["ensemble_size must be a whole number >= 1, got '2'"]),
+        (lambda c: c.update(ensemble_size=0), ["ensemble_size must be a whole number >= 1, got 0"]),
+    ],
+)
 def test_absurd_sizes_are_refused_from_the_weights_header_before_anything_is_built(
-        folder, monkeypatch, edit, fragments):
+    folder, monkeypatch, edit, fragments
+):
     """config.json is checked against the safetensors header (names and shapes) first: a
     config saying 100000 decoders built decoders until memory ran out (4.8 GB in 23 s)."""
+
     def never(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")
 

@@ -110,8 +110,10 @@ def test_captions_with_onnx_equal_the_torch_paths(trained_shapes_model):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "flickr8k").is_dir() or not Path(DEFAULT_WEIGHTS).exists(),
-                    reason="needs the shipped model and Flickr8k")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "flickr8k").is_dir() or not Path(DEFAULT_WEIGHTS).exists(),
+    reason="needs the shipped model and Flickr8k",
+)
 def test_the_shipped_model_says_the_same_on_flickr8k_dev_photos():
     captioner = Captioner.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
     paths = [i.path for i in load_flickr(SHARED_DATA / "flickr8k")["val"][:4]]

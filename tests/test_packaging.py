@@ -44,18 +44,46 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     for folder in ("captioner", "weights"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels), str(source)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        check=True,
+    )
     wheel = next(wheels.glob("captioner-*.whl"))
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=True)
     see_packages_of_this_interpreter(env_dir)
     python = env_dir / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
-                    "-q", str(wheel)],
-                   check=True)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
+    )
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     return {"python": python, "bin": env_dir / "bin", "site": Path(site), "cwd": elsewhere, "wheel": wheel}
@@ -67,16 +95,26 @@ def see_packages_of_this_interpreter(env_dir: Path) -> None:
     venv or a conda env as well as outside both. Paths only: this interpreter's own .pth hooks
     (an editable install of captioner) stay out, so the wheel is the only captioner there."""
     ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    new_site = subprocess.run([str(env_dir / "bin" / "python"), "-c",
-                               "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    new_site = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(new_site) / "_outer_site_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
 
 
 def run(installed, *command: str, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAPTIONER_WEIGHTS")}
-    return subprocess.run(command, cwd=installed["cwd"], env=env | OFFLINE_ENV, capture_output=True,
-                          text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        command,
+        cwd=installed["cwd"],
+        env=env | OFFLINE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def test_the_wheel_carries_the_shipped_model_and_type_information(installed):
@@ -108,8 +146,17 @@ def test_installed_command_captions_a_folder(installed):
     photos = installed["cwd"] / "photos"
     photos.mkdir()
     Image.fromarray(data.chelsea()).save(photos / "cat.jpg")
-    result = run(installed, str(installed["bin"] / "captioner"), "caption", "photos", "-o", "out.jsonl",
-                 "--no-progress", "--num-workers", "0")
+    result = run(
+        installed,
+        str(installed["bin"] / "captioner"),
+        "caption",
+        "photos",
+        "-o",
+        "out.jsonl",
+        "--no-progress",
+        "--num-workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (installed["cwd"] / "out.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["path"].endswith("cat.jpg") and rows[0]["caption"]
@@ -123,8 +170,13 @@ def test_installed_benchmark_command_needs_no_checkout(installed):
     assert result.returncode == 0, result.stderr
     for flag in ("--checkpoint", "--dev-cider", "torch,onnx"):  # its own flags, the encoder choices
         assert flag in result.stdout, flag
-    module = run(installed, str(installed["python"]), "-c",
-                 "import captioner.serving.benchmark as b; print(b.__file__)", check=True)
+    module = run(
+        installed,
+        str(installed["python"]),
+        "-c",
+        "import captioner.serving.benchmark as b; print(b.__file__)",
+        check=True,
+    )
     assert Path(module.stdout.strip()).is_relative_to(installed["site"]), module.stdout
 
 
@@ -132,9 +184,14 @@ def test_installed_app_serves_the_shipped_model(installed):
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAPTIONER_WEIGHTS")}
-    server = subprocess.Popen([str(installed["bin"] / "captioner"), "app", "--port", str(port)],
-                              cwd=installed["cwd"], env=env | OFFLINE_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [str(installed["bin"] / "captioner"), "app", "--port", str(port)],
+        cwd=installed["cwd"],
+        env=env | OFFLINE_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         deadline = time.monotonic() + 300
@@ -149,7 +206,8 @@ def test_installed_app_serves_the_shipped_model(installed):
         photo = installed["cwd"] / "app-photo.png"
         Image.fromarray(data.astronaut()).save(photo)
         caption, alternatives, attention = Client(url, verbose=False).predict(
-            handle_file(str(photo)), 3, 20, 0.6, api_name="/caption")
+            handle_file(str(photo)), 3, 20, 0.6, api_name="/caption"
+        )
         assert PERSON_WORDS & set(caption.split()), caption
         assert len(attention) == len(caption.split()) and alternatives["data"]
     finally:

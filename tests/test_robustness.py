@@ -23,17 +23,20 @@ def captioner(shapes_checkpoint):
     return Captioner.from_pretrained(shapes_checkpoint, device="cpu")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"beam_size": 2.5}, "beam_size must be a whole number >= 1, got 2.5"),
-    ({"beam_size": 0}, "beam_size must be a whole number >= 1, got 0"),
-    ({"beam_size": -1}, "beam_size must be a whole number >= 1, got -1"),
-    ({"beam_size": True}, "beam_size must be a whole number >= 1, got True"),
-    ({"max_length": 0}, "max_length must be a whole number >= 1, got 0"),
-    ({"n_best": 4, "beam_size": 3}, "n_best must be a whole number from 1 to 3, got 4"),
-    ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be a whole number >= 0, got -2"),
-    ({"length_penalty": math.nan}, "length_penalty must be a finite number, got nan"),
-    ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"beam_size": 2.5}, "beam_size must be a whole number >= 1, got 2.5"),
+        ({"beam_size": 0}, "beam_size must be a whole number >= 1, got 0"),
+        ({"beam_size": -1}, "beam_size must be a whole number >= 1, got -1"),
+        ({"beam_size": True}, "beam_size must be a whole number >= 1, got True"),
+        ({"max_length": 0}, "max_length must be a whole number >= 1, got 0"),
+        ({"n_best": 4, "beam_size": 3}, "n_best must be a whole number from 1 to 3, got 4"),
+        ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be a whole number >= 0, got -2"),
+        ({"length_penalty": math.nan}, "length_penalty must be a finite number, got nan"),
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+    ],
+)
 def test_decoding_options_out_of_range_are_refused_by_name(captioner, options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         captioner.caption(shape_image("red", "circle", "left"), **options)
@@ -69,18 +72,24 @@ def test_a_checkpoint_with_nan_or_infinite_weights_is_refused(trained_shapes_mod
     tensors["decoder.lstm.bias_hh"][3] = math.inf
     save_file(tensors, str(broken / "model.safetensors"))
     for load in (load_model, Captioner.from_pretrained):
-        with pytest.raises(CheckpointError, match=r"2 tensors hold NaN or infinite values .*"
-                                                  r"decoder.classifier.weight.*decoder.lstm.bias_hh"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"2 tensors hold NaN or infinite values .*"
+            r"decoder.classifier.weight.*decoder.lstm.bias_hh",
+        ):
             load(broken)
 
 
-@pytest.mark.parametrize("beam, length, opacity, message", [
-    (3, 20, 50, "opacity must be a number from 0 to 1, got 50"),
-    (3, 20, -1, "opacity must be a number from 0 to 1, got -1"),
-    (3, 0, 0.6, "maximum length must be a whole number from 1 to 50, got 0"),
-    (2.5, 20, 0.6, "beam size must be a whole number from 1 to 10, got 2.5"),
-    (11, 20, 0.6, "beam size must be a whole number from 1 to 10, got 11"),
-])
+@pytest.mark.parametrize(
+    "beam, length, opacity, message",
+    [
+        (3, 20, 50, "opacity must be a number from 0 to 1, got 50"),
+        (3, 20, -1, "opacity must be a number from 0 to 1, got -1"),
+        (3, 0, 0.6, "maximum length must be a whole number from 1 to 50, got 0"),
+        (2.5, 20, 0.6, "beam size must be a whole number from 1 to 10, got 2.5"),
+        (11, 20, 0.6, "beam size must be a whole number from 1 to 10, got 11"),
+    ],
+)
 def test_the_app_refuses_arguments_out_of_range(captioner, tmp_path, beam, length, opacity, message):
     path = tmp_path / "photo.png"
     shape_image("red", "circle", "left").save(path)
@@ -88,13 +97,16 @@ def test_the_app_refuses_arguments_out_of_range(captioner, tmp_path, beam, lengt
         webapp.caption_upload(captioner, {"path": str(path)}, beam, length, opacity)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--beam-size", "2.5"], "--beam-size: invalid"),
-    (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be a whole number >= 0, got -1"),
-    (["--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
-    (["--shard", "2/2"], "--shard '2/2': need 0 <= K < N"),
-    (["--shard", "half"], "--shard 'half': expected K/N"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--beam-size", "2.5"], "--beam-size: invalid"),
+        (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be a whole number >= 0, got -1"),
+        (["--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+        (["--shard", "2/2"], "--shard '2/2': need 0 <= K < N"),
+        (["--shard", "half"], "--shard 'half': expected K/N"),
+    ],
+)
 def test_the_caption_command_refuses_arguments_out_of_range(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
         caption_folder_main([str(tmp_path), "-o", str(tmp_path / "out.jsonl"), *flags])
@@ -139,12 +151,15 @@ def test_numpy_and_torch_scalars_and_arrays_are_focus_strengths_and_boxes(captio
         assert captioner.caption(image, focus=box).score == expected.score
 
 
-@pytest.mark.parametrize("focus, message", [
-    ([[True] * 300] * 200, r"boolean array of the image's size \(224, 224\), got bool \(200, 300\)"),
-    ("0099", "focus box must be four numbers"),
-    ([[1, 2], [3]], "focus mask rows differ in length"),
-    (np.zeros(5), "focus box must be four numbers"),
-])
+@pytest.mark.parametrize(
+    "focus, message",
+    [
+        ([[True] * 300] * 200, r"boolean array of the image's size \(224, 224\), got bool \(200, 300\)"),
+        ("0099", "focus box must be four numbers"),
+        ([[1, 2], [3]], "focus mask rows differ in length"),
+        (np.zeros(5), "focus box must be four numbers"),
+    ],
+)
 def test_a_wrong_focus_gives_a_short_error(captioner, focus, message):
     with pytest.raises(ValueError, match=message) as err:
         captioner.caption(shape_image("red", "circle", "left"), focus=focus)

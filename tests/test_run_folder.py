@@ -65,22 +65,39 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--checkpoint-every", "0"], "checkpoint_every must be a whole number >= 1, got 0"),
-    (["--model.dropout", "1.5"], "model.dropout must be a number >= 0 and < 1, got 1.5"),
-    (["--lr", "-1"], "lr must be a number > 0, got -1.0"),
-    (["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
-    (["--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
-    (["--resume", "--overwrite"], "resume and overwrite: choose one"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpoint-every", "0"], "checkpoint_every must be a whole number >= 1, got 0"),
+        (["--model.dropout", "1.5"], "model.dropout must be a number >= 0 and < 1, got 1.5"),
+        (["--lr", "-1"], "lr must be a number > 0, got -1.0"),
+        (["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
+        (["--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
+        (["--resume", "--overwrite"], "resume and overwrite: choose one"),
+    ],
+)
 def test_bad_training_settings_are_refused_before_any_work(dataset, tmp_path, flags, message):
     """Were: a ZeroDivisionError after data preparation, a torch traceback, gradient ascent saved
     as best, a batch size silently 1, exit 0 without a model."""
     captions, images = dataset
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=re.escape(message)):
-        main(["train", "--output-dir", str(out), "--data.kind", "coco", "--data.train", str(captions),
-              "--data.train-images", str(images), "--progress", "false", *flags])
+        main(
+            [
+                "train",
+                "--output-dir",
+                str(out),
+                "--data.kind",
+                "coco",
+                "--data.train",
+                str(captions),
+                "--data.train-images",
+                str(images),
+                "--progress",
+                "false",
+                *flags,
+            ]
+        )
     assert not out.exists()
 
 
@@ -91,9 +108,11 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(dataset, c
     out = tmp_path / "run"
     train(quick(dataset, out, cache_dir, epochs=2))  # finished: 2 epochs
     before = snapshot(out)
-    pattern = (rf"{re.escape(str(out))} holds a training run \(checkpoint.safetensors, train_config.json, "
-               r"metrics.jsonl, .*best/model.safetensors, best/config.json\); nothing was written. "
-               r"Continue it with --resume true, start it anew with --overwrite true")
+    pattern = (
+        rf"{re.escape(str(out))} holds a training run \(checkpoint.safetensors, train_config.json, "
+        r"metrics.jsonl, .*best/model.safetensors, best/config.json\); nothing was written. "
+        r"Continue it with --resume true, start it anew with --overwrite true"
+    )
     with pytest.raises(RunFolderError, match=pattern):
         train(quick(dataset, out, cache_dir, seed=1))
     assert snapshot(out) == before
@@ -132,9 +151,11 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_written(stop
     cfg, out = copy_of(stopped_run, tmp_path)
     before = snapshot(out)
     typo = dataclasses.replace(cfg, resume=True, seed=3, model=dataclasses.replace(cfg.model, hidden_dim=128))
-    message = (r"--resume: .* is a run with other settings \(the run's -> given: model.hidden_dim 64 -> 128; "
-               r"seed 0 -> 3\); nothing was written"
-               rf".*--config {re.escape(str(out / TRAIN_CONFIG_FILE))} --resume true")
+    message = (
+        r"--resume: .* is a run with other settings \(the run's -> given: model.hidden_dim 64 -> 128; "
+        r"seed 0 -> 3\); nothing was written"
+        rf".*--config {re.escape(str(out / TRAIN_CONFIG_FILE))} --resume true"
+    )
     with pytest.raises(RunFolderError, match=message):
         train(typo)
     assert snapshot(out) == before
@@ -150,8 +171,11 @@ def test_a_run_state_that_does_not_fit_the_model_is_refused_from_its_header(stop
     wide = dataclasses.replace(cfg, resume=True, model=dataclasses.replace(cfg.model, hidden_dim=128))
     (out / TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(wide)))
     before = snapshot(out)
-    with pytest.raises(RunStateError, match=rf"{re.escape(str(out / STATE_FILE))} holds weights of another "
-                                            r"model: decoder\..*: saved \(.*\), the model has \(.*128"):
+    with pytest.raises(
+        RunStateError,
+        match=rf"{re.escape(str(out / STATE_FILE))} holds weights of another "
+        r"model: decoder\..*: saved \(.*\), the model has \(.*128",
+    ):
         train(wide)
     assert snapshot(out) == before
 
@@ -163,8 +187,10 @@ def test_a_truncated_run_state_is_named_with_what_to_do(stopped_run, tmp_path, k
     state = out / STATE_FILE
     os.truncate(state, int(state.stat().st_size * kept))
     before = snapshot(out)
-    message = (rf"{re.escape(str(state))} cannot be resumed from: it is truncated or damaged \(.*\)\. "
-               r"Restore it from a copy, or start the run anew with --overwrite true")
+    message = (
+        rf"{re.escape(str(state))} cannot be resumed from: it is truncated or damaged \(.*\)\. "
+        r"Restore it from a copy, or start the run anew with --overwrite true"
+    )
     with pytest.raises(RunStateError, match=message):
         train(dataclasses.replace(cfg, resume=True))
     assert snapshot(out) == before
@@ -181,7 +207,10 @@ def test_a_nan_at_the_first_step_does_not_point_to_a_run_state_never_written(dat
     grids[row, 0, 0] = np.nan
     grids.flush()
     del grids
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 1 .*no run state was saved yet, "
-                                               r"so there is nothing to resume.*--overwrite true") as err:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"loss became nan at step 1 .*no run state was saved yet, "
+        r"so there is nothing to resume.*--overwrite true",
+    ) as err:
         train(cfg)
     assert STATE_FILE not in str(err.value) and not (tmp_path / "run" / STATE_FILE).exists()

@@ -56,8 +56,9 @@ def test_scst_loss_favours_the_sample_closest_to_the_references(shapes_vocab, sh
     assert torch.all(log_probs.grad[~mask] == 0)
 
 
-def test_unfinished_and_fragment_samples_earn_less_than_the_finished_sentence(shapes_vocab,
-                                                                            shapes_references):
+def test_unfinished_and_fragment_samples_earn_less_than_the_finished_sentence(
+    shapes_vocab, shapes_references
+):
     """The <end> word takes part in the reward: a caption cut off at the length limit, or one
     that stops mid-phrase, misses the references' final n-grams."""
     cider = reward_scorer(shapes_references)
@@ -79,8 +80,15 @@ def test_unfinished_and_fragment_samples_earn_less_than_the_finished_sentence(sh
 def test_scst_loss_needs_two_samples(shapes_vocab, shapes_references):
     tokens, mask = _tokens(shapes_vocab, ["a red circle on the left"])
     with pytest.raises(ValueError, match="at least 2 samples"):
-        scst_loss(tokens, torch.zeros(tokens.shape), mask, [[["a"]]], reward_scorer(shapes_references),
-                  shapes_vocab, samples=1)
+        scst_loss(
+            tokens,
+            torch.zeros(tokens.shape),
+            mask,
+            [[["a"]]],
+            reward_scorer(shapes_references),
+            shapes_vocab,
+            samples=1,
+        )
 
 
 def test_scst_steps_raise_the_reward_of_a_partly_trained_model(shapes_vocab, shapes_references):
@@ -96,8 +104,7 @@ def test_scst_steps_raise_the_reward_of_a_partly_trained_model(shapes_vocab, sha
     torch.manual_seed(1)
     rewards = []
     for _ in range(24):
-        tokens, log_probs, mask, _ = decode_tensors(decoder, features, 16, greedy=False,
-                                                    samples_per_image=5)
+        tokens, log_probs, mask, _ = decode_tensors(decoder, features, 16, greedy=False, samples_per_image=5)
         loss, stats = scst_loss(tokens, log_probs, mask, shapes_references, cider, shapes_vocab, 5)
         optimizer.zero_grad()
         loss.backward()

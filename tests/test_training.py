@@ -71,17 +71,35 @@ def make_config(dataset, output_dir, cache_dir, dropout=0.3, **overrides) -> Tra
     """16 images, validated on themselves; 4 steps per epoch; 3 XE epochs then 1 SCST epoch.
     The weights' moving average is on (so resume and torchrun cover it), with a short memory."""
     captions, images = dataset
-    data = DataConfig(kind="coco", train=str(captions), train_images=str(images), val=str(captions),
-                      val_images=str(images))
-    settings = dict(min_word_count=1, epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, scst_epochs=1,
-                    scst_samples=3, checkpoint_every=2, num_workers=0, progress=False, device="cpu",
-                    ema_decay=0.5)
-    return TrainConfig(data=data, model=ModelConfig(**TINY_DECODER, dropout=dropout),
-                       output_dir=str(output_dir), cache_dir=str(cache_dir), **(settings | overrides))
+    data = DataConfig(
+        kind="coco", train=str(captions), train_images=str(images), val=str(captions), val_images=str(images)
+    )
+    settings = dict(
+        min_word_count=1,
+        epochs=3,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        scst_epochs=1,
+        scst_samples=3,
+        checkpoint_every=2,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+        ema_decay=0.5,
+    )
+    return TrainConfig(
+        data=data,
+        model=ModelConfig(**TINY_DECODER, dropout=dropout),
+        output_dir=str(output_dir),
+        cache_dir=str(cache_dir),
+        **(settings | overrides),
+    )
 
 
 def as_flags(cfg: TrainConfig) -> list[str]:
     """The scripts/train.py command line of a config: every field, nested ones dotted."""
+
     def flatten(values: dict, prefix: str = ""):
         for key, value in values.items():
             if isinstance(value, dict):
@@ -90,6 +108,7 @@ def as_flags(cfg: TrainConfig) -> list[str]:
                 yield from (f"--{prefix}{key}", str(value).lower())
             else:
                 yield from (f"--{prefix}{key}", str(value))
+
     return list(flatten(dataclasses.asdict(cfg)))
 
 
@@ -129,8 +148,13 @@ def assert_same_metrics(actual: list[dict], expected: list[dict], rel: float = 1
 def kill_at_first_run_state(flags: list[str], out: Path, log: Path) -> None:
     """Run scripts/train.py with `flags` and SIGKILL it as soon as its first run state exists."""
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "scripts/train.py", *flags], cwd=ROOT,
-                                env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "scripts/train.py", *flags],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while not (out / STATE_FILE).exists():  # the first run state: after step 2 of epoch 1
@@ -189,11 +213,16 @@ def test_training_run_writes_a_usable_model_and_its_metrics(reference_run, datas
     model = captioner.model
     paths = [p for _, p in sorted(_image_paths(cfg).items())]
     cache = FeatureCache(cache_dir, model.encoder, [*paths, *paths])  # train + val lists
-    hyps = beam_search(model.decoder, cache.batch(range(16, 32)),
-                       DecodeOptions(cfg.val_beam_size, cfg.val_max_length, no_repeat_ngram_size=0))
+    hyps = beam_search(
+        model.decoder,
+        cache.batch(range(16, 32)),
+        DecodeOptions(cfg.val_beam_size, cfg.val_max_length, no_repeat_ngram_size=0),
+    )
     references = {str(i): caps for i, caps in _captions(cfg).items()}
-    predictions = {str(i): " ".join(captioner.vocab.decode(h[0].tokens)) for i, h in zip(
-        sorted(references, key=int), hyps, strict=True)}
+    predictions = {
+        str(i): " ".join(captioner.vocab.decode(h[0].tokens))
+        for i, h in zip(sorted(references, key=int), hyps, strict=True)
+    }
     scores = score_captions(predictions, references, meteor=False)
     assert scores["CIDEr"] == pytest.approx(best_row["CIDEr"], rel=1e-6)
 
@@ -267,10 +296,20 @@ def test_killed_run_resumes_to_the_same_result(reference_run, dataset, cache_dir
 def test_fine_tuning_run_resumes_to_the_same_result(dataset, tmp_path, inputs):
     """With the encoder's head trained from its cached input activations, or from pixels through
     a DataLoader (no cache), and mirrored photos mixed in."""
+
     def config(name, **overrides):
-        return make_config(dataset, tmp_path / name, tmp_path / "cache", epochs=1, scst_epochs=0,
-                           fine_tune_from=8, fine_tune_inputs=inputs, encoder_lr=1e-3, hflip=True,
-                           **overrides)
+        return make_config(
+            dataset,
+            tmp_path / name,
+            tmp_path / "cache",
+            epochs=1,
+            scst_epochs=0,
+            fine_tune_from=8,
+            fine_tune_inputs=inputs,
+            encoder_lr=1e-3,
+            hflip=True,
+            **overrides,
+        )
 
     summary = train(config("reference"))
     if inputs == "photos":
@@ -339,10 +378,19 @@ def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_
     done.flush()
     del done
     ddp = dataclasses.replace(single, output_dir=str(tmp_path / "ddp"), cache_dir=str(ddp_cache))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "scripts/train.py", *as_flags(ddp)]
-    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "scripts/train.py",
+        *as_flags(ddp),
+    ]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -364,8 +412,7 @@ def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_
     assert len(decoder) > 20
     for key in decoder:
         assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-4), key
-    assert_same_metrics(metrics_rows(Path(ddp.output_dir)), metrics_rows(Path(single.output_dir)),
-                        rel=1e-4)
+    assert_same_metrics(metrics_rows(Path(ddp.output_dir)), metrics_rows(Path(single.output_dir)), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- real COCO files
@@ -375,12 +422,29 @@ def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_
 def test_one_epoch_on_real_coco_files(tmp_path):
     root = SHARED_DATA / "coco-mini"
     captions, images = root / "annotations" / "captions_train2017.json", root / "train2017"
-    data = DataConfig(kind="coco", train=str(captions), train_images=str(images), val=str(captions),
-                      val_images=str(images), max_val_images=16)
-    cfg = TrainConfig(data=data, model=ModelConfig(**TINY_DECODER, dropout=0.0),
-                      output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                      min_word_count=2, epochs=1, batch_size=16, lr=3e-3,
-                      warmup_steps=1, checkpoint_every=1000, num_workers=0, progress=False, device="cpu")
+    data = DataConfig(
+        kind="coco",
+        train=str(captions),
+        train_images=str(images),
+        val=str(captions),
+        val_images=str(images),
+        max_val_images=16,
+    )
+    cfg = TrainConfig(
+        data=data,
+        model=ModelConfig(**TINY_DECODER, dropout=0.0),
+        output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        min_word_count=2,
+        epochs=1,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_every=1000,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+    )
     summary = train(cfg)
     assert summary["feature_extraction"]["images"] == 80 + 16
     (row,) = metrics_rows(Path(cfg.output_dir))
@@ -436,21 +500,45 @@ def parse(argv: list[str]) -> TrainConfig:
 
 def test_flags_parse_bools_nones_and_nested_fields():
     assert parse([]) == TrainConfig()
-    cfg = parse(["--progress", "false", "--amp", "Yes", "--fine_tune_from", "none", "--device", "None",
-                 "--model.hidden_dim", "64", "--model.grid_size", "7", "--data.kind", "coco",
-                 "--data.max_val_images", "8", "--lr", "1e-3", "--data.skip_missing", "true"])
+    cfg = parse(
+        [
+            "--progress",
+            "false",
+            "--amp",
+            "Yes",
+            "--fine_tune_from",
+            "none",
+            "--device",
+            "None",
+            "--model.hidden_dim",
+            "64",
+            "--model.grid_size",
+            "7",
+            "--data.kind",
+            "coco",
+            "--data.max_val_images",
+            "8",
+            "--lr",
+            "1e-3",
+            "--data.skip_missing",
+            "true",
+        ]
+    )
     assert (cfg.progress, cfg.amp, cfg.fine_tune_from, cfg.device, cfg.lr) == (False, True, None, None, 1e-3)
     assert (cfg.model.hidden_dim, cfg.model.grid_size, cfg.model.embed_dim) == (64, 7, 512)
     assert (cfg.data.kind, cfg.data.max_val_images, cfg.data.skip_missing) == ("coco", 8, True)
     assert parse(["--fine_tune_from", "3"]).fine_tune_from == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--progress", "maybe"], "expected true/false"),
-    (["--epochs", "none"], "invalid int value"),
-    (["--model.hidden_dim", "1.5"], "invalid int value"),
-    (["--model.no_such_field", "1"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--progress", "maybe"], "expected true/false"),
+        (["--epochs", "none"], "invalid int value"),
+        (["--model.hidden_dim", "1.5"], "invalid int value"),
+        (["--model.no_such_field", "1"], "unrecognized arguments"),
+    ],
+)
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
@@ -464,8 +552,9 @@ def test_saved_config_plus_flags_reproduces_a_config(tmp_path):
     assert parse(["--config", str(saved)]) == cfg
     assert parse(as_flags(cfg)) == cfg
     changed = parse(["--config", str(saved), "--epochs", "9", "--model.dropout", "0.1", "--resume", "true"])
-    assert changed == dataclasses.replace(cfg, epochs=9, resume=True,
-                                          model=dataclasses.replace(cfg.model, dropout=0.1))
+    assert changed == dataclasses.replace(
+        cfg, epochs=9, resume=True, model=dataclasses.replace(cfg.model, dropout=0.1)
+    )
     with pytest.raises(FileNotFoundError):
         parse(["--config", str(tmp_path / "missing.json")])
 
@@ -497,12 +586,14 @@ def test_scst_samples_with_dropout_only_when_asked(dataset, cache_dir, tmp_path,
 
 @pytest.mark.parametrize(("scst_patience", "scst_epochs_run"), [(None, 1), (3, 5)])
 def test_scst_patience_lets_self_critical_training_recover_from_its_first_dip(
-        dataset, cache_dir, tmp_path, monkeypatch, scst_patience, scst_epochs_run):
+    dataset, cache_dir, tmp_path, monkeypatch, scst_patience, scst_epochs_run
+):
     """SCST usually starts below the cross-entropy best: its own patience keeps it going."""
     scripted_cider = iter([50.0, 40.0, 41.0, 60.0, 45.0, 46.0])  # XE 1, then SCST 1..5
     monkeypatch.setattr(training_module, "validate", lambda *args, **kwargs: {"CIDEr": next(scripted_cider)})
-    cfg = make_config(dataset, tmp_path / "run", cache_dir, epochs=1, scst_epochs=5, patience=1,
-                      scst_patience=scst_patience)
+    cfg = make_config(
+        dataset, tmp_path / "run", cache_dir, epochs=1, scst_epochs=5, patience=1, scst_patience=scst_patience
+    )
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["xe"] + ["scst"] * scst_epochs_run
@@ -531,8 +622,13 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     snapshots = []  # the raw weights after each of the epoch's 4 steps, from the saved run state
     for step in (1, 2, 3, None):
         train(dataclasses.replace(cfg, resume=step != 1, stop_after_step=step))
-        snapshots.append({k.removeprefix("model."): v for k, v in state_tensors(tmp_path / "ema").items()
-                          if k.startswith("model.")})
+        snapshots.append(
+            {
+                k.removeprefix("model."): v
+                for k, v in state_tensors(tmp_path / "ema").items()
+                if k.startswith("model.")
+            }
+        )
     expected = dict(snapshots[0])
     for k, weights in enumerate(snapshots[1:], start=2):
         decay = min(0.25, k / (k + 9))  # 2/11 = 0.18, then capped at 0.25
@@ -550,8 +646,20 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
 
     # scripts/export_model.py --last-step: the raw weights of the last step, as a model folder.
     exported = tmp_path / "last-step"
-    subprocess.run([sys.executable, "scripts/export_model.py", str(tmp_path / "ema"), str(exported),
-                    "--last-step", "--dtype", "float32"], cwd=ROOT, env=subprocess_env(), check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/export_model.py",
+            str(tmp_path / "ema"),
+            str(exported),
+            "--last-step",
+            "--dtype",
+            "float32",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        check=True,
+    )
     last = load_file(str(exported / "model.safetensors"))
     assert last.keys() == best.keys()
     assert all(torch.equal(last[k], raw[f"model.{k}"]) for k in last)
@@ -605,11 +713,20 @@ def test_caption_batches_hold_single_captions_shuffled_across_images(dataset, ca
     coco = json.loads(captions_json.read_text())
     coco["annotations"] += [
         {"id": 1000 * k + a["id"], "image_id": a["image_id"], "caption": f"{word} {a['caption']}"}
-        for k, word in ((1, "look"), (2, "here")) for a in coco["annotations"]]
+        for k, word in ((1, "look"), (2, "here"))
+        for a in coco["annotations"]
+    ]
     three_each = tmp_path / "three_captions.json"
     three_each.write_text(json.dumps(coco))
-    cfg = make_config((three_each, images), tmp_path / "run", cache_dir, epochs=2, scst_epochs=1,
-                      batch_size=8, batch_by="caption")
+    cfg = make_config(
+        (three_each, images),
+        tmp_path / "run",
+        cache_dir,
+        epochs=2,
+        scst_epochs=1,
+        batch_size=8,
+        batch_by="caption",
+    )
     data = prepare_data(cfg.data, cfg.min_word_count, cfg.max_caption_words)
     every_caption = sorted((row, tuple(ids)) for row, caps in enumerate(data.encoded) for ids in caps)
     assert len(every_caption) == 48

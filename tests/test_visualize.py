@@ -55,8 +55,13 @@ def test_attention_grid_is_written_as_png_without_a_window(tmp_path, monkeypatch
     backend = matplotlib.get_backend()
     words = ["a", "red", "circle", "on", "the", "left"]
     attention = np.stack([_alpha(hot=(i % 4, (i * 3) % 4)) for i in range(len(words))])
-    path = save_attention_grid(tmp_path / "out" / "grid.png", Image.new("RGB", (96, 64), "grey"), words,
-                               attention, title="a red circle on the left")
+    path = save_attention_grid(
+        tmp_path / "out" / "grid.png",
+        Image.new("RGB", (96, 64), "grey"),
+        words,
+        attention,
+        title="a red circle on the left",
+    )
     assert path == tmp_path / "out" / "grid.png"
     with Image.open(path) as png:
         assert png.format == "PNG"

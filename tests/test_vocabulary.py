@@ -26,17 +26,20 @@ def earlier_tokenize(text: str) -> list[str]:
     return EARLIER.findall(text.lower())
 
 
-@pytest.mark.parametrize("caption, words", [
-    ("A café with naïve art", ["a", "café", "with", "naïve", "art"]),
-    ("Die Straße im Regen", ["die", "strasse", "im", "regen"]),  # case-folded: ß is ss
-    ("Ein Hund läuft über die Wiese.", ["ein", "hund", "läuft", "über", "die", "wiese"]),
-    ("A cafe\u0301 (decomposed é)", ["a", "café", "decomposed", "é"]),  # NFKC composes it
-    ("ＡＢＣ full-width ﬁsh", ["abc", "full-width", "fish"]),  # compatibility forms
-    ("the dog’s ball", ["the", "dog's", "ball"]),  # a typographic apostrophe is an apostrophe
-    ("Собака бежит по траве", ["собака", "бежит", "по", "траве"]),
-    ("बिल्ली सो रही है", ["बिल्ली", "सो", "रही", "है"]),  # vowel signs stay in their words
-    ("犬が走っている。", ["犬", "が", "走", "っ", "て", "い", "る"]),  # no spaces: one per character
-])
+@pytest.mark.parametrize(
+    "caption, words",
+    [
+        ("A café with naïve art", ["a", "café", "with", "naïve", "art"]),
+        ("Die Straße im Regen", ["die", "strasse", "im", "regen"]),  # case-folded: ß is ss
+        ("Ein Hund läuft über die Wiese.", ["ein", "hund", "läuft", "über", "die", "wiese"]),
+        ("A cafe\u0301 (decomposed é)", ["a", "café", "decomposed", "é"]),  # NFKC composes it
+        ("ＡＢＣ full-width ﬁsh", ["abc", "full-width", "fish"]),  # compatibility forms
+        ("the dog’s ball", ["the", "dog's", "ball"]),  # a typographic apostrophe is an apostrophe
+        ("Собака бежит по траве", ["собака", "бежит", "по", "траве"]),
+        ("बिल्ली सो रही है", ["बिल्ली", "सो", "रही", "है"]),  # vowel signs stay in their words
+        ("犬が走っている。", ["犬", "が", "走", "っ", "て", "い", "る"]),  # no spaces: one per character
+    ],
+)
 def test_unicode_captions_keep_their_words(caption, words):
     assert tokenize(caption) == words
 
@@ -57,7 +60,7 @@ def test_the_shipped_vocabulary_still_fits_its_captions():
     captions at hand, rebuilding the vocabulary as it was built (min count 5, every word
     counted) gives the shipped one, word for word and in order."""
     shipped = json.loads((ROOT / "weights" / "config.json").read_text())["vocabulary"]
-    assert all(tokenize(word) == [word] for word in shipped[len(SPECIAL_TOKENS):])
+    assert all(tokenize(word) == [word] for word in shipped[len(SPECIAL_TOKENS) :])
     root = SHARED_DATA / "flickr8k"
     if not root.is_dir():
         pytest.skip("shared Flickr8k data not present")
@@ -84,12 +87,15 @@ def test_only_the_words_training_sees_are_counted(tmp_path):
     assert Vocabulary.build(["a b c d", "c d"], 1, max_words=2).to_json()[4:] == ["a", "b", "c", "d"]
 
 
-@pytest.mark.parametrize("words, message", [
-    ([*SPECIAL_TOKENS, "dog", 5], "vocabulary entry 5 is 5"),
-    ([*SPECIAL_TOKENS, None], "vocabulary entry 4 is None"),
-    ([*SPECIAL_TOKENS, ["a"]], "vocabulary entry 4 is ['a']"),
-    ([*SPECIAL_TOKENS, ""], "vocabulary entry 4 is ''"),
-])
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        ([*SPECIAL_TOKENS, "dog", 5], "vocabulary entry 5 is 5"),
+        ([*SPECIAL_TOKENS, None], "vocabulary entry 4 is None"),
+        ([*SPECIAL_TOKENS, ["a"]], "vocabulary entry 4 is ['a']"),
+        ([*SPECIAL_TOKENS, ""], "vocabulary entry 4 is ''"),
+    ],
+)
 def test_a_vocabulary_entry_that_is_not_a_word_is_refused(words, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Vocabulary(words)

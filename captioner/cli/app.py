@@ -26,22 +26,43 @@ if TYPE_CHECKING:
 def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags override environment variables, which override the defaults."""
     env = os.environ.get
-    parser.add_argument("--host", default=env("CAPTIONER_HOST", "127.0.0.1"),
-                        help="address to bind; 0.0.0.0 exposes the app to your network "
-                             "($CAPTIONER_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=env("CAPTIONER_PORT", "7860"),
-                        help="port ($CAPTIONER_PORT, default 7860)")
-    add_model_arguments(parser, MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"),
-                        default=env("CAPTIONER_WEIGHTS"))
-    parser.add_argument("--quantize", action=Switch, default=False,
-                        help="int8 decoder on CPU: faster captions, slightly different scores (default: off)")
-    parser.add_argument("--device", default=env("CAPTIONER_DEVICE"),
-                        help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)")
-    parser.add_argument("--threads", type=positive_int, metavar="N",
-                        help="CPU threads the model runs on ($OMP_NUM_THREADS, default: all cores but "
-                             "one, which the page keeps; at least 1)")
-    parser.add_argument("--share", action=Switch, default=False,
-                        help="also serve through a public gradio.live link (default: off)")
+    parser.add_argument(
+        "--host",
+        default=env("CAPTIONER_HOST", "127.0.0.1"),
+        help="address to bind; 0.0.0.0 exposes the app to your network ($CAPTIONER_HOST, default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=env("CAPTIONER_PORT", "7860"), help="port ($CAPTIONER_PORT, default 7860)"
+    )
+    add_model_arguments(
+        parser,
+        MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"),
+        default=env("CAPTIONER_WEIGHTS"),
+    )
+    parser.add_argument(
+        "--quantize",
+        action=Switch,
+        default=False,
+        help="int8 decoder on CPU: faster captions, slightly different scores (default: off)",
+    )
+    parser.add_argument(
+        "--device",
+        default=env("CAPTIONER_DEVICE"),
+        help="cpu, cuda, cuda:1, ... ($CAPTIONER_DEVICE, default: cuda if available)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads the model runs on ($OMP_NUM_THREADS, default: all cores but "
+        "one, which the page keeps; at least 1)",
+    )
+    parser.add_argument(
+        "--share",
+        action=Switch,
+        default=False,
+        help="also serve through a public gradio.live link (default: off)",
+    )
     add_decoding_arguments(parser)  # beam size and length: the sliders' starting values
     return parser
 
@@ -59,8 +80,10 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except hub.ModelNotFoundError as err:
         raise CommandError(f"cannot start without a model: {err}") from err
     if not folder.exists():
-        raise CommandError(f"cannot start without a model: {folder} does not exist: pass --model with "
-                           "a model folder (config.json + model.safetensors) or a Hub repo id")
+        raise CommandError(
+            f"cannot start without a model: {folder} does not exist: pass --model with "
+            "a model folder (config.json + model.safetensors) or a Hub repo id"
+        )
     check_port(args.host, args.port)
     from captioner.serving.app_model import ModelProcess
 
@@ -75,8 +98,13 @@ def run_app(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def serve_app(model: ModelProcess, folder: Path, options: DecodeOptions, args: argparse.Namespace,
-              parser: argparse.ArgumentParser) -> None:
+def serve_app(
+    model: ModelProcess,
+    folder: Path,
+    options: DecodeOptions,
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+) -> None:
     """Build the page while the model loads and serve it until Ctrl-C or a failed load."""
     from captioner.serving import model_card, webapp  # imports gradio
 
@@ -86,13 +114,15 @@ def serve_app(model: ModelProcess, folder: Path, options: DecodeOptions, args: a
         name, _, rest = str(err).partition(" ")
         parser.error(f"--{name.replace('_', '-')} {rest}")
     card = model_card.card_page(folder)
-    demo = webapp.build_app(model, model.describe, webapp.example_images(), options,
-                            card=card[0] if card else None)
+    demo = webapp.build_app(
+        model, model.describe, webapp.example_images(), options, card=card[0] if card else None
+    )
     threading.Thread(target=preload_photo_modules, name="preload", daemon=True).start()
     threading.Thread(target=announce_model, args=(model,), name="announce", daemon=True).start()
     try:
-        webapp.serve(demo, args.host, args.port, args.share, stop=model.failed,
-                     allowed_paths=card[1] if card else None)
+        webapp.serve(
+            demo, args.host, args.port, args.share, stop=model.failed, allowed_paths=card[1] if card else None
+        )
     except OSError as err:  # the port was taken after check_port
         raise CommandError(f"cannot serve on {args.host}:{args.port} ({err}): pass another --port") from err
 
@@ -122,6 +152,8 @@ def check_port(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as err:
         taken = err.errno == errno.EADDRINUSE
-        raise CommandError(f"port {port} on {host} is already in use: pass another --port, e.g. --port "
-                           f"{port + 1}" if taken else f"cannot listen on --host {host} --port {port}: "
-                           f"{getattr(err, 'strerror', None) or err}") from err
+        raise CommandError(
+            f"port {port} on {host} is already in use: pass another --port, e.g. --port {port + 1}"
+            if taken
+            else f"cannot listen on --host {host} --port {port}: {getattr(err, 'strerror', None) or err}"
+        ) from err

@@ -19,17 +19,23 @@ if TYPE_CHECKING:
     from captioner.serving.batch import Summary
 
 EXIT_NOTHING_CAPTIONED, EXIT_SETUP_FAILED = 1, 2
-MODEL_HELP = ("model folder or Hugging Face Hub repo id, e.g. user/captioner-flickr8k "
-              "(default: the shipped model, or $CAPTIONER_WEIGHTS)")
-OLD_SPELLINGS = ("Flags also accept their old spellings: --checkpoint for --model, --beam_size for "
-                 "--beam-size, --resume true/false.")
+MODEL_HELP = (
+    "model folder or Hugging Face Hub repo id, e.g. user/captioner-flickr8k "
+    "(default: the shipped model, or $CAPTIONER_WEIGHTS)"
+)
+OLD_SPELLINGS = (
+    "Flags also accept their old spellings: --checkpoint for --model, --beam_size for "
+    "--beam-size, --resume true/false."
+)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, help_text: str = MODEL_HELP,
-                        default: str | None = None) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, help_text: str = MODEL_HELP, default: str | None = None
+) -> None:
     """--model (alias --checkpoint): which model folder or Hub repo; --revision: its Hub revision."""
-    parser.add_argument("--model", "--checkpoint", dest="model", default=default, metavar="MODEL",
-                        help=help_text)
+    parser.add_argument(
+        "--model", "--checkpoint", dest="model", default=default, metavar="MODEL", help=help_text
+    )
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of a --model repo id")
 
 
@@ -40,25 +46,46 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, **defaults: object) 
 
 def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of `captioner caption` (and `captioner-caption`); extend them here."""
-    parser.add_argument("inputs", nargs="+",
-                        help="image folders, image files or glob patterns; with --merge: the shard outputs")
-    parser.add_argument("-o", "--output", default="captions.jsonl",
-                        help="JSONL or CSV file to append to (default: %(default)s)")
-    parser.add_argument("--format", choices=FORMATS,
-                        help="output format (default: csv for a .csv output, else jsonl)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="image folders, image files or glob patterns; with --merge: the shard outputs",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="captions.jsonl",
+        help="JSONL or CSV file to append to (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, help="output format (default: csv for a .csv output, else jsonl)"
+    )
     add_model_arguments(parser)
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--quantize", action=Switch, default=False,
-                        help="int8 decoder on CPU: faster, slightly different captions (default: off)")
-    parser.add_argument("--shard", metavar="K/N",
-                        help="caption only shard K of N (0-based; a stable split by a hash of each file's "
-                             "path relative to the input that found it, the same on every machine). Under "
-                             "torchrun each process takes the shard of its rank and writes OUTPUT.rankK")
-    parser.add_argument("--merge", action="store_true",
-                        help="join the shard outputs given as inputs into --output, one record per image")
-    parser.add_argument("--focus-json", metavar="FILE",
-                        help='caption a region of some images: a JSON object {"path": [x0, y0, x1, y1], ...} '
-                             "(pixels); other images are captioned whole")
+    parser.add_argument(
+        "--quantize",
+        action=Switch,
+        default=False,
+        help="int8 decoder on CPU: faster, slightly different captions (default: off)",
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="caption only shard K of N (0-based; a stable split by a hash of each file's "
+        "path relative to the input that found it, the same on every machine). Under "
+        "torchrun each process takes the shard of its rank and writes OUTPUT.rankK",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="join the shard outputs given as inputs into --output, one record per image",
+    )
+    parser.add_argument(
+        "--focus-json",
+        metavar="FILE",
+        help='caption a region of some images: a JSON object {"path": [x0, y0, x1, y1], ...} '
+        "(pixels); other images are captioned whole",
+    )
     add_decoding_arguments(parser, n_best=1)  # one caption per row unless asked
     add_config_arguments(parser, BatchSettings)
     return parser
@@ -66,17 +93,20 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 CAPTION_HELP = dict(
     description="Caption every image in folders, files or glob patterns into a JSONL or CSV file. "
-                "Folders are searched recursively for image files (by extension or by content); "
-                "hidden files are skipped. Rerunning with the same output skips images already in it.",
+    "Folders are searched recursively for image files (by extension or by content); "
+    "hidden files are skipped. Rerunning with the same output skips images already in it.",
     epilog="Exit status: 0 when at least one input has a caption (or a --shard has no files), 1 when "
-           "none could be captioned, 2 when an input does not exist, the model cannot be loaded or the "
-           "output cannot be written (or another run is writing it). " + OLD_SPELLINGS,
+    "none could be captioned, 2 when an input does not exist, the model cannot be loaded or the "
+    "output cannot be written (or another run is writing it). " + OLD_SPELLINGS,
 )
 
 
 def caption_folder_parser() -> argparse.ArgumentParser:
-    return add_caption_arguments(FlagParser(prog="captioner-caption", description=CAPTION_HELP["description"],
-                                            epilog=CAPTION_HELP["epilog"]))
+    return add_caption_arguments(
+        FlagParser(
+            prog="captioner-caption", description=CAPTION_HELP["description"], epilog=CAPTION_HELP["epilog"]
+        )
+    )
 
 
 def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -105,8 +135,9 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from captioner.serving.records import OutputError
 
     try:
-        captioner = Captioner.from_pretrained(args.model, device=device, quantize=args.quantize,
-                                              revision=args.revision)
+        captioner = Captioner.from_pretrained(
+            args.model, device=device, quantize=args.quantize, revision=args.revision
+        )
     except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
         print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
@@ -121,8 +152,14 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return _report(summary, output)
 
 
-def _select(args: argparse.Namespace, output: str, settings: BatchSettings, shard: tuple[int, int] | None,
-            options: DecodeOptions, focus: dict[str, list[float]] | None) -> list[str] | int:
+def _select(
+    args: argparse.Namespace,
+    output: str,
+    settings: BatchSettings,
+    shard: tuple[int, int] | None,
+    options: DecodeOptions,
+    focus: dict[str, list[float]] | None,
+) -> list[str] | int:
     """The files this process captions, or the exit status when there are none (then without
     loading the model): 1 if no image file was found, 0 for an empty shard (its output is made,
     for --merge)."""
@@ -146,8 +183,11 @@ def _select(args: argparse.Namespace, output: str, settings: BatchSettings, shar
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
-    print(f"note: shard {shard[0]}/{shard[1]} holds none of the {len(found)} files found; nothing to "
-          f"caption -> {output}", file=sys.stderr)
+    print(
+        f"note: shard {shard[0]}/{shard[1]} holds none of the {len(found)} files found; nothing to "
+        f"caption -> {output}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -159,12 +199,16 @@ def _warn_unmatched(file: str, focus: dict[str, list[float]], found: dict[str, s
     unmatched = [name for name in focus if path_key(name) not in known]
     if unmatched:
         listed = ", ".join(map(repr, unmatched[:10])) + (" ..." if len(unmatched) > 10 else "")
-        print(f"warning: --focus-json {file}: {len(unmatched)} of {len(focus)} paths match no input "
-              f"image: {listed}", file=sys.stderr)
+        print(
+            f"warning: --focus-json {file}: {len(unmatched)} of {len(focus)} paths match no input "
+            f"image: {listed}",
+            file=sys.stderr,
+        )
 
 
-def _this_process(device: str | None, output: str, shard: tuple[int, int] | None
-                  ) -> tuple[str | None, str, tuple[int, int] | None]:
+def _this_process(
+    device: str | None, output: str, shard: tuple[int, int] | None
+) -> tuple[str | None, str, tuple[int, int] | None]:
     """(device, output, shard) of this process: under torchrun, one process per GPU (or CPU
     share), each with its rank's shard and its own output file."""
     from captioner.serving.batch import rank_output, torchrun_rank
@@ -188,8 +232,11 @@ def _report(summary: Summary, output: str) -> int:
     for error in summary.first_errors:
         print(f"failed: {error}", file=sys.stderr)
     if summary.failed > len(summary.first_errors):
-        print(f"... and {summary.failed - len(summary.first_errors)} more; see the rows with an "
-              f"error in {output}", file=sys.stderr)
+        print(
+            f"... and {summary.failed - len(summary.first_errors)} more; see the rows with an "
+            f"error in {output}",
+            file=sys.stderr,
+        )
     print(f"{summary} -> {output}", file=sys.stderr if is_stream(output) else sys.stdout)
     if not summary.any_captioned:
         print("error: no image could be captioned", file=sys.stderr)

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-EXIT_STATUS = ("Exit status: 0 on success; 1 if the command failed (one line on stderr says why and "
-               "what to do; --debug or CAPTIONER_DEBUG=1 also prints the traceback); 2 for a mistake "
-               "on the command line (`captioner caption`: also when the model or the output cannot "
-               "be set up); 130 if interrupted.")
+EXIT_STATUS = (
+    "Exit status: 0 on success; 1 if the command failed (one line on stderr says why and "
+    "what to do; --debug or CAPTIONER_DEBUG=1 also prints the traceback); 2 for a mistake "
+    "on the command line (`captioner caption`: also when the model or the output cannot "
+    "be set up); 130 if interrupted."
+)
 
 # The project's errors about an input, by qualified class name (their modules import torch, which
 # `captioner --help` must not): a subclass counts too.
@@ -32,8 +34,18 @@ EXPECTED = {
     "captioner.serving.records.OutputError",
     "captioner.training.loop.TrainingDiverged",
 }
-FILE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
-               errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+FILE_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+}
 
 
 class CommandError(Exception):
@@ -81,16 +93,21 @@ def expected_message(err: BaseException, args: argparse.Namespace) -> str | None
 
 
 def data_flag_hint(message: str, args: argparse.Namespace) -> str:
-    """" (check --data.root)" if the message names the value of a --data.* path flag."""
+    """ " (check --data.root)" if the message names the value of a --data.* path flag."""
     for dest, value in vars(args).items():
-        if dest.startswith("data.") and isinstance(value, str) and value and (
-                value in message or str(Path(value).expanduser().resolve()) in message):
+        if (
+            dest.startswith("data.")
+            and isinstance(value, str)
+            and value
+            and (value in message or str(Path(value).expanduser().resolve()) in message)
+        ):
             return f" (check --{dest.replace('_', '-')})"
     return ""
 
 
-def require_dataset(kind: str, given: dict[str, Any], docs: dict[str, str],
-                    paths: dict[str, tuple[set[str], set[str]]]) -> None:
+def require_dataset(
+    kind: str, given: dict[str, Any], docs: dict[str, str], paths: dict[str, tuple[set[str], set[str]]]
+) -> None:
     """CommandError unless the --data.* paths given fit dataset `kind`: "no dataset given: pass
     --data.root DIR (flickr: the folder with ...)". `paths`: data.datasets.DATASET_PATHS."""
     takes, required = paths[kind]
@@ -98,8 +115,10 @@ def require_dataset(kind: str, given: dict[str, Any], docs: dict[str, str],
     missing, extra = sorted(required - present), sorted(present - takes)
     if extra:
         them = "it" if len(extra) == 1 else "them"
-        raise CommandError(f"--data.kind {kind} takes {_flags(sorted(takes))}, not {_flags(extra)}: "
-                           f"drop {them} or pass the --data.kind {them} belong{'s' * (them == 'it')} to")
+        raise CommandError(
+            f"--data.kind {kind} takes {_flags(sorted(takes))}, not {_flags(extra)}: "
+            f"drop {them} or pass the --data.kind {them} belong{'s' * (them == 'it')} to"
+        )
     if missing:
         wanted = " ".join(f"{_flag(name)} {_metavar(name)}" for name in missing)
         what = "; ".join(docs[name].rstrip(".") for name in missing if docs.get(name))

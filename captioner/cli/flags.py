@@ -81,9 +81,18 @@ def config_fields(config: type, prefix: str = "") -> list[ConfigField]:
         if f.default is dataclasses.MISSING:
             raise TypeError(f"{where}: a config field needs a default to be a flag")
         kind, optional, choices = _annotation(hint, where)
-        flags.append(ConfigField(f"{prefix}{f.name}", kind, optional, choices, f.default,
-                                 f.metadata.get("help", docs.get(f.name, "")), group,
-                                 f.metadata.get("metavar")))
+        flags.append(
+            ConfigField(
+                f"{prefix}{f.name}",
+                kind,
+                optional,
+                choices,
+                f.default,
+                f.metadata.get("help", docs.get(f.name, "")),
+                group,
+                f.metadata.get("metavar"),
+            )
+        )
     return flags
 
 
@@ -98,9 +107,13 @@ def field_docs(config: type) -> dict[str, str]:
             continue
         body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
         for statement, following in zip(body, body[1:], strict=False):
-            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
-                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                    and isinstance(following.value.value, str)):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
                 docs[statement.target.id] = " ".join(inspect.cleandoc(following.value.value).split())
     return docs
 
@@ -117,12 +130,15 @@ def _annotation(hint: Any, where: str) -> tuple[type, bool, tuple[str, ...] | No
         return hint, False, None
     if typing.get_origin(hint) is Literal and all(isinstance(v, str) for v in args):
         return str, False, args
-    raise TypeError(f"{where}: no command-line flag for the annotation {hint!r} "
-                    "(supported: int, float, str, bool, Literal of strings, and X | None)")
+    raise TypeError(
+        f"{where}: no command-line flag for the annotation {hint!r} "
+        "(supported: int, float, str, bool, Literal of strings, and X | None)"
+    )
 
 
 def _converter(kind: type, optional: bool):
     """int with optional=True -> a parser of ints that also accepts 'none'."""
+
     def parse(text: str):
         return None if optional and text.lower() == "none" else kind(text)
 
@@ -141,8 +157,14 @@ def _shown(value: Any, kind: type) -> str:
 class Switch(argparse.Action):
     """A boolean flag pair: --resume / --no-resume (nested: --model.gate / --model.no-gate)."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, default: Any = None,
-                 help: str | None = None, **kwargs: Any):  # noqa: A002 (argparse's name)
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        default: Any = None,
+        help: str | None = None,
+        **kwargs: Any,
+    ):  # noqa: A002 (argparse's name)
         self.negatives = [_negative(option) for option in option_strings]
         super().__init__([*option_strings, *self.negatives], dest, nargs=0, default=default, help=help)
 
@@ -158,8 +180,9 @@ def _negative(option: str) -> str:
     return f"--{head}{dot}no-{leaf}"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config: type, prefix: str = "",
-                         defaults: Mapping[str, Any] | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config: type, prefix: str = "", defaults: Mapping[str, Any] | None = None
+) -> None:
     """One flag per field of the dataclass `config`, grouped by class. Only the flags given end
     up in the namespace, so a saved --config is overridden, not replaced; `defaults` ({dest:
     value}) are this command's own defaults instead of the fields' (always in the namespace)."""
@@ -174,8 +197,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, prefix: 
             group.add_argument(f.flag, dest=f.dest, action=Switch, default=given_only, help=help_text)
         else:
             metavar = None if f.choices else f.metavar or f.kind.__name__.upper()
-            group.add_argument(f.flag, dest=f.dest, type=_converter(f.kind, f.optional), choices=f.choices,
-                               metavar=metavar, default=given_only, help=help_text)
+            group.add_argument(
+                f.flag,
+                dest=f.dest,
+                type=_converter(f.kind, f.optional),
+                choices=f.choices,
+                metavar=metavar,
+                default=given_only,
+                help=help_text,
+            )
 
 
 def config_from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None, prefix: str = ""):
@@ -213,15 +243,17 @@ def load_config_file(path: str | Path | None) -> dict[str, Any]:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise CommandError(f"--config {path}: no such file (a run's train_config.json, e.g. "
-                           "runs/NAME/train_config.json)")
+        raise CommandError(
+            f"--config {path}: no such file (a run's train_config.json, e.g. runs/NAME/train_config.json)"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CommandError(f"--config {path}: not a readable JSON file ({err})") from err
     if not isinstance(config, dict):
-        raise CommandError(f"--config {path}: expected a JSON object of settings, "
-                           f"got {type(config).__name__}")
+        raise CommandError(
+            f"--config {path}: expected a JSON object of settings, got {type(config).__name__}"
+        )
     return config
 
 
@@ -230,19 +262,22 @@ class FlagParser(argparse.ArgumentParser):
     `--resume true` / `--resume false` for a Switch's `--resume` / `--no-resume`."""
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
-        return super().parse_known_args(self._modern(sys.argv[1:] if args is None else list(args)),
-                                        namespace)
+        return super().parse_known_args(self._modern(sys.argv[1:] if args is None else list(args)), namespace)
 
     def _modern(self, args: list[str]) -> list[str]:
-        switches = {option: negative for action in self._actions if isinstance(action, Switch)
-                    for option, negative in zip(action.option_strings, action.negatives, strict=False)}
+        switches = {
+            option: negative
+            for action in self._actions
+            if isinstance(action, Switch)
+            for option, negative in zip(action.option_strings, action.negatives, strict=False)
+        }
         takes_positionals = any(not action.option_strings for action in self._actions)
         out: list[str] = []
         i = 0
         while i < len(args):
             arg, i = args[i], i + 1
             if arg == "--":
-                return out + args[i - 1:]
+                return out + args[i - 1 :]
             if not arg.startswith("--"):
                 out.append(arg)
                 continue
@@ -253,8 +288,11 @@ class FlagParser(argparse.ArgumentParser):
                 continue
             if not eq:
                 following = args[i] if i < len(args) else None
-                if following is None or following.startswith("-") or (
-                        takes_positionals and following.lower() not in TRUE_WORDS + FALSE_WORDS):
+                if (
+                    following is None
+                    or following.startswith("-")
+                    or (takes_positionals and following.lower() not in TRUE_WORDS + FALSE_WORDS)
+                ):
                     out.append(name)
                     continue
                 value, i = following, i + 1

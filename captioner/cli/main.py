@@ -13,9 +13,9 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from captioner.cli.app import add_app_arguments, run_app
+from captioner.cli.benchmark import add_benchmark_arguments, run_benchmark
 from captioner.cli.caption import (  # noqa: F401 (caption_folder_main: the captioner-caption script)
     CAPTION_HELP,
     EXIT_NOTHING_CAPTIONED,
@@ -42,7 +42,6 @@ from captioner.cli.flags import (
 )
 from captioner.data.config import DataConfig
 from captioner.model.options import DecodeOptions
-from captioner.serving.settings import ENCODER_OPTIONS
 from captioner.training.config import TrainConfig
 
 Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
@@ -50,9 +49,13 @@ Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 # ----------------------------------------------------------------------------- train
 
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", metavar="JSON",
-                        help="a saved train_config.json to start from; the flags given override it")
+    parser.add_argument(
+        "--config",
+        metavar="JSON",
+        help="a saved train_config.json to start from; the flags given override it",
+    )
     add_config_arguments(parser, TrainConfig)
     return parser
 
@@ -73,26 +76,42 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 # ----------------------------------------------------------------------------- evaluate
 
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_model_arguments(parser)
-    parser.add_argument("--split", default="val", choices=["train", "val", "test"],
-                        help="the dataset split to score (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=32,
-                        help="images captioned together (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=2,
-                        help="processes loading images (default: %(default)s)")
+    parser.add_argument(
+        "--split",
+        default="val",
+        choices=["train", "val", "test"],
+        help="the dataset split to score (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="images captioned together (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="processes loading images (default: %(default)s)"
+    )
     parser.add_argument("--cache-dir", help="reuse/extract the frozen encoder's feature cache here")
     parser.add_argument("--max-images", type=positive_int, help="score only the first N images of the split")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--quantize", action=Switch, default=False,
-                        help="score the int8 decoder (CPU) (default: off)")
-    parser.add_argument("--meteor", action=Switch, default=True,
-                        help="also score METEOR (needs Java) (default: on)")
-    parser.add_argument("--spice", action=Switch, default=False,
-                        help="also score SPICE (needs Java and a one-off download) (default: off)")
-    parser.add_argument("--hard-decoding", choices=["argmax", "expectation"],
-                        help="hard-attention models: each word's context from the argmax cell (their "
-                             "default) or the expectation over cells")
+    parser.add_argument(
+        "--quantize", action=Switch, default=False, help="score the int8 decoder (CPU) (default: off)"
+    )
+    parser.add_argument(
+        "--meteor", action=Switch, default=True, help="also score METEOR (needs Java) (default: on)"
+    )
+    parser.add_argument(
+        "--spice",
+        action=Switch,
+        default=False,
+        help="also score SPICE (needs Java and a one-off download) (default: off)",
+    )
+    parser.add_argument(
+        "--hard-decoding",
+        choices=["argmax", "expectation"],
+        help="hard-attention models: each word's context from the argmax cell (their "
+        "default) or the expectation over cells",
+    )
     parser.add_argument("--output-dir", help="where results.json and metrics.json go")
     add_decoding_arguments(parser)
     add_config_arguments(parser, DataConfig, prefix="data.")
@@ -108,8 +127,9 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from captioner.serving.captioner import Captioner
 
     images = load_dataset(data_cfg)[args.split][: args.max_images]
-    captioner = Captioner.from_pretrained(args.model, device=args.device, quantize=args.quantize,
-                                          revision=args.revision)
+    captioner = Captioner.from_pretrained(
+        args.model, device=args.device, quantize=args.quantize, revision=args.revision
+    )
     if args.hard_decoding:
         from captioner.model.attention import set_hard_decoding
 
@@ -118,12 +138,27 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         except ValueError as err:
             parser.error(f"--hard-decoding: {err}")
     metrics, _ = evaluate_model(
-        captioner.model, captioner.vocab, images, args.output_dir, options, meteor=args.meteor,
-        spice=args.spice, batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir)
-    summary = {"model": str(captioner.path), "split": args.split, "images": len(images),
-               "beam_size": options.beam_size, "length_penalty": options.length_penalty,
-               "no_repeat_ngram_size": options.no_repeat_ngram_size, "hard_decoding": args.hard_decoding,
-               **{k: round(v, 2) for k, v in metrics.items()}}
+        captioner.model,
+        captioner.vocab,
+        images,
+        args.output_dir,
+        options,
+        meteor=args.meteor,
+        spice=args.spice,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache_dir=args.cache_dir,
+    )
+    summary = {
+        "model": str(captioner.path),
+        "split": args.split,
+        "images": len(images),
+        "beam_size": options.beam_size,
+        "length_penalty": options.length_penalty,
+        "no_repeat_ngram_size": options.no_repeat_ngram_size,
+        "hard_decoding": args.hard_decoding,
+        **{k: round(v, 2) for k, v in metrics.items()},
+    }
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -139,15 +174,28 @@ def check_dataset(config: DataConfig) -> None:
 
 # ----------------------------------------------------------------------------- export
 
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("sources", nargs="+", metavar="source",
-                        help="a model folder written by training (model.safetensors + config.json); "
-                             "several: one model whose decoders vote (same encoder and vocabulary)")
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="source",
+        help="a model folder written by training (model.safetensors + config.json); "
+        "several: one model whose decoders vote (same encoder and vocabulary)",
+    )
     parser.add_argument("target", help="the folder to write, e.g. weights")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16",
-                        help="how the weights are stored; they load back as fp32 (default: %(default)s)")
-    parser.add_argument("--last-step", action=Switch, default=False,
-                        help="source is a run folder: export its last saved step's raw weights")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float16",
+        help="how the weights are stored; they load back as fp32 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--last-step",
+        action=Switch,
+        default=False,
+        help="source is a run folder: export its last saved step's raw weights",
+    )
     return parser
 
 
@@ -172,101 +220,59 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    add_model_arguments(parser, "model folder or Hub repo id to time (default: random decoder weights)")
-    parser.add_argument("--quantize", action=Switch, default=False,
-                        help="int8 dynamic quantization of the decoder (default: off)")
-    parser.add_argument("--vocab-size", type=positive_int, default=3000,
-                        help="words of the random-decoder vocabulary (default: %(default)s)")
-    parser.add_argument("--encoder-batches", type=positive_int, nargs="+", default=[1, 8],
-                        help="photos per encoder call (default: 1 8)")
-    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32],
-                        help="photos per caption() call (default: 1 32)")
-    add_decoding_arguments(parser, max_length=None)  # none: 16 words with random weights, else 20
-    parser.add_argument("--image-size", type=positive_int, default=224,
-                        help="side of the test photo in pixels (default: %(default)s)")
-    parser.add_argument("--runs", type=positive_int, default=7,
-                        help="timed runs of each contender; the median is reported (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed runs of each contender first (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2],
-                        help="thread counts to time, torch's and onnxruntime's (default: 1 2)")
-    parser.add_argument("--extract-images", type=int, default=64,
-                        help="photos per feature-extraction run (Flickr8k photos if --flickr-root is "
-                             "there, else generated ones; 0: skip) (default: %(default)s)")
-    parser.add_argument("--extract-runs", type=positive_int, default=3,
-                        help="feature-extraction runs; the median is reported (default: %(default)s)")
-    parser.add_argument("--flickr-root", metavar="DIR",
-                        help="the Flickr8k folder, for --dev-cider and for feature extraction "
-                             "(default: none; extraction then uses generated photos)")
-    parser.add_argument("--dev-cider", type=int, default=0, metavar="N",
-                        help="instead of timing: CIDEr of each encoder option on the first N Flickr8k "
-                             "dev photos")
-    parser.add_argument("--encoders", nargs="+", default=list(ENCODER_OPTIONS), choices=ENCODER_OPTIONS,
-                        help="with --dev-cider: the encoder options to score (the first is the reference)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: process time, steadier on a shared machine (sums over threads) "
-                             "(default: %(default)s)")
-    return parser
-
-
-def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.dev_cider and not args.flickr_root:
-        parser.error("--dev-cider scores Flickr8k dev photos: give --flickr-root, the Flickr8k folder")
-    if args.dev_cider and not Path(args.flickr_root).is_dir():
-        parser.error(f"--dev-cider scores Flickr8k dev photos, but --flickr-root {args.flickr_root} "
-                     "is not a folder")
-    if args.max_length is None:  # a random decoder never says <end>: 16 words, near a real caption's time
-        args = argparse.Namespace(**{**vars(args), "max_length": 20 if args.model else 16})
-    options: DecodeOptions = checked_config(parser, DecodeOptions, args)
-    from captioner.serving import benchmark
-
-    benchmark.run(args, options)
-    return 0
-
-
 # ----------------------------------------------------------------------------- the command
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser], Runner, str]] = {
     "caption": (add_caption_arguments, run_caption, "caption folders of images into JSONL or CSV"),
     "train": (add_train_arguments, run_train, "train a model (every TrainConfig field is a flag)"),
-    "evaluate": (add_evaluate_arguments, run_evaluate,
-                 "score a model on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr"),
+    "evaluate": (
+        add_evaluate_arguments,
+        run_evaluate,
+        "score a model on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr",
+    ),
     "app": (add_app_arguments, run_app, "the web UI: caption images and see where the model looked"),
-    "export": (add_export_arguments, run_export,
-               "copy a trained model (or several, as an ensemble) to a release folder"),
+    "export": (
+        add_export_arguments,
+        run_export,
+        "copy a trained model (or several, as an ensemble) to a release folder",
+    ),
     "benchmark": (add_benchmark_arguments, run_benchmark, "time captioning on this machine"),
 }
 DESCRIPTIONS = {
     "caption": CAPTION_HELP["description"],
     "train": "Train a captioner: cross-entropy with teacher forcing, then optionally self-critical "
-             "fine-tuning. Several GPUs or CPU processes: torchrun --nproc_per_node N "
-             "$(which captioner) train ...; continue a run: --config RUN/train_config.json --resume.",
+    "fine-tuning. Several GPUs or CPU processes: torchrun --nproc_per_node N "
+    "$(which captioner) train ...; continue a run: --config RUN/train_config.json --resume.",
     "evaluate": "Score a model on a dataset split with beam search and the standard COCO metrics; "
-                "writes results.json (COCO results format) and metrics.json into --output-dir.",
+    "writes results.json (COCO results format) and metrics.json into --output-dir.",
     "app": "Start the web UI on http://127.0.0.1:7860 (same as python app.py).",
     "export": "Copy a trained model folder (e.g. runs/x/best) to a release folder, by default as fp16; "
-              "several sources make one model whose decoders vote.",
+    "several sources make one model whose decoders vote.",
     "benchmark": "Time on this machine, for each --threads count, the encoder (timm's stock "
-                 "backbone, the torch Encoder, onnxruntime), the whole caption() call and feature "
-                 "extraction, then start-up and peak memory; --dev-cider N scores the encoders on "
-                 "Flickr8k dev photos instead. Without --model the decoder has random weights "
-                 "(fine for timing only) and --max-length is 16 unless given (20 with --model).",
+    "backbone, the torch Encoder, onnxruntime), the whole caption() call and feature "
+    "extraction, then start-up and peak memory; --dev-cider N scores the encoders on "
+    "Flickr8k dev photos instead. Without --model the decoder has random weights "
+    "(fine for timing only) and --max-length is 16 unless given (20 with --model).",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = FlagParser(prog="captioner", description="Show, Attend and Tell image captioning.",
-                        epilog=f"{EXIT_STATUS} {OLD_SPELLINGS}")
+    parser = FlagParser(
+        prog="captioner",
+        description="Show, Attend and Tell image captioning.",
+        epilog=f"{EXIT_STATUS} {OLD_SPELLINGS}",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, run, summary) in COMMANDS.items():
         epilog = CAPTION_HELP["epilog"] if name == "caption" else f"{EXIT_STATUS} {OLD_SPELLINGS}"
         sub = commands.add_parser(name, help=summary, description=DESCRIPTIONS[name], epilog=epilog)
         add_arguments(sub)
-        sub.add_argument("--debug", action=Switch, default=False, help="on an error, also print the "
-                         "traceback (or set CAPTIONER_DEBUG=1) (default: off)")
+        sub.add_argument(
+            "--debug",
+            action=Switch,
+            default=False,
+            help="on an error, also print the traceback (or set CAPTIONER_DEBUG=1) (default: off)",
+        )
         sub.set_defaults(run=run, command_parser=sub)
     return parser
 
@@ -278,12 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     parser = args.command_parser
-    return run_reporting(lambda: args.run(args, parser), args, parser.prog,
-                         EXIT_SETUP_FAILED if args.command == "caption" else 1)
+    return run_reporting(
+        lambda: args.run(args, parser),
+        args,
+        parser.prog,
+        EXIT_SETUP_FAILED if args.command == "caption" else 1,
+    )
 
 
 def alias(command: str) -> Callable[[], None]:
     """main() of a script or app.py that stands for `captioner COMMAND`."""
+
     def run() -> None:
         sys.exit(main([command, *sys.argv[1:]]))
+
     return run

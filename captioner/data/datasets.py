@@ -16,8 +16,17 @@ from captioner.data.readers.flickr import load_flickr
 from captioner.data.readers.karpathy import load_karpathy
 from captioner.data.readers.pairs import load_pairs
 
-__all__ = ["DATASET_PATHS", "CaptionDataset", "DatasetError", "ImageCaptions", "load_coco",
-           "load_dataset", "load_flickr", "load_karpathy", "load_pairs"]
+__all__ = [
+    "DATASET_PATHS",
+    "CaptionDataset",
+    "DatasetError",
+    "ImageCaptions",
+    "load_coco",
+    "load_dataset",
+    "load_flickr",
+    "load_karpathy",
+    "load_pairs",
+]
 
 DATASET_PATHS = {
     "flickr": ({"root"}, {"root"}),  # (paths it takes, paths it requires)

@@ -45,8 +45,9 @@ def encoder_key(encoder: Encoder, mirrored: bool = False, stage: int | None = No
     g = encoder.grid_size
     what = f"{g}x{g}" if stage is None else f"stage{stage}"
     trunk = [encoder] if stage is None else encoder.stages[:stage]
-    return (f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{weights_digest(trunk)}"
-            + ("-hflip" if mirrored else ""))
+    return f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{weights_digest(trunk)}" + (
+        "-hflip" if mirrored else ""
+    )
 
 
 def weights_digest(modules: Sequence[torch.nn.Module]) -> str:
@@ -72,16 +73,23 @@ class FeatureCache:
     features of a mirrored photo are not its grid mirrored, so they are computed for real).
     """
 
-    def __init__(self, root: str | Path, encoder: Encoder, paths: Sequence[str | Path],
-                 mirrored: bool = False, stage: int | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        encoder: Encoder,
+        paths: Sequence[str | Path],
+        mirrored: bool = False,
+        stage: int | None = None,
+    ):
         self.paths = [str(p) for p in paths]
         digest = hashlib.sha1("\n".join(self.paths).encode()).hexdigest()[:12]
         self.key = encoder_key(encoder, mirrored, stage)
         self.transform = transforms.Compose([TF.hflip, encoder.transform]) if mirrored else encoder.transform
         self.folder = Path(root) / self.key
         self.stem = self.folder / f"{len(self.paths)}-{digest}"
-        row_shape = ((encoder.grid_size**2, encoder.feature_dim) if stage is None
-                     else encoder.stage_input_shape(stage))
+        row_shape = (
+            (encoder.grid_size**2, encoder.feature_dim) if stage is None else encoder.stage_input_shape(stage)
+        )
         self.shape = (len(self.paths), *row_shape)
         self.encoder, self.stage = encoder, stage
         self._features: np.memmap | None = None
@@ -114,7 +122,8 @@ class FeatureCache:
             found = "missing" if size is None else f"{size:,} bytes, expected {expected:,}"
             raise FeatureCacheError(
                 f"feature cache file {path} is {found} (truncated or damaged): delete "
-                f"{self.stem}.f16, .done and .json to compute the cache again")
+                f"{self.stem}.f16, .done and .json to compute the cache again"
+            )
 
     def _open_features(self, mode: Literal["r", "r+"]) -> np.memmap:
         self._check_size(self.features_file, self.nbytes)
@@ -123,9 +132,16 @@ class FeatureCache:
     def is_complete(self) -> bool:
         return len(self.missing_rows()) == 0
 
-    def extract(self, batch_size: int = 32, num_workers: int = 2, device: str | torch.device = "cpu",
-                rank: int = 0, world_size: int = 1, progress: bool = True,
-                rows: Sequence[int] | None = None) -> dict[str, float]:
+    def extract(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = True,
+        rows: Sequence[int] | None = None,
+    ) -> dict[str, float]:
         """Compute the missing rows (this rank's share; only those in `rows` if given). Returns
         timing stats.
 
@@ -133,8 +149,13 @@ class FeatureCache:
         zero-filled grid would be worse than failing.
         """
         missing = self.missing_rows()
-        stats = {"images": 0, "seconds": 0.0, "images_per_second": 0.0, "already_cached":
-                 len(self.paths) - len(missing), "copied": 0}
+        stats = {
+            "images": 0,
+            "seconds": 0.0,
+            "images_per_second": 0.0,
+            "already_cached": len(self.paths) - len(missing),
+            "copied": 0,
+        }
         if len(missing) == 0:  # the same answer on every rank: nobody writes before the barrier
             return stats
         if rank == 0:
@@ -148,25 +169,40 @@ class FeatureCache:
         if not todo:
             return stats
         self._check_size(self.features_file, self.nbytes)  # before reserving would pad it with zeros
+        start = time.perf_counter()
+        failed = self._fill(todo, batch_size, num_workers, device, progress)
+        seconds = time.perf_counter() - start
+        stats.update(images=len(todo), seconds=seconds, images_per_second=len(todo) / seconds)
+        ImageBatch(failed, None).raise_errors()
+        return stats
+
+    def _fill(
+        self, todo: list[int], batch_size: int, num_workers: int, device: str | torch.device, progress: bool
+    ) -> list:
+        """Encode the photos of rows `todo` into the cache; returns the items that failed to load."""
         with self._writing():
             reserve_space(self.features_file, self.nbytes)  # a cache made sparse by an older version
         features = self._open_features("r+")
         done = np.memmap(self.done_file, dtype=np.uint8, mode="r+", shape=(len(self.paths),))
         # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a
         # training run would then depend on whether its features were already cached.
-        loader = DataLoader(ImageFiles([self.paths[r] for r in todo], self.transform),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
-                            generator=torch.Generator())
+        loader = DataLoader(
+            ImageFiles([self.paths[r] for r in todo], self.transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_images,
+            generator=torch.Generator(),
+        )
         # The same grids (or activations), faster: ONNX Runtime on a CPU.
         encoder = runtime_encoder(self.encoder.to(device).eval(), until_stage=self.stage)
-        start = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"features {self.key}", unit="img", disable=not progress)
         failed = []
         with torch.inference_mode():
             for batch in loader:
                 failed += [item for item in batch.items if item.error]
-                batch_rows = np.array([todo[item.index] for item in batch.items if not item.error],
-                                      dtype=np.int64)
+                batch_rows = np.array(
+                    [todo[item.index] for item in batch.items if not item.error], dtype=np.int64
+                )
                 if batch.pixels is not None:
                     features[batch_rows] = encoder(batch.pixels.to(device)).to(torch.float16).cpu().numpy()
                     features.flush()
@@ -174,10 +210,7 @@ class FeatureCache:
                     done.flush()
                 bar.update(len(batch.items))
         bar.close()
-        seconds = time.perf_counter() - start
-        stats.update(images=len(todo), seconds=seconds, images_per_second=len(todo) / seconds)
-        ImageBatch(failed, None).raise_errors()
-        return stats
+        return failed
 
     def _create_once(self) -> int:
         """Allocate a new cache (zeros on reserved disk blocks) and copy what other caches hold;
@@ -203,8 +236,10 @@ class FeatureCache:
         except DiskFullError as err:
             raise DiskFullError(f"{err}: make room there, or put the cache elsewhere (--cache-dir)") from err
         except OSError as err:
-            raise FeatureCacheError(f"cannot write the feature cache in {self.folder} "
-                                    f"({err.strerror or err}): give a writable folder (--cache-dir)") from err
+            raise FeatureCacheError(
+                f"cannot write the feature cache in {self.folder} "
+                f"({err.strerror or err}): give a writable folder (--cache-dir)"
+            ) from err
 
     def _copy_from_other_caches(self) -> int:
         """Fill this new cache with the rows other caches of the encoder already computed."""
@@ -221,12 +256,18 @@ class FeatureCache:
             if tuple(info["shape"][1:]) != self.shape[1:] or not _whole(other, info["shape"]):
                 continue
             other_done = np.fromfile(other.with_suffix(".done"), dtype=np.uint8)
-            pairs = [(mine, theirs) for theirs, path in enumerate(info["paths"]) if other_done[theirs]
-                     for mine in rows_of.get(os.path.abspath(path), []) if not done[mine]]
+            pairs = [
+                (mine, theirs)
+                for theirs, path in enumerate(info["paths"])
+                if other_done[theirs]
+                for mine in rows_of.get(os.path.abspath(path), [])
+                if not done[mine]
+            ]
             if not pairs:
                 continue
-            source = np.memmap(other.with_suffix(".f16"), dtype=np.float16, mode="r",
-                               shape=tuple(info["shape"]))
+            source = np.memmap(
+                other.with_suffix(".f16"), dtype=np.float16, mode="r", shape=tuple(info["shape"])
+            )
             for start in range(0, len(pairs), 256):
                 mine, theirs = (np.array(side) for side in zip(*pairs[start : start + 256], strict=True))
                 features[mine] = source[theirs]
@@ -249,8 +290,10 @@ class FeatureCache:
         wanted = np.asarray(rows)
         if self._features is None and not self.is_complete():
             if np.isin(wanted, self.missing_rows()).any():
-                raise RuntimeError(f"feature cache {self.stem} is incomplete: it lacks some of rows "
-                                   f"{wanted.tolist()[:8]}; run extract() first")
+                raise RuntimeError(
+                    f"feature cache {self.stem} is incomplete: it lacks some of rows "
+                    f"{wanted.tolist()[:8]}; run extract() first"
+                )
             features = self._open_features("r")
         else:
             features = self.load()
@@ -263,5 +306,9 @@ class FeatureCache:
 def _whole(stem: Path, shape: Sequence[int]) -> bool:
     """Whether another cache's files have the sizes of its shape (a damaged one is not copied from)."""
     features, done = stem.with_suffix(".f16"), stem.with_suffix(".done")
-    return (features.exists() and features.stat().st_size == int(np.prod(shape)) * 2
-            and done.exists() and done.stat().st_size == shape[0])
+    return (
+        features.exists()
+        and features.stat().st_size == int(np.prod(shape)) * 2
+        and done.exists()
+        and done.stat().st_size == shape[0]
+    )

@@ -25,7 +25,5 @@ class CaptionDataset:
 
     def __getitem__(self, split: str) -> list[ImageCaptions]:
         if split not in self.splits:
-            raise DatasetError(
-                f"no {split!r} split in this dataset (it has: {sorted(self.splits)})"
-            )
+            raise DatasetError(f"no {split!r} split in this dataset (it has: {sorted(self.splits)})")
         return self.splits[split]

@@ -63,8 +63,10 @@ def _from_array(array: np.ndarray) -> Image.Image:
     # A little below zero is a resize's overshoot and is clipped; clearly negative values mean a
     # normalised tensor, which clipping would silently caption differently. NaN has its own error.
     if np.issubdtype(array.dtype, np.floating) and array.min() < -0.05 * max(1.0, float(array.max())):
-        raise ValueError(f"has negative values (min {array.min():.3g}): pass pixels in 0..1 or 0..255, "
-                         "not a normalised tensor (undo the normalisation first)")
+        raise ValueError(
+            f"has negative values (min {array.min():.3g}): pass pixels in 0..1 or 0..255, "
+            "not a normalised tensor (undo the normalisation first)"
+        )
     return Image.fromarray(_to_uint8(array))
 
 
@@ -137,13 +139,13 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(path)
         else:
-            raise ValueError("not an image: expected a file path, a PIL image, a numpy array or a "
-                             "torch tensor")
+            raise ValueError(
+                "not an image: expected a file path, a PIL image, a numpy array or a torch tensor"
+            )
         width, height = image.size
         if width * height > max_pixels:
             raise ValueError(
-                f"{width}x{height} pixels exceeds the limit of {max_pixels:,} "
-                "(possible decompression bomb)"
+                f"{width}x{height} pixels exceeds the limit of {max_pixels:,} (possible decompression bomb)"
             )
         if width == 0 or height == 0:
             raise ValueError("has no pixels")
@@ -209,8 +211,13 @@ class ImageFiles(Dataset):
     batch job can record it and go on, and a training job can list every bad file at once.
     """
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor],
-                 max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail_size: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        transform: Callable[[Image.Image], torch.Tensor],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        thumbnail_size: int | None = None,
+    ):
         self.paths, self.transform = [str(p) for p in paths], transform
         self.max_pixels, self.thumbnail_size = max_pixels, thumbnail_size
 

@@ -15,14 +15,65 @@ from dataclasses import dataclass
 # always a colour), sport names that usually mean the game ("football", "baseball", "basketball"),
 # and words that name several categories ("bag", "board", "glass").
 COCO_SYNONYMS: dict[str, list[str]] = {
-    "person": ["person", "people", "man", "woman", "boy", "girl", "child", "kid", "baby",
-               "toddler", "guy", "lady", "gentleman", "adult", "teenager", "teen", "player",
-               "skier", "surfer", "snowboarder", "skateboarder", "biker", "cyclist",
-               "bicyclist", "rider", "climber", "swimmer", "runner", "hiker", "dancer",
-               "performer", "athlete", "worker", "officer", "policeman", "soldier",
-               "spectator", "tourist", "pedestrian", "mother", "father", "son", "daughter",
-               "bride", "groom", "cowboy", "skater", "wakeboarder", "windsurfer", "batter",
-               "pitcher", "catcher", "goalie", "fireman", "firefighter", "chef", "student"],
+    "person": [
+        "person",
+        "people",
+        "man",
+        "woman",
+        "boy",
+        "girl",
+        "child",
+        "kid",
+        "baby",
+        "toddler",
+        "guy",
+        "lady",
+        "gentleman",
+        "adult",
+        "teenager",
+        "teen",
+        "player",
+        "skier",
+        "surfer",
+        "snowboarder",
+        "skateboarder",
+        "biker",
+        "cyclist",
+        "bicyclist",
+        "rider",
+        "climber",
+        "swimmer",
+        "runner",
+        "hiker",
+        "dancer",
+        "performer",
+        "athlete",
+        "worker",
+        "officer",
+        "policeman",
+        "soldier",
+        "spectator",
+        "tourist",
+        "pedestrian",
+        "mother",
+        "father",
+        "son",
+        "daughter",
+        "bride",
+        "groom",
+        "cowboy",
+        "skater",
+        "wakeboarder",
+        "windsurfer",
+        "batter",
+        "pitcher",
+        "catcher",
+        "goalie",
+        "fireman",
+        "firefighter",
+        "chef",
+        "student",
+    ],
     "bicycle": ["bicycle", "bike", "tricycle"],
     "car": ["car", "suv", "taxi", "jeep", "van", "sedan"],
     "motorcycle": ["motorcycle", "motorbike", "motor bike", "dirt bike", "scooter", "moped"],
@@ -36,12 +87,40 @@ COCO_SYNONYMS: dict[str, list[str]] = {
     "stop sign": ["stop sign"],
     "parking meter": ["parking meter"],
     "bench": ["bench"],
-    "bird": ["bird", "seagull", "gull", "duck", "pigeon", "pelican", "swan", "goose", "parrot",
-             "chicken", "owl", "eagle"],
+    "bird": [
+        "bird",
+        "seagull",
+        "gull",
+        "duck",
+        "pigeon",
+        "pelican",
+        "swan",
+        "goose",
+        "parrot",
+        "chicken",
+        "owl",
+        "eagle",
+    ],
     "cat": ["cat", "kitten", "kitty"],
-    "dog": ["dog", "puppy", "pup", "husky", "labrador", "dalmatian", "terrier", "poodle",
-            "dachshund", "collie", "retriever", "hound", "greyhound", "beagle", "bulldog",
-            "shepherd dog", "sheepdog"],
+    "dog": [
+        "dog",
+        "puppy",
+        "pup",
+        "husky",
+        "labrador",
+        "dalmatian",
+        "terrier",
+        "poodle",
+        "dachshund",
+        "collie",
+        "retriever",
+        "hound",
+        "greyhound",
+        "beagle",
+        "bulldog",
+        "shepherd dog",
+        "sheepdog",
+    ],
     "horse": ["horse", "pony", "foal"],
     "sheep": ["sheep", "lamb"],
     "cow": ["cow", "cattle", "bull", "calf", "ox"],
@@ -109,14 +188,39 @@ COCO_SYNONYMS: dict[str, list[str]] = {
 
 # Phrases that contain a name above but name something else ("bus stop" is not a bus): they
 # are read as one unit and count as no object.
-NOT_OBJECTS = ["bus stop", "train station", "train track", "jet ski", "ski lift", "ski slope",
-               "ski resort", "bike path", "bike trail", "bike lane", "dog park", "dog show",
-               "car park", "phone booth", "table cloth"]
+NOT_OBJECTS = [
+    "bus stop",
+    "train station",
+    "train track",
+    "jet ski",
+    "ski lift",
+    "ski slope",
+    "ski resort",
+    "bike path",
+    "bike trail",
+    "bike lane",
+    "dog park",
+    "dog show",
+    "car park",
+    "phone booth",
+    "table cloth",
+]
 
-IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "people": "people",
-                     "mice": "mouse", "knives": "knife", "geese": "goose", "oxen": "ox",
-                     "gentlemen": "gentleman", "firemen": "fireman", "policemen": "policeman",
-                     "sheep": "sheep", "fish": "fish"}
+IRREGULAR_PLURALS = {
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "people": "people",
+    "mice": "mouse",
+    "knives": "knife",
+    "geese": "goose",
+    "oxen": "ox",
+    "gentlemen": "gentleman",
+    "firemen": "fireman",
+    "policemen": "policeman",
+    "sheep": "sheep",
+    "fish": "fish",
+}
 
 
 def singular(word: str) -> list[str]:
@@ -145,15 +249,17 @@ class Mention:
 class ObjectVocabulary:
     """Maps caption words and phrases to categories, from a {category: [names]} table."""
 
-    def __init__(self, synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
-                 not_objects: Sequence[str] = NOT_OBJECTS):
+    def __init__(
+        self, synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS, not_objects: Sequence[str] = NOT_OBJECTS
+    ):
         self.names: dict[tuple[str, ...], str | None] = {tuple(p.split()): None for p in not_objects}
         for category, names in synonyms.items():
             for name in names:
                 key = tuple(name.lower().split())
                 if self.names.get(key, category) != category:
-                    raise ValueError(f"synonym {name!r} is listed for both {self.names[key]!r} "
-                                     f"and {category!r}")
+                    raise ValueError(
+                        f"synonym {name!r} is listed for both {self.names[key]!r} and {category!r}"
+                    )
                 self.names[key] = category
         self.longest = max((len(key) for key in self.names), default=1)
 
@@ -176,8 +282,7 @@ class ObjectVocabulary:
                 known, category = self.lookup(words[i : i + n])
                 if known:
                     if category is not None:
-                        found.setdefault(category, Mention(category, " ".join(words[i : i + n]),
-                                                           i + n - 1))
+                        found.setdefault(category, Mention(category, " ".join(words[i : i + n]), i + n - 1))
                     i += n
                     break
             else:

@@ -84,79 +84,119 @@ class FocusReport:
     def summary(self) -> dict[str, float | int]:
         nameable = sum(t.nameable for t in self.trials)
         crop_named = [t for t in self.trials if t.named_cropped]  # what steering could still move
-        return {"objects": len(self.trials), "objects_nameable": nameable,
-                "named_without_focus": self.rate("plain"), "named_with_focus": self.rate("focused"),
-                "named_from_crop": self.rate("cropped"),
-                "named_without_focus_nameable": self.rate("plain", True),
-                "named_with_focus_nameable": self.rate("focused", True),
-                "named_from_crop_nameable": self.rate("cropped", True),
-                "objects_named_from_crop": len(crop_named),
-                "of_those_named_without_focus": sum(t.named_plain for t in crop_named),
-                "of_those_named_with_focus": sum(t.named_focused for t in crop_named),
-                "mean_words_without_focus": float(np.mean([len(t.plain.split()) for t in self.trials])),
-                "mean_words_with_focus": float(np.mean([len(t.focused.split()) for t in self.trials]))}
+        return {
+            "objects": len(self.trials),
+            "objects_nameable": nameable,
+            "named_without_focus": self.rate("plain"),
+            "named_with_focus": self.rate("focused"),
+            "named_from_crop": self.rate("cropped"),
+            "named_without_focus_nameable": self.rate("plain", True),
+            "named_with_focus_nameable": self.rate("focused", True),
+            "named_from_crop_nameable": self.rate("cropped", True),
+            "objects_named_from_crop": len(crop_named),
+            "of_those_named_without_focus": sum(t.named_plain for t in crop_named),
+            "of_those_named_with_focus": sum(t.named_focused for t in crop_named),
+            "mean_words_without_focus": float(np.mean([len(t.plain.split()) for t in self.trials])),
+            "mean_words_with_focus": float(np.mean([len(t.focused.split()) for t in self.trials])),
+        }
 
 
 def nameable_categories(captioner: Captioner, synonyms=COCO_SYNONYMS) -> set[str]:
     words = set(captioner.vocab.words)
     objects = ObjectVocabulary(synonyms)
-    return {category for category, names in synonyms.items()
-            if any(all(part in words for part in name.split()) for name in names)
-            or any(objects.lookup([w])[1] == category for w in words)}
+    return {
+        category
+        for category, names in synonyms.items()
+        if any(all(part in words for part in name.split()) for name in names)
+        or any(objects.lookup([w])[1] == category for w in words)
+    }
 
 
-def evaluate_focus(captioner: Captioner, images_dir: str | Path, instances: str | Path,
-                   settings: Sequence[tuple[str, float]] = (("both", 4.0),), beam_size: int = 3,
-                   limit: int | None = None, synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS
-                   ) -> dict[tuple[str, float], FocusReport]:
+def evaluate_focus(
+    captioner: Captioner,
+    images_dir: str | Path,
+    instances: str | Path,
+    settings: Sequence[tuple[str, float]] = (("both", 4.0),),
+    beam_size: int = 3,
+    limit: int | None = None,
+    synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
+) -> dict[tuple[str, float], FocusReport]:
     """One report per (how, strength) setting; each image is encoded once for all of them.
     `synonyms`: {category: caption words naming it} (default: the grounding evaluation's)."""
     from pycocotools.coco import COCO
 
-    for how, _ in settings:
-        if how not in HOW:
-            raise ValueError(f"how {how!r}: expected one of {HOW}")
-    coco = COCO(str(instances))
+    if unknown := [how for how, _ in settings if how not in HOW]:
+        raise ValueError(f"how {unknown[0]!r}: expected one of {HOW}")
+    coco, options = COCO(str(instances)), DecodeOptions(beam_size=beam_size)
     objects, nameable = ObjectVocabulary(synonyms), nameable_categories(captioner, synonyms)
     reports = {setting: FocusReport() for setting in settings}
-    options = DecodeOptions(beam_size=beam_size)
     for image_id in sorted(coco.getImgIds())[:limit]:
         entry = coco.loadImgs([image_id])[0]
-        cover = {name: float(mask.mean()) for name, mask in category_masks(coco, image_id).items()}
-        boxes = [(a["bbox"], coco.loadCats([a["category_id"]])[0]["name"]) for a in
-                 coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))]
-        boxes = [(bbox, name) for bbox, name in boxes if COVER[0] <= cover[name] <= COVER[1]]
+        cover, boxes = _focus_targets(coco, image_id)
         if not boxes:
             continue
         image = load_image(Path(images_dir) / entry["file_name"])
         with torch.inference_mode():
             features = captioner.encoder(captioner.preprocess(image)[None].to(captioner.device))
         plain = caption_features(captioner.model.decoder, captioner.vocab, features, options)[0].text
-        named_plain = {m.category for m in objects.mentions(plain.split())}
         regions = [_box(bbox, image.size) for bbox, _ in boxes]
         cropped = captioner.caption([_crop(image, region) for region in regions], options)
         named_cropped = [{m.category for m in objects.mentions(crop.words)} for crop in cropped]
         weights = torch.stack([focus_weights(r, image.size, captioner.grid_shape) for r in regions])
         for (how, strength), report in reports.items():
             decoder = captioner.model.decoder if how == "both" else _Steered(captioner.model.decoder, how)
-            focused = caption_features(decoder, captioner.vocab, features.expand(len(boxes), -1, -1),
-                                       options, focus=(strength * weights).to(captioner.device))
-            for (_, name), region, result, crop, named_crop in zip(boxes, regions, focused, cropped,
-                                                                    named_cropped, strict=True):
+            focused = caption_features(
+                decoder,
+                captioner.vocab,
+                features.expand(len(boxes), -1, -1),
+                options,
+                focus=(strength * weights).to(captioner.device),
+            )
+            for (_, name), region, result, crop, named_crop in zip(
+                boxes, regions, focused, cropped, named_cropped, strict=True
+            ):
                 named = {m.category for m in objects.mentions(result.words)}
-                report.trials.append(FocusTrial(entry["file_name"], name, region, cover[name],
-                                                name in nameable, plain, result.text,
-                                                name in named_plain, name in named, crop.text,
-                                                name in named_crop))
+                report.trials.append(
+                    FocusTrial(
+                        entry["file_name"],
+                        name,
+                        region,
+                        cover[name],
+                        name in nameable,
+                        plain,
+                        result.text,
+                        name in {m.category for m in objects.mentions(plain.split())},
+                        name in named,
+                        crop.text,
+                        name in named_crop,
+                    )
+                )
     return reports
+
+
+def _focus_targets(coco, image_id: int) -> tuple[dict[str, float], list[tuple[list[float], str]]]:
+    """The share of the image each category covers, and the (box, category) of every object
+    whose category covers COVER of the image."""
+    cover = {name: float(mask.mean()) for name, mask in category_masks(coco, image_id).items()}
+    boxes = [
+        (a["bbox"], coco.loadCats([a["category_id"]])[0]["name"])
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))
+    ]
+    return cover, [(bbox, name) for bbox, name in boxes if COVER[0] <= cover[name] <= COVER[1]]
 
 
 def _crop(image, region: tuple[float, float, float, float]):
     """The region grown by CROP_MARGIN of its size on each side, inside the image."""
     x0, y0, x1, y1 = region
     dx, dy = CROP_MARGIN * (x1 - x0), CROP_MARGIN * (y1 - y0)
-    return image.crop((max(0.0, x0 - dx), max(0.0, y0 - dy), min(float(image.width), x1 + dx),
-                       min(float(image.height), y1 + dy)))
+    return image.crop(
+        (
+            max(0.0, x0 - dx),
+            max(0.0, y0 - dy),
+            min(float(image.width), x1 + dx),
+            min(float(image.height), y1 + dy),
+        )
+    )
 
 
 def _box(bbox: Sequence[float], size: tuple[int, int]) -> tuple[float, float, float, float]:

@@ -39,6 +39,7 @@ from captioner.evaluation.coco_objects import COCO_SYNONYMS, ObjectVocabulary
 
 POINTING_TOLERANCE = 15  # px around the masks that still count as a hit (Zhang et al. 2016)
 
+
 def upsample_attention(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) attention -> (H, W) map over the image, bilinear, normalised to sum 1.
 
@@ -103,20 +104,29 @@ class ImageGrounding:
         return any(not o.in_image for o in self.objects)
 
 
-def ground_caption(words: Sequence[str], attention: np.ndarray, masks: Mapping[str, np.ndarray],
-                   objects: ObjectVocabulary, gate: Sequence[float] | None = None,
-                   image_id: int = 0, file_name: str = "") -> ImageGrounding:
+def ground_caption(
+    words: Sequence[str],
+    attention: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    objects: ObjectVocabulary,
+    gate: Sequence[float] | None = None,
+    image_id: int = 0,
+    file_name: str = "",
+) -> ImageGrounding:
     """Check one caption: words, its attention (len(words), h, w) and the image's category
     masks {category: (H, W) bool}, all of one image size."""
     if len(attention) != len(words):
-        raise ValueError(f"{file_name or 'caption'}: {len(words)} words but {len(attention)} "
-                         "attention maps")
+        raise ValueError(f"{file_name or 'caption'}: {len(words)} words but {len(attention)} attention maps")
     gates = [] if gate is None else [float(g) for g in gate]
     result = ImageGrounding(image_id, file_name, " ".join(words), gates=gates)
     for mention in objects.mentions(words):
-        word = ObjectWord(mention.phrase, mention.category, mention.index,
-                          in_image=mention.category in masks,
-                          gate=gates[mention.index] if gates else None)
+        word = ObjectWord(
+            mention.phrase,
+            mention.category,
+            mention.index,
+            in_image=mention.category in masks,
+            gate=gates[mention.index] if gates else None,
+        )
         if word.in_image:
             mask = masks[mention.category]
             height, width = mask.shape
@@ -154,10 +164,12 @@ def summarise(results: Sequence[ImageGrounding]) -> dict[str, float | int]:
 
 def plain_metrics(metrics: Mapping[str, float | int], digits: int | None = None) -> dict:
     """The metrics as strict JSON values: NaN (nothing to count) becomes null; rounded if asked."""
+
     def plain(value):
         if isinstance(value, float):
             return None if np.isnan(value) else round(value, digits) if digits is not None else value
         return value
+
     return {key: plain(value) for key, value in metrics.items()}
 
 
@@ -178,28 +190,23 @@ class GroundingReport:
     skipped: list[str]  # image files without instance annotations
 
 
-def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
-                       beam_size: int = 3, batch_size: int = 8,
-                       synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
-                       progress: bool = False, **decoding: Any) -> GroundingReport:
+def evaluate_grounding(
+    captioner,
+    images_dir: str | Path,
+    instances: str | Path,
+    beam_size: int = 3,
+    batch_size: int = 8,
+    synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
+    progress: bool = False,
+    **decoding: Any,
+) -> GroundingReport:
     """Caption every annotated image of a COCO instances file with `captioner` (a Captioner)
     and measure grounding and hallucination. Images without annotations are skipped. Other
     decoding options (DecodeOptions fields, e.g. evidence_penalty=4.0) go to the captioner."""
-    from pycocotools.coco import COCO
     from tqdm import tqdm
 
     images_dir, instances = Path(images_dir), Path(instances)
-    if not instances.is_file():
-        raise FileNotFoundError(f"instances file {instances} does not exist")
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"image folder {images_dir} does not exist")
-    try:
-        coco = _quiet_coco(COCO, instances)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{instances} is not a COCO instances file (not JSON: {err})") from err
-    if "annotations" not in coco.dataset or "categories" not in coco.dataset:
-        raise ValueError(f"{instances} is not a COCO instances file (needs 'annotations' and "
-                         "'categories')")
+    coco = _read_instances(images_dir, instances)
     objects = ObjectVocabulary(synonyms)
     if not {c["name"] for c in coco.dataset["categories"]} & set(synonyms):
         raise ValueError(f"none of the categories of {instances} is in the synonym table")
@@ -210,19 +217,50 @@ def evaluate_grounding(captioner, images_dir: str | Path, instances: str | Path,
         (entries if coco.getAnnIds(imgIds=[image_id], iscrowd=None) else skipped).append(entry)
     missing = [e["file_name"] for e in entries if not (images_dir / e["file_name"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images of {instances} are not in {images_dir}, "
-                                f"e.g. {missing[0]}")
+        raise FileNotFoundError(
+            f"{len(missing)} images of {instances} are not in {images_dir}, e.g. {missing[0]}"
+        )
     results = []
     batches = range(0, len(entries), batch_size)
     for start in tqdm(batches, desc="captioning", disable=not progress):
         batch = entries[start : start + batch_size]
-        captions = captioner.caption([images_dir / e["file_name"] for e in batch],
-                                     beam_size=beam_size, batch_size=batch_size, **decoding)
+        captions = captioner.caption(
+            [images_dir / e["file_name"] for e in batch],
+            beam_size=beam_size,
+            batch_size=batch_size,
+            **decoding,
+        )
         for entry, caption in zip(batch, captions, strict=True):
             masks = category_masks(coco, entry["id"])  # at the size the JSON gives the image
-            results.append(ground_caption(caption.words, caption.attention, masks, objects,
-                                          caption.gate, entry["id"], entry["file_name"]))
+            results.append(
+                ground_caption(
+                    caption.words,
+                    caption.attention,
+                    masks,
+                    objects,
+                    caption.gate,
+                    entry["id"],
+                    entry["file_name"],
+                )
+            )
     return GroundingReport(summarise(results), results, [e["file_name"] for e in skipped])
+
+
+def _read_instances(images_dir: Path, instances: Path):
+    """The COCO instances file, read with pycocotools, or an error naming what is wrong."""
+    from pycocotools.coco import COCO
+
+    if not instances.is_file():
+        raise FileNotFoundError(f"instances file {instances} does not exist")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder {images_dir} does not exist")
+    try:
+        coco = _quiet_coco(COCO, instances)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{instances} is not a COCO instances file (not JSON: {err})") from err
+    if "annotations" not in coco.dataset or "categories" not in coco.dataset:
+        raise ValueError(f"{instances} is not a COCO instances file (needs 'annotations' and 'categories')")
+    return coco
 
 
 def _quiet_coco(coco_class, path: Path):

@@ -160,9 +160,14 @@ def _write_json_atomic(path: Path, data: object) -> None:
 # ----------------------------------------------------------------------------- a whole split
 
 
-def image_grids(model: CaptionModel, images: Sequence[ImageCaptions], batch_size: int = 32,
-                num_workers: int = 2, cache_dir: str | Path | None = None,
-                progress: bool = True) -> Iterator[torch.Tensor]:
+def image_grids(
+    model: CaptionModel,
+    images: Sequence[ImageCaptions],
+    batch_size: int = 32,
+    num_workers: int = 2,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
     """The annotation grids (B, L, D) of `images`, batch by batch, in order: from the photos, or
     with `cache_dir` from (and into) the feature cache, which only a model whose encoder is the
     frozen ImageNet backbone may use."""
@@ -173,8 +178,12 @@ def image_grids(model: CaptionModel, images: Sequence[ImageCaptions], batch_size
         for start in range(0, len(images), batch_size):
             yield cache.batch(range(start, min(start + batch_size, len(images)))).to(device)
         return
-    loader = DataLoader(ImageFiles([i.path for i in images], model.encoder.transform),
-                        batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
+    loader = DataLoader(
+        ImageFiles([i.path for i in images], model.encoder.transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
     encoder = runtime_encoder(model.encoder)  # what Captioner runs: the same grids, faster
     for batch in loader:
         batch.raise_errors()  # a score over fewer images than asked for would mislead
@@ -207,20 +216,30 @@ def caption_split(
     return captions
 
 
-def evaluate_model(model: CaptionModel, vocab: Vocabulary, images: Sequence[ImageCaptions],
-                   output_dir: str | Path | None = None, options: DecodeOptions | None = None, *,
-                   meteor: bool = True, spice: bool = False,
-                   **split_settings: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_model(
+    model: CaptionModel,
+    vocab: Vocabulary,
+    images: Sequence[ImageCaptions],
+    output_dir: str | Path | None = None,
+    options: DecodeOptions | None = None,
+    *,
+    meteor: bool = True,
+    spice: bool = False,
+    **split_settings: Any,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Caption a split, score it, and (optionally) write results.json + metrics.json.
 
     Results use the official COCO format: the numeric COCO id when there is one.
     """
     captions = caption_split(model, vocab, images, options, **split_settings)
     predictions = {item.image_id: c for item, c in zip(images, captions, strict=True)}
-    metrics = score_captions(predictions, {i.image_id: i.captions for i in images},
-                             meteor=meteor, spice=spice)
-    results = [{"image_id": i.coco_id if i.coco_id is not None else i.image_id, "caption": c}
-               for i, c in zip(images, captions, strict=True)]
+    metrics = score_captions(
+        predictions, {i.image_id: i.captions for i in images}, meteor=meteor, spice=spice
+    )
+    results = [
+        {"image_id": i.coco_id if i.coco_id is not None else i.image_id, "caption": c}
+        for i, c in zip(images, captions, strict=True)
+    ]
     if output_dir is not None:
         write_coco_results(Path(output_dir) / "results.json", results)
         write_metrics(Path(output_dir) / "metrics.json", metrics)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _attend(scores: torch.Tensor, features: torch.Tensor, bias: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    scores: torch.Tensor, features: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if bias is not None:
         scores = scores + bias
     alpha = F.softmax(scores, dim=-1)  # (B, L)
@@ -120,8 +121,9 @@ def set_hard_decoding(model: nn.Module, decoding: str) -> None:
     """How a hard-attention model (or ensemble) picks its context when captioning: "argmax"
     (the default: the most likely cell per word) or "expectation" (decode as a soft model)."""
     if decoding not in HardAttention.DECODING_MODES:
-        raise ValueError(f"hard attention decoding {decoding!r}: expected one of "
-                         f"{', '.join(HardAttention.DECODING_MODES)}")
+        raise ValueError(
+            f"hard attention decoding {decoding!r}: expected one of {', '.join(HardAttention.DECODING_MODES)}"
+        )
     modules = [m for m in model.modules() if isinstance(m, HardAttention)]
     if not modules:
         raise ValueError("set_hard_decoding: the model has no hard attention (its attention is soft)")
@@ -131,7 +133,10 @@ def set_hard_decoding(model: nn.Module, decoding: str) -> None:
 
 Attention = AdditiveAttention | MultiplicativeAttention  # HardAttention is an AdditiveAttention
 ATTENTION_TYPES: dict[str, type[Attention]] = {
-    "additive": AdditiveAttention, "multiplicative": MultiplicativeAttention, "hard": HardAttention}
+    "additive": AdditiveAttention,
+    "multiplicative": MultiplicativeAttention,
+    "hard": HardAttention,
+}
 
 
 def build_attention(kind: str, feature_dim: int, hidden_dim: int, attention_dim: int) -> Attention:

@@ -15,9 +15,19 @@ from captioner.model.ensemble import DecoderEnsemble
 
 
 def build_decoder(config: ModelConfig, vocab_size: int, feature_dim: int) -> AttentionDecoder:
-    return AttentionDecoder(vocab_size, feature_dim, config.annotation_dim, config.embed_dim,
-                            config.hidden_dim, config.attention_dim, config.attention, config.dropout,
-                            config.input_dropout, config.deep_output, config.gate)
+    return AttentionDecoder(
+        vocab_size,
+        feature_dim,
+        config.annotation_dim,
+        config.embed_dim,
+        config.hidden_dim,
+        config.attention_dim,
+        config.attention,
+        config.dropout,
+        config.input_dropout,
+        config.deep_output,
+        config.gate,
+    )
 
 
 class CaptionModel(nn.Module):
@@ -27,16 +37,24 @@ class CaptionModel(nn.Module):
         self.config = replace(config, grid_size=self.encoder.grid_size)  # resolved, caller's untouched
         # At inference a DecoderEnsemble may take its place (model.folder.load_ensemble).
         self.decoder: AttentionDecoder | DecoderEnsemble = build_decoder(
-            config, vocab_size, self.encoder.feature_dim)
+            config, vocab_size, self.encoder.feature_dim
+        )
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         return (self.encoder.grid_size, self.encoder.grid_size)
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                from_stage: int | None = 0, samples: int = 0, max_length: int = 16,
-                return_locations: bool = False):
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        captions: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        from_stage: int | None = 0,
+        samples: int = 0,
+        max_length: int = 16,
+        return_locations: bool = False,
+    ):
         """The training pass, so that DistributedDataParallel sees every gradient.
 
         inputs: pixels (B, 3, S, S); with from_stage=K the activations entering encoder stage K
@@ -47,6 +65,5 @@ class CaptionModel(nn.Module):
         """
         features = inputs if from_stage is None else self.encoder(inputs, from_stage)
         if samples:
-            return decode_tensors(self.decoder, features, max_length, greedy=False,
-                                  samples_per_image=samples)
+            return decode_tensors(self.decoder, features, max_length, greedy=False, samples_per_image=samples)
         return self.decoder(features, captions, lengths, image_index, return_locations=return_locations)

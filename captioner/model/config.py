@@ -20,8 +20,9 @@ class ModelConfig:
     """The architecture; every field is a `captioner train --model.FIELD` flag, documented by its
     docstring."""
 
-    backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-                      "resnet50", "resnet101"] = "efficientnet_lite0"
+    backbone: Literal[
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101"
+    ] = "efficientnet_lite0"
     """The pretrained CNN that turns the image into a grid of annotation vectors."""
     image_size: int = 224
     """Side of the (square) image the encoder sees, in pixels."""
@@ -73,8 +74,14 @@ class ModelConfig:
         return cls(**{k: v for k, v in settings.items() if k in known})
 
 
-def check_number(name: str, value: Any, low: float, high: float = math.inf, low_included: bool = True,
-                 high_included: bool = True) -> None:
+def check_number(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    low_included: bool = True,
+    high_included: bool = True,
+) -> None:
     """ValueError naming the setting and its allowed range unless `value` is a finite number in it."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     above = number and (value >= low if low_included else value > low)

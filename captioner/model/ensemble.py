@@ -45,16 +45,22 @@ class DecoderEnsemble(nn.Module):
         states = [member.init_state(annotations[:, i], focus) for i, member in enumerate(self._decoders())]
         return torch.stack([h for h, _ in states], 1), torch.stack([c for _, c in states], 1)
 
-    def step(self, annotations: torch.Tensor, keys: torch.Tensor, words: torch.Tensor,
-             state: State, focus: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+    def step(
+        self,
+        annotations: torch.Tensor,
+        keys: torch.Tensor,
+        words: torch.Tensor,
+        state: State,
+        focus: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
         """One word: the members' mean word log-probabilities (B, V; decoding renormalises
         them), the new states, and the members' mean attention (B, L) and gate (B,), which the
         attention maps and CaptionResult.gate then show."""
         log_probs, hidden, cells, alphas, gates = [], [], [], [], []
         for i, member in enumerate(self._decoders()):
-            logits, (h, c), alpha, gate = member.step(annotations[:, i], keys[:, i], words,
-                                                      (state[0][:, i], state[1][:, i]), focus)
+            logits, (h, c), alpha, gate = member.step(
+                annotations[:, i], keys[:, i], words, (state[0][:, i], state[1][:, i]), focus
+            )
             log_probs.append(F.log_softmax(logits, dim=-1))
             hidden.append(h)
             cells.append(c)

@@ -61,8 +61,9 @@ class ImageNetWords:
 def imagenet_words() -> ImageNetWords:
     """The shipped ImageNet -> caption words table."""
     table = json.loads(WORDS_FILE.read_text(encoding="utf-8"))
-    classes = tuple(ImageNetClass(c["label"], c["coco"], tuple(c["words"]), c["implies_person"])
-                    for c in table["classes"])
+    classes = tuple(
+        ImageNetClass(c["label"], c["coco"], tuple(c["words"]), c["implies_person"]) for c in table["classes"]
+    )
     return ImageNetWords(classes, table["word_category"])
 
 
@@ -94,8 +95,10 @@ class ImageNetEvidence(nn.Module):
         super().__init__()
         spec = backbone_spec(backbone)
         if spec.source != "timm" or spec.offline_package is None:
-            raise EvidenceError(f"evidence needs the ImageNet classifier of the backbone; {backbone} has "
-                                "none in its package (efficientnet_lite0/1/2 do)")
+            raise EvidenceError(
+                f"evidence needs the ImageNet classifier of the backbone; {backbone} has "
+                "none in its package (efficientnet_lite0/1/2 do)"
+            )
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         net = cast(EfficientNet, timm.create_model(spec.arch, pretrained=False))
@@ -124,8 +127,10 @@ def evidence_items(probabilities: torch.Tensor, top_k: int = 5) -> list[Evidence
     """One image's class probabilities (1000,) -> its top_k labels, best first."""
     classes = imagenet_words().classes
     values, indices = probabilities.float().topk(top_k)
-    return [Evidence(classes[i].label, classes[i].coco, classes[i].words, float(p))
-            for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+    return [
+        Evidence(classes[i].label, classes[i].coco, classes[i].words, float(p))
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
 
 
 def word_evidence(words: Sequence[str], probabilities: torch.Tensor) -> list[Evidence | None]:
@@ -171,23 +176,32 @@ def _object_words(vocabulary: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tens
     column in category_probabilities, and the weight of missing evidence (1 - miss rate)."""
     table, misses = imagenet_words(), miss_rates()
     column = {c: i for i, c in enumerate(table.categories)}
-    found = [(i, table.word_category[w]) for i, w in enumerate(vocabulary)
-             if table.word_category.get(w) in column]
-    return (torch.tensor([i for i, _ in found], dtype=torch.long),
-            torch.tensor([column[c] for _, c in found], dtype=torch.long),
-            torch.tensor([1.0 - misses.get(c, 0.0) for _, c in found]))
+    found = [
+        (i, table.word_category[w]) for i, w in enumerate(vocabulary) if table.word_category.get(w) in column
+    ]
+    return (
+        torch.tensor([i for i, _ in found], dtype=torch.long),
+        torch.tensor([column[c] for _, c in found], dtype=torch.long),
+        torch.tensor([1.0 - misses.get(c, 0.0) for _, c in found]),
+    )
+
 
 def check_untuned_before(fine_tune_from: int | None) -> None:
     """Evidence reads the caption encoder's stage-7 input as ImageNet's: refuse a model whose
     training tuned an earlier stage."""
     if fine_tune_from is not None and fine_tune_from < EVIDENCE_STAGE:
-        raise EvidenceError(f"this model was fine-tuned from encoder stage {fine_tune_from}: its stages "
-                            f"before {EVIDENCE_STAGE} are no longer ImageNet's, so it has no evidence")
+        raise EvidenceError(
+            f"this model was fine-tuned from encoder stage {fine_tune_from}: its stages "
+            f"before {EVIDENCE_STAGE} are no longer ImageNet's, so it has no evidence"
+        )
 
 
-def encode_with_evidence(encoder: Encoder, head: ImageNetEvidence, pixels: torch.Tensor,
-                         trunk: Callable[[torch.Tensor], torch.Tensor] | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with_evidence(
+    encoder: Encoder,
+    head: ImageNetEvidence,
+    pixels: torch.Tensor,
+    trunk: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Photos (B, 3, S, S) -> the annotation grids (B, L, D) and ImageNet probabilities (B, 1000):
     the encoder's stages up to 7 run once (`trunk`, e.g. the ONNX runtime's, else eager torch),
     then its own (tuned) tail and the untuned one, in channels_last, where a CPU's convolutions

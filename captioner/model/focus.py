@@ -58,8 +58,9 @@ def check_box(box: object, image_size: tuple[int, int]) -> tuple[float, float, f
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise ValueError(f"focus box {box} holds NaN or infinite values")
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"focus box {box} must have x0 < x1 and y0 < y1 (left, top, right, bottom) "
-                         "and a non-zero area")
+        raise ValueError(
+            f"focus box {box} must have x0 < x1 and y0 < y1 (left, top, right, bottom) and a non-zero area"
+        )
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise ValueError(f"focus box {box} reaches outside the {width}x{height} image")
     return x0, y0, x1, y1
@@ -68,7 +69,7 @@ def check_box(box: object, image_size: tuple[int, int]) -> tuple[float, float, f
 def _overlap(low: float, high: float, extent: int, cells: int) -> torch.Tensor:
     """Share of each of `cells` equal cells spanning [0, extent) that lies inside [low, high)."""
     edges = torch.linspace(0, extent, cells + 1, dtype=torch.float64)
-    inside = (torch.minimum(edges[1:], torch.tensor(high)) - torch.maximum(edges[:-1], torch.tensor(low)))
+    inside = torch.minimum(edges[1:], torch.tensor(high)) - torch.maximum(edges[:-1], torch.tensor(low))
     return (inside.clamp(min=0) / (extent / cells)).float()
 
 
@@ -94,8 +95,10 @@ def focus_weights(focus: Focus, image_size: tuple[int, int], grid: tuple[int, in
     mask = _as_mask(focus)
     if mask is not None:
         if mask.dtype != torch.bool or tuple(mask.shape) != (height, width):
-            raise ValueError(f"focus mask must be a boolean array of the image's size ({height}, {width}), "
-                             f"got {str(mask.dtype).removeprefix('torch.')} {tuple(mask.shape)}")
+            raise ValueError(
+                f"focus mask must be a boolean array of the image's size ({height}, {width}), "
+                f"got {str(mask.dtype).removeprefix('torch.')} {tuple(mask.shape)}"
+            )
         if not mask.any():
             raise ValueError("focus mask selects no pixel")
         weights = F.adaptive_avg_pool2d(mask.float()[None, None], (rows, cols))[0, 0]

@@ -57,8 +57,7 @@ def save_model(
         "metadata": metadata or {},
     }
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write(directory / CONFIG_FILE,
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return directory
 
 
@@ -99,10 +98,17 @@ def load_model(
     header = _read_header(weights_path)
     found = {k.split(".")[2] for k in header if k.startswith("decoder.members.")}
     if members != (len(found) or 1):
-        raise CheckpointError(f"{config_path} says ensemble_size {members}, but {weights_path} holds "
-                              f"{len(found) or 1} decoder(s)")
-    _check_fits(_decoder_shapes(model_config, len(vocab), members, config_path), header,
-                weights_path, config_path, only="decoder.")
+        raise CheckpointError(
+            f"{config_path} says ensemble_size {members}, but {weights_path} holds "
+            f"{len(found) or 1} decoder(s)"
+        )
+    _check_fits(
+        _decoder_shapes(model_config, len(vocab), members, config_path),
+        header,
+        weights_path,
+        config_path,
+        only="decoder.",
+    )
     state = _read_weights(weights_path)
     try:
         model = _build_model(model_config, len(vocab), members)
@@ -149,8 +155,9 @@ def _read_header(weights_path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {err}") from err
 
 
-def _decoder_shapes(config: ModelConfig, vocab_size: int, members: int, config_path: Path
-                    ) -> dict[str, tuple[int, ...]]:
+def _decoder_shapes(
+    config: ModelConfig, vocab_size: int, members: int, config_path: Path
+) -> dict[str, tuple[int, ...]]:
     """The decoder tensors the config describes, from one decoder built on the meta device (no
     memory), repeated per member."""
     try:
@@ -162,15 +169,23 @@ def _decoder_shapes(config: ModelConfig, vocab_size: int, members: int, config_p
     return {p + k: tuple(v.shape) for p in prefixes for k, v in decoder.state_dict().items()}
 
 
-def _check_fits(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], weights_path: Path,
-                config_path: Path, only: str = "") -> None:
+def _check_fits(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    weights_path: Path,
+    config_path: Path,
+    only: str = "",
+) -> None:
     """Refuse weights that do not fit the model the config describes (among the tensors whose
     names start with `only`), naming the tensors and both shapes."""
     found = {k: v for k, v in found.items() if k.startswith(only)}
     problems = [f"missing {k}" for k in expected if k not in found]
     problems += [f"unexpected {k}" for k in found if k not in expected]
-    problems += [f"{k}: file {v} vs config {expected[k]}" for k, v in found.items()
-                 if k in expected and v != expected[k]]
+    problems += [
+        f"{k}: file {v} vs config {expected[k]}"
+        for k, v in found.items()
+        if k in expected and v != expected[k]
+    ]
     if problems:
         raise CheckpointError(
             f"{weights_path} does not match {config_path}: {'; '.join(problems[:5])}"
@@ -190,7 +205,8 @@ def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
     if broken:
         raise CheckpointError(
             f"{weights_path}: {len(broken)} tensors hold NaN or infinite values (a training run that "
-            f"diverged?): {', '.join(broken[:5])}" + (" ..." if len(broken) > 5 else ""))
+            f"diverged?): {', '.join(broken[:5])}" + (" ..." if len(broken) > 5 else "")
+        )
     return state
 
 
@@ -199,8 +215,9 @@ def _build_model(config: ModelConfig, vocab_size: int, ensemble_size: int) -> Ca
     model = CaptionModel(config, vocab_size, encoder_weights="random")
     if ensemble_size != 1:
         feature_dim = model.encoder.feature_dim
-        model.decoder = DecoderEnsemble([build_decoder(config, vocab_size, feature_dim)
-                                         for _ in range(ensemble_size)])
+        model.decoder = DecoderEnsemble(
+            [build_decoder(config, vocab_size, feature_dim) for _ in range(ensemble_size)]
+        )
     return model
 
 
@@ -233,16 +250,25 @@ def load_ensemble(
             raise CheckpointError(f"{path} is already an ensemble; list its members instead")
         members.append(model.decoder)
         if architecture(model.config) != architecture(first_model.config):
-            raise CheckpointError(f"{path}: model settings {asdict(model.config)} differ from "
-                                  f"{paths[0]}'s {asdict(first_model.config)}")
+            raise CheckpointError(
+                f"{path}: model settings {asdict(model.config)} differ from "
+                f"{paths[0]}'s {asdict(first_model.config)}"
+            )
         if member_vocab.to_json() != vocab.to_json():
             raise CheckpointError(f"{path}: its vocabulary differs from {paths[0]}'s")
-        if any(not torch.equal(_as_stored(v), _as_stored(first_encoder[k]))
-               for k, v in model.encoder.state_dict().items()):
-            raise CheckpointError(f"{path}: its encoder weights differ from {paths[0]}'s "
-                                  "(only decoders trained on the same frozen encoder can vote)")
+        if any(
+            not torch.equal(_as_stored(v), _as_stored(first_encoder[k]))
+            for k, v in model.encoder.state_dict().items()
+        ):
+            raise CheckpointError(
+                f"{path}: its encoder weights differ from {paths[0]}'s "
+                "(only decoders trained on the same frozen encoder can vote)"
+            )
     ensemble = first_model
     ensemble.decoder = DecoderEnsemble(members)
-    metadata = {"ensemble_of": [{"path": str(p), **config["metadata"]}
-                                for p, (_, _, config) in zip(paths, loaded, strict=True)]}
+    metadata = {
+        "ensemble_of": [
+            {"path": str(p), **config["metadata"]} for p, (_, _, config) in zip(paths, loaded, strict=True)
+        ]
+    }
     return ensemble.to(device).eval(), vocab, metadata

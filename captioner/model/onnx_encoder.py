@@ -72,8 +72,10 @@ def graph_name(encoder: Encoder, until_stage: int | None = None) -> str:
     import onnxruntime
 
     what = f"{encoder.grid_size}x{encoder.grid_size}" if until_stage is None else f"stage{until_stage}"
-    digest = hashlib.sha256(f"{EXPORT_FORMAT}:{OPSET}:{torch.__version__}:{onnxruntime.__version__}:"
-                            f"{encoder.image_size}:{what}".encode())
+    digest = hashlib.sha256(
+        f"{EXPORT_FORMAT}:{OPSET}:{torch.__version__}:{onnxruntime.__version__}:"
+        f"{encoder.image_size}:{what}".encode()
+    )
     for name, tensor in _exported_module(encoder, until_stage).state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -86,18 +88,31 @@ def export_onnx(encoder: Encoder, until_stage: int | None = None) -> bytes:
     example = torch.zeros(2, 3, encoder.image_size, encoder.image_size)
     # The legacy TorchScript exporter: ~1 s for the shipped encoder, where torch.export (dynamo=True)
     # takes 12-15 s for a graph that runs as fast (docs/benchmarks.md).
-    with (tempfile.TemporaryDirectory() as folder, torch.inference_mode(False), torch.no_grad(),
-          warnings.catch_warnings()):
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        torch.inference_mode(False),
+        torch.no_grad(),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
         path = Path(folder) / "encoder.onnx"
-        torch.onnx.export(module, (example,), path, dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        torch.onnx.export(
+            module,
+            (example,),
+            path,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            do_constant_folding=True,
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        )
         return path.read_bytes()
 
 
-def load_or_export(encoder: Encoder, until_stage: int | None = None,
-                   directory: Path | None = None) -> tuple[Path | bytes, str]:
+def load_or_export(
+    encoder: Encoder, until_stage: int | None = None, directory: Path | None = None
+) -> tuple[Path | bytes, str]:
     """The encoder's graph and where it came from: ("cache"), exported and written to the cache
     ("exported"), or exported and kept in memory, the cache not being writable ("memory")."""
     path = (directory or cache_dir()) / "onnx" / graph_name(encoder, until_stage)
@@ -138,8 +153,13 @@ class OnnxEncoder(nn.Module):
     1). cache: the folder holding onnx/ (default cache_dir()).
     """
 
-    def __init__(self, encoder: Encoder, until_stage: int | None = None, threads: int | None = None,
-                 cache: str | Path | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        until_stage: int | None = None,
+        threads: int | None = None,
+        cache: str | Path | None = None,
+    ):
         super().__init__()
         if until_stage is not None:
             encoder.check_stage(until_stage)

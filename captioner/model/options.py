@@ -42,8 +42,9 @@ def check_focus_strength(strength: Any) -> float:
     except (TypeError, ValueError):  # a 0-d array of text
         value = math.nan
     if not 0 <= value <= MAX_FOCUS_STRENGTH:
-        raise ValueError(f"focus_strength must be a number from 0 to {MAX_FOCUS_STRENGTH:g}, "
-                         f"got {strength!r}")
+        raise ValueError(
+            f"focus_strength must be a number from 0 to {MAX_FOCUS_STRENGTH:g}, got {strength!r}"
+        )
     return value
 
 
@@ -86,8 +87,12 @@ class DecodeOptions:
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
             raise ValueError(f"length_penalty must be a finite number, got {penalty!r}")
         evidence = self.evidence_penalty
-        if (isinstance(evidence, bool) or not isinstance(evidence, (int, float))
-                or not math.isfinite(evidence) or evidence < 0):
+        if (
+            isinstance(evidence, bool)
+            or not isinstance(evidence, (int, float))
+            or not math.isfinite(evidence)
+            or evidence < 0
+        ):
             raise ValueError(f"evidence_penalty must be a finite number >= 0, got {evidence!r}")
 
     @property
@@ -100,6 +105,8 @@ class DecodeOptions:
         An unknown name is a TypeError naming it."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"unknown decoding option {unknown[0]!r}; the options are "
-                            + ", ".join(f.name for f in dataclasses.fields(self)))
+            raise TypeError(
+                f"unknown decoding option {unknown[0]!r}; the options are "
+                + ", ".join(f.name for f in dataclasses.fields(self))
+            )
         return dataclasses.replace(self, **changes) if changes else self

@@ -43,9 +43,14 @@ class CaptionResult:
 
 
 @torch.inference_mode()
-def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, options: DecodeOptions,
-                     focus: torch.Tensor | None = None,
-                     evidence: torch.Tensor | None = None) -> list[CaptionResult]:
+def caption_features(
+    decoder: Decoder,
+    vocab: Vocabulary,
+    features: torch.Tensor,
+    options: DecodeOptions,
+    focus: torch.Tensor | None = None,
+    evidence: torch.Tensor | None = None,
+) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
     Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
     `evidence`: ImageNet class probabilities (B, 1000) (captioner.model.evidence), which the
@@ -53,8 +58,10 @@ def caption_features(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor
     bias = None
     if options.evidence_penalty:
         if evidence is None:
-            raise ValueError("evidence_penalty needs each photo's ImageNet evidence: caption photos with "
-                             "a Captioner (grids alone do not carry it)")
+            raise ValueError(
+                "evidence_penalty needs each photo's ImageNet evidence: caption photos with "
+                "a Captioner (grids alone do not carry it)"
+            )
         bias = evidence_bias(evidence, vocab.words, options.evidence_penalty).to(features.device)
     beams = beam_search(decoder, features, options, focus, bias)
     side = math.isqrt(features.shape[1])  # grids are square
@@ -74,5 +81,13 @@ def _result(hypotheses: list[Hypothesis], vocab: Vocabulary, grid: tuple[int, in
     for h in hypotheses:
         alt_words = vocab.decode(h.tokens)
         alternatives.append(Alternative(" ".join(alt_words), alt_words, h.score, h.log_prob))
-    return CaptionResult(" ".join(words), words, best.score, best.log_prob, attention,
-                         alternatives, best.finished, gate=best.gates.float().numpy())
+    return CaptionResult(
+        " ".join(words),
+        words,
+        best.score,
+        best.log_prob,
+        attention,
+        alternatives,
+        best.finished,
+        gate=best.gates.float().numpy(),
+    )

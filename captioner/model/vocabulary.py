@@ -44,8 +44,9 @@ class Vocabulary:
             raise TypeError(f"vocabulary must be a list of words, got {type(words).__name__}")
         for i, word in enumerate(words):
             if not isinstance(word, str) or not word:
-                raise ValueError(f"vocabulary entry {i} is {word!r}: every entry must be a word "
-                                 "(a non-empty string)")
+                raise ValueError(
+                    f"vocabulary entry {i} is {word!r}: every entry must be a word (a non-empty string)"
+                )
         if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}, got {list(words[:4])}")
         if len(set(words)) != len(words):

@@ -76,10 +76,17 @@ class Captioned:
 
     @classmethod
     def of(cls, result: Any) -> Captioned:
-        return cls(result.text, list(result.words), float(result.score), float(result.log_prob),
-                   np.asarray(result.attention), [Alternative(a.text, float(a.score), float(a.log_prob))
-                                                  for a in result.alternatives],
-                   bool(result.finished), list(result.notes), np.asarray(result.gate))
+        return cls(
+            result.text,
+            list(result.words),
+            float(result.score),
+            float(result.log_prob),
+            np.asarray(result.attention),
+            [Alternative(a.text, float(a.score), float(a.log_prob)) for a in result.alternatives],
+            bool(result.finished),
+            list(result.notes),
+            np.asarray(result.gate),
+        )
 
 
 class ModelProcess:
@@ -93,9 +100,12 @@ class ModelProcess:
         self.about: str = ""
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=serve_model,
-                                        args=(child, folder, device, quantize, threads or default_threads()),
-                                        name="captioner-model", daemon=True)
+        self._process = context.Process(
+            target=serve_model,
+            args=(child, folder, device, quantize, threads or default_threads()),
+            name="captioner-model",
+            daemon=True,
+        )
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -129,15 +139,27 @@ class ModelProcess:
         """The About panel's Markdown (waits for the model)."""
         return self.loaded().about
 
-    def caption(self, image: Any, options: DecodeOptions | None = None, *,
-                focus: Any = None, focus_strength: float | None = None) -> Captioned:
+    def caption(
+        self,
+        image: Any,
+        options: DecodeOptions | None = None,
+        *,
+        focus: Any = None,
+        focus_strength: float | None = None,
+    ) -> Captioned:
         """Captioner.caption for one image (a path, a PIL image...), in the model process; its
         TypeError and ValueError (a bad box or strength) come back as such."""
         return self.caption_file(image, options, focus=focus, focus_strength=focus_strength)[2]
 
-    def caption_file(self, image: Any, options: DecodeOptions | None = None, *, focus: Any = None,
-                     focus_strength: float | None = None, max_pixels: int | None = None,
-                     ) -> tuple[Image.Image, tuple[int, int], Captioned]:
+    def caption_file(
+        self,
+        image: Any,
+        options: DecodeOptions | None = None,
+        *,
+        focus: Any = None,
+        focus_strength: float | None = None,
+        max_pixels: int | None = None,
+    ) -> tuple[Image.Image, tuple[int, int], Captioned]:
         """(the photo at display size, its size, its caption): the photo is read in the model
         process (UnreadableImage if it cannot be), so this process needs no torch."""
         self.loaded()

@@ -56,6 +56,7 @@ THUMBNAIL_SIZE = 320  # images kept for --save-attention grids (panels are ~200 
 
 # ----------------------------------------------------------------------------- torchrun
 
+
 def torchrun_rank() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun with more than one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -72,6 +73,7 @@ def rank_output(output: str | Path, rank: int) -> Path:
 
 # ----------------------------------------------------------------------------- records
 
+
 def attention_filename(path: str) -> str:
     """A flat, collision-free PNG name: the path's readable tail plus a hash of the full path."""
     readable = re.sub(r"[^\w.-]+", "_", path.replace(os.sep, "__").replace("/", "__")).strip("._")
@@ -83,6 +85,7 @@ def attention_filename(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the run
+
 
 @dataclass
 class Summary:
@@ -112,8 +115,10 @@ class Summary:
         skipped = f"skipped {self.already_done} already captioned"
         if self.failed_before:
             skipped += f" and {self.failed_before} that failed before (--retry-failed retries them)"
-        return (f"{self.found} files: captioned {self.captioned}, failed {self.failed}, {skipped} | "
-                f"{self.images_per_second:.1f} images/s, wall time {self.seconds:.1f} s")
+        return (
+            f"{self.found} files: captioned {self.captioned}, failed {self.failed}, {skipped} | "
+            f"{self.images_per_second:.1f} images/s, wall time {self.seconds:.1f} s"
+        )
 
 
 def caption_files(
@@ -158,8 +163,9 @@ def caption_files(
     return summary
 
 
-def prepare_output(output: str | Path, options: DecodeOptions | None = None, *, fmt: str | None = None,
-                   focus: bool = False) -> None:
+def prepare_output(
+    output: str | Path, options: DecodeOptions | None = None, *, fmt: str | None = None, focus: bool = False
+) -> None:
     """Check or create the output of a run with nothing to caption (an empty shard), as
     caption_files would, so that --merge finds every shard's file."""
     output = Path(output)
@@ -184,22 +190,38 @@ class _Run:
     def caption(self, todo: Sequence[str], writer: RecordWriter) -> None:
         settings = self.settings
         attention_dir = _attention_folder(settings.save_attention)
-        dataset = ImageFiles(todo, self.captioner.transform, settings.max_pixels,
-                             thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None)
-        loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
-                            collate_fn=collate_images, pin_memory=self.captioner.device.type == "cuda")
-        with tqdm(total=len(todo), unit="img", disable=not settings.progress or not todo,
-                  smoothing=0.05) as bar:
+        dataset = ImageFiles(
+            todo,
+            self.captioner.transform,
+            settings.max_pixels,
+            thumbnail_size=THUMBNAIL_SIZE if attention_dir is not None else None,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=settings.batch_size,
+            num_workers=settings.workers,
+            collate_fn=collate_images,
+            pin_memory=self.captioner.device.type == "cuda",
+        )
+        with tqdm(
+            total=len(todo), unit="img", disable=not settings.progress or not todo, smoothing=0.05
+        ) as bar:
             for batch in loader:
                 self.caption_batch(batch, writer, attention_dir)
                 writer.sync()
                 bar.update(len(batch.items))
 
     def caption_batch(self, batch: ImageBatch, writer: RecordWriter, attention_dir: Path | None) -> None:
-        bias = (_focus_bias(self.captioner, batch, self.boxes, self.settings.focus_strength)
-                if self.boxes else None)
-        results = iter(self.captioner.caption_tensors(batch.pixels, self.options, bias)
-                       if batch.pixels is not None else ())
+        bias = (
+            _focus_bias(self.captioner, batch, self.boxes, self.settings.focus_strength)
+            if self.boxes
+            else None
+        )
+        results = iter(
+            self.captioner.caption_tensors(batch.pixels, self.options, bias)
+            if batch.pixels is not None
+            else ()
+        )
         for item in batch.items:
             if item.error:
                 writer.write(self.record(failure_record(item.path, item.error)))
@@ -233,15 +255,19 @@ def _focus_field(region: Focus | None) -> list[float] | str | None:
         return "mask" if np.ndim(region) == 2 else None
 
 
-def _plan(paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput,
-          retry_failed: bool) -> tuple[list[str], Summary]:
+def _plan(
+    paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput, retry_failed: bool
+) -> tuple[list[str], Summary]:
     """The files still to caption (no duplicates), and the summary of what earlier runs did.
     Failures to retry lose their old rows now."""
     done, failed = existing.done(), existing.failed()
     skip = done if retry_failed else done | failed
     todo = list({path_key(p): p for p in paths if path_key(p) not in skip}.values())
-    summary = Summary(len(paths), already_done=sum(path_key(p) in done for p in paths),
-                      failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths))
+    summary = Summary(
+        len(paths),
+        already_done=sum(path_key(p) in done for p in paths),
+        failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths),
+    )
     retry = {path_key(p) for p in todo} & failed
     if retry:
         drop_failures(output, fmt, existing, retry)
@@ -261,8 +287,9 @@ def _attention_folder(folder: str | Path | None) -> Path | None:
     return folder
 
 
-def _focus_bias(captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Focus],
-                strength: float) -> torch.Tensor | None:
+def _focus_bias(
+    captioner: Captioner, batch: ImageBatch, boxes: Mapping[str, Focus], strength: float
+) -> torch.Tensor | None:
     """The batch's attention bias (n, L), or None if no image of it has a box. An image whose
     box does not fit gets an error and leaves the batch."""
     loaded = [item for item in batch.items if not item.error]
@@ -286,7 +313,8 @@ def _save_attention(folder: Path, item: LoadedImage, result: CaptionResult) -> N
     path = folder / attention_filename(item.path)
     assert item.thumbnail is not None  # caption_files asks ImageFiles for thumbnails with attention_dir
     try:
-        save_attention_grid(path, Image.fromarray(item.thumbnail), result.words, result.attention,
-                            title=result.text)
+        save_attention_grid(
+            path, Image.fromarray(item.thumbnail), result.words, result.attention, title=result.text
+        )
     except OSError as err:
         raise OutputError(f"cannot write attention grid {path}: {err}") from err

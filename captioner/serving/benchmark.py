@@ -111,8 +111,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def interleaved(calls: Calls, args: argparse.Namespace, runs: int | None = None
-                ) -> tuple[dict[str, float], dict[str, Any]]:
+def interleaved(
+    calls: Calls, args: argparse.Namespace, runs: int | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Median milliseconds of each named call (fn, args), runs interleaved; and each one's last result."""
     now = clock(args)
     for fn, fn_args in list(calls.values()) * args.warmup:
@@ -153,8 +154,9 @@ def extraction_paths(folder: Path, args: argparse.Namespace) -> list[str]:
 def extract(encoder: Encoder, forward: Forward, paths: list[str]) -> float:
     """Photos/s of feature extraction as the feature cache runs it (photos decoded in the main
     process, batch 32, grids stored as fp16), with `forward` computing the grids."""
-    loader = DataLoader(ImageFiles(paths, encoder.transform), batch_size=32, num_workers=0,
-                        collate_fn=collate_images)
+    loader = DataLoader(
+        ImageFiles(paths, encoder.transform), batch_size=32, num_workers=0, collate_fn=collate_images
+    )
     grids = np.zeros((len(paths), encoder.grid_size**2, encoder.feature_dim), dtype=np.float16)
     start, row = time.perf_counter(), 0
     with torch.inference_mode():
@@ -167,13 +169,17 @@ def extract(encoder: Encoder, forward: Forward, paths: list[str]) -> float:
 
 def dev_cider(captioner: Captioner, args: argparse.Namespace, options: DecodeOptions) -> None:
     """Caption the first --dev-cider Flickr8k dev photos with each encoder and score them."""
-    encoders: dict[str, torch.nn.Module] = {"torch": captioner.model.encoder,
-                                            "onnx": OnnxEncoder(captioner.model.encoder).prepare()}
+    encoders: dict[str, torch.nn.Module] = {
+        "torch": captioner.model.encoder,
+        "onnx": OnnxEncoder(captioner.model.encoder).prepare(),
+    }
     images = load_flickr(args.flickr_root)["val"][: args.dev_cider]
     references = {i.image_id: i.captions for i in images}
     pixels = torch.stack([captioner.preprocess(i.path) for i in images])
-    print(f"{len(images)} Flickr8k dev photos, beam {options.beam_size}, "
-          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{len(images)} Flickr8k dev photos, beam {options.beam_size}, "
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'encoder':<10} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
     first = None
     for name in args.encoders:
@@ -187,8 +193,10 @@ def dev_cider(captioner: Captioner, args: argparse.Namespace, options: DecodeOpt
         first = first or texts
         scores = score_captions(dict(zip(references, texts, strict=True)), references, meteor=False)
         same = sum(a == b for a, b in zip(texts, first, strict=True))
-        print(f"{name:<10} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
-              f"{seconds:>10.1f}")
+        print(
+            f"{name:<10} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
+            f"{seconds:>10.1f}"
+        )
 
 
 def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args: argparse.Namespace) -> None:
@@ -209,8 +217,10 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
         print(f"\n=== {threads} thread(s), load average {os.getloadavg()[0]:.1f} ===")
         encoders: dict[str, Forward] = {STOCK: forward, TORCH: encoder, ONNX: onnx}
         stock = time_encoders(encoders, pixels, encoder_gflop, args)
-        captioners = {"torch encoder": with_encoder(captioner, encoder),
-                      "onnxruntime encoder": with_encoder(captioner, onnx)}
+        captioners = {
+            "torch encoder": with_encoder(captioner, encoder),
+            "onnxruntime encoder": with_encoder(captioner, onnx),
+        }
         time_captions(captioners, image, options, args, stock)
         if args.extract_images:
             time_extraction(encoder, onnx, args)
@@ -221,25 +231,35 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
         print(f"\ncaption: {captioner.caption(image, options).text!r}")
 
 
-def print_setting(captioner: Captioner, what: str, options: DecodeOptions, args: argparse.Namespace,
-                  encoder_gflop: float) -> None:
+def print_setting(
+    captioner: Captioner, what: str, options: DecodeOptions, args: argparse.Namespace, encoder_gflop: float
+) -> None:
     c = captioner.model.config
     print(f"model: {what}")
-    print(f"  {c.backbone} at {c.image_size}px, {c.grid_size}x{c.grid_size} grid, {c.attention} attention, "
-          f"hidden {c.hidden_dim}, vocabulary {len(captioner.vocab)}, encoder batch {api.CPU_ENCODER_BATCH}")
-    print(f"  beam {options.beam_size}, max_length {options.max_length}, {args.clock} clock, median of "
-          f"{args.runs} interleaved runs after {args.warmup} warm-up; encoder {encoder_gflop:.2f} GFLOP "
-          "per photo")
-    print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start "
-          f"(a busy machine inflates times); peak memory after loading {peak_memory_mb():.0f} MB")
+    print(
+        f"  {c.backbone} at {c.image_size}px, {c.grid_size}x{c.grid_size} grid, {c.attention} attention, "
+        f"hidden {c.hidden_dim}, vocabulary {len(captioner.vocab)}, encoder batch {api.CPU_ENCODER_BATCH}"
+    )
+    print(
+        f"  beam {options.beam_size}, max_length {options.max_length}, {args.clock} clock, median of "
+        f"{args.runs} interleaved runs after {args.warmup} warm-up; encoder {encoder_gflop:.2f} GFLOP "
+        "per photo"
+    )
+    print(
+        f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start "
+        f"(a busy machine inflates times); peak memory after loading {peak_memory_mb():.0f} MB"
+    )
 
 
-def time_encoders(encoders: dict[str, Forward], pixels: torch.Tensor, encoder_gflop: float,
-                  args: argparse.Namespace) -> float:
+def time_encoders(
+    encoders: dict[str, Forward], pixels: torch.Tensor, encoder_gflop: float, args: argparse.Namespace
+) -> float:
     """The encoders on each of --encoder-batches photos, against the first (timm's stock model).
     Returns the stock model's ms for one photo (the first batch size's, per photo)."""
-    print(f"encoder at {pixels.shape[-1]}px {'photos':>26} {'ms':>8} {'ms/photo':>9} {'x stock':>8} "
-          f"{'GFLOP/s':>8}")
+    print(
+        f"encoder at {pixels.shape[-1]}px {'photos':>26} {'ms':>8} {'ms/photo':>9} {'x stock':>8} "
+        f"{'GFLOP/s':>8}"
+    )
     stock_one = 0.0
     for batch in args.encoder_batches:
         photos = pixels.expand(batch, -1, -1, -1).contiguous()
@@ -249,27 +269,42 @@ def time_encoders(encoders: dict[str, Forward], pixels: torch.Tensor, encoder_gf
         stock_one = stock_one or base / batch
         for name, value in ms.items():
             gflops = encoder_gflop * batch / value * 1000
-            print(f"  {name:<32} {batch:>6} {value:>8.1f} {value / batch:>9.1f} {value / base:>8.2f} "
-                  f"{gflops:>8.1f}")
+            print(
+                f"  {name:<32} {batch:>6} {value:>8.1f} {value / batch:>9.1f} {value / base:>8.2f} "
+                f"{gflops:>8.1f}"
+            )
     return stock_one
 
 
-def time_captions(captioners: dict[str, Captioner], image: Image.Image, options: DecodeOptions,
-                  args: argparse.Namespace, stock_ms: float) -> None:
+def time_captions(
+    captioners: dict[str, Captioner],
+    image: Image.Image,
+    options: DecodeOptions,
+    args: argparse.Namespace,
+    stock_ms: float,
+) -> None:
     """The whole caption() call of each captioner for each of --batch-sizes photos; per photo
     against the stock encoder alone on one photo (x stock enc.)."""
-    print(f"caption(), beam {options.beam_size}, attention maps {'photos':>5} {'ms':>8} {'ms/photo':>9} "
-          f"{'x stock enc.':>13} {'words':>6}")
+    print(
+        f"caption(), beam {options.beam_size}, attention maps {'photos':>5} {'ms':>8} {'ms/photo':>9} "
+        f"{'x stock enc.':>13} {'words':>6}"
+    )
     for batch in args.batch_sizes:
         photos = image if batch == 1 else [image] * batch
         ms, results = interleaved(
-            {name: (partial(each.caption, options=options, batch_size=batch), (photos,))
-             for name, each in captioners.items()},
-            args, runs=args.runs if batch == 1 else max(3, args.runs // 2))
+            {
+                name: (partial(each.caption, options=options, batch_size=batch), (photos,))
+                for name, each in captioners.items()
+            },
+            args,
+            runs=args.runs if batch == 1 else max(3, args.runs // 2),
+        )
         for name, value in ms.items():
             result = results[name] if batch == 1 else results[name][0]
-            print(f"  {name:<36} {batch:>6} {value:>8.1f} {value / batch:>9.1f} "
-                  f"{value / batch / stock_ms:>13.2f} {len(result.words):>6}")
+            print(
+                f"  {name:<36} {batch:>6} {value:>8.1f} {value / batch:>9.1f} "
+                f"{value / batch / stock_ms:>13.2f} {len(result.words):>6}"
+            )
 
 
 def time_extraction(encoder: Encoder, onnx: OnnxEncoder, args: argparse.Namespace) -> None:
@@ -282,9 +317,11 @@ def time_extraction(encoder: Encoder, onnx: OnnxEncoder, args: argparse.Namespac
             rates["onnxruntime"].append(extract(encoder, onnx, paths))
     eager, fast = (statistics.median(rates[k]) for k in ("torch", "onnxruntime"))
     source = "Flickr8k" if args.flickr_root and Path(args.flickr_root).is_dir() else "generated"
-    print(f"feature extraction, {len(paths)} {source} photos, batch 32 (median of "
-          f"{args.extract_runs}): torch {eager:.1f} photos/s, onnxruntime {fast:.1f} photos/s "
-          f"({fast / eager:.2f}x)")
+    print(
+        f"feature extraction, {len(paths)} {source} photos, batch 32 (median of "
+        f"{args.extract_runs}): torch {eager:.1f} photos/s, onnxruntime {fast:.1f} photos/s "
+        f"({fast / eager:.2f}x)"
+    )
 
 
 def time_startup(encoder: Encoder) -> None:
@@ -297,5 +334,7 @@ def time_startup(encoder: Encoder) -> None:
             ready = OnnxEncoder(encoder, cache=folder).prepare()
             seconds.append(time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in Path(folder, "onnx").glob("*.onnx")) / 1e6
-    print(f"\nonnxruntime start-up: first use {seconds[0]:.2f} s (export, {size:.1f} MB .onnx written to the "
-          f"cache), cached {seconds[1]:.2f} s (digest, read, session); {ready.origin}")
+    print(
+        f"\nonnxruntime start-up: first use {seconds[0]:.2f} s (export, {size:.1f} MB .onnx written to the "
+        f"cache), cached {seconds[1]:.2f} s (digest, read, session); {ready.origin}"
+    )

@@ -46,23 +46,31 @@ def quantize_decoder(decoder: DecoderModule) -> DecoderModule:
     with warnings.catch_warnings():  # torch.ao's eager quantization API announces its successor
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
-            decoder, {torch.nn.Linear, torch.nn.LSTMCell}, dtype=torch.qint8)
+            decoder, {torch.nn.Linear, torch.nn.LSTMCell}, dtype=torch.qint8
+        )
 
 
 def decode_options(options: DecodeOptions | None, changes: dict[str, Any]) -> DecodeOptions:
     """`options` (default: the defaults) with the keyword arguments `changes` applied."""
     if options is not None and not isinstance(options, DecodeOptions):
-        raise TypeError(f"options must be a DecodeOptions, got {options!r}; pass decoding options "
-                        "by name (beam_size=3, ...)")
+        raise TypeError(
+            f"options must be a DecodeOptions, got {options!r}; pass decoding options "
+            "by name (beam_size=3, ...)"
+        )
     return (options or DecodeOptions()).replace(**changes)
 
 
 class Captioner:
     """A trained model plus its vocabulary and preprocessing, ready to caption images."""
 
-    def __init__(self, model: CaptionModel, vocab: Vocabulary,
-                 device: str | torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 quantize: bool = False):
+    def __init__(
+        self,
+        model: CaptionModel,
+        vocab: Vocabulary,
+        device: str | torch.device | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        quantize: bool = False,
+    ):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
         # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, on ONNX Runtime on a CPU
@@ -79,8 +87,13 @@ class Captioner:
         self._evidence_trunk: torch.nn.Module | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        quantize: bool = False, revision: str | None = None) -> Captioner:
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        quantize: bool = False,
+        revision: str | None = None,
+    ) -> Captioner:
         """Load a model folder, or a Hugging Face Hub repo id ("user/model", at `revision`);
         by default the shipped model (or $CAPTIONER_WEIGHTS). A local path wins over a repo id.
 
@@ -98,20 +111,40 @@ class Captioner:
         """Write this model as a folder `from_pretrained` loads (and the Hub hosts): weights (in
         the dtype they were stored in, unless `dtype`), config.json and the model card if any."""
         if any(name.endswith("_packed_params") for name in self.model.state_dict()):
-            raise ValueError("this Captioner's decoder is int8-quantized (quantize=True); save the model "
-                             "loaded without quantize, which the int8 decoder is derived from at load time")
+            raise ValueError(
+                "this Captioner's decoder is int8-quantized (quantize=True); save the model "
+                "loaded without quantize, which the int8 decoder is derived from at load time"
+            )
         stored = getattr(torch, self.config.get("weights_dtype", "float32"))
-        directory = save_model(directory, self.model, self.vocab, metadata=self.config.get("metadata"),
-                               dtype=dtype if dtype is not None else stored)
+        directory = save_model(
+            directory,
+            self.model,
+            self.vocab,
+            metadata=self.config.get("metadata"),
+            dtype=dtype if dtype is not None else stored,
+        )
         hub.copy_card(self.path, directory)
         return directory
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str = "Upload captioner model") -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload captioner model",
+    ) -> str:
         """Upload this model to the Hugging Face Hub as `repo_id` (created if needed), with its
         model card as README.md. Returns the commit URL."""
-        return hub.upload_model_folder(self.save_pretrained, repo_id, private=private, token=token,
-                                       revision=revision, commit_message=commit_message)
+        return hub.upload_model_folder(
+            self.save_pretrained,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+        )
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -136,9 +169,14 @@ class Captioner:
         return self._evidence_trunk
 
     @torch.inference_mode()
-    def caption_tensors(self, pixels: torch.Tensor, options: DecodeOptions | None = None,
-                        focus: torch.Tensor | None = None, evidence: bool = False,
-                        **decoding: Any) -> list[CaptionResult]:
+    def caption_tensors(
+        self,
+        pixels: torch.Tensor,
+        options: DecodeOptions | None = None,
+        focus: torch.Tensor | None = None,
+        evidence: bool = False,
+        **decoding: Any,
+    ) -> list[CaptionResult]:
         """Caption a preprocessed batch (B, 3, S, S); `focus` is an attention bias (B, L).
         Decoding: `options`, with any of its fields given as keywords changed (see caption)."""
         options = decode_options(options, decoding)
@@ -147,13 +185,20 @@ class Captioner:
         probabilities = None
         if evidence or options.evidence_penalty:
             head, trunk = self.evidence_head(), self.evidence_trunk()
-            parts = [encode_with_evidence(self.model.encoder, head, part, trunk)
-                     for part in pixels.split(chunk)]
+            parts = [
+                encode_with_evidence(self.model.encoder, head, part, trunk) for part in pixels.split(chunk)
+            ]
             features, probabilities = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
             features = torch.cat([self.encoder(part) for part in pixels.split(chunk)])
-        return caption_features(self.model.decoder, self.vocab, features, options,
-                                None if focus is None else focus.to(self.device), probabilities)
+        return caption_features(
+            self.model.decoder,
+            self.vocab,
+            features,
+            options,
+            None if focus is None else focus.to(self.device),
+            probabilities,
+        )
 
     def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:
         """A box or mask on an image of (width, height) pixels -> its attention bias (L,)."""
@@ -162,15 +207,30 @@ class Captioner:
         return check_strength(strength) * focus_weights(focus, image_size, self.grid_shape)
 
     @overload
-    def caption(self, images: ImageInput, options: DecodeOptions | None = ..., *, batch_size: int = ...,
-                focus: Focus | Sequence[Focus | None] | None = ..., focus_strength: float = ...,
-                evidence: bool = ..., **decoding: Any) -> CaptionResult: ...
+    def caption(
+        self,
+        images: ImageInput,
+        options: DecodeOptions | None = ...,
+        *,
+        batch_size: int = ...,
+        focus: Focus | Sequence[Focus | None] | None = ...,
+        focus_strength: float = ...,
+        evidence: bool = ...,
+        **decoding: Any,
+    ) -> CaptionResult: ...
 
     @overload  # a list of ImageInput; typed list[Any], as a list[str] is no list[ImageInput]
-    def caption(self, images: list[Any] | tuple[Any, ...], options: DecodeOptions | None = ..., *,
-                batch_size: int = ..., focus: Focus | Sequence[Focus | None] | None = ...,
-                focus_strength: float = ..., evidence: bool = ...,
-                **decoding: Any) -> list[CaptionResult]: ...
+    def caption(
+        self,
+        images: list[Any] | tuple[Any, ...],
+        options: DecodeOptions | None = ...,
+        *,
+        batch_size: int = ...,
+        focus: Focus | Sequence[Focus | None] | None = ...,
+        focus_strength: float = ...,
+        evidence: bool = ...,
+        **decoding: Any,
+    ) -> list[CaptionResult]: ...
 
     def caption(
         self,
@@ -217,8 +277,16 @@ class Captioner:
             loaded = [load_image(x, self.max_pixels) for x in items[start : start + batch_size]]
             pixels = torch.stack([self.transform(image) for image in loaded])
             regions = focuses[start : start + batch_size]
-            bias = None if all(r is None for r in regions) else torch.stack(
-                [self.focus_bias(r, im.size, focus_strength) for r, im in zip(regions, loaded, strict=True)])
+            bias = (
+                None
+                if all(r is None for r in regions)
+                else torch.stack(
+                    [
+                        self.focus_bias(r, im.size, focus_strength)
+                        for r, im in zip(regions, loaded, strict=True)
+                    ]
+                )
+            )
             batch = self.caption_tensors(pixels, options, bias, evidence)
             for image, result in zip(loaded, batch, strict=True):
                 result.notes += self.input_notes(image.size)
@@ -231,5 +299,7 @@ class Captioner:
         if min(width, height) >= TINY_IMAGE:
             return []
         side = self.model.encoder.image_size
-        return [f"the image is only {width}x{height} pixels: the model sees it blown up to {side}x{side}, "
-                "so the caption says little about it"]
+        return [
+            f"the image is only {width}x{height} pixels: the model sees it blown up to {side}x{side}, "
+            "so the caption says little about it"
+        ]

@@ -95,8 +95,9 @@ def find_model(path: str | Path | None, revision: str | None = None, default: Pa
     """The model folder `Captioner.from_pretrained(path)` loads: `path` (a folder, file or Hub
     repo id), else $CAPTIONER_WEIGHTS, else `default` (the shipped model). Cheap: no torch, so
     the app can fail fast, and serve its page while the model loads."""
-    folder = resolve_model(path or os.environ.get("CAPTIONER_WEIGHTS") or default or default_weights(),
-                           revision)
+    folder = resolve_model(
+        path or os.environ.get("CAPTIONER_WEIGHTS") or default or default_weights(), revision
+    )
     if (folder.is_dir() and not (folder / "config.json").exists()) or (path is None and not folder.exists()):
         raise ModelNotFoundError(
             f"no trained model in {folder} (expected config.json and model.safetensors). "
@@ -116,8 +117,9 @@ def copy_card(source: Path | None, directory: Path) -> None:
     shutil.copyfile(card, directory / CARD_FILE)
     for image in _LOCAL_IMAGE.findall(card.read_text(encoding="utf-8")):
         original, copy = source / image, directory / image
-        inside = (original.resolve().is_relative_to(source.resolve())
-                  and copy.resolve().is_relative_to(directory.resolve()))
+        inside = original.resolve().is_relative_to(source.resolve()) and copy.resolve().is_relative_to(
+            directory.resolve()
+        )
         if inside and original.is_file() and not copy.exists():
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(original, copy)
@@ -126,17 +128,30 @@ def copy_card(source: Path | None, directory: Path) -> None:
 def hub_card(directory: Path, repo_id: str) -> str:
     """README.md for the Hub: metadata header, then the model card (or a short generated one)."""
     card = directory / CARD_FILE
-    body = card.read_text(encoding="utf-8") if card.is_file() else (
-        f"# {repo_id}\n\nA Show, Attend and Tell image captioning model for "
-        "[captioner](https://github.com/captioner/captioner). No model card was written for it.\n")
-    usage = (f"\n\n## Usage\n\n```python\nfrom captioner import Captioner\n\n"
-             f"cap = Captioner.from_pretrained({repo_id!r})\nprint(cap.caption('photo.jpg').text)\n```\n")
+    body = (
+        card.read_text(encoding="utf-8")
+        if card.is_file()
+        else (
+            f"# {repo_id}\n\nA Show, Attend and Tell image captioning model for "
+            "[captioner](https://github.com/captioner/captioner). No model card was written for it.\n"
+        )
+    )
+    usage = (
+        f"\n\n## Usage\n\n```python\nfrom captioner import Captioner\n\n"
+        f"cap = Captioner.from_pretrained({repo_id!r})\nprint(cap.caption('photo.jpg').text)\n```\n"
+    )
     return _HUB_CARD_HEADER + body.rstrip("\n") + usage
 
 
-def upload_model_folder(write: Callable[[Path], Path], repo_id: str, *, private: bool | None = None,
-                        token: str | None = None, revision: str | None = None,
-                        commit_message: str = "Upload captioner model") -> str:
+def upload_model_folder(
+    write: Callable[[Path], Path],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload captioner model",
+) -> str:
     """Create the repo if needed and upload the model folder `write(tmp)` makes, plus README.md;
     returns the commit URL."""
     from huggingface_hub import HfApi
@@ -146,6 +161,7 @@ def upload_model_folder(write: Callable[[Path], Path], repo_id: str, *, private:
         folder = write(Path(tmp))
         (folder / HUB_CARD_FILE).write_text(hub_card(folder, repo_id), encoding="utf-8")
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                   commit_message=commit_message)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message
+        )
     return str(getattr(commit, "commit_url", commit))

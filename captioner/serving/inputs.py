@@ -17,12 +17,43 @@ from captioner.serving.records import path_key
 # Folder scans take files with these extensions (a bad one becomes an error row), plus files of
 # any name whose first bytes are an image signature (a JPEG saved as .dat). HEIC is listed so
 # that phone photos Pillow cannot read are reported rather than silently left out.
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-    ".avif", ".heic", ".heif", ".ico", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
-})
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
-               b"\x00\x00\x01\x00", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".bmp",
+        ".dib",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".ico",
+        ".jp2",
+        ".j2k",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+    }
+)
+_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x01\x00",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n",
+    b"\xff\x4f\xff\x51",
+)
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 _ISO_MEDIA_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
@@ -32,6 +63,7 @@ ATTENTION_MARKER = ".captioner-attention"
 
 
 # ----------------------------------------------------------------------------- finding images
+
 
 def looks_like_image(path: str | Path) -> bool:
     """True if the file starts with the signature of an image format Pillow reads."""
@@ -110,11 +142,16 @@ def find_inputs(inputs: Sequence[str | Path], exclude: Iterable[str | Path] = ()
 
 def missing_inputs(inputs: Sequence[str | Path]) -> list[str]:
     """The inputs that name nothing: no such file or folder, or a glob pattern matching none."""
-    return [str(item) for item in inputs if not os.path.lexists(item)
-            and not (glob.has_magic(str(item)) and glob.glob(str(item), recursive=True))]
+    return [
+        str(item)
+        for item in inputs
+        if not os.path.lexists(item)
+        and not (glob.has_magic(str(item)) and glob.glob(str(item), recursive=True))
+    ]
 
 
 # ----------------------------------------------------------------------------- shards
+
 
 def parse_shard(text: str) -> tuple[int, int]:
     """'K/N' -> (K, N), 0 <= K < N: this process takes shard K of N."""

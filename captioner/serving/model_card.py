@@ -35,8 +35,12 @@ class ModelFacts:
     def of(cls, captioner: Any) -> ModelFacts:
         """From a loaded Captioner."""
         config = captioner.config if isinstance(getattr(captioner, "config", None), dict) else {}
-        return cls(config, sum(p.numel() for p in captioner.model.parameters()),
-                   tuple(captioner.grid_shape), len(captioner.vocab.words))
+        return cls(
+            config,
+            sum(p.numel() for p in captioner.model.parameters()),
+            tuple(captioner.grid_shape),
+            len(captioner.vocab.words),
+        )
 
 
 def describe_model(folder: Path, facts: ModelFacts | Any) -> str:
@@ -58,20 +62,28 @@ def describe_model(folder: Path, facts: ModelFacts | Any) -> str:
     if scores is not None:
         where, values = scores
         lines.append(f"**Scores** ({where}): " + " · ".join(f"{k} {v}" for k, v in values.items()))
-    lines.append(f"[Read the full model card]({CARD_PAGE}): how it was made and what it gets wrong."
-                 if text else "_No model card (MODEL_CARD.md) ships with this model._")
+    lines.append(
+        f"[Read the full model card]({CARD_PAGE}): how it was made and what it gets wrong."
+        if text
+        else "_No model card (MODEL_CARD.md) ships with this model._"
+    )
     return "\n\n".join(lines)
 
 
 def architecture(config: dict[str, Any], facts: ModelFacts) -> str:
     model = _dict(config.get("model"))
     size = config.get("ensemble_size", model.get("decoders", 1))
-    decoder = ("an LSTM decoder" if size == 1 else
-               f"{size} LSTM decoders, trained apart, that average their word log-probabilities, each")
-    return (f"**Model.** Show, Attend and Tell: a `{model.get('backbone', '?')}` CNN sees the photo at "
-            f"{model.get('image_size', '?')} px as a {'×'.join(map(str, facts.grid))} grid of regions; "
-            f"{decoder} with {model.get('attention', 'soft')} attention weighs those regions afresh "
-            f"before each word. {facts.parameters / 1e6:.1f} M parameters, {facts.words:,}-word vocabulary.")
+    decoder = (
+        "an LSTM decoder"
+        if size == 1
+        else f"{size} LSTM decoders, trained apart, that average their word log-probabilities, each"
+    )
+    return (
+        f"**Model.** Show, Attend and Tell: a `{model.get('backbone', '?')}` CNN sees the photo at "
+        f"{model.get('image_size', '?')} px as a {'×'.join(map(str, facts.grid))} grid of regions; "
+        f"{decoder} with {model.get('attention', 'soft')} attention weighs those regions afresh "
+        f"before each word. {facts.parameters / 1e6:.1f} M parameters, {facts.words:,}-word vocabulary."
+    )
 
 
 def card_scores(card: str) -> tuple[str, dict[str, str]] | None:
@@ -85,7 +97,7 @@ def card_scores(card: str) -> tuple[str, dict[str, str]] | None:
         header = _cells(line)
         if not all(name in header for name in SCORES) or i + 1 >= len(lines):
             continue
-        for row in lines[i + 2:]:
+        for row in lines[i + 2 :]:
             cells = _cells(row)
             if not cells:
                 break
@@ -99,8 +111,11 @@ def card_scores(card: str) -> tuple[str, dict[str, str]] | None:
 def logged_scores(metadata: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
     """Without a card: the validation scores training logged when it saved this model."""
     scores = _dict(metadata.get("val_scores"))
-    values = {name: f"{scores[name]:.2f}" for name in SCORES
-              if isinstance(scores.get(name), (int, float)) and not isinstance(scores.get(name), bool)}
+    values = {
+        name: f"{scores[name]:.2f}"
+        for name in SCORES
+        if isinstance(scores.get(name), (int, float)) and not isinstance(scores.get(name), bool)
+    }
     return ("validation split, as logged in training", values) if values else None
 
 

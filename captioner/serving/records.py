@@ -85,8 +85,10 @@ def locked_output(output: Path) -> Iterator[None]:
             output.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(exclusive_lock(lock, wait=False))
         except LockedError as err:
-            raise OutputError(f"another captioner run is writing {output} ({err.holder}); "
-                              "wait for it to end or pick another output file") from None
+            raise OutputError(
+                f"another captioner run is writing {output} ({err.holder}); "
+                "wait for it to end or pick another output file"
+            ) from None
         except OSError as err:
             raise OutputError(f"cannot lock {output} (via {lock}): {err}") from err
         yield
@@ -145,20 +147,33 @@ def parse_line(line: str, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> dict[
     return row
 
 
-def success_record(path: str, result: CaptionResult, size: tuple[int, int],
-                   alternatives: bool = False) -> dict[str, Any]:
-    record: dict[str, Any] = {"path": path, "caption": result.text, "score": round(result.score, 4),
-                              "width": size[0], "height": size[1]}
+def success_record(
+    path: str, result: CaptionResult, size: tuple[int, int], alternatives: bool = False
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "path": path,
+        "caption": result.text,
+        "score": round(result.score, 4),
+        "width": size[0],
+        "height": size[1],
+    }
     if alternatives:
-        record["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)}
-                                  for a in result.alternatives]
+        record["alternatives"] = [
+            {"caption": a.text, "score": round(a.score, 4)} for a in result.alternatives
+        ]
     record["error"] = None
     return record
 
 
 def failure_record(path: str, error: str) -> dict[str, Any]:
-    return {"path": path, "caption": None, "score": None, "width": None, "height": None,
-            "error": " ".join(error.split())}  # one line, so every record is one line
+    return {
+        "path": path,
+        "caption": None,
+        "score": None,
+        "width": None,
+        "height": None,
+        "error": " ".join(error.split()),
+    }  # one line, so every record is one line
 
 
 @dataclass
@@ -174,8 +189,9 @@ class ExistingOutput:
         return {path_key(r["path"]) for r in self.records if r["error"] is not None} - self.done()
 
 
-def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS, *,
-                repair: bool = True) -> ExistingOutput:
+def read_output(
+    path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS, *, repair: bool = True
+) -> ExistingOutput:
     """Read the records of an earlier run (a CSV keeps the columns it was started with).
 
     Only regular files are read: a stream (pipe, FIFO, device) holds no earlier run. A CSV
@@ -212,22 +228,27 @@ def read_output(path: Path, fmt: str, fields: Sequence[str] = CSV_FIELDS, *,
     return ExistingOutput(lines, records, fields)
 
 
-def _parse(path: Path, fmt: str, fields: tuple[str, ...], lines: list[str]
-           ) -> tuple[tuple[str, ...], list[str], list[dict[str, Any]]]:
+def _parse(
+    path: Path, fmt: str, fields: tuple[str, ...], lines: list[str]
+) -> tuple[tuple[str, ...], list[str], list[dict[str, Any]]]:
     """(columns, record lines, records) of complete lines, a CSV's header first; an OutputError
     names the first line that is not ours."""
     if fmt == "csv" and lines:
         if lines[0] not in CSV_HEADERS:
-            raise OutputError(f"{path} is not a captions CSV (first line {lines[0].strip()!r}, "
-                              f"expected {csv_header(fields).strip()!r}); pick another output file")
+            raise OutputError(
+                f"{path} is not a captions CSV (first line {lines[0].strip()!r}, "
+                f"expected {csv_header(fields).strip()!r}); pick another output file"
+            )
         fields, lines = CSV_HEADERS[lines[0]], lines[1:]
     records = []
     for number, line in enumerate(lines, start=2 if fmt == "csv" else 1):
         try:
             records.append(parse_line(line, fmt, fields))
         except (ValueError, StopIteration) as err:
-            raise OutputError(f"{path} line {number} is not a {fmt} caption record ({err}); "
-                              "pick another output file or --format") from err
+            raise OutputError(
+                f"{path} line {number} is not a {fmt} caption record ({err}); "
+                "pick another output file or --format"
+            ) from err
     return fields, lines, records
 
 
@@ -275,8 +296,11 @@ def rewrite_output(path: Path, fmt: str, fields: Sequence[str], lines: Sequence[
 
 def drop_failures(path: Path, fmt: str, existing: ExistingOutput, retry: set[str]) -> None:
     """Rewrite the output without the failure rows of files about to be retried."""
-    kept = [line for line, r in zip(existing.lines, existing.records, strict=True)
-            if r["error"] is None or path_key(r["path"]) not in retry]
+    kept = [
+        line
+        for line, r in zip(existing.lines, existing.records, strict=True)
+        if r["error"] is None or path_key(r["path"]) not in retry
+    ]
     rewrite_output(path, fmt, existing.fields, kept)
 
 

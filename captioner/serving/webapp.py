@@ -57,6 +57,7 @@ EXAMPLES = {
     "rocket": ("rocket.jpg", "DSCOVR launch, SpaceX (public domain)"),
 }
 
+
 def upload_path(payload: Any) -> tuple[str, str]:
     """Gradio's file payload -> (the uploaded file's path, the name the user gave it), or
     gr.Error("Upload an image first").
@@ -67,8 +68,9 @@ def upload_path(payload: Any) -> tuple[str, str]:
     """
     path = payload.get("path") if isinstance(payload, dict) else None
     if not isinstance(path, str) or not path:
-        raise gr.Error("Upload an image first (drop a file, paste one, or use the webcam).",
-                       print_exception=False)
+        raise gr.Error(
+            "Upload an image first (drop a file, paste one, or use the webcam).", print_exception=False
+        )
     return path, str(payload.get("orig_name") or Path(path).name)
 
 
@@ -84,14 +86,20 @@ def read_upload(payload: Any) -> Image.Image:
 
 
 def unreadable(err: Exception, path: str, name: str) -> gr.Error:
-    """"Could not read this image: holiday.png: ...", with the server's path as the user's name."""
+    """ "Could not read this image: holiday.png: ...", with the server's path as the user's name."""
     message = str(err).replace(path, name)
-    return gr.Error(f"Could not read this image: {html.escape(message)}", title="Not an image",
-                    print_exception=False)
+    return gr.Error(
+        f"Could not read this image: {html.escape(message)}", title="Not an image", print_exception=False
+    )
 
 
-def run_model(captioner: Captioner | ModelProcess, payload: Any, options: DecodeOptions,
-              box: tuple[float, ...] | None, strength: float) -> tuple[Image.Image, tuple[int, int], Any]:
+def run_model(
+    captioner: Captioner | ModelProcess,
+    payload: Any,
+    options: DecodeOptions,
+    box: tuple[float, ...] | None,
+    strength: float,
+) -> tuple[Image.Image, tuple[int, int], Any]:
     """(the photo at display size, its size in pixels, its caption). The model process reads
     the photo itself; a Captioner in this process gets it read here."""
     path, name = upload_path(payload)
@@ -100,14 +108,15 @@ def run_model(captioner: Captioner | ModelProcess, payload: Any, options: Decode
         result = captioner.caption(picture, options, focus=box, focus_strength=strength)
         return display_copy(picture), picture.size, result
     try:
-        return captioner.caption_file(path, options, focus=box, focus_strength=strength,
-                                      max_pixels=MAX_PIXELS)
+        return captioner.caption_file(
+            path, options, focus=box, focus_strength=strength, max_pixels=MAX_PIXELS
+        )
     except UnreadableImage as err:
         raise unreadable(err, path, name) from err
 
 
 def parse_box(text: Any) -> tuple[float, ...] | None:
-    """"x0, y0, x1, y1" (image pixels) -> four numbers; empty -> no focus."""
+    """ "x0, y0, x1, y1" (image pixels) -> four numbers; empty -> no focus."""
     if text is None or not str(text).strip():
         return None
     try:
@@ -115,8 +124,9 @@ def parse_box(text: Any) -> tuple[float, ...] | None:
     except ValueError:
         box = ()
     if len(box) != 4:
-        raise gr.Error(f"focus box must be four numbers x0, y0, x1, y1 (pixels), got {text!r}",
-                       print_exception=False)
+        raise gr.Error(
+            f"focus box must be four numbers x0, y0, x1, y1 (pixels), got {text!r}", print_exception=False
+        )
     return box
 
 
@@ -128,31 +138,48 @@ def check_options(options: DecodeOptions) -> None:
         raise ValueError(f"max_length must be at most {MAX_WORDS} in the app, got {options.max_length}")
 
 
-def caption_upload(captioner: Captioner | ModelProcess, image: Any, beam_size: Any = None,
-                   max_length: Any = None, opacity: Any = 0.6, focus_box: Any = "",
-                   focus_strength: Any = None, *, options: DecodeOptions | None = None,
-                   ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
+def caption_upload(
+    captioner: Captioner | ModelProcess,
+    image: Any,
+    beam_size: Any = None,
+    max_length: Any = None,
+    opacity: Any = 0.6,
+    focus_box: Any = "",
+    focus_strength: Any = None,
+    *,
+    options: DecodeOptions | None = None,
+) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
     """Run the model once: (caption, n-best table, one attention overlay per word, state).
     The sliders' beam size and maximum length (default: `options`') replace those of `options`.
     With a focus box "x0, y0, x1, y1" (image pixels), the caption is about that region."""
     upload_path(image)  # "Upload an image first" before any other complaint
     options = options or DecodeOptions()
     beam = options.beam_size if beam_size is None else whole_number(beam_size, 1, MAX_BEAM, "beam size")
-    length = (options.max_length if max_length is None
-              else whole_number(max_length, 1, MAX_WORDS, "maximum length"))
+    length = (
+        options.max_length if max_length is None else whole_number(max_length, 1, MAX_WORDS, "maximum length")
+    )
     opacity = opacity_value(opacity)
     box = parse_box(focus_box)
     try:
         strength = DEFAULT_FOCUS_STRENGTH if focus_strength is None else float(focus_strength)
         n_best = None if options.n_best is None else min(options.n_best, beam)
-        picture, size, result = run_model(captioner, image, options.replace(
-            beam_size=beam, max_length=length, n_best=n_best), box, strength)
+        picture, size, result = run_model(
+            captioner, image, options.replace(beam_size=beam, max_length=length, n_best=n_best), box, strength
+        )
     except gr.Error:  # already worded for the user (and a ValueError too)
         raise
     except (TypeError, ValueError) as err:  # a box outside the image, a strength below 0
         raise gr.Error(html.escape(str(err)), print_exception=False) from err
-    shown = Shown(picture, result.words, result.attention, result.score,
-                  result.log_prob, result.finished, result.notes, result.gate)
+    shown = Shown(
+        picture,
+        result.words,
+        result.attention,
+        result.score,
+        result.log_prob,
+        result.finished,
+        result.notes,
+        result.gate,
+    )
     if box is not None:
         scale = shown.image.width / size[0]
         x0, y0, x1, y1 = (v * scale for v in box)
@@ -175,9 +202,13 @@ def example_images(folder: Path | None = None) -> list[list[str]]:
     return paths
 
 
-def build_app(captioner: Captioner | ModelProcess, about: str | Callable[[], str],
-              examples: list[list[str]], options: DecodeOptions | None = None,
-              card: str | None = None) -> gr.Blocks:
+def build_app(
+    captioner: Captioner | ModelProcess,
+    about: str | Callable[[], str],
+    examples: list[list[str]],
+    options: DecodeOptions | None = None,
+    card: str | None = None,
+) -> gr.Blocks:
     """The UI (webapp_layout.page) wired to the model. `about`: the About panel's Markdown, or a
     function that returns it once the model has loaded; `options`: decoding, the sliders' start;
     `card`: the full model card, served as a page of its own (model_card.CARD_PAGE)."""
@@ -185,12 +216,17 @@ def build_app(captioner: Captioner | ModelProcess, about: str | Callable[[], str
     credits = "; ".join(credit for _, credit in EXAMPLES.values())
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         shown = gr.State(None, time_to_live=3 * 3600)  # the last result, per browser tab
-        page = layout.page(examples, credits, about if isinstance(about, str) else "_The model is loading…_",
-                           options)
+        page = layout.page(
+            examples, credits, about if isinstance(about, str) else "_The model is loading…_", options
+        )
         if callable(about):  # a model still loading (cli.run_app): filled in when a page opens
             demo.load(about, None, page.about, api_visibility="private")
-        events.wire(page, shown, partial(caption_upload, captioner, options=options),
-                    partial(model_is_ready, captioner))
+        events.wire(
+            page,
+            shown,
+            partial(caption_upload, captioner, options=options),
+            partial(model_is_ready, captioner),
+        )
     if card is not None:
         with demo.route("Model card", CARD_PAGE, show_in_navbar=False):
             gr.Markdown(f"[← Back to the app](./)\n\n{card}", elem_id="model-card")
@@ -203,17 +239,30 @@ def model_is_ready(captioner: Any) -> bool:
     return not isinstance(ready, threading.Event) or ready.is_set()
 
 
-def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          stop: threading.Event | None = None, allowed_paths: list[Path] | None = None) -> None:
+def serve(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    stop: threading.Event | None = None,
+    allowed_paths: list[Path] | None = None,
+) -> None:
     """Launch behind Gradio's queue: one model run at a time, so a small CPU box stays responsive.
     Serves until Ctrl-C, or until `stop` is set (even if it was set while the server started).
     `allowed_paths`: files the page shows besides uploads and results (the model card's images).
     OSError if the port is taken."""
     quiet_component_log()
     demo.queue(default_concurrency_limit=1, max_size=32).launch(
-        server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-        state_session_capacity=256, theme=gr.themes.Soft(), css=CSS,
-        prevent_thread_lock=True, allowed_paths=[str(p) for p in allowed_paths or []])
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=MAX_FILE_SIZE,
+        state_session_capacity=256,
+        theme=gr.themes.Soft(),
+        css=CSS,
+        prevent_thread_lock=True,
+        allowed_paths=[str(p) for p in allowed_paths or []],
+    )
     stop = stop or threading.Event()
     try:
         while not stop.wait(0.5):

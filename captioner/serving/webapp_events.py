@@ -23,9 +23,11 @@ from PIL import Image
 from captioner.serving import webapp_layout as layout
 from captioner.serving.webapp_views import overlays, pick_thumbnail, pick_word, show_result, word_view
 
-API_DESCRIPTION = ("Caption an image. Returns the caption, the n-best alternatives with their scores "
-                   "(log-probabilities) and one attention overlay per word, labelled with the word "
-                   "and its gate β (0-1: how much the image fed the word).")
+API_DESCRIPTION = (
+    "Caption an image. Returns the caption, the n-best alternatives with their scores "
+    "(log-probabilities) and one attention overlay per word, labelled with the word "
+    "and its gate β (0-1: how much the image fed the word)."
+)
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 LOADING = "⏳ The model is still loading (only after the app starts); the caption follows."
 CLEARED: tuple[Any, ...] = ("", [], [], None)  # caption, alternatives, overlays, state: nothing shown
@@ -41,35 +43,57 @@ def wire(page: layout.Page, shown: gr.State, caption: Callable[..., Any], ready:
     result = [page.caption, page.table, page.gallery, shown]
     controls = [page.image, page.beam, page.length, page.opacity]
     whole = [*controls, page.whole_image, page.strength]
-    page.api_button.click(caption, whole, result, api_name="caption", api_description=API_DESCRIPTION,
-                          preprocess=False)
-    then: dict[str, Any] = dict(fn=show_result, inputs=[shown, page.opacity],
-                                outputs=[page.info, *view, page.step], **private)
-    photo: dict[str, Any] = dict(inputs=whole, outputs=[*result, page.status, page.region_status],
-                                 preprocess=False, show_progress_on=[page.caption, page.gallery], **private)
+    page.api_button.click(
+        caption, whole, result, api_name="caption", api_description=API_DESCRIPTION, preprocess=False
+    )
+    then: dict[str, Any] = dict(
+        fn=show_result, inputs=[shown, page.opacity], outputs=[page.info, *view, page.step], **private
+    )
+    photo: dict[str, Any] = dict(
+        inputs=whole,
+        outputs=[*result, page.status, page.region_status],
+        preprocess=False,
+        show_progress_on=[page.caption, page.gallery],
+        **private,
+    )
     to_photo_answer: dict[str, Any] = dict(fn=None, js=layout.scroll_to_answer("status"), **private)
     page.button.click(partial(caption_photo, caption, ready), **photo).then(**then).then(**to_photo_answer)
-    page.image.input(partial(caption_photo, caption, ready, on_upload=True), **photo
-                     ).then(**then).then(**to_photo_answer)
-    page.examples.load_input_event.then(partial(caption_photo, caption, ready), **photo
-                                        ).then(**then).then(**to_photo_answer)
-    page.image.change(new_photo, page.image, [page.picker, page.focus_box], preprocess=False,
-                      queue=False, **private)
+    page.image.input(partial(caption_photo, caption, ready, on_upload=True), **photo).then(**then).then(
+        **to_photo_answer
+    )
+    page.examples.load_input_event.then(partial(caption_photo, caption, ready), **photo).then(**then).then(
+        **to_photo_answer
+    )
+    page.image.change(
+        new_photo, page.image, [page.picker, page.focus_box], preprocess=False, queue=False, **private
+    )
     to_region_answer: dict[str, Any] = dict(fn=None, js=layout.scroll_to_answer("region-status"), **private)
-    page.region_button.click(partial(caption_region, caption, ready),
-                             [page.picker, *controls, page.strength],
-                             [page.focus_box, *result, page.region_status, page.status], preprocess=False,
-                             show_progress_on=[page.caption, page.gallery], **private
-                             ).then(**then).then(**to_region_answer)
+    page.region_button.click(
+        partial(caption_region, caption, ready),
+        [page.picker, *controls, page.strength],
+        [page.focus_box, *result, page.region_status, page.status],
+        preprocess=False,
+        show_progress_on=[page.caption, page.gallery],
+        **private,
+    ).then(**then).then(**to_region_answer)
     page.gallery.select(pick_thumbnail, None, page.step, queue=False, **private)
     page.words.select(pick_word, None, page.step, queue=False, **private)
     page.step.change(word_view, [shown, page.step, page.opacity], view, **private)
-    page.opacity.change(lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
-                        [shown, page.step, page.opacity], [page.gallery, *view], **private)
+    page.opacity.change(
+        lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
+        [shown, page.step, page.opacity],
+        [page.gallery, *view],
+        **private,
+    )
 
 
-def caption_photo(caption: Callable[..., Any], ready: Callable[[], bool], image: Any, *settings: Any,
-                  on_upload: bool = False) -> Iterator[tuple[Any, ...]]:
+def caption_photo(
+    caption: Callable[..., Any],
+    ready: Callable[[], bool],
+    image: Any,
+    *settings: Any,
+    on_upload: bool = False,
+) -> Iterator[tuple[Any, ...]]:
     """The page's caption of the whole photo: (caption, alternatives, overlays, state, status,
     region status). An upload cleared by the user clears the result; a problem clears it too
     and says what went wrong."""
@@ -84,8 +108,16 @@ def caption_photo(caption: Callable[..., Any], ready: Callable[[], bool], image:
         yield (*CLEARED, problem(err), "")
 
 
-def caption_region(caption: Callable[..., Any], ready: Callable[[], bool], picker: Any, image: Any,
-                   beam: Any, length: Any, opacity: Any, strength: Any) -> Iterator[tuple[Any, ...]]:
+def caption_region(
+    caption: Callable[..., Any],
+    ready: Callable[[], bool],
+    picker: Any,
+    image: Any,
+    beam: Any,
+    length: Any,
+    opacity: Any,
+    strength: Any,
+) -> Iterator[tuple[Any, ...]]:
     """The page's "Caption this region": (box, caption, alternatives, overlays, state, region
     status, status). Without a box the last result stays and the status says what to do."""
     keep = [gr.skip()] * len(CLEARED)
@@ -137,8 +169,9 @@ def region_box(annotation: Any) -> str:
     """The box drawn on the region picker, as "x0, y0, x1, y1" image pixels, or a clear error."""
     boxes = annotation.get("boxes") if isinstance(annotation, dict) else None
     if not boxes:
-        raise gr.Error("Draw a box on the image first, then press “Caption this region”.",
-                       print_exception=False)
+        raise gr.Error(
+            "Draw a box on the image first, then press “Caption this region”.", print_exception=False
+        )
     box = boxes[-1]  # as the page sends it: in the picker's pixels, `scaleFactor` per image pixel
     scale = float(box.get("scaleFactor") or 1)
     return ", ".join(str(round(float(box[k]) / scale)) for k in ("xmin", "ymin", "xmax", "ymax"))

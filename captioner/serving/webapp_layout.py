@@ -102,8 +102,10 @@ class Page:
 def page(examples: list[list[str]], credits: str, about: str, options: DecodeOptions) -> Page:
     """The UI, inside a gr.Blocks: image and controls left, caption and alternatives right,
     attention below, the model's description last. The sliders start at `options`."""
-    gr.Markdown(f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
-                "which part of the image it looked at for every word.")
+    gr.Markdown(
+        f"# {TITLE}\nUpload, paste or snap a photo: the model describes it and shows "
+        "which part of the image it looked at for every word."
+    )
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             image, beam, length, button = input_controls(options)
@@ -113,84 +115,170 @@ def page(examples: list[list[str]], credits: str, about: str, options: DecodeOpt
             api_button = gr.Button(visible=False)
         with gr.Column(scale=6):
             caption, info, table = caption_view()
-            gallery_examples = gr.Examples(examples, inputs=[image], label="Examples (click one)",
-                                           examples_per_page=len(examples), elem_id="examples",
-                                           api_visibility="private")
+            gallery_examples = gr.Examples(
+                examples,
+                inputs=[image],
+                label="Examples (click one)",
+                examples_per_page=len(examples),
+                elem_id="examples",
+                api_visibility="private",
+            )
             gr.Markdown(f"Example photos from scikit-image: {credits}.", elem_classes="small-print")
     big, words, step, opacity, gallery = attention_view()
     with gr.Accordion("About the model", open=False):
         about_text = gr.Markdown(about, elem_classes="small-print", elem_id="about")
-    return Page(image, beam, length, button, status, picker, strength, focus_box, region_button,
-                region_status, whole_image, caption, info, table, gallery_examples, big, words, step,
-                opacity, gallery, about_text, api_button)
+    return Page(
+        image,
+        beam,
+        length,
+        button,
+        status,
+        picker,
+        strength,
+        focus_box,
+        region_button,
+        region_status,
+        whole_image,
+        caption,
+        info,
+        table,
+        gallery_examples,
+        big,
+        words,
+        step,
+        opacity,
+        gallery,
+        about_text,
+        api_button,
+    )
 
 
 def input_controls(options: DecodeOptions) -> tuple[gr.Image, gr.Slider, gr.Slider, gr.Button]:
     """The photo, the beam size and maximum length sliders, and the Caption button."""
-    image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
-                     height=380, elem_id="input-image")
+    image = gr.Image(
+        label="Image",
+        type="filepath",
+        sources=["upload", "webcam", "clipboard"],
+        height=380,
+        elem_id="input-image",
+    )
     # the forgiving ImageData above; on the instance, since a subclass of a Gradio component
     # would make Gradio write a .pyi file beside this module
     image.data_model = ImageData
     with gr.Row():
-        beam = gr.Slider(1, MAX_BEAM, value=options.beam_size, step=1, label="Beam size",
-                         info="1 = greedy; more beams explore more captions")
-        length = gr.Slider(min(5, options.max_length), MAX_WORDS, value=options.max_length, step=1,
-                           label="Maximum length", info="words")
+        beam = gr.Slider(
+            1,
+            MAX_BEAM,
+            value=options.beam_size,
+            step=1,
+            label="Beam size",
+            info="1 = greedy; more beams explore more captions",
+        )
+        length = gr.Slider(
+            min(5, options.max_length),
+            MAX_WORDS,
+            value=options.max_length,
+            step=1,
+            label="Maximum length",
+            info="words",
+        )
     button = gr.Button("Caption", variant="primary", size="lg", elem_id="caption-button")
     return image, beam, length, button
 
 
 def caption_view() -> tuple[gr.Textbox, gr.Markdown, gr.Dataframe]:
     """The caption, the line of details under it, and the table of alternatives."""
-    caption = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption",
-                         buttons=["copy"], placeholder="The caption appears here")
+    caption = gr.Textbox(
+        label="Caption",
+        lines=2,
+        interactive=False,
+        elem_id="caption",
+        buttons=["copy"],
+        placeholder="The caption appears here",
+    )
     info = gr.Markdown(elem_id="caption-details")
-    table = gr.Dataframe(headers=["#", "caption", "score", "p"],
-                         datatype=["number", "str", "number", "number"],
-                         label="Alternatives (beam search n-best, best first)",
-                         interactive=False, wrap=True, column_widths=["7%", "51%", "18%", "24%"],
-                         elem_id="alternatives")
+    table = gr.Dataframe(
+        headers=["#", "caption", "score", "p"],
+        datatype=["number", "str", "number", "number"],
+        label="Alternatives (beam search n-best, best first)",
+        interactive=False,
+        wrap=True,
+        column_widths=["7%", "51%", "18%", "24%"],
+        elem_id="alternatives",
+    )
     return caption, info, table
 
 
 def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button, gr.Markdown]:
-    """"Caption a region": the photo to draw a box on, the focus strength and the button."""
+    """ "Caption a region": the photo to draw a box on, the focus strength and the button."""
     with gr.Accordion("Caption a region", open=False, elem_id="region"):
-        picker = image_annotator(None, single_box=True, image_type="filepath", sources=[],
-                                 label_list=["focus"], use_default_label=True,
-                                 label="Draw a box around what the caption should be about",
-                                 show_label=True, height=380, elem_id="region-picker",
-                                 show_download_button=False, show_clear_button=False)
+        picker = image_annotator(
+            None,
+            single_box=True,
+            image_type="filepath",
+            sources=[],
+            label_list=["focus"],
+            use_default_label=True,
+            label="Draw a box around what the caption should be about",
+            show_label=True,
+            height=380,
+            elem_id="region-picker",
+            show_download_button=False,
+            show_clear_button=False,
+        )
         with gr.Row():
-            strength = gr.Slider(0, 12, value=DEFAULT_FOCUS_STRENGTH, step=0.5, label="Focus strength",
-                                 info="how hard attention is pulled into the box")
-            focus_box = gr.Textbox(label="Box (x0, y0, x1, y1), image pixels", interactive=False,
-                                   elem_id="focus-box")
+            strength = gr.Slider(
+                0,
+                12,
+                value=DEFAULT_FOCUS_STRENGTH,
+                step=0.5,
+                label="Focus strength",
+                info="how hard attention is pulled into the box",
+            )
+            focus_box = gr.Textbox(
+                label="Box (x0, y0, x1, y1), image pixels", interactive=False, elem_id="focus-box"
+            )
         region_button = gr.Button("Caption this region", elem_id="region-button")
         region_status = gr.Markdown(elem_id="region-status", elem_classes="status")
     return picker, strength, focus_box, region_button, region_status
 
 
 def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider, gr.Gallery]:
-    """"Where the model looked": the selected word's overlay, the words, and every word's overlay."""
+    """ "Where the model looked": the selected word's overlay, the words, and every word's overlay."""
     gr.Markdown("## Where the model looked")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            big = gr.Image(label="Attention for the selected word", interactive=False, height=420,
-                           elem_id="word-overlay", buttons=["download", "fullscreen"])
+            big = gr.Image(
+                label="Attention for the selected word",
+                interactive=False,
+                height=420,
+                elem_id="word-overlay",
+                buttons=["download", "fullscreen"],
+            )
         with gr.Column(scale=3):
-            words = gr.HighlightedText(label="Caption, word by word (click a word)", show_legend=False,
-                                       show_inline_category=False, elem_id="word-caption",
-                                       color_map={"looking at": "#f59e0b"})
+            words = gr.HighlightedText(
+                label="Caption, word by word (click a word)",
+                show_legend=False,
+                show_inline_category=False,
+                elem_id="word-caption",
+                color_map={"looking at": "#f59e0b"},
+            )
             step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=False, elem_id="word-slider")
             opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
-            gr.Markdown("**Every word's attention**: click one to enlarge it. Red marks where the "
-                        "model looked most when it chose the word, blue where it looked least. "
-                        "**β** (0-1) is how much of the image the model let into that word; "
-                        "a word with a lower β than its neighbours came more from the "
-                        "language model. It is the model's own weighting, not a check: an "
-                        "object it invents can have as high a β as one it sees.")
-            gallery = gr.Gallery(label="Attention per word", show_label=False, columns=5,  # CSS: as fit
-                                 object_fit="contain", allow_preview=False, elem_id="attention-gallery")
+            gr.Markdown(
+                "**Every word's attention**: click one to enlarge it. Red marks where the "
+                "model looked most when it chose the word, blue where it looked least. "
+                "**β** (0-1) is how much of the image the model let into that word; "
+                "a word with a lower β than its neighbours came more from the "
+                "language model. It is the model's own weighting, not a check: an "
+                "object it invents can have as high a β as one it sees."
+            )
+            gallery = gr.Gallery(
+                label="Attention per word",
+                show_label=False,
+                columns=5,  # CSS: as fit
+                object_fit="contain",
+                allow_preview=False,
+                elem_id="attention-gallery",
+            )
     return big, words, step, opacity, gallery

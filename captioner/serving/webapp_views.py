@@ -51,8 +51,10 @@ def overlay(shown: Shown, alpha: np.ndarray, opacity: float) -> Image.Image:
 
 def overlays(shown: Shown, opacity: float) -> list[tuple[Image.Image, str]]:
     """One (overlay, "word · β") pair per generated word, for the gallery."""
-    return [(overlay(shown, alpha, opacity), word_label(word, gate))
-            for word, alpha, gate in zip(shown.words, shown.attention, shown.gate, strict=True)]
+    return [
+        (overlay(shown, alpha, opacity), word_label(word, gate))
+        for word, alpha, gate in zip(shown.words, shown.attention, shown.gate, strict=True)
+    ]
 
 
 def probability(log_prob: float) -> float:
@@ -63,8 +65,10 @@ def probability(log_prob: float) -> float:
 def alternatives_table(result: CaptionResult | Captioned) -> list[list]:
     """Rank, caption, score (2 decimals: a phone's column holds "-105.12") and probability."""
     alternatives: list[Any] = list(result.alternatives)
-    return [[rank, alt.text or "(empty)", round(alt.score, 2), probability(alt.log_prob)]
-            for rank, alt in enumerate(alternatives, start=1)]
+    return [
+        [rank, alt.text or "(empty)", round(alt.score, 2), probability(alt.log_prob)]
+        for rank, alt in enumerate(alternatives, start=1)
+    ]
 
 
 def whole_number(value: Any, low: int, high: int, name: str) -> int:
@@ -74,8 +78,9 @@ def whole_number(value: Any, low: int, high: int, name: str) -> int:
     except (TypeError, ValueError):
         number = math.nan
     if not number.is_integer() or not low <= number <= high:
-        raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value!r}",
-                       print_exception=False)
+        raise gr.Error(
+            f"{name} must be a whole number from {low} to {high}, got {value!r}", print_exception=False
+        )
     return int(number)
 
 
@@ -89,13 +94,15 @@ def opacity_value(value: Any) -> float:
     return number
 
 
-
 def details(shown: Shown | None) -> str:
     """The line under the caption: its score, in words a person can read."""
     if shown is None:
         return ""
-    parts = [f"**score** {shown.score:.3f} (log-probability)",
-             f"**p** = {probability(shown.log_prob):g}", f"{len(shown.words)} words"]
+    parts = [
+        f"**score** {shown.score:.3f} (log-probability)",
+        f"**p** = {probability(shown.log_prob):g}",
+        f"{len(shown.words)} words",
+    ]
     if not shown.finished:
         parts.append("⚠️ cut at the maximum length")
     parts += [f"⚠️ {note}" for note in shown.notes]
@@ -108,13 +115,11 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
         return gr.update(value=None, label="Attention for the selected word"), []
     i = whole_number(index, 1, len(shown.words), "word") - 1
     big = overlay(shown, shown.attention[i], opacity_value(opacity))
-    label = (f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}” · image gate β = "
-             f"{shown.gate[i]:.2f}")
+    label = f"Word {i + 1} of {len(shown.words)}: “{shown.words[i]}” · image gate β = {shown.gate[i]:.2f}"
     # word, space, word, ...: word j is token 2j
     tokens: list[tuple[str, str | None]] = [(" ", None)] * (2 * len(shown.words) - 1)
     tokens[::2] = [(word, "looking at" if j == i else None) for j, word in enumerate(shown.words)]
     return gr.update(value=big, label=label), tokens
-
 
 
 def show_result(state: Shown | None, alpha: float) -> tuple[Any, ...]:

@@ -26,12 +26,7 @@ class CiderD:
     Scores are on pycocoevalcap's scale (about 0-10, not multiplied by 100).
     """
 
-    def __init__(
-        self,
-        corpus_references: Iterable[Sequence[Sequence[str]]],
-        n: int = 4,
-        sigma: float = 6.0,
-    ):
+    def __init__(self, corpus_references: Iterable[Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0):
         self.n = n
         self.sigma = sigma
         document_frequency: Counter[NGram] = Counter()
@@ -46,18 +41,14 @@ class CiderD:
         self.log_num_documents = math.log(num_documents)
         # Unseen n-grams count as df = 1, i.e. idf = log(num_documents); n-grams seen in a single
         # image get that same value, so only the (far fewer) n-grams with df > 1 are stored.
-        self.idf = {
-            g: self.log_num_documents - math.log(c) for g, c in document_frequency.items() if c > 1
-        }
+        self.idf = {g: self.log_num_documents - math.log(c) for g, c in document_frequency.items() if c > 1}
 
     def scores(
         self, candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
     ) -> np.ndarray:
         """CIDEr-D of each tokenised candidate against its own tokenised references."""
         if len(candidates) != len(references):
-            raise ValueError(
-                f"got {len(candidates)} candidates but {len(references)} reference lists"
-            )
+            raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference lists")
         # SCST repeats each image's references for every sample (and samples often repeat):
         # vectorise each distinct caption once per call.
         vectors: dict[tuple[str, ...], Vector] = {}
@@ -75,10 +66,7 @@ class CiderD:
         if isinstance(tokens, str):
             raise TypeError(f"captions must be token lists, got the string {tokens!r}")
         tokens = list(tokens)
-        return [
-            Counter(zip(*(tokens[j:] for j in range(k)), strict=False))
-            for k in range(1, self.n + 1)
-        ]
+        return [Counter(zip(*(tokens[j:] for j in range(k)), strict=False)) for k in range(1, self.n + 1)]
 
     def _vector(self, tokens: Sequence[str], cache: dict[tuple[str, ...], Vector]) -> Vector:
         key = tuple(tokens)

@@ -12,17 +12,39 @@ from captioner.model.config import ModelConfig, check_number
 from captioner.model.options import check_whole_number
 
 # The checked settings: whole numbers and their least value (none allowed where OPTIONAL) ...
-WHOLE_NUMBERS = {"min_word_count": 1, "max_caption_words": 1, "epochs": 1, "batch_size": 1,
-                 "warmup_steps": 0, "fine_tune_from": 0, "scst_epochs": 0, "scst_samples": 1,
-                 "scst_max_length": 1, "val_beam_size": 1, "val_max_length": 1, "patience": 1,
-                 "scst_patience": 1, "checkpoint_every": 1, "stop_after_step": 1, "seed": 0,
-                 "num_workers": 0}
+WHOLE_NUMBERS = {
+    "min_word_count": 1,
+    "max_caption_words": 1,
+    "epochs": 1,
+    "batch_size": 1,
+    "warmup_steps": 0,
+    "fine_tune_from": 0,
+    "scst_epochs": 0,
+    "scst_samples": 1,
+    "scst_max_length": 1,
+    "val_beam_size": 1,
+    "val_max_length": 1,
+    "patience": 1,
+    "scst_patience": 1,
+    "checkpoint_every": 1,
+    "stop_after_step": 1,
+    "seed": 0,
+    "num_workers": 0,
+}
 OPTIONAL = {"fine_tune_from", "scst_patience", "stop_after_step"}
 # ... and numbers: (least, least allowed, most, most allowed).
 ABOVE_0, AT_LEAST_0 = (0.0, False, math.inf, True), (0.0, True, math.inf, True)
-NUMBERS = {"lr": ABOVE_0, "encoder_lr": ABOVE_0, "scst_lr": ABOVE_0, "grad_clip": ABOVE_0,
-           "alpha_reg": AT_LEAST_0, "scst_xe_weight": AT_LEAST_0, "min_lr_ratio": (0.0, True, 1.0, True),
-           "ema_decay": (0.0, True, 1.0, False), "label_smoothing": (0.0, True, 1.0, False)}
+NUMBERS = {
+    "lr": ABOVE_0,
+    "encoder_lr": ABOVE_0,
+    "scst_lr": ABOVE_0,
+    "grad_clip": ABOVE_0,
+    "alpha_reg": AT_LEAST_0,
+    "scst_xe_weight": AT_LEAST_0,
+    "min_lr_ratio": (0.0, True, 1.0, True),
+    "ema_decay": (0.0, True, 1.0, False),
+    "label_smoothing": (0.0, True, 1.0, False),
+}
 
 
 @dataclass
@@ -135,8 +157,10 @@ class TrainConfig:
         for name, (least, least_included, most, most_included) in NUMBERS.items():
             check_number(name, getattr(self, name), least, most, least_included, most_included)
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite: choose one (resume continues the run in output_dir, "
-                             "overwrite deletes it)")
+            raise ValueError(
+                "resume and overwrite: choose one (resume continues the run in output_dir, "
+                "overwrite deletes it)"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -147,6 +171,7 @@ class TrainConfig:
         try:
             model = ModelConfig.from_saved(raw.pop("model", {}))
         except ValueError as err:  # "dropout must be ..." -> "model.dropout must be ..."
-            raise ValueError(f"model.{err}" if str(err).split(" ")[0] in ModelConfig.__dataclass_fields__
-                             else str(err)) from None
+            raise ValueError(
+                f"model.{err}" if str(err).split(" ")[0] in ModelConfig.__dataclass_fields__ else str(err)
+            ) from None
         return cls(data=data, model=model, **raw)

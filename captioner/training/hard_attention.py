@@ -47,8 +47,9 @@ def caption_log_likelihoods(logits: torch.Tensor, captions: torch.Tensor, pad_id
 
     logits (N, T-1, V) from teacher forcing, captions (N, T). No gradient: a reward is a number."""
     targets = captions[:, 1 : logits.shape[1] + 1]  # (N, T-1)
-    nll = F.cross_entropy(logits.detach().transpose(1, 2).float(), targets, ignore_index=pad_id,
-                          reduction="none")  # (N, T-1), 0 at padding
+    nll = F.cross_entropy(
+        logits.detach().transpose(1, 2).float(), targets, ignore_index=pad_id, reduction="none"
+    )  # (N, T-1), 0 at padding
     return -nll.sum(dim=1)
 
 
@@ -59,8 +60,9 @@ def location_log_probs(alphas: torch.Tensor, locations: torch.Tensor) -> torch.T
     return torch.where(drawn, chosen.clamp_min(1e-30).log(), torch.zeros_like(chosen))
 
 
-def reinforce_term(alphas: torch.Tensor, locations: torch.Tensor, advantages: torch.Tensor,
-                   token_count: float) -> torch.Tensor:
+def reinforce_term(
+    alphas: torch.Tensor, locations: torch.Tensor, advantages: torch.Tensor, token_count: float
+) -> torch.Tensor:
     """-(1/tokens) sum_n (r_n - b) log p(s~_n | a): minimising it moves alpha towards the
     locations of the captions that were explained better than the baseline, away from the rest."""
     per_caption = location_log_probs(alphas, locations).sum(dim=1)  # (N,) log p(s~_n | a)
@@ -84,9 +86,15 @@ def next_baseline(attention: HardAttention, rewards_mean: float, decay: float) -
     return baseline
 
 
-def hard_attention_loss(cfg: TrainConfig, net: torch.nn.Module, batch: StepBatch, dist: Dist,
-                        device: torch.device, token_count: float, caption_count: float
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+def hard_attention_loss(
+    cfg: TrainConfig,
+    net: torch.nn.Module,
+    batch: StepBatch,
+    dist: Dist,
+    device: torch.device,
+    token_count: float,
+    caption_count: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One cross-entropy-stage batch of a hard-attention model. Draws, from the global torch RNG
     (saved in the run state), whether the batch uses the expected context, then the locations."""
     attention = hard_attention_of(net)
@@ -94,10 +102,23 @@ def hard_attention_loss(cfg: TrainConfig, net: torch.nn.Module, batch: StepBatch
         raise ValueError("hard_attention_loss: the model's attention is soft, not hard")
     expectation = bool(torch.rand(()) < cfg.hard_expectation_probability)
     with attention.locating("expectation" if expectation else "sample"):
-        logits, alphas, locations = net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
-                                        from_stage=batch.from_stage, return_locations=True)
-    loss, stats = caption_loss(logits, batch.captions, alphas, cfg.alpha_reg, cfg.label_smoothing,
-                               token_count=token_count, caption_count=caption_count)
+        logits, alphas, locations = net(
+            batch.inputs,
+            batch.captions,
+            batch.lengths,
+            batch.image_index,
+            from_stage=batch.from_stage,
+            return_locations=True,
+        )
+    loss, stats = caption_loss(
+        logits,
+        batch.captions,
+        alphas,
+        cfg.alpha_reg,
+        cfg.label_smoothing,
+        token_count=token_count,
+        caption_count=caption_count,
+    )
     words = batch.captions[:, 1 : logits.shape[1] + 1] != 0  # (N, T-1)
     entropy = attention_entropy(alphas, words)
     loss = loss - cfg.hard_entropy_weight * entropy

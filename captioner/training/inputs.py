@@ -44,19 +44,22 @@ class PreparedData:
         return [[tokenize(c) for c in item.captions] for item in self.images[: self.num_train]]
 
 
-def prepare_data(config: DataConfig, min_word_count: int, max_caption_words: int,
-                 vocab: Vocabulary | None = None) -> PreparedData:
+def prepare_data(
+    config: DataConfig, min_word_count: int, max_caption_words: int, vocab: Vocabulary | None = None
+) -> PreparedData:
     """Read the dataset, build the vocabulary from the training split only, encode once."""
     dataset = load_dataset(config)
     train = dataset["train"]
     val = dataset.splits.get("val", [])[: config.max_val_images]
-    vocab = vocab or Vocabulary.build((c for item in train for c in item.captions), min_word_count,
-                                      max_words=max_caption_words)  # the words training sees
+    vocab = vocab or Vocabulary.build(
+        (c for item in train for c in item.captions), min_word_count, max_words=max_caption_words
+    )  # the words training sees
     return PreparedData(vocab, train + val, len(train), encode_captions(train, vocab, max_caption_words))
 
 
-def encode_captions(images: Sequence[ImageCaptions], vocab: Vocabulary, max_words: int
-                    ) -> list[list[list[int]]]:
+def encode_captions(
+    images: Sequence[ImageCaptions], vocab: Vocabulary, max_words: int
+) -> list[list[list[int]]]:
     return [[_truncate(vocab.encode(c), max_words) for c in item.captions] for item in images]
 
 
@@ -73,8 +76,9 @@ def training_items(data: PreparedData, batch_by: str) -> list[tuple[int, list[li
     return [(row, [ids]) for row, captions in enumerate(data.encoded) for ids in captions]
 
 
-def caption_batch(caption_lists: Sequence[list[list[int]]]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def caption_batch(
+    caption_lists: Sequence[list[list[int]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The captions of a batch's items -> (captions (N, T), lengths (N,), image_index (N,)),
     where image_index says which item (input grid) each caption belongs to."""
     seqs, owner = [], []
@@ -101,12 +105,18 @@ class StepBatch:
     from_stage: int | None  # None: inputs are grids; K: activations entering encoder stage K (0: pixels)
 
 
-def step_batch(rows: list[int], inputs: torch.Tensor, caption_lists: list[list[list[int]]],
-               from_stage: int | None, device: torch.device) -> StepBatch:
+def step_batch(
+    rows: list[int],
+    inputs: torch.Tensor,
+    caption_lists: list[list[list[int]]],
+    from_stage: int | None,
+    device: torch.device,
+) -> StepBatch:
     """A StepBatch of image rows, their inputs and each row's captions (ids)."""
     captions, lengths, image_index = caption_batch(caption_lists)
-    return StepBatch(rows, inputs, captions.to(device), lengths.to(device), image_index.to(device),
-                     from_stage)
+    return StepBatch(
+        rows, inputs, captions.to(device), lengths.to(device), image_index.to(device), from_stage
+    )
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
@@ -115,9 +125,10 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, d: Dis
     DistributedSampler hands rank r every world_size-th item of one shuffled order, so at
     equal global batch the ranks together see exactly the items one process would.
     """
+    items: Any = range(num_items)  # any Sized will do
     sampler: DistributedSampler[int] = DistributedSampler(
-        range(num_items), num_replicas=d.world_size, rank=d.rank,  # type: ignore[arg-type]  # any Sized
-        shuffle=True, seed=seed, drop_last=False)
+        items, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=seed, drop_last=False
+    )
     sampler.set_epoch(epoch)
     rows = list(sampler)
     local = max(1, batch_size // d.world_size)
@@ -144,16 +155,29 @@ class Inputs:
       for augmentations a cache cannot hold).
     """
 
-    def __init__(self, model: CaptionModel, data: PreparedData, device: torch.device, cache_dir: str,
-                 hflip: bool, num_workers: int, d: Dist, progress: bool, fine_tune_inputs: str = "cache"):
+    def __init__(
+        self,
+        model: CaptionModel,
+        data: PreparedData,
+        device: torch.device,
+        cache_dir: str,
+        hflip: bool,
+        num_workers: int,
+        d: Dist,
+        progress: bool,
+        fine_tune_inputs: str = "cache",
+    ):
         self.device, self.num_workers = device, num_workers
         tuned_from = model.encoder.fine_tune_from
         if fine_tune_inputs not in FINE_TUNE_INPUTS:
-            raise ValueError(f"fine_tune_inputs {fine_tune_inputs!r}: expected one of "
-                             f"{', '.join(FINE_TUNE_INPUTS)}")
+            raise ValueError(
+                f"fine_tune_inputs {fine_tune_inputs!r}: expected one of {', '.join(FINE_TUNE_INPUTS)}"
+            )
         if tuned_from == 0 and fine_tune_inputs == "cache":
-            raise ValueError("fine_tune_from 0 tunes the whole encoder, so there is nothing to cache: "
-                             "use fine_tune_inputs photos")
+            raise ValueError(
+                "fine_tune_from 0 tunes the whole encoder, so there is nothing to cache: "
+                "use fine_tune_inputs photos"
+            )
         paths = [i.path for i in data.images]
         self.cache = self.mirrored = None
         self.extract_stats: dict[str, Any] = {}
@@ -161,21 +185,29 @@ class Inputs:
             self.from_stage: int | None = 0
             mirror = transforms.Compose([TF.hflip, model.encoder.transform])
             self.photos: ConcatDataset[LoadedImage] = ConcatDataset(
-                [ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)])
+                [ImageFiles(paths, model.encoder.transform), ImageFiles(paths, mirror)]
+            )
             return
         self.from_stage = tuned_from
-        extract: dict[str, Any] = dict(num_workers=num_workers, device=device, rank=d.rank,
-                                       world_size=d.world_size, progress=progress and d.is_main)
+        extract: dict[str, Any] = dict(
+            num_workers=num_workers,
+            device=device,
+            rank=d.rank,
+            world_size=d.world_size,
+            progress=progress and d.is_main,
+        )
         self.cache = FeatureCache(cache_dir, model.encoder, paths, stage=tuned_from)
         self.extract_stats.update(self.cache.extract(**extract))
         if hflip:  # only training photos are ever shown mirrored
-            self.mirrored = FeatureCache(cache_dir, model.encoder, paths[: data.num_train], mirrored=True,
-                                         stage=tuned_from)
+            self.mirrored = FeatureCache(
+                cache_dir, model.encoder, paths[: data.num_train], mirrored=True, stage=tuned_from
+            )
             self.extract_stats["mirrored"] = self.mirrored.extract(**extract)
         d.barrier()
 
-    def batches(self, row_batches: list[list[int]], mirror: np.ndarray | None = None
-                ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def batches(
+        self, row_batches: list[list[int]], mirror: np.ndarray | None = None
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yields (rows, input tensor on the device) per batch of rows; rows r with mirror[r]
         come from the mirrored photo."""
         flags = [[bool(mirror is not None and mirror[r]) for r in rows] for rows in row_batches]
@@ -198,10 +230,17 @@ class Inputs:
         # Own generator: drawing worker seeds from the global RNG would shift the dropout and
         # sampling streams, so a run resumed mid-epoch would no longer match an unbroken one.
         n = self.photos.cumulative_sizes[0]
-        indices = [[r + n * f for r, f in zip(rows, flipped, strict=True)]
-                   for rows, flipped in zip(row_batches, flags, strict=True)]
-        loader = DataLoader(self.photos, batch_sampler=indices, num_workers=self.num_workers,
-                            collate_fn=collate_images, generator=torch.Generator())
+        indices = [
+            [r + n * f for r, f in zip(rows, flipped, strict=True)]
+            for rows, flipped in zip(row_batches, flags, strict=True)
+        ]
+        loader = DataLoader(
+            self.photos,
+            batch_sampler=indices,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            generator=torch.Generator(),
+        )
         for rows, batch in zip(row_batches, loader, strict=True):
             batch.raise_errors()
             yield rows, batch.pixels.to(self.device)

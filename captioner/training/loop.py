@@ -73,16 +73,22 @@ class Run:
     progress: Progress
     scaler: torch.amp.GradScaler
 
-    def save_state(self, optimizer: torch.optim.Optimizer, average: AveragedModel | None,
-                   sums: dict[str, float] | None = None, seconds: float = 0.0) -> None:
+    def save_state(
+        self,
+        optimizer: torch.optim.Optimizer,
+        average: AveragedModel | None,
+        sums: dict[str, float] | None = None,
+        seconds: float = 0.0,
+    ) -> None:
         """Called by every rank at the same steps. Mid-epoch, `sums` (this rank's running loss
         sums) are saved summed over ranks, so a resumed epoch logs the metrics of a whole one."""
         if sums is not None:
             self.progress.epoch_sums = self.dist.sum_dict(sums, self.device)
             self.progress.epoch_seconds = seconds
         if self.dist.is_main:
-            save_run_state(self.folder / STATE_FILE, self.model, optimizer, self.data.vocab,
-                           self.progress, average)
+            save_run_state(
+                self.folder / STATE_FILE, self.model, optimizer, self.data.vocab, self.progress, average
+            )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -97,7 +103,7 @@ def run_stages(run: Run) -> dict[str, Any]:
     cfg, progress, model, d = run.cfg, run.progress, run.model, run.dist
     resumed_stage = progress.stage if cfg.resume and (run.folder / STATE_FILE).exists() else None
     stage_names = [name for name in STAGES if name == "xe" or cfg.scst_epochs > 0]
-    for name in stage_names[stage_names.index(progress.stage):] if not progress.done else []:
+    for name in stage_names[stage_names.index(progress.stage) :] if not progress.done else []:
         if name != progress.stage:  # a new stage starts from the best weights of the last one
             load_best(model, run.folder, d)
             progress.start_stage(name)
@@ -106,8 +112,10 @@ def run_stages(run: Run) -> dict[str, Any]:
         if name == resumed_stage:
             load_run_state(run.folder / STATE_FILE, model, optimizer, average)
             if d.is_main:
-                print(f"resumed {run.folder / STATE_FILE}: stage {name} epoch {progress.epoch} "
-                      f"step {progress.step_in_epoch}")
+                print(
+                    f"resumed {run.folder / STATE_FILE}: stage {name} epoch {progress.epoch} "
+                    f"step {progress.step_in_epoch}"
+                )
         elif name != stage_names[0]:
             run.save_state(optimizer, average)
         while progress.epoch < stage.epochs and progress.bad_epochs < stage.patience:
@@ -133,8 +141,11 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_hard_attention_settings(cfg: TrainConfig) -> None:
-    for name, low, high in [("hard_baseline_decay", 0.0, 1.0), ("hard_expectation_probability", 0.0, 1.0),
-                            ("hard_entropy_weight", 0.0, float("inf"))]:
+    for name, low, high in [
+        ("hard_baseline_decay", 0.0, 1.0),
+        ("hard_expectation_probability", 0.0, 1.0),
+        ("hard_entropy_weight", 0.0, float("inf")),
+    ]:
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and low <= value <= high):
             raise ValueError(f"{name} {value!r}: expected a number from {low} to {high}")
@@ -168,12 +179,14 @@ def set_up(cfg: TrainConfig, held: ExitStack) -> Run:
             stale.unlink(missing_ok=True)
         text = json.dumps(asdict(replace(cfg, overwrite=False)), indent=2)  # overwrite: done, not a setting
         atomic_write(folder / TRAIN_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
-    inputs = Inputs(model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress,
-                    cfg.fine_tune_inputs)
+    inputs = Inputs(
+        model, data, device, cfg.cache_dir, cfg.hflip, cfg.num_workers, d, cfg.progress, cfg.fine_tune_inputs
+    )
     net: torch.nn.Module = model
     if d.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     progress = read_progress(state_path) if resuming else Progress()
     return Run(cfg, d, device, model, net, data, inputs, folder, progress, scaler)
@@ -184,8 +197,10 @@ def start_from(model: CaptionModel, trained: CaptionModel, source: str) -> None:
     theirs, ours = asdict(architecture(trained.config)), asdict(architecture(model.config))
     if theirs != ours:
         differ = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
-        raise ValueError(f"init_from {source}: its architecture differs from --model's "
-                         f"(setting: (its value, --model's)): {differ}")
+        raise ValueError(
+            f"init_from {source}: its architecture differs from --model's "
+            f"(setting: (its value, --model's)): {differ}"
+        )
     if not isinstance(trained.decoder, type(model.decoder)):
         raise ValueError(f"init_from {source} is an ensemble; start from one of its members")
     model.load_state_dict(trained.state_dict())
@@ -198,8 +213,9 @@ def steps_per_epoch(run: Run) -> int:
     return len(epoch_batches(items, cfg.batch_size, cfg.seed, 0, run.dist))
 
 
-def train_one_epoch(run: Run, stage: Stage, optimizer: torch.optim.Optimizer,
-                    average: AveragedModel | None) -> tuple[dict[str, float] | None, float]:
+def train_one_epoch(
+    run: Run, stage: Stage, optimizer: torch.optim.Optimizer, average: AveragedModel | None
+) -> tuple[dict[str, float] | None, float]:
     """The rest of this epoch (all of it, unless resumed mid-epoch). Returns the loss sums over
     all ranks and the epoch's seconds; None for the sums if stop_after_step ended it."""
     cfg, d, progress, model = run.cfg, run.dist, run.progress, run.model
@@ -211,8 +227,12 @@ def train_one_epoch(run: Run, stage: Stage, optimizer: torch.optim.Optimizer,
     saved = progress.epoch_sums or {}
     sums = {"loss": 0.0, "n": 0.0, "captions": 0.0, **{k: v if d.is_main else 0.0 for k, v in saved.items()}}
     start = time.perf_counter() - progress.epoch_seconds
-    bar = tqdm(total=len(batches), initial=progress.step_in_epoch, disable=not (cfg.progress and d.is_main),
-               desc=f"{stage.name} epoch {progress.epoch + 1}")
+    bar = tqdm(
+        total=len(batches),
+        initial=progress.step_in_epoch,
+        disable=not (cfg.progress and d.is_main),
+        desc=f"{stage.name} epoch {progress.epoch + 1}",
+    )
     mirror = mirrored_rows(cfg.hflip, cfg.seed, run.data.num_train, order_seed)
     todo = batches[progress.step_in_epoch :]
     row_batches = [[stage.items[i][0] for i in batch] for batch in todo]
@@ -236,8 +256,10 @@ def train_one_epoch(run: Run, stage: Stage, optimizer: torch.optim.Optimizer,
             sums[key] = sums.get(key, 0.0) + value
         progress.step_in_epoch += 1
         progress.global_step += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}",
-                        captions_per_s=f"{sums['captions'] / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            captions_per_s=f"{sums['captions'] / (time.perf_counter() - start):.0f}",
+        )
         bar.update(1)
         if progress.global_step % cfg.checkpoint_every == 0 or progress.global_step == cfg.stop_after_step:
             run.save_state(optimizer, average, sums, time.perf_counter() - start)
@@ -259,14 +281,18 @@ def check_finite(loss: torch.Tensor, run: Run, stage: Stage) -> None:
         finite = run.dist.all_sum([float(not finite)], run.device)[0] == 0
     if not finite:
         progress, state = run.progress, run.folder / STATE_FILE
-        saved = (f"{state} holds the last good run state" if state.exists() else
-                 "no run state was saved yet, so there is nothing to resume")
+        saved = (
+            f"{state} holds the last good run state"
+            if state.exists()
+            else "no run state was saved yet, so there is nothing to resume"
+        )
         again = "rerun with --resume true" if state.exists() else "start the run again with --overwrite true"
         raise TrainingDiverged(
             f"the {stage.name} loss became {loss.item()} at step {progress.global_step + 1} (epoch "
             f"{progress.epoch + 1}, batch {progress.step_in_epoch + 1}); the weights were not updated and "
             f"{saved}. Lower the learning rate or check the inputs (a NaN in the feature cache? delete "
-            f"its files under {run.cfg.cache_dir} to compute them again), then {again}.")
+            f"its files under {run.cfg.cache_dir} to compute them again), then {again}."
+        )
 
 
 @torch.no_grad()
@@ -281,8 +307,12 @@ def validate(model: CaptionModel, run: Run) -> dict[str, float]:
     batches = [rows[i : i + 64] for i in range(0, len(rows), 64)]
     for batch_rows, x in run.inputs.batches(batches):
         features = x if run.inputs.from_stage is None else model.encoder(x, run.inputs.from_stage)
-        results = caption_features(model.decoder, data.vocab, features, DecodeOptions(
-            cfg.val_beam_size, cfg.val_max_length, n_best=1, no_repeat_ngram_size=0))
+        results = caption_features(
+            model.decoder,
+            data.vocab,
+            features,
+            DecodeOptions(cfg.val_beam_size, cfg.val_max_length, n_best=1, no_repeat_ngram_size=0),
+        )
         captions.update(zip(batch_rows, (r.text for r in results), strict=True))
     model.train(was_training)
     if d.world_size > 1:
@@ -301,27 +331,48 @@ def validate(model: CaptionModel, run: Run) -> dict[str, float]:
     return metrics
 
 
-def finish_epoch(run: Run, stage: Stage, evaluated: CaptionModel, totals: dict[str, float], seconds: float,
-                 metrics: dict[str, float], optimizer: torch.optim.Optimizer) -> None:
+def finish_epoch(
+    run: Run,
+    stage: Stage,
+    evaluated: CaptionModel,
+    totals: dict[str, float],
+    seconds: float,
+    metrics: dict[str, float],
+    optimizer: torch.optim.Optimizer,
+) -> None:
     """Log the epoch, keep the best weights as the model folder best/, and count epochs without
     progress."""
     progress, epoch = run.progress, run.progress.epoch + 1
-    row = {"stage": stage.name, "epoch": epoch, "train_loss": totals["loss"] / max(totals["n"], 1),
-           "reward": totals["reward"] / totals["n"] if "reward" in totals else None,
-           "captions_per_second": totals["captions"] / seconds, "epoch_seconds": seconds,
-           "lr": optimizer.param_groups[0]["lr"], **metrics}
+    row = {
+        "stage": stage.name,
+        "epoch": epoch,
+        "train_loss": totals["loss"] / max(totals["n"], 1),
+        "reward": totals["reward"] / totals["n"] if "reward" in totals else None,
+        "captions_per_second": totals["captions"] / seconds,
+        "epoch_seconds": seconds,
+        "lr": optimizer.param_groups[0]["lr"],
+        **metrics,
+    }
     label = f"{stage.name}-{epoch}"
     if progress.record(metrics.get("CIDEr", -row["train_loss"]), label) and run.dist.is_main:
-        save_model(run.folder / BEST_FOLDER, evaluated, run.data.vocab, metadata={
-            "val_scores": metrics, "epoch": label, "train_config": asdict(run.cfg)})
+        save_model(
+            run.folder / BEST_FOLDER,
+            evaluated,
+            run.data.vocab,
+            metadata={"val_scores": metrics, "epoch": label, "train_config": asdict(run.cfg)},
+        )
     if run.dist.is_main:
         MetricsLog(run.folder).append(row)
         print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}))
 
 
 def summarise(run: Run, stopped: bool = False) -> dict[str, Any]:
-    summary: dict[str, Any] = {"best_score": run.progress.best_score, "best_epoch": run.progress.best_epoch,
-                               "output_dir": str(run.folder), "vocab_size": len(run.data.vocab)}
+    summary: dict[str, Any] = {
+        "best_score": run.progress.best_score,
+        "best_epoch": run.progress.best_epoch,
+        "output_dir": str(run.folder),
+        "vocab_size": len(run.data.vocab),
+    }
     if stopped:
         summary["stopped_at_step"] = run.progress.global_step
     if run.inputs.cache is not None:

@@ -34,8 +34,9 @@ def make_average(cfg: TrainConfig, model: CaptionModel) -> AveragedModel | None:
     if not cfg.ema_decay:
         return None
 
-    def update(averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor],
-               num_averaged: torch.Tensor | int) -> None:
+    def update(
+        averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor], num_averaged: torch.Tensor | int
+    ) -> None:
         decay = ema_decay_at(cfg.ema_decay, int(num_averaged))
         for a, c in zip(averaged, current, strict=True):
             if a.is_floating_point():

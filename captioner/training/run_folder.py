@@ -27,15 +27,39 @@ LOCK_FILE = ".train.lock"
 # What a resume may change; any other difference from the run's train_config.json is refused.
 # Where and how it runs, how long it goes on, the learning rates (lowering them after a
 # divergence is what TrainingDiverged advises), validation, and where the data now lives.
-MAY_CHANGE_ON_RESUME = frozenset({
-    "output_dir", "cache_dir", "resume", "overwrite", "stop_after_step", "progress", "num_workers",
-    "device", "amp", "checkpoint_every", "init_from",
-    "epochs", "scst_epochs", "patience", "scst_patience",
-    "lr", "scst_lr", "encoder_lr", "grad_clip",
-    "val_beam_size", "val_max_length", "data.max_val_images",
-    "data.root", "data.train", "data.train_images", "data.val", "data.val_images", "data.split_json",
-    "data.image_root",
-})
+MAY_CHANGE_ON_RESUME = frozenset(
+    {
+        "output_dir",
+        "cache_dir",
+        "resume",
+        "overwrite",
+        "stop_after_step",
+        "progress",
+        "num_workers",
+        "device",
+        "amp",
+        "checkpoint_every",
+        "init_from",
+        "epochs",
+        "scst_epochs",
+        "patience",
+        "scst_patience",
+        "lr",
+        "scst_lr",
+        "encoder_lr",
+        "grad_clip",
+        "val_beam_size",
+        "val_max_length",
+        "data.max_val_images",
+        "data.root",
+        "data.train",
+        "data.train_images",
+        "data.val",
+        "data.val_images",
+        "data.split_json",
+        "data.image_root",
+    }
+)
 
 
 class RunFolderError(RuntimeError):
@@ -45,8 +69,15 @@ class RunFolderError(RuntimeError):
 def run_files(folder: Path) -> list[Path]:
     """The files of a training run that `folder` holds (none: a new run may start there)."""
     metrics = MetricsLog(folder)
-    names = [folder / STATE_FILE, folder / TRAIN_CONFIG_FILE, metrics.jsonl, metrics.csv, metrics.png,
-             folder / BEST_FOLDER / WEIGHTS_FILE, folder / BEST_FOLDER / CONFIG_FILE]
+    names = [
+        folder / STATE_FILE,
+        folder / TRAIN_CONFIG_FILE,
+        metrics.jsonl,
+        metrics.csv,
+        metrics.png,
+        folder / BEST_FOLDER / WEIGHTS_FILE,
+        folder / BEST_FOLDER / CONFIG_FILE,
+    ]
     return [path for path in names if path.is_file()]
 
 
@@ -64,7 +95,8 @@ def check_run_folder(cfg: TrainConfig) -> None:
         raise RunFolderError(
             f"{folder} holds a training run ({', '.join(str(p.relative_to(folder)) for p in found)}); "
             "nothing was written. Continue it with --resume true, start it anew with --overwrite true "
-            "(deletes its run state, metrics and best/), or choose another --output-dir")
+            "(deletes its run state, metrics and best/), or choose another --output-dir"
+        )
 
 
 def check_resume_settings(cfg: TrainConfig, folder: Path) -> None:
@@ -76,17 +108,24 @@ def check_resume_settings(cfg: TrainConfig, folder: Path) -> None:
     try:
         saved = _flat(asdict(TrainConfig.from_dict(json.loads(path.read_text()))))
     except (ValueError, TypeError) as err:
-        raise RunFolderError(f"{path} cannot be read ({err}), so the resume cannot be checked against "
-                             "the run's settings; restore it, or start anew with --overwrite true") from err
+        raise RunFolderError(
+            f"{path} cannot be read ({err}), so the resume cannot be checked against "
+            "the run's settings; restore it, or start anew with --overwrite true"
+        ) from err
     given = _flat(asdict(cfg))
-    differ = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in given.items()
-              if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != value]
+    differ = [
+        f"{key} {saved.get(key)!r} -> {value!r}"
+        for key, value in given.items()
+        if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != value
+    ]
     if differ:
         raise RunFolderError(
             f"--resume: {folder} is a run with other settings (the run's -> given: {'; '.join(differ)}); "
             f"nothing was written. Resume it as it was: captioner train --config {path} --resume true "
-            "(a resume may change: " + ", ".join(sorted(k for k in MAY_CHANGE_ON_RESUME if "." not in k))
-            + "), or train a new run in another --output-dir")
+            "(a resume may change: "
+            + ", ".join(sorted(k for k in MAY_CHANGE_ON_RESUME if "." not in k))
+            + "), or train a new run in another --output-dir"
+        )
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,8 +153,10 @@ def claim_run_folder(cfg: TrainConfig, is_main: bool) -> Iterator[None]:
     try:
         held.enter_context(exclusive_lock(folder / LOCK_FILE, wait=False))
     except LockedError as err:
-        raise RunFolderError(f"another training is writing to {folder} ({err}); nothing was written. "
-                             "Wait for it to end, or choose another --output-dir") from err
+        raise RunFolderError(
+            f"another training is writing to {folder} ({err}); nothing was written. "
+            "Wait for it to end, or choose another --output-dir"
+        ) from err
     with held:
         check_run_folder(cfg)
         if cfg.overwrite:

@@ -73,8 +73,9 @@ def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, t
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                            meta: dict) -> None:
+def _optimizer_from_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -86,8 +87,14 @@ def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_run_state(path: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, vocab: Vocabulary,
-                   progress: Progress, average: AveragedModel | None = None) -> None:
+def save_run_state(
+    path: Path,
+    model: CaptionModel,
+    optimizer: torch.optim.Optimizer,
+    vocab: Vocabulary,
+    progress: Progress,
+    average: AveragedModel | None = None,
+) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if average is not None:
         tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state_dict().items()}
@@ -96,13 +103,18 @@ def save_run_state(path: Path, model: CaptionModel, optimizer: torch.optim.Optim
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"progress": asdict(progress), "optimizer": opt_meta, "vocabulary": vocab.to_json(),
-            "python_rng": random.getstate()}
+    meta = {
+        "progress": asdict(progress),
+        "optimizer": opt_meta,
+        "vocabulary": vocab.to_json(),
+        "python_rng": random.getstate(),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
 
 
-def load_run_state(path: Path, model: CaptionModel, optimizer: torch.optim.Optimizer,
-                   average: AveragedModel | None = None) -> None:
+def load_run_state(
+    path: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, average: AveragedModel | None = None
+) -> None:
     """Restore the weights, optimizer and RNG streams in place (see read_progress for the rest)."""
     meta = _run_metadata(path)
     tensors = _read_tensors(path)
@@ -111,8 +123,10 @@ def load_run_state(path: Path, model: CaptionModel, optimizer: torch.optim.Optim
     if average is not None:
         saved = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         if not saved:
-            raise ValueError(f"{path} holds no moving average of the weights, but ema_decay is set: "
-                             "resume with the run's own train_config.json")
+            raise ValueError(
+                f"{path} holds no moving average of the weights, but ema_decay is set: "
+                "resume with the run's own train_config.json"
+            )
         average.load_state_dict(saved)
     _optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
@@ -143,14 +157,19 @@ def check_state_fits(path: Path, model: CaptionModel) -> None:
     except (SafetensorError, OSError) as err:
         raise _unreadable(path, str(err)) from err
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"{k}: saved {saved[k]}, the model has {shape}" for k, shape in expected.items()
-                if k in saved and saved[k] != shape]
+    problems = [
+        f"{k}: saved {saved[k]}, the model has {shape}"
+        for k, shape in expected.items()
+        if k in saved and saved[k] != shape
+    ]
     problems += [f"missing {k}" for k in expected if k not in saved]
     problems += [f"unexpected {k}" for k in saved if k not in expected]
     if problems:
-        raise RunStateError(f"{path} holds weights of another model: {'; '.join(problems[:4])}"
-                            + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
-                            + ". Resume with the run's own settings (--config of its train_config.json)")
+        raise RunStateError(
+            f"{path} holds weights of another model: {'; '.join(problems[:4])}"
+            + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
+            + ". Resume with the run's own settings (--config of its train_config.json)"
+        )
 
 
 def _run_metadata(path: Path) -> dict[str, Any]:
@@ -173,11 +192,13 @@ def _unreadable(path: Path, why: str) -> RunStateError:
     return RunStateError(
         f"{path} cannot be resumed from: it is truncated or damaged ({why}). Restore it from a "
         "copy, or start the run anew with --overwrite true (deletes its run state, metrics and "
-        "best/)")
+        "best/)"
+    )
 
 
-def last_step_model(run_dir: str | Path, averaged: bool = False
-                    ) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
+def last_step_model(
+    run_dir: str | Path, averaged: bool = False
+) -> tuple[CaptionModel, Vocabulary, dict[str, Any]]:
     """The model of a run's last saved step, its vocabulary and the run's train_config.json.
 
     Its raw weights (or, with `averaged`, their moving average), which need not be BEST_FOLDER's:

@@ -34,8 +34,7 @@ def reward_scorer(corpus_references: Iterable[Sequence[Tokens]]) -> CiderD:
 
 def sampled_words(tokens: torch.Tensor, vocab: Vocabulary) -> list[list[str]]:
     """Sampled id rows -> words, with `<end>` kept for the captions that finished."""
-    return [vocab.decode(seq) + ([END] if Vocabulary.end_id in seq else [])
-            for seq in tokens.tolist()]
+    return [vocab.decode(seq) + ([END] if Vocabulary.end_id in seq else []) for seq in tokens.tolist()]
 
 
 def scst_loss(
@@ -55,8 +54,9 @@ def scst_loss(
     rewards = cider.scores(words, [marked[i // samples] for i in range(len(words))])
     rewards = rewards.reshape(-1, samples)  # (B, S)
     baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (samples - 1)
-    advantage = torch.as_tensor((rewards - baseline).reshape(-1), dtype=log_probs.dtype,
-                                device=log_probs.device)
+    advantage = torch.as_tensor(
+        (rewards - baseline).reshape(-1), dtype=log_probs.dtype, device=log_probs.device
+    )
     mask = mask.to(log_probs.dtype)
     loss = -(advantage.unsqueeze(1) * log_probs * mask).sum() / mask.sum()
     return loss, {"reward": float(np.mean(rewards)), "scst_loss": loss.item()}

@@ -41,8 +41,15 @@ class Stage(Protocol):
 class CrossEntropy:
     name = "xe"
 
-    def __init__(self, cfg: TrainConfig, net: torch.nn.Module, data: PreparedData, d: Dist,
-                 device: torch.device, steps_per_epoch: int):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        net: torch.nn.Module,
+        data: PreparedData,
+        d: Dist,
+        device: torch.device,
+        steps_per_epoch: int,
+    ):
         self.cfg, self.net, self.dist, self.device = cfg, net, d, device
         self.epochs, self.patience, self.lr, self.dropout = cfg.epochs, cfg.patience, cfg.lr, True
         self.data = data
@@ -72,10 +79,18 @@ class CrossEntropy:
             tokens, caps = tokens / self.dist.world_size, caps / self.dist.world_size
         if self.cfg.model.attention == "hard":
             return hard_attention_loss(self.cfg, self.net, batch, self.dist, self.device, tokens, caps)
-        logits, alphas = self.net(batch.inputs, batch.captions, batch.lengths, batch.image_index,
-                                  from_stage=batch.from_stage)
-        return caption_loss(logits, batch.captions, alphas, self.cfg.alpha_reg, self.cfg.label_smoothing,
-                            token_count=tokens, caption_count=caps)
+        logits, alphas = self.net(
+            batch.inputs, batch.captions, batch.lengths, batch.image_index, from_stage=batch.from_stage
+        )
+        return caption_loss(
+            logits,
+            batch.captions,
+            alphas,
+            self.cfg.alpha_reg,
+            self.cfg.label_smoothing,
+            token_count=tokens,
+            caption_count=caps,
+        )
 
 
 class SelfCritical:
@@ -85,8 +100,15 @@ class SelfCritical:
 
     name = "scst"
 
-    def __init__(self, cfg: TrainConfig, net: torch.nn.Module, data: PreparedData, d: Dist,
-                 device: torch.device, steps_per_epoch: int = 0):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        net: torch.nn.Module,
+        data: PreparedData,
+        d: Dist,
+        device: torch.device,
+        steps_per_epoch: int = 0,
+    ):
         self.cfg, self.net, self.data = cfg, net, data
         self.epochs, self.lr, self.dropout = cfg.scst_epochs, cfg.scst_lr, cfg.scst_dropout
         self.patience = cfg.patience if cfg.scst_patience is None else cfg.scst_patience
@@ -104,13 +126,17 @@ class SelfCritical:
         cfg = self.cfg
         with sampled_locations(self.net) as locations:
             tokens, log_probs, mask, alphas = self.net(
-                batch.inputs, from_stage=batch.from_stage, samples=cfg.scst_samples,
-                max_length=cfg.scst_max_length)
+                batch.inputs,
+                from_stage=batch.from_stage,
+                samples=cfg.scst_samples,
+                max_length=cfg.scst_max_length,
+            )
         if locations is not None:
             log_probs = log_probs + location_log_probs(alphas, torch.stack(locations, 1))
         references = [self.data.references[r] for r in batch.rows]
-        loss, stats = scst_loss(tokens, log_probs, mask, references, self.cider, self.data.vocab,
-                                cfg.scst_samples)
+        loss, stats = scst_loss(
+            tokens, log_probs, mask, references, self.cider, self.data.vocab, cfg.scst_samples
+        )
         if cfg.scst_xe_weight:  # mixed objective: stay close to the human captions
             xe, xe_stats = self.cross_entropy.loss(batch)
             loss = loss + cfg.scst_xe_weight * xe

@@ -41,8 +41,11 @@ def load_coco(
             if isinstance(a.get("caption"), str) and a["caption"].strip()
         ]
         if captions:
-            items.append(ImageCaptions(str(image["id"]), image_dir / image["file_name"], captions,
-                                       coco_id=int(image["id"])))
+            items.append(
+                ImageCaptions(
+                    str(image["id"]), image_dir / image["file_name"], captions, coco_id=int(image["id"])
+                )
+            )
     if not items:
         raise DatasetError(
             f"{annotation_file}: no images with captions "

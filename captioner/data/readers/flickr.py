@@ -11,13 +11,7 @@ from captioner.data.readers.checks import checked_dataset, existing_dir, first_n
 from captioner.data.readers.karpathy import load_karpathy
 
 FLICKR_TOKEN_FILES = ("Flickr8k.token.txt", "results_20130124.token")
-FLICKR_IMAGE_DIRS = (
-    "images",
-    "Images",
-    "Flicker8k_Dataset",
-    "Flickr8k_Dataset",
-    "flickr30k-images",
-)
+FLICKR_IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images")
 FLICKR_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "val": "Flickr_8k.devImages.txt",
@@ -47,8 +41,11 @@ def load_flickr(root: str | Path, *, skip_missing: bool = False) -> CaptionDatas
     captions = _read_flickr_tokens(token_file)
 
     if has_split_lists:
-        names = {split: _read_name_list(root / file) for split, file in FLICKR_SPLIT_FILES.items()
-                 if (root / file).is_file()}
+        names = {
+            split: _read_name_list(root / file)
+            for split, file in FLICKR_SPLIT_FILES.items()
+            if (root / file).is_file()
+        }
     elif token_file.name == FLICKR_TOKEN_FILES[0]:
         raise DatasetError(
             f"{root}: missing {FLICKR_SPLIT_FILES['train']} (needed to split Flickr8k; "
@@ -68,8 +65,11 @@ def load_flickr(root: str | Path, *, skip_missing: bool = False) -> CaptionDatas
             )
         if uncaptioned:
             warnings.warn(f"dropping {len(uncaptioned)} images of {source} without captions", stacklevel=2)
-        kept = [ImageCaptions(image_id=n, path=image_dir / n, captions=captions[n])
-                for n in split_names if n in captions]
+        kept = [
+            ImageCaptions(image_id=n, path=image_dir / n, captions=captions[n])
+            for n in split_names
+            if n in captions
+        ]
         splits[split] = non_empty(kept, split, source)
     listed_in = root / "Flickr_8k.*Images.txt" if has_split_lists else token_file
     return checked_dataset(splits, image_dir, str(listed_in), skip_missing)

@@ -39,9 +39,14 @@ def load_karpathy(
         if not captions:
             continue
         coco_id = image.get("cocoid")
-        splits.setdefault(split, []).append(ImageCaptions(
-            image_id=str(coco_id) if coco_id is not None else image["filename"], path=path,
-            captions=captions, coco_id=int(coco_id) if coco_id is not None else None))
+        splits.setdefault(split, []).append(
+            ImageCaptions(
+                image_id=str(coco_id) if coco_id is not None else image["filename"],
+                path=path,
+                captions=captions,
+                coco_id=int(coco_id) if coco_id is not None else None,
+            )
+        )
     if not splits:
         raise DatasetError(f"{split_json}: no images with captions")
     return checked_dataset(splits, image_root, str(split_json), skip_missing)
