@@ -18,15 +18,16 @@ from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions
 
 TITLE = "captioner — Show, Attend and Tell"
 MAX_BEAM, MAX_WORDS = 10, 50  # the sliders' ranges
+OVERLAYS = "jpeg"  # the overlays' file format: 14 of them encode in 0.02 s, against 0.4 s as WebP
 
 CSS = """
 #caption textarea { font-size: 1.7rem !important; font-weight: 600; line-height: 1.35; }
 #word-caption { font-size: 1.25rem; }
 .status p { font-weight: 600; margin: 0; }
-/* Every word's thumbnail on screen: as many columns as fit, at least 92 px each (3 on a phone). */
+/* Every word's thumbnail on screen: as many columns as fit, 108 px or more (92 on a phone: 3). */
 #attention-gallery .grid-wrap { min-height: 0; max-height: none; }
 #attention-gallery .grid-container {
-  grid-template-columns: repeat(auto-fill, minmax(92px, 1fr)) !important; }
+  grid-template-columns: repeat(auto-fill, minmax(108px, 1fr)) !important; }
 #attention-gallery .thumbnail-item { aspect-ratio: 1 / 1; height: auto; }
 #attention-gallery .caption-label { font-size: 0.9rem; max-width: 96%; white-space: normal;
   overflow: visible; text-overflow: clip; line-height: 1.2; }
@@ -38,6 +39,8 @@ CSS = """
 .nav-holder { display: none !important; }
 /* On a phone the numbers keep one line (a smaller font, no wrapping) and the caption gives way. */
 @media (max-width: 640px) {
+  #attention-gallery .grid-container {
+    grid-template-columns: repeat(auto-fill, minmax(92px, 1fr)) !important; }
   #alternatives [role=gridcell] span, #alternatives th span { font-size: 12px; }
   #alternatives [data-col="2"] span, #alternatives [data-col="3"] span,
   #alternatives th:nth-child(n+3) span { white-space: nowrap; }
@@ -254,6 +257,7 @@ def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider
                 height=420,
                 elem_id="word-overlay",
                 buttons=["download", "fullscreen"],
+                format=OVERLAYS,
             )
         with gr.Column(scale=3):
             words = gr.HighlightedText(
@@ -280,5 +284,6 @@ def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider
                 object_fit="contain",
                 allow_preview=False,
                 elem_id="attention-gallery",
+                format=OVERLAYS,
             )
     return big, words, step, opacity, gallery
