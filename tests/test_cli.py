@@ -450,3 +450,15 @@ def test_the_help_documents_the_exit_status(capsys):
         out = " ".join(capsys.readouterr().out.split())
         assert "Exit status: 0 on success; 1 if the command failed" in out, argv
         assert argv == [] or "--debug, --no-debug on an error, also print the traceback" in out
+
+
+def test_every_expected_error_name_is_a_real_error_class():
+    """The one-line reporting matches errors by qualified name: a moved class must not fall out."""
+    import importlib
+
+    from captioner.cli.errors import EXPECTED
+
+    for name in EXPECTED:
+        module, cls = name.rsplit(".", 1)
+        found = getattr(importlib.import_module(module), cls)
+        assert issubclass(found, Exception) and found.__module__ == module, name

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from captioner import Captioner, CaptionModel
+from captioner.cli.errors import CommandError
 from captioner.cli.flags import FlagParser, add_config_arguments, config_from_args, load_config_file
 from captioner.data.config import DataConfig
 from captioner.data.datasets import DatasetError
@@ -555,7 +556,7 @@ def test_saved_config_plus_flags_reproduces_a_config(tmp_path):
     assert changed == dataclasses.replace(
         cfg, epochs=9, resume=True, model=dataclasses.replace(cfg.model, dropout=0.1)
     )
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CommandError, match="missing.json: no such file"):
         parse(["--config", str(tmp_path / "missing.json")])
 
 

@@ -28,11 +28,17 @@ EXIT_STATUS = (
 EXPECTED = {
     "captioner.model.folder.CheckpointError",
     "captioner.serving.hub.ModelNotFoundError",
-    "captioner.data.datasets.DatasetError",
+    "captioner.data.image_captions.DatasetError",
+    "captioner.files.LockedError",
+    "captioner.files.DiskFullError",
+    "captioner.data.feature_cache.FeatureCacheError",
+    "captioner.model.evidence.EvidenceError",
     "captioner.data.images.ImageLoadError",
     "captioner.model.encoder.EncoderWeightsError",
     "captioner.serving.records.OutputError",
     "captioner.training.loop.TrainingDiverged",
+    "captioner.training.run_folder.RunFolderError",
+    "captioner.training.run_state.RunStateError",
 }
 FILE_ERRNOS = {
     errno.ENOENT,
