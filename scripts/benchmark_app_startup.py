@@ -6,7 +6,8 @@
 
 The first caption is asked for as soon as the page answers (the worst case: nothing has warmed up).
 Then prints where the time goes, phase by phase, each phase timed alone in one process: what the
-app's process does before serving and what its model process does before the first caption.
+app's process does before serving and what its model process does before the first caption (on
+the threads the app gives it).
 Numbers depend on the machine's load: compare checkouts with --compare, which interleaves their
 starts so that both see the same load.
 """
@@ -39,7 +40,9 @@ print("the app's process, before it serves the page:")
 import gradio; mark("import gradio")
 from captioner.serving import webapp; mark("import captioner.serving.webapp")
 demo = webapp.build_app(None, "", webapp.example_images()); mark("build the UI")
-print("the model process, before the first caption:")
+import os
+threads = os.environ["OMP_NUM_THREADS"]
+print(f"the model process, before the first caption (on {threads} threads, as in the app):")
 import torch; mark("import torch")
 import timm; mark("import timm (the encoder)")
 from captioner.serving.captioner import Captioner; mark("import the rest (nltk, torchvision, ...)")
@@ -96,6 +99,14 @@ def one_start(root: Path, model: str | None) -> tuple[float, float | None, float
         server.wait(timeout=30)
 
 
+def report_pairs(runs: dict[Path, list]) -> None:
+    """Start by start, this checkout's first caption against the other's, started right after."""
+    ours, theirs = (runs[root] for root in runs)
+    ratios = [a[2] / b[2] for a, b in zip(ours, theirs, strict=True)]
+    print(f"first caption, this checkout / the other, start by start: median {statistics.median(ratios):.2f} "
+          f"({', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
     pages, loads, captions = zip(*runs, strict=True)
     print(f"{name}:")
@@ -131,10 +142,14 @@ def main() -> None:
     print(f"load average at the end:   {os.getloadavg()[0]:.2f}")
     for root in roots:
         report(str(root), runs[root])
+    if args.compare:
+        report_pairs(runs)
     if args.phases:
+        from captioner.serving.app_model import default_threads
+
         print("where the time goes (phase by phase, each alone, in one process):")
-        subprocess.run([sys.executable, "-c", PHASES, args.model or "", str(PHOTO)], cwd=ROOT,
-                       env=ENV | {"PYTHONPATH": str(ROOT)}, check=True)
+        subprocess.run([sys.executable, "-c", PHASES, args.model or "", str(PHOTO)], cwd=ROOT, check=True,
+                       env=ENV | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(default_threads())})
 
 
 if __name__ == "__main__":
