@@ -15,6 +15,8 @@ starts so that both see the same load.
 import argparse
 import os
 import re
+import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -61,19 +63,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_start(root: Path, model: str | None) -> tuple[float, float | None, float]:
+def one_start(root: Path, model: str | None) -> tuple[float, float | None, float, float]:
     """(seconds to the page, to the app's "model loaded" line if it prints one, to the first
-    caption) for one `python app.py` of the checkout `root`."""
+    caption; CPU seconds the app and its model process used, up to their exit right after) for
+    one `python app.py` of the checkout `root`. The CPU seconds depend little on the load."""
     from gradio_client import Client, handle_file
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     command = [sys.executable, str(root / "app.py"), "--port", str(port), "--device", "cpu"]
+    cpu_before = cpu_of_children()
     start = time.perf_counter()
     server = subprocess.Popen(command + (["--model", model] if model else []), cwd=root,
                               env=ENV | {"PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     loaded: list[float] = []
 
     def watch() -> None:
@@ -93,10 +98,21 @@ def one_start(root: Path, model: str | None) -> tuple[float, float | None, float
                 time.sleep(0.05)
         page = time.perf_counter() - start
         Client(url, verbose=False).predict(handle_file(str(PHOTO)), 1, 20, 0.6, api_name="/caption")
-        return page, (loaded[0] if loaded else None), time.perf_counter() - start
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        caption = time.perf_counter() - start
+    finally:  # Ctrl-C: the app stops its model process, so that its CPU time is counted too
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return page, (loaded[0] if loaded else None), caption, cpu_of_children() - cpu_before
+
+
+def cpu_of_children() -> float:
+    """User + system CPU seconds of the finished child processes (and theirs), so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def report_pairs(runs: dict[Path, list]) -> None:
@@ -107,8 +123,8 @@ def report_pairs(runs: dict[Path, list]) -> None:
           f"({', '.join(f'{r:.2f}' for r in ratios)})")
 
 
-def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
-    pages, loads, captions = zip(*runs, strict=True)
+def report(name: str, runs: list[tuple[float, float | None, float, float]]) -> None:
+    pages, loads, captions, cpus = zip(*runs, strict=True)
     print(f"{name}:")
     print(f"  python app.py -> page served:   median {statistics.median(pages):5.2f} s  "
           f"({', '.join(f'{p:.2f}' for p in pages)})")
@@ -117,6 +133,8 @@ def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
               f"({', '.join(f'{x:.2f}' for x in loads)})")
     print(f"  python app.py -> first caption: median {statistics.median(captions):5.2f} s  "
           f"({', '.join(f'{c:.2f}' for c in captions)})")
+    print(f"  CPU time of the app's processes: median {statistics.median(cpus):5.2f} s  "
+          f"({', '.join(f'{c:.2f}' for c in cpus)})")
 
 
 def main() -> None:
