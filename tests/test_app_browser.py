@@ -223,7 +223,7 @@ def test_problems_are_text_in_view_not_a_red_pill(sized_page, tmp_path):
     page.locator("#caption-button").click()
     status = page.locator("#status")
     expect(status).to_have_text(re.compile("Upload an image first"))
-    assert in_view(page, "#status")
+    page.wait_for_function(f"({IN_VIEW})(document.querySelector('#status'))")  # scrolled to it
 
     fake = tmp_path / "holiday.png"
     fake.write_bytes(np.random.default_rng(0).bytes(5000))
