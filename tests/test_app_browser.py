@@ -161,6 +161,8 @@ def test_a_pasted_photo_and_a_webcam_snapshot_are_captioned_too(browser, app_url
                                   permissions=["clipboard-read", "clipboard-write", "camera"])
     page = context.new_page()
     page.set_default_timeout(60_000)
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text[:300]))
     try:
         page.goto(app_url)
         page.bring_to_front()  # the clipboard is read by the focused page only
@@ -169,6 +171,7 @@ def test_a_pasted_photo_and_a_webcam_snapshot_are_captioned_too(browser, app_url
                          await navigator.clipboard.write([new ClipboardItem({"image/png": blob})]); }""",
                       list(path.read_bytes()))
         page.get_by_role("button", name="Paste from clipboard").click()
+        expect(page.locator("#input-image img"), f"console: {console}").to_be_visible()
         expect(page.locator("#caption textarea")).to_have_value("a blue square on the right")
 
         page.reload()
