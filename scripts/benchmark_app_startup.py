@@ -6,7 +6,8 @@
 
 The first caption is asked for as soon as the page answers (the worst case: nothing has warmed up).
 Then prints where the time goes, phase by phase, each phase timed alone in one process: what the
-app's process does before serving and what its model process does before the first caption.
+app's process does before serving and what its model process does before the first caption (on
+the threads the app gives it).
 Numbers depend on the machine's load: compare checkouts with --compare, which interleaves their
 starts so that both see the same load.
 """
@@ -14,6 +15,8 @@ starts so that both see the same load.
 import argparse
 import os
 import re
+import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -42,7 +45,9 @@ print("the app's process, before it serves the page:")
 import gradio; mark("import gradio")
 from captioner.serving import webapp; mark("import captioner.serving.webapp")
 demo = webapp.build_app(None, "", webapp.example_images()); mark("build the UI")
-print("the model process, before the first caption:")
+import os
+threads = os.environ["OMP_NUM_THREADS"]
+print(f"the model process, before the first caption (on {threads} threads, as in the app):")
 import torch; mark("import torch")
 import timm; mark("import timm (the encoder)")
 from captioner.serving.captioner import Captioner; mark("import the rest (nltk, torchvision, ...)")
@@ -61,15 +66,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_start(root: Path, model: str | None) -> tuple[float, float | None, float]:
+def one_start(root: Path, model: str | None) -> tuple[float, float | None, float, float]:
     """(seconds to the page, to the app's "model loaded" line if it prints one, to the first
-    caption) for one `python app.py` of the checkout `root`."""
+    caption; CPU seconds the app and its model process used, up to their exit right after) for
+    one `python app.py` of the checkout `root`. The CPU seconds depend little on the load."""
     from gradio_client import Client, handle_file
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     command = [sys.executable, str(root / "app.py"), "--port", str(port), "--device", "cpu"]
+    cpu_before = cpu_of_children()
     start = time.perf_counter()
     server = subprocess.Popen(
         command + (["--model", model] if model else []),
@@ -78,6 +85,7 @@ def one_start(root: Path, model: str | None) -> tuple[float, float | None, float
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     loaded: list[float] = []
 
@@ -98,14 +106,35 @@ def one_start(root: Path, model: str | None) -> tuple[float, float | None, float
                 time.sleep(0.05)
         page = time.perf_counter() - start
         Client(url, verbose=False).predict(handle_file(str(PHOTO)), 1, 20, 0.6, api_name="/caption")
-        return page, (loaded[0] if loaded else None), time.perf_counter() - start
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        caption = time.perf_counter() - start
+    finally:  # Ctrl-C: the app stops its model process, so that its CPU time is counted too
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return page, (loaded[0] if loaded else None), caption, cpu_of_children() - cpu_before
 
 
-def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
-    pages, loads, captions = zip(*runs, strict=True)
+def cpu_of_children() -> float:
+    """User + system CPU seconds of the finished child processes (and theirs), so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report_pairs(runs: dict[Path, list]) -> None:
+    """Start by start, this checkout's first caption against the other's, started right after."""
+    ours, theirs = (runs[root] for root in runs)
+    ratios = [a[2] / b[2] for a, b in zip(ours, theirs, strict=True)]
+    print(
+        f"first caption, this checkout / the other, start by start: median {statistics.median(ratios):.2f} "
+        f"({', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+
+
+def report(name: str, runs: list[tuple[float, float | None, float, float]]) -> None:
+    pages, loads, captions, cpus = zip(*runs, strict=True)
     print(f"{name}:")
     print(
         f"  python app.py -> page served:   median {statistics.median(pages):5.2f} s  "
@@ -119,6 +148,10 @@ def report(name: str, runs: list[tuple[float, float | None, float]]) -> None:
     print(
         f"  python app.py -> first caption: median {statistics.median(captions):5.2f} s  "
         f"({', '.join(f'{c:.2f}' for c in captions)})"
+    )
+    print(
+        f"  CPU time of the app's processes: median {statistics.median(cpus):5.2f} s  "
+        f"({', '.join(f'{c:.2f}' for c in cpus)})"
     )
 
 
@@ -150,13 +183,17 @@ def main() -> None:
     print(f"load average at the end:   {os.getloadavg()[0]:.2f}")
     for root in roots:
         report(str(root), runs[root])
+    if args.compare:
+        report_pairs(runs)
     if args.phases:
+        from captioner.serving.app_model import default_threads
+
         print("where the time goes (phase by phase, each alone, in one process):")
         subprocess.run(
             [sys.executable, "-c", PHASES, args.model or "", str(PHOTO)],
             cwd=ROOT,
-            env=ENV | {"PYTHONPATH": str(ROOT)},
             check=True,
+            env=ENV | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(default_threads())},
         )
 
 

@@ -176,6 +176,8 @@ def test_a_pasted_photo_and_a_webcam_snapshot_are_captioned_too(browser, app_url
     )
     page = context.new_page()
     page.set_default_timeout(60_000)
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text[:300]))
     try:
         page.goto(app_url)
         page.bring_to_front()  # the clipboard is read by the focused page only
@@ -186,6 +188,7 @@ def test_a_pasted_photo_and_a_webcam_snapshot_are_captioned_too(browser, app_url
             list(path.read_bytes()),
         )
         page.get_by_role("button", name="Paste from clipboard").click()
+        expect(page.locator("#input-image img"), f"console: {console}").to_be_visible()
         expect(page.locator("#caption textarea")).to_have_value("a blue square on the right")
 
         page.reload()
@@ -240,7 +243,7 @@ def test_problems_are_text_in_view_not_a_red_pill(sized_page, tmp_path):
     page.locator("#caption-button").click()
     status = page.locator("#status")
     expect(status).to_have_text(re.compile("Upload an image first"))
-    assert in_view(page, "#status")
+    page.wait_for_function(f"({IN_VIEW})(document.querySelector('#status'))")  # scrolled to it
 
     fake = tmp_path / "holiday.png"
     fake.write_bytes(np.random.default_rng(0).bytes(5000))
