@@ -185,6 +185,7 @@ def test_anything_but_an_upload_is_upload_an_image_first(payload):
     assert layout.ImageData.model_validate(payload if payload is not None else {}).path is None
 
 
+@pytest.mark.slow
 def test_the_model_process_captions_like_the_captioner(shapes_checkpoint, tmp_path):
     """The app's model runs in a process of its own; results and errors cross back unchanged."""
     path = save_shape(tmp_path, "blue", "square", "right")
@@ -215,6 +216,7 @@ def test_the_model_process_captions_like_the_captioner(shapes_checkpoint, tmp_pa
     failing.stop()
 
 
+@pytest.mark.slow
 def test_the_apps_process_never_imports_torch(shapes_checkpoint, tmp_path):
     """The page's process reads uploads and draws overlays; the model process does the rest."""
     path = save_shape(tmp_path, "green", "circle", "left")

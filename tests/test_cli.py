@@ -67,6 +67,7 @@ def test_help_imports_neither_torch_nor_gradio(argv):
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
 
 
+@pytest.mark.slow
 def test_import_captioner_loads_neither_gradio_nor_matplotlib():
     code = (
         "import sys, captioner\nassert captioner.Captioner.__name__ == 'Captioner'\n"

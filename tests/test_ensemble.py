@@ -139,6 +139,7 @@ def test_export_writes_an_ensemble_that_loads_and_captions(
         assert result.attention.sum(axis=(1, 2)) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_members_that_cannot_vote_together_are_refused(
     shapes_checkpoint, second_shapes_checkpoint, trained_shapes_model, tmp_path
 ):

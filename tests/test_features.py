@@ -160,6 +160,7 @@ def test_a_new_image_list_copies_what_other_caches_computed(
     assert torch.allclose(cache.batch(range(12)), fresh_grids[4:16], rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="no fcntl file locks on Windows")
 def test_a_second_process_waits_while_another_creates_the_same_cache(
     encoder, image_paths, fresh_grids, tmp_path

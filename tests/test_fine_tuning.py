@@ -41,6 +41,7 @@ def encoder_gradients(model, data, inputs, rows, cfg) -> dict[str, torch.Tensor]
     return {name: p.grad.clone() for name, p in model.encoder.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [7, HEAD])
 def test_stage_cached_step_gives_the_gradients_of_a_photo_step(dataset, cache_dir, tmp_path, stage):
     """The same batch, dropout off: the tuned stages' gradients from the cached activations

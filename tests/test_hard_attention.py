@@ -205,6 +205,7 @@ def test_self_critical_sampling_draws_the_locations_it_reports():
         assert nothing is None
 
 
+@pytest.mark.slow
 def test_hard_model_folder_loads_without_a_flag_and_draws_attention_maps(tmp_path):
     vocab = Vocabulary.build([c for _, c, _ in all_examples()], min_count=1)
     torch.manual_seed(0)

@@ -137,6 +137,7 @@ def test_attention_types():
         build_attention("dot", 4, 4, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["additive", "multiplicative"])
 def test_both_attention_types_learn_the_shapes(kind, shapes_vocab):
     torch.manual_seed(0)
@@ -196,6 +197,7 @@ def test_teacher_forcing_image_index_shares_features_between_captions():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_plain_output_layer_predicts_from_the_hidden_state_and_learns(shapes_vocab):
     decoder = _random_decoder(deep_output=False)
     assert not hasattr(decoder, "out_hidden") and decoder.classifier.in_features == 24
@@ -209,6 +211,7 @@ def test_plain_output_layer_predicts_from_the_hidden_state_and_learns(shapes_voc
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.slow
 def test_ungated_unprojected_decoder_attends_over_backbone_vectors_and_learns(shapes_vocab):
     """The two ablations: no gating scalar beta, and attention over the raw backbone vectors."""
     decoder = _random_decoder(gate=False, annotation_dim=None)

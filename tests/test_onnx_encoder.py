@@ -61,6 +61,7 @@ def test_until_stage_gives_the_activations_entering_that_stage(encoder, photos, 
         assert_close(encoder(onnx(photos), from_stage=3), encoder(photos))
 
 
+@pytest.mark.slow
 def test_the_cache_is_reused_and_keyed_on_the_weights(encoder, tmp_path, monkeypatch):
     assert OnnxEncoder(encoder, cache=tmp_path).prepare().origin == "exported"
     files = list((tmp_path / "onnx").glob("*.onnx"))

@@ -105,6 +105,7 @@ def test_bad_training_settings_are_refused_before_any_work(dataset, tmp_path, ca
 # ----------------------------------------------------------------------------- a folder holding a run
 
 
+@pytest.mark.slow
 def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(dataset, cache_dir, tmp_path):
     out = tmp_path / "run"
     train(quick(dataset, out, cache_dir, epochs=2))  # finished: 2 epochs
@@ -126,6 +127,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(dataset, c
     assert state_progress(out)["global_step"] == 4 and (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="no fcntl file locks on Windows")
 def test_a_second_training_into_a_folder_in_use_is_refused(dataset, cache_dir, tmp_path):
     """Two trainings in one folder at once ended as a mix of both. (The other training is
@@ -145,6 +147,7 @@ def test_a_second_training_into_a_folder_in_use_is_refused(dataset, cache_dir, t
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_a_resume_with_other_settings_is_refused_before_anything_is_written(stopped_run, tmp_path):
     """A typo in --model.hidden-dim was a raw size-mismatch traceback after train_config.json
     had been overwritten, so the documented `--config RUN/train_config.json --resume` failed

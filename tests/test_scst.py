@@ -91,6 +91,7 @@ def test_scst_loss_needs_two_samples(shapes_vocab, shapes_references):
         )
 
 
+@pytest.mark.slow
 def test_scst_steps_raise_the_reward_of_a_partly_trained_model(shapes_vocab, shapes_references):
     examples = all_examples()
     torch.manual_seed(0)

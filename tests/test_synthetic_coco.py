@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pycocotools.coco import COCO
 
 from captioner.data.config import DataConfig
@@ -16,6 +17,7 @@ from captioner.training.loop import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_small_instance_is_real_coco_and_trains(tmp_path):
     root = tmp_path / "coco"
     subprocess.run(

@@ -419,6 +419,7 @@ def test_torchrun_two_processes_match_one_process(dataset, cache_dir, reference_
 # ----------------------------------------------------------------------------- real COCO files
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "coco-mini").is_dir(), reason="shared coco-mini data not present")
 def test_one_epoch_on_real_coco_files(tmp_path):
     root = SHARED_DATA / "coco-mini"
@@ -585,6 +586,7 @@ def test_scst_samples_with_dropout_only_when_asked(dataset, cache_dir, tmp_path,
     assert (losses[0] == losses[1]) is (not scst_dropout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scst_patience", "scst_epochs_run"), [(None, 1), (3, 5)])
 def test_scst_patience_lets_self_critical_training_recover_from_its_first_dip(
     dataset, cache_dir, tmp_path, monkeypatch, scst_patience, scst_epochs_run
@@ -676,6 +678,7 @@ def test_moving_average_is_what_gets_validated_and_saved(dataset, cache_dir, tmp
     assert all(torch.equal(best[k], raw[f"model.{k}"]) for k in best if k.startswith("decoder."))
 
 
+@pytest.mark.slow
 def test_hflip_trains_on_plain_or_mirrored_grids_chosen_per_image_and_epoch(dataset, cache_dir, tmp_path):
     """--hflip true: each training image's grid comes, per epoch, from the plain or the mirrored
     photo (about half each, drawn per epoch); validation always sees the plain photo."""
@@ -706,6 +709,7 @@ def test_hflip_trains_on_plain_or_mirrored_grids_chosen_per_image_and_epoch(data
     assert torch.equal(x, plain.batch([16, 17]))
 
 
+@pytest.mark.slow
 def test_caption_batches_hold_single_captions_shuffled_across_images(dataset, cache_dir, tmp_path):
     """--batch_by caption: a cross-entropy epoch is every training caption once, in batches of
     batch_size captions, each caption paired with its own image's grid; SCST still batches
@@ -751,6 +755,7 @@ def test_caption_batches_hold_single_captions_shuffled_across_images(dataset, ca
     assert state_progress(tmp_path / "run")["global_step"] == 2 * 6 + 2
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(dataset, cache_dir, tmp_path):
     """A NaN in the inputs (here: one image's cached grid) makes the loss NaN: the run stops with
     an error before the weights change, the saved run state is the step before, and once the
