@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captioner.cli.flags import FlagParser, Switch, add_config_arguments, checked_config
+from captioner.cli.flags import FlagParser, Switch, add_config_arguments, checked_config, positive_int
 from captioner.model.options import DecodeOptions
 from captioner.serving.records import FORMATS
 from captioner.serving.settings import BatchSettings
@@ -54,8 +54,8 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "-o",
         "--output",
-        default="captions.jsonl",
-        help="JSONL or CSV file to append to (default: %(default)s)",
+        help="JSONL or CSV file to append to (default: captions.jsonl); --engine ray: a folder of "
+        "part files (default: captions)",
     )
     parser.add_argument(
         "--format", choices=FORMATS, help="output format (default: csv for a .csv output, else jsonl)"
@@ -88,7 +88,27 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     add_decoding_arguments(parser, n_best=1)  # one caption per row unless asked
     add_config_arguments(parser, BatchSettings)
+    add_ray_arguments(parser)
     return parser
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine ray and its flags (Ray itself is an optional extra, imported only when it runs)."""
+    ray = parser.add_argument_group('Ray engine (pip install "captioner[ray]"; see docs/guide/ray.md)')
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (or torchrun ranks); ray: Ray Data actors on a local Ray or a "
+        "cluster, writing OUTPUT/part-N.jsonl (default: %(default)s)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else start a local Ray)",
+    )
+    ray.add_argument("--concurrency", type=positive_int, default=1, help="Ray actors, each with a model")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray actor, e.g. 1 or 0.5")
 
 
 CAPTION_HELP = dict(
@@ -118,8 +138,11 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         shard = parse_shard(args.shard) if args.shard else None
     except ValueError as err:  # "shard '2/2': need 0 <= K < N"
         parser.error(f"--{err}")
+    args.output = args.output or ("captions" if args.engine == "ray" and not args.merge else "captions.jsonl")
     if args.merge:
         return _merge(args.inputs, args.output, args.format)
+    if args.engine == "ray":
+        return _caption_with_ray(args, parser, options, settings, shard)
     missing = missing_inputs(args.inputs)  # before anything slow: a typo fails at once
     if missing:
         more = f" (and {len(missing) - 1} more inputs)" if len(missing) > 1 else ""
@@ -261,9 +284,52 @@ def _read_focus(parser: argparse.ArgumentParser, path: str) -> dict[str, list[fl
     return focus
 
 
+def _caption_with_ray(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    options: DecodeOptions,
+    settings: BatchSettings,
+    shard: tuple[int, int] | None,
+) -> int:
+    """--engine ray: Ray Data actors caption into OUTPUT/part-N.jsonl (captioner.serving.ray_engine)."""
+    if args.focus_json or settings.save_attention or args.format == "csv" or args.num_gpus < 0:
+        parser.error("--engine ray: JSONL only, no --focus-json or --save-attention, --num-gpus >= 0")
+    from captioner.serving.hub import ModelNotFoundError
+    from captioner.serving.ray_engine import RayEngineError, RayOptions, caption_with_ray
+    from captioner.serving.records import OutputError
+
+    ray_options = RayOptions(args.ray_address, args.concurrency, args.num_gpus)
+    try:
+        summary = caption_with_ray(
+            args.inputs,
+            args.output,
+            ray_options,
+            options,
+            settings,
+            model=args.model,
+            revision=args.revision,
+            device=args.device,
+            quantize=args.quantize,
+            shard=shard,
+        )
+    except (RayEngineError, OutputError, ModelNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to continue into {args.output}", file=sys.stderr)
+        return 130
+    return _report(summary, args.output)
+
+
 def _merge(sources: Sequence[str], target: str, fmt: str | None) -> int:
+    from captioner.serving.ray_engine import part_files
     from captioner.serving.records import OutputError, merge_outputs
 
+    folders = [s for s in sources if Path(s).is_dir()]
+    sources = [str(p) for s in sources for p in (part_files(Path(s)) if s in folders else [s])]
+    if not sources:
+        print(f"error: --merge: no part files (part-*.jsonl) in {folders[0]}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
     missing = [s for s in sources if not Path(s).is_file()]
     if missing:
         print(f"error: --merge: no shard output {missing[0]}", file=sys.stderr)

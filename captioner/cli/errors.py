@@ -36,6 +36,7 @@ EXPECTED = {
     "captioner.data.images.ImageLoadError",
     "captioner.model.encoder.EncoderWeightsError",
     "captioner.serving.records.OutputError",
+    "captioner.serving.ray_engine.RayEngineError",
     "captioner.training.loop.TrainingDiverged",
     "captioner.training.run_folder.RunFolderError",
     "captioner.training.run_state.RunStateError",
