@@ -178,3 +178,33 @@ def test_without_ray_everything_else_works_and_the_engine_says_how_to_install_it
     )
     assert 'pip install "captioner[ray]"' in result.stdout.splitlines()[0]
     assert "--engine {local,ray}" in result.stdout and result.returncode == 0
+
+
+@pytest.mark.slow
+def test_the_actor_captions_bytes_and_uris_as_the_plain_run_captions_files(
+    shapes_checkpoint, tmp_path, capsys
+):
+    """CaptionActor alone (what each Ray actor runs): files given as bytes (read_binary_files'
+    batches) or as file:// URIs give the plain run's records."""
+    pytest.importorskip("pyarrow")
+    import numpy as np
+
+    from captioner.serving.ray_engine import CaptionActor, list_sources
+
+    with pytest.MonkeyPatch.context() as patch:
+        photos = make_photos(tmp_path, patch)
+    plain_args = ["--model", shapes_checkpoint, "--max-pixels", MAX_PIXELS]
+    assert caption(photos, "-o", tmp_path / "plain.jsonl", *plain_args) == 0
+    by_path = {r["path"]: r for r in records(tmp_path / "plain.jsonl")}
+    files = [p for p in by_path if os.path.isfile(p)]  # not the broken link
+    actor = CaptionActor(model=str(shapes_checkpoint), max_pixels=MAX_PIXELS)
+
+    batch = {"path": np.array(files), "bytes": np.array([Path(p).read_bytes() for p in files], dtype=object)}
+    from_bytes = [json.loads(line) for line in actor(batch)["record"]]
+    assert [r["path"] for r in from_bytes] == files
+    assert [comparable(r) for r in from_bytes] == [comparable(by_path[p]) for p in files]
+
+    uris = sorted(list_sources([f"file://{photos}"]))  # every image-extension file, hidden ones not
+    assert [u.removeprefix("file://") for u in uris] == sorted(p for p in files if not p.endswith(".dat"))
+    from_uris = [json.loads(line) for line in actor({"path": np.array(uris)})["record"]]
+    assert [r["caption"] for r in from_uris] == [by_path[u.removeprefix("file://")]["caption"] for u in uris]

@@ -81,7 +81,8 @@ def is_uri(path: str) -> bool:
 
 class CaptionActor:
     """Caption Ray Data batches: `ds.map_batches(CaptionActor, fn_constructor_kwargs={"model":
-    "weights"}, batch_size=32, concurrency=4, num_gpus=1)`. Loads the model once per actor.
+    "weights"}, batch_size=32, compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1)`. Loads
+    the model once per actor.
 
     A batch has a `path` column (str, or bytes for file names that are not UTF-8) and,
     optionally, `bytes` (as `ray.data.read_binary_files(..., include_paths=True)` gives); without
@@ -120,7 +121,7 @@ class CaptionActor:
         collected = _Collected()
         self.run.caption_batch(collate_images(samples), collected, None)
         lines = [format_line(record, "jsonl").rstrip("\n") for record in collected.records]
-        # Arrow strings are UTF-8: a file name's undecodable bytes show as \\xNN in `path`
+        # Arrow strings are UTF-8: a file name's undecodable bytes show as \\udcNN in `path`
         names = [path.encode("utf-8", "backslashreplace").decode() for path in paths]
         return {"path": names, "record": lines}
 
