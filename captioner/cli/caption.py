@@ -107,8 +107,20 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="the Ray cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else start a local Ray)",
     )
-    ray.add_argument("--concurrency", type=positive_int, default=1, help="Ray actors, each with a model")
-    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray actor, e.g. 1 or 0.5")
+    ray.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="Ray actors, each with a model (default: 1)",
+    )
+    ray.add_argument(
+        "--num-gpus",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per Ray actor, e.g. 1 or 0.5 (default: 0)",
+    )
 
 
 CAPTION_HELP = dict(

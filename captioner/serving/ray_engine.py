@@ -262,8 +262,6 @@ def caption_with_ray(
     """Caption the images of `sources` (folders, files, globs, URIs) into a new OUT/part-N.jsonl,
     skipping images captioned in OUT/ before (and failed ones, unless settings.retry_failed).
     One run at a time writes OUT (OutputError otherwise)."""
-    from captioner.serving.batch import Summary
-
     settings = settings or BatchSettings()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -273,15 +271,15 @@ def caption_with_ray(
     paths = select_shard(found, *shard) if shard else list(found)
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the output folder {out}: {err}") from err
+    try:
         with exclusive_lock(out / LOCK_NAME, wait=False):
             todo, summary = _plan(paths, out, settings.retry_failed)
             if todo:
                 _run(todo, out, summary, ray_options, options, settings, model, revision, device, quantize)
     except LockedError as err:
         raise OutputError(f"another captioner run is writing {out} ({err.holder})") from None
-    except OSError as err:
-        raise OutputError(f"cannot write {out}: {err}") from err
-    assert isinstance(summary, Summary)
     return summary
 
 
