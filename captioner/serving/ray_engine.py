@@ -106,7 +106,14 @@ class CaptionActor:
         self.captioner = Captioner.from_pretrained(model, device, quantize=quantize, revision=revision)
         options = options or DecodeOptions(n_best=1)
         settings = BatchSettings() if max_pixels is None else BatchSettings(max_pixels=max_pixels)
-        self.run = _Run(self.captioner, options, settings, options.per_image > 1, None, Summary(0))
+        self.run = _Run(  # the plain batch captioner's per-batch code, without focus boxes
+            captioner=self.captioner,
+            options=options,
+            settings=settings,
+            alternatives=options.per_image > 1,
+            boxes=None,
+            summary=Summary(0),
+        )
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[str]]:
         from captioner.data.images import ImageFiles, collate_images
