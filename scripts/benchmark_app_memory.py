@@ -1,15 +1,16 @@
 """The app's memory under use: RSS of its page process and of its model process, round by round.
 
     python scripts/benchmark_app_memory.py                    # shipped model, 6 rounds
+    python scripts/benchmark_app_memory.py --same-sessions    # the same 6 clients every round
     python scripts/benchmark_app_memory.py --rounds 10 --model runs/x/best
 
-Starts `python app.py` on a free local port and, in each round, 6 clients at once send 5 requests
-each over real HTTP (gradio_client, the app's /caption API): a photo, the same photo focused on a
-box, a large photo, a file that is no image and a tiny photo, in a different order per client.
-Every caption carries its evidence (always on in the app). After each round (and before the
-first) it prints the resident memory (RSS, from /proc) of both processes and their sum, and the
-peak (VmHWM). Memory that grows by less each round and levels off is bounded; memory that grows by
-the same amount every round is a leak.
+Starts `python app.py` on a free local port; in each round 6 new clients (browser sessions;
+`--same-sessions`: the same 6 every round) at once send 5 requests each over real HTTP
+(gradio_client, the app's /caption API): a photo, the same photo focused on a box, a large
+photo, a file that is no image and a tiny photo, in a different order per client. Every caption
+carries its evidence (always on in the app). After each round (and before the first) it prints
+the resident memory (RSS, from /proc) of both processes, their sum and their peaks (VmHWM).
+Memory that levels off is bounded; memory that grows by the same amount every round is a leak.
 """
 
 import argparse
@@ -48,11 +49,14 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def children(pid: int) -> list[int]:
-    found = []
+def model_process(pid: int) -> int:
+    """The app's model process: its child started by multiprocessing's spawn (not its resource
+    tracker)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
-    return found
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    sys.exit("the app has no model process")
 
 
 def wait_until_serving(server: subprocess.Popen, url: str, timeout: float = 300) -> None:
@@ -99,20 +103,20 @@ def request(client: Client, kind: str, files: dict[str, Path]) -> str:
     return "ok" if caption else "empty"
 
 
-def run_round(url: str, clients: int, files: dict[str, Path], seed: int) -> dict[str, int]:
+def run_round(clients: list[Client], files: dict[str, Path], seed: int) -> dict[str, int]:
     kinds = ["photo", "focus", "large", "bad", "tiny"]
     outcomes: dict[str, int] = {}
     lock = threading.Lock()
 
     def client_session(index: int) -> None:
         order = random.Random(seed * 100 + index).sample(kinds, len(kinds))
-        client = Client(url, verbose=False)
+        client = clients[index]
         for kind in order:
             outcome = f"{kind}: {request(client, kind, files)}"
             with lock:
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
-    threads = [threading.Thread(target=client_session, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client_session, args=(i,)) for i in range(len(clients))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -127,6 +131,12 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: the shipped model)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument(
+        "--same-sessions",
+        action="store_true",
+        help="the same clients (browser sessions) every round, instead of new ones each round: "
+        "tells memory kept per session (gr.State) from memory that grows per request",
+    )
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -140,20 +150,25 @@ def main() -> None:
             Client(url, verbose=False).predict(
                 handle_file(str(files["photo"])), api_name="/caption"
             )  # loaded
-            (model,) = children(server.pid)
-            print(f"{args.clients} clients x 5 requests per round; RSS in MB (peak in brackets)")
+            model = model_process(server.pid)
+            sessions = "the same sessions" if args.same_sessions else "new sessions each round"
+            print(f"{args.clients} clients x 5 requests per round, {sessions}; RSS in MB (peak in brackets)")
             print("round   app process   model process    sum    seconds   outcomes")
             report(0, server.pid, model, 0.0, {})
             for number in range(1, args.rounds + 1):
                 start = time.perf_counter()
-                outcomes = run_round(url, args.clients, files, number)
+                if number == 1 or not args.same_sessions:
+                    clients = [Client(url, verbose=False) for _ in range(args.clients)]
+                outcomes = run_round(clients, files, number)
                 report(number, server.pid, model, time.perf_counter() - start, outcomes)
         finally:
             server.terminate()
             server.wait(timeout=30)
             log.seek(0)
-            errors = log.read().decode(errors="replace").count("Traceback")
-            print(f"tracebacks in the server log: {errors}")
+            text = log.read().decode(errors="replace")
+            print(f"tracebacks in the server log: {text.count('Traceback')}")
+            if "Traceback" in text:
+                print(text[text.rindex("Traceback") :][-3000:])
 
 
 def report(number: int, app: int, model: int, seconds: float, outcomes: dict[str, int]) -> None:
