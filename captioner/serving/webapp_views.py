@@ -151,12 +151,10 @@ def word_verdict(shown: Shown, i: int, short: bool = False) -> str:
     word, evidence, category = shown.words[i], shown.word_evidence[i], shown.word_categories[i]
     if evidence is None and category is None:
         return f"“{word}”: not an object word"
+    if evidence is None and short:
+        return f"{word}: no ImageNet class"
     if evidence is None:
-        return (
-            f"{word}: no ImageNet class"
-            if short
-            else (f"“{word}”: ImageNet has no class for {category}, so no evidence either way")
-        )
+        return f"“{word}”: ImageNet has no class for {category}, so no evidence either way"
     mark = "✓" if evidence.seen else "✗"
     if short:
         return f"{mark} {word} {percent(evidence.probability)}"
