@@ -6,7 +6,11 @@
 
 For every object whose category covers 5-60% of its image: the rate at which the caption names
 its category without focus and with focus on its box (all objects, and those whose category the
-vocabulary can name), per steering method and strength. Writes metrics.json and trials.jsonl.
+vocabulary can name), per steering method and strength; and the evidence of the box (issue
+#37): how often the ImageNet classifier's top 5 labels name the object's category, from the
+whole photo, pooled over the box (what a focused caption carries), from the crop of the
+activations to the box, and from the crop of the photo. Decoding flags (--evidence-penalty ...)
+are `captioner caption`'s. Writes metrics.json and trials-*.jsonl.
 """
 
 import argparse
@@ -15,13 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from captioner import Captioner
+from captioner.cli.flags import FlagParser, Switch, add_config_arguments, checked_config
 from captioner.evaluation.focus import HOW, evaluate_focus
+from captioner.model.options import DecodeOptions
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON")
     parser.add_argument("--model", "--checkpoint", help="model folder (default: the shipped model)")
@@ -33,13 +37,23 @@ def main() -> None:
         default=["both"],
         help="steer the attention scores and the initial state, or one of them",
     )
-    parser.add_argument("--beam-size", "--beam_size", type=int, default=3)
     parser.add_argument("--limit", type=int, help="the first N images only")
+    parser.add_argument("--evidence", action=Switch, default=True, help="measure the boxes' evidence")
+    add_config_arguments(parser, DecodeOptions)
     parser.add_argument("--output-dir", "--output_dir", type=Path)
     args = parser.parse_args()
+    options = checked_config(parser, DecodeOptions, args)
     captioner = Captioner.from_pretrained(args.model)
     settings = [(how, strength) for how in args.how for strength in args.strength]
-    reports = evaluate_focus(captioner, args.images, args.instances, settings, args.beam_size, args.limit)
+    reports = evaluate_focus(
+        captioner,
+        args.images,
+        args.instances,
+        settings,
+        limit=args.limit,
+        options=options,
+        evidence=args.evidence,
+    )
     results = {}
     for (how, strength), report in reports.items():
         key = f"{how}-{strength:g}"

@@ -67,6 +67,32 @@ def test_sliders_redraw_from_the_kept_result(shapes_checkpoint, tmp_path):
     assert "".join(t for t, _ in tokens) == text
 
 
+def test_the_evidence_shows_beside_the_caption_and_each_word(shapes_checkpoint, tmp_path):
+    """What the encoder's ImageNet classifier saw: the photo's (or the box's) top labels beside
+    the caption, as Captioner.caption(..., evidence=True) finds them, and each word's verdict."""
+    captioner = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
+    path = save_shape(tmp_path, "red", "circle", "left")
+    upload = {"path": str(path), "orig_name": path.name}
+    for box in (None, (0, 0, 112, 224)):
+        _, _, _, shown = webapp.caption_upload(captioner, upload, focus_box=box and ", ".join(map(str, box)))
+        expected = captioner.caption(load_image(path), focus=box, evidence=True)
+        assert [(e.label, e.category) for e in shown.evidence] == [
+            (e.label, e.category) for e in expected.evidence
+        ]
+        summary = webapp.evidence_summary(shown)
+        assert ("in the box" if box else "in the photo") in summary
+        assert all(e.label in summary for e in expected.evidence)
+        assert len(shown.word_evidence) == len(shown.words) == len(shown.word_categories)
+        for i, word in enumerate(shown.words, start=1):
+            assert f"“{word}”" in webapp.word_evidence_view(shown, i)
+    shown.word_categories[1], shown.word_evidence[1] = "person", None  # as for "man"
+    assert "ImageNet has no class for person" in webapp.word_evidence_view(shown, 2)
+    shown.evidence = None  # a model without an ImageNet classifier
+    assert "no ImageNet classifier" in webapp.evidence_summary(shown) and not webapp.word_evidence_view(
+        shown, 1
+    )
+
+
 def test_unlikely_captions_show_a_nonzero_probability():
     """A whole sentence's probability is often below 0.001; rounding must not show it as 0."""
     assert webapp.probability(math.log(3.21e-5)) == 3.21e-5
@@ -190,7 +216,7 @@ def test_the_model_process_captions_like_the_captioner(shapes_checkpoint, tmp_pa
     """The app's model runs in a process of its own; results and errors cross back unchanged."""
     path = save_shape(tmp_path, "blue", "square", "right")
     image = load_image(path)
-    local = Captioner.from_pretrained(shapes_checkpoint, device="cpu").caption(image)
+    local = Captioner.from_pretrained(shapes_checkpoint, device="cpu").caption(image, evidence=True)
     model = ModelProcess(shapes_checkpoint, "cpu", quantize=False)
     model.start()
     try:
@@ -199,6 +225,7 @@ def test_the_model_process_captions_like_the_captioner(shapes_checkpoint, tmp_pa
         assert remote.text == local.text and remote.words == local.words
         np.testing.assert_allclose(remote.attention, local.attention, atol=1e-5)
         assert [a.text for a in remote.alternatives] == [a.text for a in local.alternatives]
+        assert [e.label for e in remote.evidence] == [e.label for e in local.evidence]  # always on
         with pytest.raises(ValueError, match="focus"):
             model.caption(image, DecodeOptions(), focus=(0, 0, 5000, 5000))
         assert model.caption(image).text == local.text  # still serving after an error

@@ -1,6 +1,6 @@
 """The web app in a real headless browser, at desktop (1280x900) and phone (390x844) sizes, checked
-for what a person sees: the caption appears on upload and is scrolled into view, problems are
-text in view, nothing sits off-screen, no table cell runs into the next, no label is cut."""
+for what a person sees: the caption appears on upload with its evidence and is scrolled into view,
+problems are text in view, nothing sits off-screen, no table cell runs into the next, no label is cut."""
 
 import re
 import shutil
@@ -152,9 +152,13 @@ def test_an_upload_is_captioned_without_a_click_and_shown_in_view(sized_page, tm
         "#attention-gallery .caption-label",
         "[data-testid=block-label]",
         "#word-overlay label",
+        "#evidence p",
+        "#word-evidence p",
     ):
         assert_nothing_off_screen_or_cut(page, selector)
     expect(page.locator("#word-overlay")).to_contain_text("Word 1 of 6: “a” · image gate β = 0.")
+    expect(page.locator("#evidence")).to_contain_text("What the encoder saw in the photo (ImageNet):")
+    expect(page.locator("#word-evidence")).to_contain_text("Evidence: “a”: not an object word")
 
     page.locator("#input-image").scroll_into_view_if_needed()
     page.locator("input[aria-label='number input for Beam size']").fill("1")
@@ -216,6 +220,7 @@ def test_step_through_the_words(page, tmp_path):
 
     thumbnails.nth(2).click()
     expect(highlighted).to_have_text("circle")
+    expect(page.locator("#word-evidence")).to_contain_text("“circle”")  # beside its overlay
     expect(page.locator("#word-slider input[type=number]")).to_have_value("3")
     expect(page.locator("#word-overlay")).to_contain_text("Word 3 of 6")
     expect(page.locator("#word-overlay")).to_contain_text("“circle” · image gate β = 0.")
@@ -318,6 +323,7 @@ def test_draw_a_box_and_caption_that_region(page, tmp_path):
     expect(page.locator("#attention-gallery .thumbnail-item")).to_have_count(len(words))
     expect(page.locator("#word-overlay")).to_contain_text(f"Word 1 of {len(words)}")
     assert page.locator("#region-status").inner_text().strip() == ""
+    expect(page.locator("#evidence")).to_contain_text("What the encoder saw in the box")
     page.wait_for_function(ALL_IMAGES_SHOWN)
     page.screenshot(path=tmp_path / "region.png", full_page=True)
     shutil.copy(tmp_path / "region.png", REVIEW_SCREENSHOT.with_name("app_screenshot_region.png"))

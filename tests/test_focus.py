@@ -142,7 +142,7 @@ def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_pa
     on a shape's box names it; without focus the caption names one shape of the two."""
     import json
 
-    from captioner.evaluation.focus import evaluate_focus
+    from captioner.evaluation.focus import EVIDENCE, evaluate_focus
 
     pairs = [(("red", "circle"), ("blue", "square")), (("green", "square"), ("yellow", "circle"))]
     images, annotations = [], []
@@ -169,7 +169,8 @@ def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_pa
             {
                 "images": images,
                 "annotations": annotations,
-                "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+                # COCO names that ImageNet classes have, so that the boxes' evidence is measured too
+                "categories": [{"id": 1, "name": "orange"}, {"id": 2, "name": "tv"}],
             }
         )
     )
@@ -178,7 +179,7 @@ def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_pa
         tmp_path,
         instances,
         settings=[("both", 4.0), ("attention", 0.0)],
-        synonyms={"circle": ["circle"], "square": ["square"]},
+        synonyms={"orange": ["circle"], "tv": ["square"]},
     )
     focused, unsteered = reports[("both", 4.0)], reports[("attention", 0.0)]
     assert len(focused.trials) == 4 and all(t.nameable for t in focused.trials)
@@ -187,3 +188,43 @@ def test_the_focus_evaluation_counts_objects_named_with_and_without_focus(tmp_pa
     assert summary["named_without_focus"] == 50.0  # one shape of each photo
     assert summary["named_from_crop"] == 100.0  # the ceiling: each shape alone
     assert unsteered.summary()["named_with_focus"] == 50.0  # strength 0 is no focus at all
+    assert summary["objects_with_imagenet_category"] == 4
+    assert all(0 <= summary[f"evidence_hit_{where}"] <= 100 for where in EVIDENCE)
+    assert all(len(t.box_evidence) == 5 for t in focused.trials)
+
+
+def test_a_focused_caption_carries_the_evidence_of_its_box(captioner):
+    """Issue #37: with focus, result.evidence is what the ImageNet classifier sees in the box; a
+    box over the whole image, or strength 0, gives the whole photo's."""
+    image = two_shapes(("red", "circle"), ("blue", "square"))
+    whole = captioner.caption(image, evidence=True)
+    everywhere = captioner.caption(image, focus=(0, 0, 224, 224), evidence=True)
+    unsteered = captioner.caption(image, focus=(0, 0, 112, 224), focus_strength=0, evidence=True)
+    for same in (everywhere, unsteered):
+        assert [e.label for e in same.evidence] == [e.label for e in whole.evidence]
+        assert all(
+            math.isclose(a.probability, b.probability, abs_tol=1e-4)
+            for a, b in zip(same.evidence, whole.evidence, strict=True)
+        )
+    left, right = (
+        captioner.caption(image, focus=box, evidence=True) for box in ((0, 0, 112, 224), (112, 0, 224, 224))
+    )
+    assert [e.probability for e in left.evidence] != [e.probability for e in right.evidence]
+    assert len(left.word_evidence) == len(left.words)
+
+
+@pytest.mark.slow
+def test_the_box_evidence_names_what_is_in_the_box():
+    """The shipped model on a cat beside a coffee cup: the photo's evidence mixes them, each
+    box's names its own object."""
+    from skimage import data
+
+    cat, coffee = (Image.fromarray(photo).resize((300, 300)) for photo in (data.chelsea(), data.coffee()))
+    image = Image.new("RGB", (600, 300))
+    image.paste(cat, (0, 0))
+    image.paste(coffee, (300, 0))
+    shipped = Captioner.from_pretrained(device="cpu")
+    left = shipped.caption(image, focus=(0, 0, 300, 300), evidence=True)
+    right = shipped.caption(image, focus=(300, 0, 600, 300), evidence=True)
+    assert left.evidence[0].category == "cat" and left.evidence[0].probability > 0.5
+    assert "cat" not in {e.category for e in right.evidence} and "cup" in {e.category for e in right.evidence}

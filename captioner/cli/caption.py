@@ -86,6 +86,13 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help='caption a region of some images: a JSON object {"path": [x0, y0, x1, y1], ...} '
         "(pixels); other images are captioned whole",
     )
+    parser.add_argument(
+        "--evidence",
+        action=Switch,
+        default=False,
+        help="add an `evidence` field: the ImageNet labels the encoder saw and the caption's words "
+        "they support (about 8%% slower; default: off)",
+    )
     add_decoding_arguments(parser, n_best=1)  # one caption per row unless asked
     add_config_arguments(parser, BatchSettings)
     add_ray_arguments(parser)
@@ -173,11 +180,15 @@ def run_caption(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         captioner = Captioner.from_pretrained(
             args.model, device=device, quantize=args.quantize, revision=args.revision
         )
+        if args.evidence:
+            captioner.evidence_head()  # a model without ImageNet evidence fails now, not mid-run
     except Exception as err:  # missing/corrupt model, bad --device: all end the run the same way
         print(f"error: cannot load the model ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
     try:
-        summary = caption_files(captioner, paths, output, options, settings, fmt=args.format, focus=focus)
+        summary = caption_files(
+            captioner, paths, output, options, settings, fmt=args.format, focus=focus, evidence=args.evidence
+        )
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED
@@ -214,7 +225,7 @@ def _select(
     from captioner.serving.batch import prepare_output
 
     try:
-        prepare_output(output, options, fmt=args.format, focus=focus is not None)
+        prepare_output(output, options, fmt=args.format, focus=focus is not None, evidence=args.evidence)
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SETUP_FAILED

@@ -7,6 +7,10 @@ image's columns [j W / w, (j + 1) W / w) and rows [i H / h, (i + 1) H / h), what
 aspect ratio. Decoding then adds `strength x weight` to the attention scores before the
 softmax at every word, and starts the LSTM from the annotations averaged with the same
 softmax (instead of the plain mean), so the first words are about the region too.
+
+With evidence asked for (captioner.model.evidence), a focused caption's evidence is the box's:
+the untuned ImageNet tail's output averaged over the region's cells, with the same weights,
+instead of over the whole photo (`region_evidence`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from captioner.model.evidence import ImageNetEvidence
 from captioner.model.options import check_focus_strength
 
 Box = Sequence[float]
@@ -105,3 +110,24 @@ def focus_weights(focus: Focus, image_size: tuple[int, int], grid: tuple[int, in
         return weights.flatten()
     x0, y0, x1, y1 = check_box(focus, image_size)
     return (_overlap(y0, y1, height, rows)[:, None] * _overlap(x0, x1, width, cols)[None, :]).flatten()
+
+
+def region_evidence(
+    head: ImageNetEvidence, stage_input: torch.Tensor, focus: torch.Tensor | None
+) -> torch.Tensor:
+    """ImageNet probabilities (B, 1000) of each photo's focus region: the untuned tail's output
+    (B, C, h, w) on the activations entering its stage (B, C', h, w), pooled with the focus
+    bias (B, L) (strength x the share of each annotation-grid cell inside the region) as weights
+    instead of the plain mean. A photo without a region (a row of zeros) gets the whole photo's.
+    Pooling the tail's output of the whole photo, not rerunning it on a crop, keeps the cost of a
+    box at one weighted mean; scripts/evaluate_focus.py compares the two and a crop of the photo."""
+    if focus is None:
+        return head(stage_input)
+    out = head.tail(stage_input).float()  # (B, C, h, w)
+    side = math.isqrt(focus.shape[1])  # annotation grids are square
+    cells = focus.float().clamp(min=0).view(-1, 1, side, side).to(out.device)
+    weights = F.adaptive_avg_pool2d(cells, out.shape[-2:]).flatten(1)  # (B, h * w)
+    weights[weights.sum(dim=1) <= 0] = 1.0  # no region: the whole photo
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    pooled = torch.einsum("bcl,bl->bc", out.flatten(2), weights)  # (B, C)
+    return torch.softmax(head.classifier(pooled).float() / head.temperature, dim=-1)

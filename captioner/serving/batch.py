@@ -130,6 +130,7 @@ def caption_files(
     *,
     fmt: str | None = None,
     focus: Mapping[str, Focus] | None = None,
+    evidence: bool = False,
 ) -> Summary:
     """Caption `paths` into `output` (JSONL or CSV, `fmt` or by its suffix), skipping files it
     already holds a row for.
@@ -140,7 +141,10 @@ def caption_files(
     Failed files are skipped too unless `settings.retry_failed`; their old rows are then
     replaced. `focus` maps paths to boxes (x0, y0, x1, y1) or masks to caption a region of those
     images; every row then says in `focus` which box it used ("mask", or null: the whole image),
-    and a region that does not fit its image makes an error row. One run at a time writes an output; a pipe or
+    and a region that does not fit its image makes an error row. `evidence`: every row holds in
+    `evidence` what the encoder's ImageNet classifier saw (of the box, in a focus row): its top
+    labels and the caption's words it supports (records.evidence_field); a file started with it
+    keeps it. One run at a time writes an output; a pipe or
     device (`/dev/stdout`) is written to without resume. Raises OutputError if the output is
     being written by another run, or cannot be read back or written.
     """
@@ -151,10 +155,11 @@ def caption_files(
     fmt = output_format(output, fmt)
     boxes = None if focus is None else {path_key(p): box for p, box in focus.items()}
     with locked_output(output):
-        existing = read_output(output, fmt, csv_fields(options.per_image > 1, focus is not None))
+        existing = read_output(output, fmt, csv_fields(options.per_image > 1, focus is not None, evidence))
         todo, summary = _plan(paths, output, fmt, existing, settings.retry_failed)
         alternatives = options.per_image > 1 or "alternatives" in existing.fields
-        run = _Run(captioner, options, settings, alternatives, boxes, summary)
+        evidence = evidence or "evidence" in existing.fields
+        run = _Run(captioner, options, settings, alternatives, boxes, summary, evidence)
         try:
             with RecordWriter(output, fmt, existing.fields) as writer:
                 run.caption(todo, writer)
@@ -164,7 +169,12 @@ def caption_files(
 
 
 def prepare_output(
-    output: str | Path, options: DecodeOptions | None = None, *, fmt: str | None = None, focus: bool = False
+    output: str | Path,
+    options: DecodeOptions | None = None,
+    *,
+    fmt: str | None = None,
+    focus: bool = False,
+    evidence: bool = False,
 ) -> None:
     """Check or create the output of a run with nothing to caption (an empty shard), as
     caption_files would, so that --merge finds every shard's file."""
@@ -172,7 +182,7 @@ def prepare_output(
     fmt = output_format(output, fmt)
     alternatives = (options or DecodeOptions(n_best=1)).per_image > 1
     with locked_output(output):
-        existing = read_output(output, fmt, csv_fields(alternatives, focus))
+        existing = read_output(output, fmt, csv_fields(alternatives, focus, evidence))
         RecordWriter(output, fmt, existing.fields).close()
 
 
@@ -186,6 +196,7 @@ class _Run:
     alternatives: bool  # rows hold the n-best list
     boxes: dict[str, Focus] | None  # path_key -> box, in a --focus-json run
     summary: Summary
+    evidence: bool = False  # rows hold the ImageNet evidence
 
     def caption(self, todo: Sequence[str], writer: RecordWriter) -> None:
         settings = self.settings
@@ -218,7 +229,7 @@ class _Run:
             else None
         )
         results = iter(
-            self.captioner.caption_tensors(batch.pixels, self.options, bias)
+            self.captioner.caption_tensors(batch.pixels, self.options, bias, self.evidence)
             if batch.pixels is not None
             else ()
         )
@@ -231,15 +242,18 @@ class _Run:
             assert item.size is not None  # ImageFiles gives every image it loaded its size
             if attention_dir is not None:
                 _save_attention(attention_dir, item, result)
-            writer.write(self.record(success_record(item.path, result, item.size, self.alternatives)))
+            record = success_record(item.path, result, item.size, self.alternatives, self.evidence)
+            writer.write(self.record(record))
             self.summary.captioned += 1
 
     def record(self, record: dict[str, Any]) -> dict[str, Any]:
-        """In a focus run, the record with the box it used (None: the whole image) before `error`."""
-        if self.boxes is None:
-            return record
+        """The record with, before `error`, in a focus run the box it used (None: the whole image)
+        and in an evidence run its evidence (None for a failure)."""
         error = record.pop("error")
-        record["focus"] = _focus_field(self.boxes.get(path_key(record["path"])))
+        if self.boxes is not None:
+            record["focus"] = _focus_field(self.boxes.get(path_key(record["path"])))
+        if self.evidence:
+            record.setdefault("evidence", None)
         record["error"] = error
         return record
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -35,8 +36,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "caption", "score", "width", "height", "error")
-CSV_FIELDS_N_BEST = ("path", "caption", "score", "width", "height", "alternatives", "error")
-JSON_CELLS = ("alternatives", "focus")  # CSV cells holding JSON: the n-best list, the focus box
+JSON_CELLS = ("alternatives", "focus", "evidence")  # CSV cells holding JSON (n-best, box, evidence)
 ENCODING, ERRORS = "utf-8", "surrogateescape"  # file names' undecodable bytes round-trip
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -46,9 +46,10 @@ class OutputError(RuntimeError):
     """The output file (or attention folder) cannot be read back or written."""
 
 
-def csv_fields(alternatives: bool = False, focus: bool = False) -> tuple[str, ...]:
-    """The CSV columns: with `alternatives` for n-best runs, `focus` for --focus-json runs."""
-    optional = ("alternatives",) * alternatives + ("focus",) * focus
+def csv_fields(alternatives: bool = False, focus: bool = False, evidence: bool = False) -> tuple[str, ...]:
+    """The CSV columns: with `alternatives` for n-best runs, `focus` for --focus-json runs,
+    `evidence` for --evidence runs."""
+    optional = ("alternatives",) * alternatives + ("focus",) * focus + ("evidence",) * evidence
     return (*CSV_FIELDS[:-1], *optional, "error")
 
 
@@ -56,7 +57,7 @@ def csv_header(fields: Sequence[str]) -> str:
     return ",".join(fields) + "\n"
 
 
-CSV_HEADERS = {csv_header(f): f for f in (csv_fields(a, b) for a in (False, True) for b in (False, True))}
+CSV_HEADERS = {csv_header(f): f for f in itertools.starmap(csv_fields, itertools.product((0, 1), repeat=3))}
 
 
 def is_stream(path: str | Path) -> bool:
@@ -148,7 +149,11 @@ def parse_line(line: str, fmt: str, fields: Sequence[str] = CSV_FIELDS) -> dict[
 
 
 def success_record(
-    path: str, result: CaptionResult, size: tuple[int, int], alternatives: bool = False
+    path: str,
+    result: CaptionResult,
+    size: tuple[int, int],
+    alternatives: bool = False,
+    evidence: bool = False,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "path": path,
@@ -161,19 +166,29 @@ def success_record(
         record["alternatives"] = [
             {"caption": a.text, "score": round(a.score, 4)} for a in result.alternatives
         ]
+    if evidence:
+        record["evidence"] = evidence_field(result)
     record["error"] = None
     return record
 
 
+def evidence_field(result: CaptionResult) -> dict[str, list[dict[str, Any]]] | None:
+    """What the encoder's ImageNet classifier saw (captioner.model.evidence): its top labels, best
+    first, and the caption's words it has evidence for; None for a result without evidence."""
+    if result.evidence is None:
+        return None
+    found = zip(result.words, result.word_evidence or [], strict=True)
+    words = [{"word": word} | _evidence_item(e) for word, e in found if e is not None]
+    return {"labels": [_evidence_item(e) for e in result.evidence], "words": words}
+
+
+def _evidence_item(e: Any) -> dict[str, Any]:
+    return {"label": e.label, "category": e.category, "probability": round(e.probability, 4)}
+
+
 def failure_record(path: str, error: str) -> dict[str, Any]:
-    return {
-        "path": path,
-        "caption": None,
-        "score": None,
-        "width": None,
-        "height": None,
-        "error": " ".join(error.split()),
-    }  # one line, so every record is one line
+    empty = dict.fromkeys(("caption", "score", "width", "height"))
+    return {"path": path} | empty | {"error": " ".join(error.split())}  # one line, so every record is one
 
 
 @dataclass

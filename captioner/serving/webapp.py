@@ -24,7 +24,7 @@ from PIL import Image
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions
 from captioner.serving import webapp_events as events
 from captioner.serving import webapp_layout as layout
-from captioner.serving.app_model import ModelProcess, UnreadableImage
+from captioner.serving.app_model import Captioned, ModelProcess, UnreadableImage, has_evidence
 from captioner.serving.model_card import CARD_PAGE
 from captioner.serving.webapp_events import MAX_PIXELS
 from captioner.serving.webapp_layout import CSS, MAX_BEAM, MAX_WORDS, TITLE
@@ -33,10 +33,12 @@ from captioner.serving.webapp_views import (  # noqa: F401 (the app's views, als
     Shown,
     alternatives_table,
     display_copy,
+    evidence_summary,
     opacity_value,
     overlays,
     probability,
     whole_number,
+    word_evidence_view,
     word_view,
 )
 
@@ -100,13 +102,15 @@ def run_model(
     box: tuple[float, ...] | None,
     strength: float,
 ) -> tuple[Image.Image, tuple[int, int], Any]:
-    """(the photo at display size, its size in pixels, its caption). The model process reads
-    the photo itself; a Captioner in this process gets it read here."""
+    """(the photo at display size, its size in pixels, its caption with its evidence if the
+    model has any). The model process reads the photo itself; a Captioner in this process gets
+    it read here."""
     path, name = upload_path(payload)
     if not isinstance(captioner, ModelProcess):
         picture = read_upload(payload)
-        result = captioner.caption(picture, options, focus=box, focus_strength=strength)
-        return display_copy(picture), picture.size, result
+        evidence = has_evidence(captioner)
+        result = captioner.caption(picture, options, focus=box, focus_strength=strength, evidence=evidence)
+        return display_copy(picture), picture.size, Captioned.of(result)
     try:
         return captioner.caption_file(
             path, options, focus=box, focus_strength=strength, max_pixels=MAX_PIXELS
@@ -151,7 +155,8 @@ def caption_upload(
 ) -> tuple[str, list[list], list[tuple[Image.Image, str]], Shown]:
     """Run the model once: (caption, n-best table, one attention overlay per word, state).
     The sliders' beam size and maximum length (default: `options`') replace those of `options`.
-    With a focus box "x0, y0, x1, y1" (image pixels), the caption is about that region."""
+    With a focus box "x0, y0, x1, y1" (image pixels), the caption (and its evidence) is about
+    that region."""
     upload_path(image)  # "Upload an image first" before any other complaint
     options = options or DecodeOptions()
     beam = options.beam_size if beam_size is None else whole_number(beam_size, 1, MAX_BEAM, "beam size")
@@ -179,6 +184,9 @@ def caption_upload(
         result.finished,
         result.notes,
         result.gate,
+        evidence=result.evidence,
+        word_evidence=result.word_evidence,
+        word_categories=result.word_categories,
     )
     if box is not None:
         scale = shown.image.width / size[0]

@@ -21,7 +21,14 @@ import gradio as gr
 from PIL import Image
 
 from captioner.serving import webapp_layout as layout
-from captioner.serving.webapp_views import overlays, pick_thumbnail, pick_word, show_result, word_view
+from captioner.serving.webapp_views import (
+    overlays,
+    pick_thumbnail,
+    pick_word,
+    show_result,
+    word_evidence_view,
+    word_view,
+)
 
 API_DESCRIPTION = (
     "Caption an image. Returns the caption, the n-best alternatives with their scores "
@@ -47,7 +54,10 @@ def wire(page: layout.Page, shown: gr.State, caption: Callable[..., Any], ready:
         caption, whole, result, api_name="caption", api_description=API_DESCRIPTION, preprocess=False
     )
     then: dict[str, Any] = dict(
-        fn=show_result, inputs=[shown, page.opacity], outputs=[page.info, *view, page.step], **private
+        fn=show_result,
+        inputs=[shown, page.opacity],
+        outputs=[page.info, page.evidence, *view, page.word_evidence, page.step],
+        **private,
     )
     photo: dict[str, Any] = dict(
         inputs=whole,
@@ -79,6 +89,7 @@ def wire(page: layout.Page, shown: gr.State, caption: Callable[..., Any], ready:
     page.gallery.select(pick_thumbnail, None, page.step, queue=False, **private)
     page.words.select(pick_word, None, page.step, queue=False, **private)
     page.step.change(word_view, [shown, page.step, page.opacity], view, **private)
+    page.step.change(word_evidence_view, [shown, page.step], page.word_evidence, queue=False, **private)
     page.opacity.change(
         lambda s, i, a: (overlays(s, a) if s else [], *word_view(s, i, a)),
         [shown, page.step, page.opacity],

@@ -91,10 +91,12 @@ class Page:
     whole_image: gr.Textbox  # the API's box argument: none by default
     caption: gr.Textbox
     info: gr.Markdown
+    evidence: gr.Markdown  # what the encoder's ImageNet classifier saw, beside the caption
     table: gr.Dataframe
     examples: Examples
     big: gr.Image
     words: gr.HighlightedText
+    word_evidence: gr.Markdown  # the selected word's evidence, beside its overlay
     step: gr.Slider
     opacity: gr.Slider
     gallery: gr.Gallery
@@ -117,7 +119,7 @@ def page(examples: list[list[str]], credits: str, about: str, options: DecodeOpt
             whole_image = gr.Textbox("", visible=False)
             api_button = gr.Button(visible=False)
         with gr.Column(scale=6):
-            caption, info, table = caption_view()
+            caption, info, evidence, table = caption_view()
             gallery_examples = gr.Examples(
                 examples,
                 inputs=[image],
@@ -127,7 +129,7 @@ def page(examples: list[list[str]], credits: str, about: str, options: DecodeOpt
                 api_visibility="private",
             )
             gr.Markdown(f"Example photos from scikit-image: {credits}.", elem_classes="small-print")
-    big, words, step, opacity, gallery = attention_view()
+    big, words, word_evidence, step, opacity, gallery = attention_view()
     with gr.Accordion("About the model", open=False):
         about_text = gr.Markdown(about, elem_classes="small-print", elem_id="about")
     return Page(
@@ -144,10 +146,12 @@ def page(examples: list[list[str]], credits: str, about: str, options: DecodeOpt
         whole_image,
         caption,
         info,
+        evidence,
         table,
         gallery_examples,
         big,
         words,
+        word_evidence,
         step,
         opacity,
         gallery,
@@ -189,8 +193,8 @@ def input_controls(options: DecodeOptions) -> tuple[gr.Image, gr.Slider, gr.Slid
     return image, beam, length, button
 
 
-def caption_view() -> tuple[gr.Textbox, gr.Markdown, gr.Dataframe]:
-    """The caption, the line of details under it, and the table of alternatives."""
+def caption_view() -> tuple[gr.Textbox, gr.Markdown, gr.Markdown, gr.Dataframe]:
+    """The caption, the line of details under it, the evidence, and the table of alternatives."""
     caption = gr.Textbox(
         label="Caption",
         lines=2,
@@ -200,6 +204,7 @@ def caption_view() -> tuple[gr.Textbox, gr.Markdown, gr.Dataframe]:
         placeholder="The caption appears here",
     )
     info = gr.Markdown(elem_id="caption-details")
+    evidence = gr.Markdown(elem_id="evidence", elem_classes="small-print")
     table = gr.Dataframe(
         headers=["#", "caption", "score", "p"],
         datatype=["number", "str", "number", "number"],
@@ -209,7 +214,7 @@ def caption_view() -> tuple[gr.Textbox, gr.Markdown, gr.Dataframe]:
         column_widths=["7%", "51%", "18%", "24%"],
         elem_id="alternatives",
     )
-    return caption, info, table
+    return caption, info, evidence, table
 
 
 def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button, gr.Markdown]:
@@ -246,7 +251,7 @@ def region_controls() -> tuple[Any, gr.Slider, gr.Textbox, gr.Button, gr.Markdow
     return picker, strength, focus_box, region_button, region_status
 
 
-def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider, gr.Gallery]:
+def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Markdown, gr.Slider, gr.Slider, gr.Gallery]:
     """ "Where the model looked": the selected word's overlay, the words, and every word's overlay."""
     gr.Markdown("## Where the model looked")
     with gr.Row(equal_height=False):
@@ -267,6 +272,7 @@ def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider
                 elem_id="word-caption",
                 color_map={"looking at": "#f59e0b"},
             )
+            word_evidence = gr.Markdown(elem_id="word-evidence")
             step = gr.Slider(1, 2, value=1, step=1, label="Word", interactive=False, elem_id="word-slider")
             opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
             gr.Markdown(
@@ -286,4 +292,4 @@ def attention_view() -> tuple[gr.Image, gr.HighlightedText, gr.Slider, gr.Slider
                 elem_id="attention-gallery",
                 format=OVERLAYS,
             )
-    return big, words, step, opacity, gallery
+    return big, words, word_evidence, step, opacity, gallery

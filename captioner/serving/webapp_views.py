@@ -15,7 +15,7 @@ from captioner.serving.app_model import DISPLAY_SIZE, display_copy  # noqa: F401
 
 if TYPE_CHECKING:
     from captioner.model.results import CaptionResult
-    from captioner.serving.app_model import Captioned
+    from captioner.serving.app_model import Captioned, Seen
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Shown:
     notes: list[str] = field(default_factory=list)  # e.g. the input is tiny
     gate: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (len(words),) beta
     box: tuple[float, float, float, float] | None = None  # the focus box, in display pixels
+    evidence: list[Seen] | None = None  # the ImageNet labels the encoder saw (app_model.Seen)
+    word_evidence: list[Seen | None] = field(default_factory=list)  # per word
+    word_categories: list[str | None] = field(default_factory=list)  # the object each word names
 
 
 def word_label(word: str, gate: float) -> str:
@@ -122,12 +125,58 @@ def word_view(shown: Shown | None, index: Any, opacity: Any) -> tuple[dict, list
     return gr.update(value=big, label=label), tokens
 
 
+def evidence_summary(shown: Shown | None) -> str:
+    """Beside the caption: the labels the encoder's ImageNet classifier saw (of the box, when
+    focused), and for each object word of the caption whether it saw it."""
+    if shown is None:
+        return ""
+    if shown.evidence is None:
+        return "**What the encoder saw**: this model has no ImageNet classifier to ask."
+    where = "in the box" if shown.box is not None else "in the photo"
+    labels = " · ".join(f"{e.label} {percent(e.probability)}" for e in shown.evidence)
+    checked: dict[str, str] = {}
+    for i, word in enumerate(shown.words):
+        if shown.word_evidence[i] is not None or shown.word_categories[i] is not None:
+            checked.setdefault(word, word_verdict(shown, i, short=True))
+    words = " · ".join(checked.values()) or "no object words to check"
+    return f"**What the encoder saw {where}** (ImageNet): {labels}  \n**The caption's objects**: {words}"
+
+
+def percent(probability: float) -> str:
+    return f"{100 * probability:.0f}%" if probability >= 0.01 else "<1%"
+
+
+def word_verdict(shown: Shown, i: int, short: bool = False) -> str:
+    """Word i against the evidence: seen (✓), not seen (✗), or a word ImageNet cannot check."""
+    word, evidence, category = shown.words[i], shown.word_evidence[i], shown.word_categories[i]
+    if evidence is None and category is None:
+        return f"“{word}”: not an object word"
+    if evidence is None and short:
+        return f"{word}: no ImageNet class"
+    if evidence is None:
+        return f"“{word}”: ImageNet has no class for {category}, so no evidence either way"
+    mark = "✓" if evidence.seen else "✗"
+    if short:
+        return f"{mark} {word} {percent(evidence.probability)}"
+    what = "seen" if evidence.seen else "not seen"
+    return f"{mark} “{word}”: {what}, {percent(evidence.probability)} (most likely: {evidence.label})"
+
+
+def word_evidence_view(shown: Shown | None, index: Any) -> str:
+    """Beside the large overlay: the selected word's evidence."""
+    if shown is None or not shown.words or shown.evidence is None:
+        return ""
+    i = whole_number(index, 1, len(shown.words), "word") - 1
+    return "**Evidence**: " + word_verdict(shown, i)
+
+
 def show_result(state: Shown | None, alpha: float) -> tuple[Any, ...]:
-    """After a caption: the details line, word 1's view, and a word slider as long as the caption."""
+    """After a caption: the details line, the evidence, word 1's view and evidence, and a word
+    slider as long as the caption."""
     big_image, tokens = word_view(state, 1, alpha)
     count = len(state.words) if state else 0
     slider = gr.Slider(minimum=1, maximum=max(count, 2), value=1, interactive=count > 1)
-    return details(state), big_image, tokens, slider
+    return details(state), evidence_summary(state), big_image, tokens, word_evidence_view(state, 1), slider
 
 
 def pick_thumbnail(event: gr.SelectData) -> int:
