@@ -99,3 +99,14 @@ def test_an_int8_graph_of_other_weights_is_refused(int8_folder, tmp_path):
     shutil.copy(int8_folder / INT8_FILE, other / INT8_FILE)
     with pytest.raises(ValueError, match="made from other encoder weights"):
         Captioner.from_pretrained(other, device="cpu", quantize=True)
+
+
+@pytest.mark.slow
+def test_the_benchmark_times_quantize_true(int8_folder, capsys):
+    settings = ["--runs", "1", "--warmup", "0", "--threads", "1", "--encoder-batches", "1"]
+    photos = ["--batch-sizes", "1", "--extract-images", "2", "--extract-runs", "1", "--image-size", "128"]
+    assert main(["benchmark", "--model", str(int8_folder), *settings, *photos]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("onnxruntime int8 (quantize=True)") == 1, printed  # the encoder table
+    assert printed.count("quantize=True (int8 encoder+decoder)") == 2, printed  # caption(), folder
+    assert "captioning a folder of 2 photos" in printed
