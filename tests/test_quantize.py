@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from captioner import Captioner
 from captioner.cli.main import main
 from captioner.model.folder import load_model
-from captioner.model.quantize import INT8_FILE, int8_encoder
+from captioner.model.quantize import INT8_FILE, Int8EncoderError, int8_encoder
 from captioner.serving.captioner import DEFAULT_WEIGHTS
 
 from .shapes import all_examples
@@ -80,14 +80,19 @@ def test_the_shipped_int8_encoder_fits_the_shipped_weights():
     assert all(len(set(a.text.split()) & set(b.text.split())) >= 2 for a, b in pairs)
 
 
-def test_quantize_without_the_int8_graph_says_how_to_make_it(shapes_checkpoint):
-    with pytest.raises(FileNotFoundError, match=f"{INT8_FILE} in the model folder .*captioner export"):
+def test_quantize_without_the_int8_graph_says_how_to_make_it(shapes_checkpoint, tmp_path, capsys):
+    with pytest.raises(Int8EncoderError, match=f"{INT8_FILE} in the model folder .*captioner export"):
         Captioner.from_pretrained(shapes_checkpoint, device="cpu", quantize=True)
     model, vocab, _ = load_model(shapes_checkpoint)
-    with pytest.raises(FileNotFoundError, match="this model has none"):
+    with pytest.raises(Int8EncoderError, match="this model has none"):
         Captioner(model, vocab, device="cpu", quantize=True)
     with pytest.raises(SystemExit):  # argparse's error: the two flags go together
         main(["export", str(shapes_checkpoint), str(shapes_checkpoint), "--quantize"])
+    real_photos()[0].save(tmp_path / "photo.jpg")
+    output = ["-o", str(tmp_path / "captions.jsonl")]
+    assert main(["caption", str(tmp_path), "--model", str(shapes_checkpoint), "--quantize", *output]) != 0
+    error = capsys.readouterr().err
+    assert f"quantize=True needs the int8 encoder {INT8_FILE}" in error and "Traceback" not in error
 
 
 @pytest.mark.slow
@@ -97,7 +102,7 @@ def test_an_int8_graph_of_other_weights_is_refused(int8_folder, tmp_path):
         model.encoder.stages[-1][0].weight.mul_(1.01)  # another tuned head
     other = Captioner(model, vocab, device="cpu").save_pretrained(tmp_path / "other")
     shutil.copy(int8_folder / INT8_FILE, other / INT8_FILE)
-    with pytest.raises(ValueError, match="made from other encoder weights"):
+    with pytest.raises(Int8EncoderError, match="made from other encoder weights"):
         Captioner.from_pretrained(other, device="cpu", quantize=True)
 
 

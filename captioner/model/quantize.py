@@ -35,6 +35,11 @@ CALIBRATION_CHUNK = 8  # photos the calibrator holds at once (~0.3 GB of activat
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+class Int8EncoderError(ValueError):
+    """quantize=True without a usable int8 graph: none in the model folder, or one made from
+    other weights. The message says how to make it."""
+
+
 def encoder_digest(encoder: Encoder) -> str:
     """sha256 of what the graph computes: backbone, sizes and every weight and statistic."""
     digest = hashlib.sha256(f"{encoder.backbone_name}:{encoder.image_size}:{encoder.grid_size}".encode())
@@ -134,14 +139,14 @@ def int8_encoder(encoder: Encoder, folder: str | Path | None, threads: int | Non
     path = Path(folder) / INT8_FILE if folder is not None else None
     if path is None or not path.is_file():
         where = f"the model folder {folder}" if folder is not None else "a model folder (this model has none)"
-        raise FileNotFoundError(
+        raise Int8EncoderError(
             f"quantize=True needs the int8 encoder {INT8_FILE} in {where}: make it once with "
             f"`captioner export MODEL_FOLDER TARGET_FOLDER --quantize --calibration-images PHOTO_FOLDER` "
             "(a few hundred photos like the ones to caption)"
         )
     runner = OnnxEncoder(encoder, graph=path, threads=threads).prepare()
     if runner.metadata().get(DIGEST_KEY) != encoder_digest(encoder):
-        raise ValueError(
+        raise Int8EncoderError(
             f"{path} was made from other encoder weights than this model's: make it again with "
             "`captioner export ... --quantize --calibration-images PHOTO_FOLDER`"
         )

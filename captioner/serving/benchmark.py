@@ -50,7 +50,7 @@ from captioner.model.config import ModelConfig
 from captioner.model.encoder import Encoder
 from captioner.model.onnx_encoder import OnnxEncoder
 from captioner.model.options import DecodeOptions
-from captioner.model.quantize import int8_encoder
+from captioner.model.quantize import Int8EncoderError, int8_encoder
 from captioner.model.vocabulary import SPECIAL_TOKENS, Vocabulary
 from captioner.serving import captioner as api
 from captioner.serving.benchmark_photos import dev_cider, sample_image, time_extraction, time_folder
@@ -101,7 +101,7 @@ def int8_runner(captioner: Captioner, threads: int) -> OnnxEncoder | None:
     """The model folder's int8 encoder (quantize=True), or None without one (it is then not timed)."""
     try:
         return int8_encoder(captioner.model.encoder, captioner.path, threads)
-    except FileNotFoundError as err:
+    except Int8EncoderError as err:
         print(f"(int8 not timed: {str(err).split(':')[0]})")
         return None
 
