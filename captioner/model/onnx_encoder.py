@@ -10,7 +10,9 @@ Where the .onnx lives: made on first use (the legacy TorchScript exporter, ~1 s 
 encoder) and cached as $CAPTIONER_CACHE/onnx (default $XDG_CACHE_HOME/captioner/onnx, else
 ~/.cache/captioner/onnx) under a digest of the weights and the versions that shape the graph;
 later loads read it (~0.1 s). Nothing goes into the model folder, so any folder works and a
-read-only install too: if the cache cannot be written, the exported bytes stay in memory.
+read-only install too: if the cache cannot be written, the exported bytes stay in memory. (The
+int8 graph of quantize=True is the exception: it needs calibration photos, so it is made once into
+the model folder; captioner.model.quantize.)
 """
 
 from __future__ import annotations

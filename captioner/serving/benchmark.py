@@ -7,11 +7,13 @@ In one run, for each thread count (--threads, default 1 and 2: torch's threads a
 intra-op threads alike):
 1. the encoder on --encoder-batches photos (default 1 and 8): timm's stock model
    (`timm.create_model(arch).forward_features`), the project's Encoder in eager PyTorch (the
-   torch path: training, GPUs) and onnxruntime fp32 (captioner.model.onnx_encoder: the CPU path);
+   torch path: training, GPUs), onnxruntime fp32 (captioner.model.onnx_encoder: the CPU path) and,
+   if the model folder has encoder_int8.onnx, onnxruntime int8 (quantize=True);
 2. the full caption() call (preprocessing, encoder, beam search, attention maps) for each of
-   --batch-sizes photos, with the torch encoder and with onnxruntime;
+   --batch-sizes photos, with the torch encoder, with onnxruntime and with quantize=True;
 3. feature extraction for training (the feature cache's loader and fp16 grids, batch 32, photos
-   loaded in the main process): photos/s, torch against onnxruntime.
+   loaded in the main process): photos/s, torch against onnxruntime; and captioning a folder as
+   `captioner caption` does, photos/s of the same captioners (captioner.serving.benchmark_photos).
 Then the onnxruntime encoder's start-up (export on first use, load from the cache) and the
 process's peak memory. `--dev-cider N` instead scores the encoders on the first N Flickr8k dev
 photos (CIDEr, and how many captions equal the first encoder's). Every comparison interleaves its
@@ -165,7 +167,7 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
         encoders: dict[str, Forward] = {STOCK: forward, TORCH: encoder, ONNX: onnx}
         captioners = {
             "torch encoder": with_encoder(captioner, encoder),
-            "default (onnxruntime fp32 encoder)": with_encoder(captioner, onnx),
+            "onnxruntime encoder": with_encoder(captioner, onnx),  # the default
         }
         if int8 is not None:
             encoders[INT8] = int8
