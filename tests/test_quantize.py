@@ -57,6 +57,7 @@ def test_int8_grids_are_close_to_fp32(int8_folder):
 def test_quantize_true_captions_like_fp32(int8_folder):
     examples = all_examples()
     images = [image for image, _, _ in examples]
+    before = {p.name: p.stat().st_mtime_ns for p in int8_folder.iterdir()}
     exact = Captioner.from_pretrained(int8_folder, device="cpu").caption(images)
     int8 = Captioner.from_pretrained(int8_folder, device="cpu", quantize=True)
     assert int8.encoder.metadata()["captioner.calibration_photos"] == str(len(examples) + 3)
@@ -66,6 +67,7 @@ def test_quantize_true_captions_like_fp32(int8_folder):
     # A 4x4 grid and a 128-wide decoder, both int8: 8 of 16 right and equal to fp32 measured, by
     # chance ~1 (4 colours x 2 shapes x 2 sides); the shipped model keeps most (next test).
     assert same >= 6 and right >= 6, (same, right, len(images))
+    assert {p.name: p.stat().st_mtime_ns for p in int8_folder.iterdir()} == before  # read-only use
 
 
 @pytest.mark.slow
