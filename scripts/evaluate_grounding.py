@@ -41,6 +41,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--quantize", action="store_true", help="the int8 encoder and decoder (CPU)")
     parser.add_argument(
         "--synonyms",
         help="JSON {category: [words]} for non-COCO categories "
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--output-dir", "--output_dir", help="where metrics.json and details.jsonl go")
     args = parser.parse_args()
     synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, quantize=args.quantize)
     report = evaluate_grounding(
         captioner,
         args.images,

@@ -43,7 +43,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--quantize",
         action=Switch,
         default=False,
-        help="int8 decoder on CPU: faster captions, slightly different scores (default: off)",
+        help="int8 encoder and decoder on CPU: faster captions, slightly different scores (default: off)",
     )
     parser.add_argument(
         "--device",

@@ -16,8 +16,9 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument(
         "--quantize",
         action=Switch,
-        default=False,
-        help="int8 dynamic quantization of the decoder (default: off)",
+        default=True,
+        help="also time quantize=True (int8 encoder and decoder) if the model folder has its "
+        "encoder_int8.onnx (default: on)",
     )
     parser.add_argument(
         "--vocab-size",

@@ -66,7 +66,8 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--quantize",
         action=Switch,
         default=False,
-        help="int8 decoder on CPU: faster, slightly different captions (default: off)",
+        help="int8 encoder and decoder on CPU (the model folder's encoder_int8.onnx): faster, "
+        "slightly different captions (default: off)",
     )
     parser.add_argument(
         "--shard",

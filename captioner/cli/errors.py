@@ -33,6 +33,7 @@ EXPECTED = {
     "captioner.files.DiskFullError",
     "captioner.data.feature_cache.FeatureCacheError",
     "captioner.model.evidence.EvidenceError",
+    "captioner.model.quantize.Int8EncoderError",
     "captioner.data.images.ImageLoadError",
     "captioner.model.encoder.EncoderWeightsError",
     "captioner.serving.records.OutputError",

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from captioner.cli.app import add_app_arguments, run_app
 from captioner.cli.benchmark import add_benchmark_arguments, run_benchmark
@@ -95,7 +96,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--max-images", type=positive_int, help="score only the first N images of the split")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument(
-        "--quantize", action=Switch, default=False, help="score the int8 decoder (CPU) (default: off)"
+        "--quantize",
+        action=Switch,
+        default=False,
+        help="score the int8 encoder and decoder (CPU) (default: off)",
     )
     parser.add_argument(
         "--meteor", action=Switch, default=True, help="also score METEOR (needs Java) (default: on)"
@@ -148,6 +152,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         cache_dir=args.cache_dir,
+        encoder=captioner.encoder,  # --quantize: the int8 one
     )
     summary = {
         "model": str(captioner.path),
@@ -196,12 +201,26 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=False,
         help="source is a run folder: export its last saved step's raw weights",
     )
+    parser.add_argument(
+        "--quantize",
+        action=Switch,
+        default=False,
+        help="also write the int8 encoder (encoder_int8.onnx) that --quantize runs; needs "
+        "--calibration-images (default: off)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        metavar="DIR",
+        help="--quantize: a folder of photos like the ones to caption (a few hundred)",
+    )
     return parser
 
 
 def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.last_step and len(args.sources) > 1:
         parser.error("--last-step exports one run")
+    if args.quantize != bool(args.calibration_images):
+        parser.error("--quantize and --calibration-images go together")
     import torch
 
     from captioner.model.folder import load_ensemble, load_model, save_model
@@ -217,7 +236,23 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         metadata = config["metadata"]
     path = save_model(args.target, model, vocab, metadata=metadata, dtype=getattr(torch, args.dtype))
     print(f"wrote {path} ({args.dtype})")
+    if args.quantize:
+        write_int8_encoder(path, args.calibration_images)
     return 0
+
+
+def write_int8_encoder(folder: Path, calibration_images: str) -> None:
+    """The int8 encoder of the model just written (weights as stored), calibrated on the photos."""
+    from captioner.data.images import load_image
+    from captioner.model.folder import load_model
+    from captioner.model.quantize import INT8_FILE, calibration_photos, quantize_encoder
+
+    encoder = load_model(folder)[0].encoder
+    photos = calibration_photos(calibration_images)
+    print(f"calibrating the int8 encoder on {len(photos)} photos from {calibration_images} ...")
+    transform = encoder.transform
+    quantize_encoder(encoder, photos, lambda photo: transform(load_image(photo)), folder / INT8_FILE)
+    print(f"wrote {folder / INT8_FILE}")
 
 
 # ----------------------------------------------------------------------------- the command

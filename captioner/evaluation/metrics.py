@@ -167,10 +167,12 @@ def image_grids(
     num_workers: int = 2,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    encoder: torch.nn.Module | None = None,
 ) -> Iterator[torch.Tensor]:
-    """The annotation grids (B, L, D) of `images`, batch by batch, in order: from the photos, or
-    with `cache_dir` from (and into) the feature cache, which only a model whose encoder is the
-    frozen ImageNet backbone may use."""
+    """The annotation grids (B, L, D) of `images`, batch by batch, in order: from the photos
+    (through `encoder`, default the model's on the runtime Captioner uses, e.g. a Captioner's
+    int8 one), or with `cache_dir` from (and into) the feature cache, which only a model whose
+    encoder is the frozen ImageNet backbone may use."""
     device = next(model.decoder.parameters()).device
     if cache_dir is not None:
         cache = FeatureCache(cache_dir, model.encoder, [i.path for i in images])
@@ -184,7 +186,7 @@ def image_grids(
         num_workers=num_workers,
         collate_fn=collate_images,
     )
-    encoder = runtime_encoder(model.encoder)  # what Captioner runs: the same grids, faster
+    encoder = encoder or runtime_encoder(model.encoder)  # what Captioner runs: the same grids, faster
     for batch in loader:
         batch.raise_errors()  # a score over fewer images than asked for would mislead
         yield encoder(batch.pixels.to(device))
@@ -201,14 +203,15 @@ def caption_split(
     num_workers: int = 2,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    encoder: torch.nn.Module | None = None,
 ) -> list[str]:
     """Real beam-search captions (by `options`, default DecodeOptions()) for every image, in
-    order (see image_grids for `cache_dir`)."""
+    order (see image_grids for `cache_dir` and `encoder`)."""
     options = (options or DecodeOptions()).replace(n_best=1)
     model.eval()
     captions: list[str] = []
     bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
-    for features in image_grids(model, images, batch_size, num_workers, cache_dir, progress):
+    for features in image_grids(model, images, batch_size, num_workers, cache_dir, progress, encoder):
         results = caption_features(model.decoder, vocab, features, options)
         captions += [r.text for r in results]
         bar.update(len(results))

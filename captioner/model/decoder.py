@@ -80,6 +80,16 @@ class AttentionDecoder(nn.Module):
         self.classifier = nn.Linear(embed_dim if deep_output else hidden_dim, vocab_size)  # L_o
         self.word_tables = True  # False: decode through nn.LSTMCell (to measure what the tables gain)
         self._tables: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # _word_tables()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.forget_tables())
+
+    def forget_tables(self) -> None:
+        """Drop the word tables built from the weights (see _word_tables): done by train(), eval()
+        and load_state_dict; call it after changing the weights in place any other way."""
+        self._tables = None
+
+    def train(self, mode: bool = True) -> AttentionDecoder:
+        self.forget_tables()  # eval() after training: the optimizer changed the weights in place
+        return super().train(mode)
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image work done once: backbone features (B, L, D) -> annotations (B, L, A)
@@ -138,9 +148,10 @@ class AttentionDecoder(nn.Module):
 
         One step of decoding is memory-bound on a CPU: it streams every weight matrix once for a
         few rows. The embedding's 4H x E block of W_ih is a quarter of those bytes; looked up per
-        word instead, a step reads (B, 4H) of it. Built once per set of weights (keyed on the
-        tensors' version counters, which training's in-place updates and load_state_dict bump);
-        None where it does not apply: with gradients, in train mode, a quantized LSTM, or with
+        word instead, a step reads (B, 4H) of it. Built once per set of weights: forgotten by
+        train()/eval() (which come after an optimizer's in-place updates) and load_state_dict, and
+        keyed on the tensors' storage, dtype and device (.to() and .half() make new ones); None
+        where it does not apply: with gradients, in train mode, a quantized LSTM, or with
         `word_tables` off.
         """
         lstm = self.lstm
@@ -154,7 +165,7 @@ class AttentionDecoder(nn.Module):
         ):
             return None
         sources = (self.embedding.weight, lstm.weight_ih, lstm.bias_ih, lstm.bias_hh)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key = tuple((t.data_ptr(), t.dtype, t.device) for t in sources)
         cached = self._tables
         if cached is None or cached[0] != key:
             embed_dim = self.embedding.weight.shape[1]

@@ -10,7 +10,9 @@ Where the .onnx lives: made on first use (the legacy TorchScript exporter, ~1 s 
 encoder) and cached as $CAPTIONER_CACHE/onnx (default $XDG_CACHE_HOME/captioner/onnx, else
 ~/.cache/captioner/onnx) under a digest of the weights and the versions that shape the graph;
 later loads read it (~0.1 s). Nothing goes into the model folder, so any folder works and a
-read-only install too: if the cache cannot be written, the exported bytes stay in memory.
+read-only install too: if the cache cannot be written, the exported bytes stay in memory. (The
+int8 graph of quantize=True is the exception: it needs calibration photos, so it is made once into
+the model folder; captioner.model.quantize.)
 """
 
 from __future__ import annotations
@@ -82,31 +84,50 @@ def graph_name(encoder: Encoder, until_stage: int | None = None) -> str:
     return f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{digest.hexdigest()[:16]}.onnx"
 
 
-def export_onnx(encoder: Encoder, until_stage: int | None = None) -> bytes:
-    """The encoder (or its stages before until_stage) as an ONNX model, batch axis dynamic."""
+def export_onnx(encoder: Encoder, until_stage: int | None = None, static_padding: bool = False) -> bytes:
+    """The encoder (or its stages before until_stage) as an ONNX model, batch axis dynamic.
+
+    The legacy TorchScript exporter by default: ~1 s for the shipped encoder, where torch.export
+    (static_padding=True) takes 12-15 s for a graph that runs as fast. But the legacy graph
+    computes timm's TF "same" padding at run time, which onnxruntime's int8 quantizer gets wrong
+    (a 13x13 grid instead of 14x14); torch.export writes it into the convolutions' pads, so the
+    int8 graph (captioner.model.quantize) starts from that one."""
     module = copy.deepcopy(_exported_module(encoder, until_stage)).cpu().float().eval()
     example = torch.zeros(2, 3, encoder.image_size, encoder.image_size)
-    # The legacy TorchScript exporter: ~1 s for the shipped encoder, where torch.export (dynamo=True)
-    # takes 12-15 s for a graph that runs as fast (docs/benchmarks.md).
     with (
         tempfile.TemporaryDirectory() as folder,
         torch.inference_mode(False),
         torch.no_grad(),
         warnings.catch_warnings(),
     ):
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notes
         path = Path(folder) / "encoder.onnx"
-        torch.onnx.export(
-            module,
-            (example,),
-            path,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT],
-            output_names=[OUTPUT],
-            do_constant_folding=True,
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-        )
+        names: dict[str, Any] = {"input_names": [INPUT], "output_names": [OUTPUT]}
+        if static_padding:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=18,
+                dynamic_shapes=({0: batch},),
+                optimize=True,
+                verbose=False,
+                **names,
+            )
+            assert program is not None  # dynamo=True always returns the program
+            program.save(str(path), external_data=False)
+        else:
+            torch.onnx.export(
+                module,
+                (example,),
+                path,
+                dynamo=False,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                **names,
+            )
         return path.read_bytes()
 
 
@@ -147,6 +168,7 @@ def ort_session(model: Path | bytes, threads: int | None = None) -> Any:
 class OnnxEncoder(nn.Module):
     """Encoder.forward(images) on ONNX Runtime (CPU): the same inputs and (B, L, D) grids as torch
     tensors; with until_stage=K the (B, C, H, W) activations entering stage K instead.
+    graph: an .onnx file to run instead (the int8 graph of captioner.model.quantize).
 
     The graph is made from the encoder's weights at the first call (or prepare()): build a new
     OnnxEncoder after changing them. threads: intra-op threads (default $CAPTIONER_ORT_THREADS, else
@@ -159,6 +181,7 @@ class OnnxEncoder(nn.Module):
         until_stage: int | None = None,
         threads: int | None = None,
         cache: str | Path | None = None,
+        graph: Path | None = None,
     ):
         super().__init__()
         if until_stage is not None:
@@ -166,9 +189,10 @@ class OnnxEncoder(nn.Module):
         self._encoder = [encoder]  # in a list: not a submodule (no parameters of its own here)
         self.until_stage, self.threads = until_stage, threads
         self.cache = Path(cache) if cache is not None else None
+        self.graph = graph
         self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
         self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
-        self.origin: str | None = None  # "cache", "exported" or "memory" once prepared
+        self.origin: str | None = None  # "cache", "exported", "memory" or "file" once prepared
         self._session: Any = None
         self._lock = threading.Lock()
         self.eval()
@@ -181,9 +205,17 @@ class OnnxEncoder(nn.Module):
         """Load (or export) the graph and open the session now rather than at the first call."""
         with self._lock:
             if self._session is None:
-                model, self.origin = load_or_export(self._encoder[0], self.until_stage, self.cache)
+                model, self.origin = (
+                    (self.graph, "file")
+                    if self.graph is not None
+                    else load_or_export(self._encoder[0], self.until_stage, self.cache)
+                )
                 self._session = ort_session(model, self.threads)
         return self
+
+    def metadata(self) -> dict[str, str]:
+        """The graph's custom metadata (the int8 graph records the weights it was made from)."""
+        return dict(self.prepare()._session.get_modelmeta().custom_metadata_map)
 
     def train(self, mode: bool = True) -> OnnxEncoder:
         if mode:

@@ -7,11 +7,13 @@ In one run, for each thread count (--threads, default 1 and 2: torch's threads a
 intra-op threads alike):
 1. the encoder on --encoder-batches photos (default 1 and 8): timm's stock model
    (`timm.create_model(arch).forward_features`), the project's Encoder in eager PyTorch (the
-   torch path: training, GPUs) and onnxruntime fp32 (captioner.model.onnx_encoder: the CPU path);
+   torch path: training, GPUs), onnxruntime fp32 (captioner.model.onnx_encoder: the CPU path) and,
+   if the model folder has encoder_int8.onnx, onnxruntime int8 (quantize=True);
 2. the full caption() call (preprocessing, encoder, beam search, attention maps) for each of
-   --batch-sizes photos, with the torch encoder and with onnxruntime;
+   --batch-sizes photos, with the torch encoder, with onnxruntime and with quantize=True;
 3. feature extraction for training (the feature cache's loader and fp16 grids, batch 32, photos
-   loaded in the main process): photos/s, torch against onnxruntime.
+   loaded in the main process): photos/s, torch against onnxruntime; and captioning a folder as
+   `captioner caption` does, photos/s of the same captioners (captioner.serving.benchmark_photos).
 Then the onnxruntime encoder's start-up (export on first use, load from the cache) and the
 process's peak memory. `--dev-cider N` instead scores the encoders on the first N Flickr8k dev
 photos (CIDEr, and how many captions equal the first encoder's). Every comparison interleaves its
@@ -28,6 +30,7 @@ The flags are defined in captioner.cli (add_benchmark_arguments), so that --help
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import statistics
@@ -38,30 +41,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import timm
 import torch
 import torchvision
 from PIL import Image
-from skimage import data
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from captioner.data.datasets import load_flickr
-from captioner.data.images import ImageFiles, collate_images
-from captioner.evaluation.metrics import score_captions
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
 from captioner.model.encoder import Encoder
 from captioner.model.onnx_encoder import OnnxEncoder
 from captioner.model.options import DecodeOptions
+from captioner.model.quantize import Int8EncoderError, int8_encoder
 from captioner.model.vocabulary import SPECIAL_TOKENS, Vocabulary
 from captioner.serving import captioner as api
+from captioner.serving.benchmark_photos import dev_cider, sample_image, time_extraction, time_folder
 from captioner.serving.captioner import Captioner
 
 Calls = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # name -> (function, its arguments)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 STOCK, TORCH, ONNX = "timm stock forward_features", "torch eager (Encoder)", "onnxruntime fp32"
+INT8 = "onnxruntime int8 (quantize=True)"
 
 
 def run(args: argparse.Namespace, options: DecodeOptions) -> None:
@@ -79,31 +79,38 @@ def run(args: argparse.Namespace, options: DecodeOptions) -> None:
 def load_captioner(args: argparse.Namespace) -> tuple[Captioner, str]:
     """The captioner to time, and what it is (for the report)."""
     if args.model:
-        captioner = Captioner.from_pretrained(args.model, device="cpu", quantize=args.quantize)
-        return captioner, f"model {args.model}" + (" (int8 decoder)" if args.quantize else "")
+        captioner = Captioner.from_pretrained(args.model, device="cpu")
+        return captioner, f"model {args.model}"
     words = (f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))
     vocab = Vocabulary([*SPECIAL_TOKENS, *words])
     model = CaptionModel(ModelConfig(), len(vocab))
-    captioner = Captioner(model, vocab, device="cpu", quantize=args.quantize)
+    captioner = Captioner(model, vocab, device="cpu")
     return captioner, "default ModelConfig, RANDOM decoder weights: timing only, captions are meaningless"
 
 
-def with_encoder(captioner: Captioner, encoder: torch.nn.Module) -> Captioner:
-    """A Captioner of the same model whose images go through `encoder`."""
+def with_encoder(captioner: Captioner, encoder: torch.nn.Module, quantize: bool = False) -> Captioner:
+    """A Captioner of the same model whose images go through `encoder` (quantize: and whose
+    decoder is the int8 one, as quantize=True makes it)."""
     other = Captioner(captioner.model, captioner.vocab, device="cpu")
     other.encoder = encoder
+    if quantize:
+        other.model = copy.deepcopy(captioner.model)  # the fp32 model stays as it is
+        other.model.decoder = api.quantize_decoder(other.model.decoder)
     return other
+
+
+def int8_runner(captioner: Captioner, threads: int) -> OnnxEncoder | None:
+    """The model folder's int8 encoder (quantize=True), or None without one (it is then not timed)."""
+    try:
+        return int8_encoder(captioner.model.encoder, captioner.path, threads)
+    except Int8EncoderError as err:
+        print(f"(int8 not timed: {str(err).split(':')[0]})")
+        return None
 
 
 def clock(args: argparse.Namespace) -> Callable[[], float]:
     """The timer --clock names: wall time, or this process's CPU time."""
     return time.process_time if args.clock == "cpu" else time.perf_counter
-
-
-def sample_image(size: int) -> Image.Image:
-    """A real photo (skimage's coffee cup) at `size` pixels square, as a user would pass it."""
-    image = Image.fromarray(data.coffee())
-    return image.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def peak_memory_mb() -> float:
@@ -140,65 +147,6 @@ def unmodified_backbone(encoder: Encoder) -> Forward:
     return torch.nn.Sequential(*list(net.children())[:-2]).eval()
 
 
-def extraction_paths(folder: Path, args: argparse.Namespace) -> list[str]:
-    """--extract-images Flickr8k photos if --flickr-root is a folder, else as many generated ones."""
-    if args.flickr_root and Path(args.flickr_root).is_dir():
-        files = sorted((Path(args.flickr_root) / "images").glob("*.jpg"))
-        return [str(p) for p in files[: args.extract_images]]
-    photo = sample_image(args.image_size)
-    for i in range(args.extract_images):
-        photo.rotate(i).save(folder / f"photo_{i:04d}.jpg")
-    return [str(folder / f"photo_{i:04d}.jpg") for i in range(args.extract_images)]
-
-
-def extract(encoder: Encoder, forward: Forward, paths: list[str]) -> float:
-    """Photos/s of feature extraction as the feature cache runs it (photos decoded in the main
-    process, batch 32, grids stored as fp16), with `forward` computing the grids."""
-    loader = DataLoader(
-        ImageFiles(paths, encoder.transform), batch_size=32, num_workers=0, collate_fn=collate_images
-    )
-    grids = np.zeros((len(paths), encoder.grid_size**2, encoder.feature_dim), dtype=np.float16)
-    start, row = time.perf_counter(), 0
-    with torch.inference_mode():
-        for batch in loader:
-            assert batch.pixels is not None  # the photos are ours: they all load
-            grids[row : row + len(batch.pixels)] = forward(batch.pixels).to(torch.float16).numpy()
-            row += len(batch.pixels)
-    return len(paths) / (time.perf_counter() - start)
-
-
-def dev_cider(captioner: Captioner, args: argparse.Namespace, options: DecodeOptions) -> None:
-    """Caption the first --dev-cider Flickr8k dev photos with each encoder and score them."""
-    encoders: dict[str, torch.nn.Module] = {
-        "torch": captioner.model.encoder,
-        "onnx": OnnxEncoder(captioner.model.encoder).prepare(),
-    }
-    images = load_flickr(args.flickr_root)["val"][: args.dev_cider]
-    references = {i.image_id: i.captions for i in images}
-    pixels = torch.stack([captioner.preprocess(i.path) for i in images])
-    print(
-        f"{len(images)} Flickr8k dev photos, beam {options.beam_size}, "
-        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}"
-    )
-    print(f"{'encoder':<10} {'CIDEr':>6} {'BLEU-4':>7} {'same captions':>14} {'encoder s':>10}")
-    first = None
-    for name in args.encoders:
-        captioner.encoder = encoders[name]
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            for part in pixels.split(api.CPU_ENCODER_BATCH):
-                captioner.encoder(part)
-            seconds = time.perf_counter() - t0
-        texts = [r.text for batch in pixels.split(32) for r in captioner.caption_tensors(batch, options)]
-        first = first or texts
-        scores = score_captions(dict(zip(references, texts, strict=True)), references, meteor=False)
-        same = sum(a == b for a, b in zip(texts, first, strict=True))
-        print(
-            f"{name:<10} {scores['CIDEr']:>6.2f} {scores['BLEU-4']:>7.2f} {same:>9}/{len(texts)} "
-            f"{seconds:>10.1f}"
-        )
-
-
 def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args: argparse.Namespace) -> None:
     """The timings (encoder, caption(), feature extraction) for each of --threads, then start-up
     and peak memory."""
@@ -214,16 +162,21 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
     for threads in args.threads:
         torch.set_num_threads(threads)
         onnx = OnnxEncoder(encoder, threads=threads).prepare()
+        int8 = int8_runner(captioner, threads) if args.quantize else None
         print(f"\n=== {threads} thread(s), load average {os.getloadavg()[0]:.1f} ===")
         encoders: dict[str, Forward] = {STOCK: forward, TORCH: encoder, ONNX: onnx}
-        stock = time_encoders(encoders, pixels, encoder_gflop, args)
         captioners = {
             "torch encoder": with_encoder(captioner, encoder),
-            "onnxruntime encoder": with_encoder(captioner, onnx),
+            "onnxruntime encoder": with_encoder(captioner, onnx),  # the default
         }
+        if int8 is not None:
+            encoders[INT8] = int8
+            captioners["quantize=True (int8 encoder+decoder)"] = with_encoder(captioner, int8, quantize=True)
+        stock = time_encoders(encoders, pixels, encoder_gflop, args)
         time_captions(captioners, image, options, args, stock)
         if args.extract_images:
             time_extraction(encoder, onnx, args)
+            time_folder(captioners, options, args)
     torch.set_num_threads(torch_threads)
     time_startup(encoder)
     print(f"peak memory of this process: {peak_memory_mb():.0f} MB")
@@ -305,23 +258,6 @@ def time_captions(
                 f"  {name:<36} {batch:>6} {value:>8.1f} {value / batch:>9.1f} "
                 f"{value / batch / stock_ms:>13.2f} {len(result.words):>6}"
             )
-
-
-def time_extraction(encoder: Encoder, onnx: OnnxEncoder, args: argparse.Namespace) -> None:
-    """Feature extraction's photos/s with the torch encoder and with onnxruntime."""
-    with tempfile.TemporaryDirectory() as folder:
-        paths = extraction_paths(Path(folder), args)
-        rates: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
-        for _ in range(args.extract_runs):
-            rates["torch"].append(extract(encoder, encoder, paths))
-            rates["onnxruntime"].append(extract(encoder, onnx, paths))
-    eager, fast = (statistics.median(rates[k]) for k in ("torch", "onnxruntime"))
-    source = "Flickr8k" if args.flickr_root and Path(args.flickr_root).is_dir() else "generated"
-    print(
-        f"feature extraction, {len(paths)} {source} photos, batch 32 (median of "
-        f"{args.extract_runs}): torch {eager:.1f} photos/s, onnxruntime {fast:.1f} photos/s "
-        f"({fast / eager:.2f}x)"
-    )
 
 
 def time_startup(encoder: Encoder) -> None:

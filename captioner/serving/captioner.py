@@ -16,6 +16,7 @@ from captioner.model.focus import Focus, check_strength, focus_weights, region_e
 from captioner.model.folder import load_model, save_model
 from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
+from captioner.model.quantize import int8_encoder
 from captioner.model.results import CaptionResult, caption_features
 from captioner.model.vocabulary import Vocabulary
 from captioner.serving import hub
@@ -65,18 +66,21 @@ class Captioner:
         device: str | torch.device | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         quantize: bool = False,
+        folder: str | Path | None = None,
     ):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
+        self.path = Path(folder) if folder is not None else None  # the model folder, if any
         # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, on ONNX Runtime on a CPU
-        # (the same grids, faster); any module that does the same may stand in.
+        # (the same grids, faster; quantize=True: the folder's int8 graph); any module that does
+        # the same may stand in.
         self.encoder: torch.nn.Module = runtime_encoder(self.model.encoder)
         if quantize and self.device.type == "cpu":
+            self.encoder = int8_encoder(self.model.encoder, self.path)
             self.model.decoder = quantize_decoder(self.model.decoder)
         self.vocab = vocab
         self.transform = model.encoder.transform
         self.max_pixels = max_pixels
-        self.path: Path | None = None  # the model folder it was loaded from, if any
         self.config: dict[str, Any] = {}  # that folder's config.json (metadata, stored dtype)
         self._evidence_head: ImageNetEvidence | None = None  # built when evidence is first asked for
         self._evidence_trunk: torch.nn.Module | None = None
@@ -92,14 +96,17 @@ class Captioner:
         """Load a model folder, or a Hugging Face Hub repo id ("user/model", at `revision`);
         by default the shipped model (or $CAPTIONER_WEIGHTS). A local path wins over a repo id.
 
-        quantize=True (CPU only) runs the decoder's matrix products in int8: a decoder step on a
-        CPU is bound by reading its weights, so this makes captioning ~2-3x faster, at the cost
-        of slightly different scores.
+        quantize=True (CPU only) runs the encoder and the decoder in int8: the folder's
+        encoder_int8.onnx (captioner.model.quantize; the shipped model has one, `captioner export
+        --quantize` makes one) and the decoder's matrix products. Faster, at the cost of slightly
+        different captions (the shipped model: ~0.9 dev CIDEr less; docs/benchmarks.md).
         """
         path = hub.find_model(path, revision, default=DEFAULT_WEIGHTS)
         model, vocab, config = load_model(path)
-        captioner = cls(model, vocab, device, quantize=quantize)
-        captioner.path, captioner.config = (path.parent if path.is_file() else path), config
+        captioner = cls(
+            model, vocab, device, quantize=quantize, folder=path.parent if path.is_file() else path
+        )
+        captioner.config = config
         return captioner
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:

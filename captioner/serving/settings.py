@@ -14,7 +14,7 @@ from captioner.model.options import DEFAULT_FOCUS_STRENGTH, check_focus_strength
 DEFAULT_NUM_WORKERS = min(2, os.cpu_count() or 1)
 
 # The encoders `captioner benchmark --dev-cider` can score (captioner.serving.benchmark).
-ENCODER_OPTIONS = ("torch", "onnx")
+ENCODER_OPTIONS = ("torch", "onnx", "int8")
 
 
 @dataclass(frozen=True)
