@@ -48,6 +48,13 @@ def check_focus_strength(strength: Any) -> float:
     return value
 
 
+def check_penalty(name: str, value: Any) -> None:
+    """ValueError naming the option unless it is a finite number >= 0 (a log-probability penalty)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """Decoding settings; every field is a flag of `captioner caption`, `evaluate` and `app`.
@@ -72,6 +79,13 @@ class DecodeOptions:
     """Lower, by up to this much log-probability, the object words (dog, car, ...) of categories
     the encoder's ImageNet classifier sees no evidence of in the photo, weighted by how reliable
     missing evidence is for each (captioner.model.evidence; 0: off, the prototype used 4)."""
+    constrain_evidence: float | None = None
+    """Constrained beam search: the caption must name the (at most 2) object categories whose
+    ImageNet evidence is at least this probability, 0-1 (captioner.model.constraints; none: off;
+    0.3 was measured)."""
+    person_penalty: float = 0.0
+    """Lower person words (man, girl, people, ...) by this much log-probability when the person
+    detector finds no person in the photo (captioner.model.person; 0: off, 4 was measured)."""
 
     def __post_init__(self) -> None:
         self.check()
@@ -86,14 +100,18 @@ class DecodeOptions:
         penalty = self.length_penalty
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
             raise ValueError(f"length_penalty must be a finite number, got {penalty!r}")
-        evidence = self.evidence_penalty
-        if (
-            isinstance(evidence, bool)
-            or not isinstance(evidence, (int, float))
-            or not math.isfinite(evidence)
-            or evidence < 0
+        check_penalty("evidence_penalty", self.evidence_penalty)
+        check_penalty("person_penalty", self.person_penalty)
+        threshold = self.constrain_evidence
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1
         ):
-            raise ValueError(f"evidence_penalty must be a finite number >= 0, got {evidence!r}")
+            raise ValueError(f"constrain_evidence must be a probability in (0, 1] or None, got {threshold!r}")
+
+    @property
+    def uses_evidence(self) -> bool:
+        """Whether decoding needs each photo's ImageNet evidence (captioner.model.evidence)."""
+        return bool(self.evidence_penalty or self.person_penalty or self.constrain_evidence is not None)
 
     @property
     def per_image(self) -> int:

@@ -183,7 +183,7 @@ class Captioner:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         probabilities = None
-        if evidence or options.evidence_penalty:
+        if evidence or options.uses_evidence:
             head, trunk = self.evidence_head(), self.evidence_trunk()
             parts = [
                 encode_with_evidence(self.model.encoder, head, part, trunk) for part in pixels.split(chunk)
@@ -253,7 +253,7 @@ class Captioner:
         evidence=True also returns what the encoder's ImageNet classifier saw (result.evidence,
         best first, and result.word_evidence per word; captioner.model.evidence), of the whole photo
         even with `focus`; it runs the encoder in plain torch, ~30% slower on a CPU (#37).
-        `evidence_penalty` (a decoding option) uses the same evidence.
+        evidence_penalty, person_penalty, constrain_evidence (captioner.model.steering) use it too.
 
         `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
         pixels (also a 1-D array or tensor of four) or a boolean mask of its size (a list of
