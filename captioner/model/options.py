@@ -63,13 +63,14 @@ class DecodeOptions:
     they reach torch (whose errors would not say which).
     """
 
-    beam_size: int = 3
-    """Hypotheses kept at each word (1: greedy)."""
+    beam_size: int = 5
+    """Hypotheses kept at each word (1: greedy). The default, with length_penalty 1.0, scored
+    the shipped model's best Flickr8k dev CIDEr (59.54 against beam 3's 57.12; issue #37)."""
     max_length: int = 20
     """Most words in a caption."""
-    length_penalty: float = 0.0
+    length_penalty: float = 1.0
     """Rank finished captions by log-probability / length**length_penalty (0: plain
-    log-probability; 1.0 favours longer captions)."""
+    log-probability; 1.0, the default, favours longer captions)."""
     n_best: int | None = None
     """Alternatives returned per image, best first (none: all beam_size)."""
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE
