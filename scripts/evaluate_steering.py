@@ -35,6 +35,8 @@ METHODS = {
     "(b) evidence_penalty 4": {**BEAM5, "evidence_penalty": 4.0},
     "(a) constrain_evidence 0.3": {**BEAM5, "constrain_evidence": 0.3},
     "(f) person_penalty 4": {**BEAM5, "person_penalty": 4.0},
+    "(a)+(f)": {**BEAM5, "constrain_evidence": 0.3, "person_penalty": 4.0},
+    "(a)+(b)": {**BEAM5, "constrain_evidence": 0.3, "evidence_penalty": 4.0},
     "(a)+(b)+(f)": {**BEAM5, "constrain_evidence": 0.3, "evidence_penalty": 4.0, "person_penalty": 4.0},
     "(a)+(b)+(f), beam 3": {
         "beam_size": 3,
