@@ -18,6 +18,7 @@ from pathlib import Path
 
 from captioner.evaluation.coco_objects import COCO_SYNONYMS
 from captioner.evaluation.grounding import evaluate_grounding, plain_metrics, write_report
+from captioner.model.options import DecodeOptions
 from captioner.serving.captioner import DEFAULT_WEIGHTS, Captioner
 
 
@@ -30,14 +31,21 @@ def main() -> None:
     parser.add_argument(
         "--model", "--checkpoint", default=str(DEFAULT_WEIGHTS), help="model folder (default: weights/)"
     )
-    parser.add_argument("--beam-size", "--beam_size", type=int, default=3, help="1 = greedy")
-    parser.add_argument("--length-penalty", "--length_penalty", type=float, default=0.0)
+    default = DecodeOptions()
+    parser.add_argument("--beam-size", "--beam_size", type=int, default=default.beam_size, help="1 = greedy")
+    parser.add_argument("--length-penalty", "--length_penalty", type=float, default=default.length_penalty)
     parser.add_argument(
         "--evidence-penalty",
         "--evidence_penalty",
         type=float,
         default=0.0,
         help="lower object words the ImageNet evidence does not support (0: off)",
+    )
+    parser.add_argument(
+        "--person-penalty", type=float, default=0.0, help="lower person words where the detector sees none"
+    )
+    parser.add_argument(
+        "--constrain-evidence", type=float, help="force the words of categories with evidence >= this"
     )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -61,6 +69,8 @@ def main() -> None:
         progress=True,
         length_penalty=args.length_penalty,
         evidence_penalty=args.evidence_penalty,
+        person_penalty=args.person_penalty,
+        constrain_evidence=args.constrain_evidence,
     )
     if report.skipped:
         print(f"skipped {len(report.skipped)} images without instance annotations", file=sys.stderr)

@@ -31,12 +31,13 @@ def test_one_image_gives_one_result(captioner):
     assert isinstance(result, CaptionResult)
     assert result.text == caption and result.words == caption.split()
     assert result.finished
-    assert result.score == pytest.approx(result.log_prob) and result.log_prob < 0
+    # the default length penalty 1.0 ranks by log-probability per token (the words and <end>)
+    assert result.score == pytest.approx(result.log_prob / (len(result.words) + 1)) and result.log_prob < 0
     assert result.attention.shape == (len(result.words), 4, 4)
     assert result.attention.dtype == np.float32
     np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)
     assert [a.text for a in result.alternatives][0] == caption
-    assert len(result.alternatives) == 3  # n-best defaults to the beam size
+    assert len(result.alternatives) == DecodeOptions().beam_size  # n-best defaults to the beam size
 
 
 def test_each_word_carries_its_gate(captioner):

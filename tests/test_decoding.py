@@ -70,8 +70,11 @@ X, Y, Z = 4, 5, 6  # word ids after the four special tokens
 
 
 def _search(decoder, features, beam_size=3, focus=None, **options) -> list[list[Hypothesis]]:
-    """Beam search; unlike the API's default, repeated n-grams are allowed unless asked."""
-    options = DecodeOptions(beam_size=beam_size, **{"no_repeat_ngram_size": 0, **options})
+    """Beam search; unlike the API's default, repeated n-grams are allowed and captions are ranked
+    by plain log-probability unless asked."""
+    options = DecodeOptions(
+        beam_size=beam_size, **{"no_repeat_ngram_size": 0, "length_penalty": 0.0, **options}
+    )
     return beam_search(decoder, features, options, focus)
 
 

@@ -217,7 +217,7 @@ def test_training_run_writes_a_usable_model_and_its_metrics(reference_run, datas
     hyps = beam_search(
         model.decoder,
         cache.batch(range(16, 32)),
-        DecodeOptions(cfg.val_beam_size, cfg.val_max_length, no_repeat_ngram_size=0),
+        DecodeOptions(cfg.val_beam_size, cfg.val_max_length, length_penalty=0.0, no_repeat_ngram_size=0),
     )
     references = {str(i): caps for i, caps in _captions(cfg).items()}
     predictions = {

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from captioner.evaluation.coco_objects import COCO_SYNONYMS, ObjectVocabulary
+from captioner.model.options import DecodeOptions
 
 POINTING_TOLERANCE = 15  # px around the masks that still count as a hit (Zhang et al. 2016)
 
@@ -194,7 +195,7 @@ def evaluate_grounding(
     captioner,
     images_dir: str | Path,
     instances: str | Path,
-    beam_size: int = 3,
+    beam_size: int = DecodeOptions.beam_size,
     batch_size: int = 8,
     synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
     progress: bool = False,

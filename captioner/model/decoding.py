@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from captioner.model.constraints import Constraints
 from captioner.model.decoder import Decoder
 from captioner.model.options import DecodeOptions
 from captioner.model.vocabulary import Vocabulary
@@ -26,6 +27,7 @@ class Hypothesis:
     alphas: torch.Tensor  # (len(tokens), L): the attention that produced each word
     finished: bool  # False when max_length cut the caption before <end>
     gates: torch.Tensor  # (len(tokens),) the gate of each word's step
+    met: int = 0  # constraints the caption meets (constrained beam search ranks by it first)
 
 
 # Never written: <pad> and <start> are not words, and "<unk>" tells a reader nothing (the model
@@ -116,6 +118,7 @@ def beam_search(
     options: DecodeOptions,
     focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.model.focus)
     word_bias: torch.Tensor | None = None,  # (B, V) added to every step's log-probabilities
+    constraints: Constraints | None = None,  # words each image's caption must contain
 ) -> list[list[Hypothesis]]:
     """Per image, its best captions, best first: beam search over all images x beams in one
     tensor batch (options.beam_size 1 is greedy decoding).
@@ -127,21 +130,34 @@ def beam_search(
     Ranking: log_prob / length**length_penalty (0 = plain log-probability).
     no_repeat_ngram_size = n > 0: no caption contains the same n-gram twice.
     word_bias: per image, a log-probability bias on words (captioner.model.evidence.evidence_bias).
+    constraints: constrained beam search (Anderson et al. 2017; captioner.model.constraints):
+    each image keeps one beam of beam_size per subset of met constraints ("state"); an
+    expansion moves to the state of the constraints its caption then meets, and each state keeps
+    its best. Captions meeting every constraint rank first and count towards `beam_size`
+    finished; the others are fallbacks. Without constraints there is one state: plain search.
     Returns, per image, the `n_best` (default: beam_size) hypotheses.
     """
     batch, num_cells = features.shape[:2]
     k, n_best, length_penalty = options.beam_size, options.per_image, options.length_penalty
     device = features.device
+    states = constraints.states if constraints is not None else 1
+    word_bits = constraints.word_bits.to(device) if constraints is not None else None  # (B, V)
+    goal = list(constraints.counts) if constraints is not None else [0] * batch  # constraints to meet
+    width = states * k  # rows per image from step 1 on: state s holds rows s*K .. s*K + K-1
     # Until the first word all beams of an image are identical: step 0 runs one row per image.
-    feats, keys = decoder.prepare(features)  # (B, L, A), (B*K, L, A) from step 1 on
+    feats, keys = decoder.prepare(features)  # (B, L, A), (B*W, L, A) from step 1 on
     state = decoder.init_state(feats, focus)
     words = torch.full((batch,), Vocabulary.start_id, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching
+    met = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (n, beams): constraints met, as bits
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     alphas = torch.empty(batch, 0, num_cells, device=device)
     gates = torch.empty(batch, 0, device=device)  # of each word's step, read off h_{t-1}
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     searching = list(range(batch))  # image of each row block; done images leave the batch
+
+    def answers(b: int) -> int:  # finished captions of image b that meet all its constraints
+        return sum(h.met == goal[b] for h in finished[b])
 
     for step in range(options.max_length):
         logits, state, alpha, gate = decoder.step(feats, keys, words, state, focus)
@@ -151,25 +167,35 @@ def beam_search(
             logp = logp + word_bias
         (n, beams), vocab = beam_scores.shape, logp.shape[-1]
         candidates = (beam_scores.unsqueeze(-1) + logp.view(n, beams, vocab)).view(n, -1)
-        top_scores, top_index = candidates.topk(k, dim=1)  # (n, K)
+        if word_bits is None:
+            top_scores, top_index = candidates.topk(k, dim=1)  # (n, K)
+        else:  # each state's best K among the expansions that land in it
+            target = (met.unsqueeze(-1) | word_bits[searching].unsqueeze(1)).view(n, -1)  # (n, beams*V)
+            best = [candidates.masked_fill(target != s, float("-inf")).topk(k, dim=1) for s in range(states)]
+            top_scores, top_index = (
+                torch.cat([b.values for b in best], 1),
+                torch.cat([b.indices for b in best], 1),
+            )
+            met = torch.arange(states, device=device).repeat_interleave(k).expand(n, -1)  # (n, W)
         origin = (top_index // vocab + beams * torch.arange(n, device=device)[:, None]).view(-1)
-        words = (top_index % vocab).view(-1)  # row i*K + j: beam j of searching[i]
+        words = (top_index % vocab).view(-1)  # row i*W + j: beam j of searching[i]
         tokens = torch.cat([tokens[origin], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas[origin], alpha[origin].unsqueeze(1)], dim=1)
         gates = torch.cat([gates[origin], gate[origin].unsqueeze(1)], dim=1)
         state = (state[0][origin], state[1][origin])
         if step == 0:
-            feats, keys = feats.repeat_interleave(k, dim=0), keys.repeat_interleave(k, dim=0)
-            focus = focus.repeat_interleave(k, dim=0) if focus is not None else None
-            word_bias = word_bias.repeat_interleave(k, dim=0) if word_bias is not None else None
+            feats, keys = feats.repeat_interleave(width, dim=0), keys.repeat_interleave(width, dim=0)
+            focus = focus.repeat_interleave(width, dim=0) if focus is not None else None
+            word_bias = word_bias.repeat_interleave(width, dim=0) if word_bias is not None else None
+            met = met.expand(n, width) if word_bits is None else met
 
-        ended = (words.view(n, k) == Vocabulary.end_id) & torch.isfinite(top_scores)
+        ended = (words.view(n, width) == Vocabulary.end_id) & torch.isfinite(top_scores)
         beam_scores = top_scores.masked_fill(ended, float("-inf"))
         live = torch.isfinite(beam_scores).any(dim=1)
         if ended.any():
             length = tokens.shape[1]
             for i, j in ended.nonzero().tolist():
-                row, score = i * k + j, float(top_scores[i, j])
+                row, score = i * width + j, float(top_scores[i, j])
                 finished[searching[i]].append(
                     Hypothesis(
                         tokens[row, :-1].tolist(),
@@ -178,24 +204,25 @@ def beam_search(
                         alphas[row, :-1].cpu(),
                         True,
                         gates[row, :-1].cpu(),
+                        int(met[i, j]).bit_count(),
                     )
                 )
-            live &= torch.tensor([len(finished[b]) < k for b in searching], device=device)
+            live &= torch.tensor([answers(b) < k for b in searching], device=device)
         if not live.all():  # drop the images that are done: no more work is spent on them
             keep = live.nonzero().squeeze(1)
             if len(keep) == 0:
                 searching = []
                 break
-            rows = (k * keep[:, None] + torch.arange(k, device=device)).view(-1)
+            rows = (width * keep[:, None] + torch.arange(width, device=device)).view(-1)
             feats, keys, words, state = feats[rows], keys[rows], words[rows], (state[0][rows], state[1][rows])
             focus = focus[rows] if focus is not None else None
             word_bias = word_bias[rows] if word_bias is not None else None
             tokens, alphas, gates = tokens[rows], alphas[rows], gates[rows]
-            beam_scores = beam_scores[keep]
+            beam_scores, met = beam_scores[keep], met[keep]
             searching = [searching[i] for i in keep.tolist()]
 
     for i, b in enumerate(searching):  # max_length reached: live beams are candidates too
-        if len(finished[b]) >= k:  # not n_best: asking for fewer must not change the best
+        if answers(b) >= k:  # not n_best: asking for fewer must not change the best
             continue
         for j in range(beam_scores.shape[1]):
             score = float(beam_scores[i, j])
@@ -209,6 +236,7 @@ def beam_search(
                         alphas[row].cpu(),
                         False,
                         gates[row].cpu(),
+                        int(met[i, j]).bit_count(),
                     )
                 )
-    return [sorted(f, key=lambda h: h.score, reverse=True)[:n_best] for f in finished]
+    return [sorted(f, key=lambda h: (h.met, h.score), reverse=True)[:n_best] for f in finished]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -26,7 +26,7 @@ import torch
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from captioner.model.encoder import Encoder, _offline_state_dict, backbone_spec, stage_modules
+from captioner.model.encoder import _offline_state_dict, backbone_spec, stage_modules
 
 WORDS_FILE = Path(__file__).with_name("imagenet_words.json")
 RELIABILITY_FILE = Path(__file__).with_name("evidence_reliability.json")
@@ -194,22 +194,3 @@ def check_untuned_before(fine_tune_from: int | None) -> None:
             f"this model was fine-tuned from encoder stage {fine_tune_from}: its stages "
             f"before {EVIDENCE_STAGE} are no longer ImageNet's, so it has no evidence"
         )
-
-
-def encode_with_evidence(
-    encoder: Encoder,
-    head: ImageNetEvidence,
-    pixels: torch.Tensor,
-    trunk: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Photos (B, 3, S, S) -> the annotation grids (B, L, D) and ImageNet probabilities (B, 1000):
-    the encoder's stages up to 7 run once (`trunk`, e.g. the ONNX runtime's, else eager torch),
-    then its own (tuned) tail and the untuned one, in channels_last, where a CPU's convolutions
-    are fastest."""
-    if trunk is None:
-        stage_input = pixels.contiguous(memory_format=torch.channels_last)
-        for stage in encoder.stages[:EVIDENCE_STAGE]:
-            stage_input = stage(stage_input)
-    else:
-        stage_input = trunk(pixels).contiguous(memory_format=torch.channels_last)
-    return encoder(stage_input, from_stage=EVIDENCE_STAGE), head(stage_input)

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from captioner.model.decoder import Decoder
-from captioner.model.decoding import Hypothesis, beam_search
-from captioner.model.evidence import Evidence, evidence_bias, evidence_items, word_evidence
+from captioner.model.decoding import Hypothesis
+from captioner.model.evidence import Evidence, evidence_items, word_evidence
 from captioner.model.options import DecodeOptions
+from captioner.model.steering import steered_beam_search
 from captioner.model.vocabulary import Vocabulary
 
 
@@ -54,16 +55,9 @@ def caption_features(
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
     Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
     `evidence`: ImageNet class probabilities (B, 1000) (captioner.model.evidence), which the
-    results then carry and options.evidence_penalty needs."""
-    bias = None
-    if options.evidence_penalty:
-        if evidence is None:
-            raise ValueError(
-                "evidence_penalty needs each photo's ImageNet evidence: caption photos with "
-                "a Captioner (grids alone do not carry it)"
-            )
-        bias = evidence_bias(evidence, vocab.words, options.evidence_penalty).to(features.device)
-    beams = beam_search(decoder, features, options, focus, bias)
+    results then carry and the evidence options (evidence_penalty, person_penalty,
+    constrain_evidence; captioner.model.steering) need."""
+    beams = steered_beam_search(decoder, features, options, vocab.words, focus, evidence)
     side = math.isqrt(features.shape[1])  # grids are square
     results = [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
     if evidence is not None:

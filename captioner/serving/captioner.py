@@ -196,7 +196,7 @@ class Captioner:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         probabilities = None
-        if evidence or options.evidence_penalty:
+        if evidence or options.uses_evidence:
             batches = pixels.split(chunk)
             regions = [None] * len(batches) if focus is None else focus.to(self.device).split(chunk)
             parts = [self.encode_with_evidence(*part) for part in zip(batches, regions, strict=True)]
@@ -264,8 +264,8 @@ class Captioner:
 
         evidence=True also returns what the encoder's ImageNet classifier saw (result.evidence,
         best first, and result.word_evidence per word; captioner.model.evidence); with `focus`, of
-        the region (focus_strength 0: of the whole photo). It costs ~7.5% of a caption's time (#37).
-        `evidence_penalty` (a decoding option) uses the same evidence.
+        the region (focus_strength 0: of the whole photo); ~7.5% more time. The decoding options
+        evidence_penalty, person_penalty, constrain_evidence (captioner.model.steering) use it.
 
         `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
         pixels (also a 1-D array or tensor of four) or a boolean mask of its size (a list of

@@ -311,7 +311,10 @@ def validate(model: CaptionModel, run: Run) -> dict[str, float]:
             model.decoder,
             data.vocab,
             features,
-            DecodeOptions(cfg.val_beam_size, cfg.val_max_length, n_best=1, no_repeat_ngram_size=0),
+            # plain beam search, as every earlier run's logged validation scores were measured
+            DecodeOptions(
+                cfg.val_beam_size, cfg.val_max_length, length_penalty=0.0, n_best=1, no_repeat_ngram_size=0
+            ),
         )
         captions.update(zip(batch_rows, (r.text for r in results), strict=True))
     model.train(was_training)
