@@ -140,7 +140,6 @@ def evaluate_focus(
     images_dir: str | Path,
     instances: str | Path,
     settings: Sequence[tuple[str, float]] = (("both", 4.0),),
-    beam_size: int = 3,
     limit: int | None = None,
     synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
     *,
@@ -149,13 +148,13 @@ def evaluate_focus(
 ) -> dict[tuple[str, float], FocusReport]:
     """One report per (how, strength) setting; each image is encoded once for all of them.
     `synonyms`: {category: caption words naming it} (default: the grounding evaluation's);
-    `options`: decoding (default: DecodeOptions(beam_size=beam_size)); `evidence`: measure the
+    `options`: decoding (default: DecodeOptions(), the captioner's default); `evidence`: measure the
     evidence of each box too (the model needs an ImageNet classifier: captioner.model.evidence)."""
     from pycocotools.coco import COCO
 
     if unknown := [how for how, _ in settings if how not in HOW]:
         raise ValueError(f"how {unknown[0]!r}: expected one of {HOW}")
-    coco, options = COCO(str(instances)), options or DecodeOptions(beam_size=beam_size)
+    coco, options = COCO(str(instances)), options or DecodeOptions()
     objects, nameable = ObjectVocabulary(synonyms), nameable_categories(captioner, synonyms)
     reports = {setting: FocusReport() for setting in settings}
     for image_id in sorted(coco.getImgIds())[:limit]:
