@@ -123,3 +123,24 @@ def test_an_extended_model_folder_captions_as_before_when_new_words_are_never_pi
     assert again_vocab.words[-2:] == ["oval", "cube"]
     after = [r.text for r in caption_features(extended.decoder, again_vocab, features, options)]
     assert after == before
+
+
+def test_the_new_words_make_confident_labels_nameable():
+    """A photo whose ImageNet classifier is sure of "zebra" (and one sure of "pizza"): the
+    shipped vocabulary names only the pizza, the extended one both."""
+    from captioner.evaluation.nameable import count_nameable
+    from captioner.model.evidence import imagenet_words
+
+    labels = [c.label for c in imagenet_words().classes]
+    probabilities = torch.zeros(3, 1000)
+    probabilities[0, labels.index("zebra")] = 0.9
+    probabilities[1, labels.index("pizza")] = 0.6
+    probabilities[2, labels.index("zebra")] = 0.2  # not confident
+    vocab = Vocabulary(json.loads(open("weights/config.json").read())["vocabulary"])
+    _, extended = extend_decoder(small_decoder(vocab), vocab, load_new_words())
+    before, after = count_nameable(probabilities, vocab.words), count_nameable(probabilities, extended.words)
+    assert before["confident_labels"] == after["confident_labels"] == 2
+    assert (before["nameable"], before["unnameable"]) == (1, {"zebra": 1})
+    assert (after["nameable"], after["unnameable"]) == (2, {})
+    with pytest.raises(ValueError, match="threshold"):
+        count_nameable(probabilities, vocab.words, threshold=0.0)
