@@ -14,6 +14,7 @@ from captioner.training.language import (
     MODEL_DIR,
     STATE_FILE,
     LanguageConfig,
+    export_last_step,
     prepare_language_data,
     text_loss,
     train_language,
@@ -90,6 +91,9 @@ def test_the_config_is_saved_next_to_the_state_and_the_run_resumes_to_the_same_w
         train_language(replace(cfg, resume=True, lr=1e-2))
     with pytest.raises(ValueError, match="already holds"):
         train_language(cfg)
+    assert export_last_step(cfg.output_dir) == tmp_path / "run" / MODEL_DIR  # a run stopped early
+    _, _, exported = load_model(tmp_path / "run" / MODEL_DIR)
+    assert exported["metadata"]["steps"] == 4
     train_language(replace(cfg, resume=True))
     resumed, _, _ = load_model(tmp_path / "run" / MODEL_DIR)
     straight, _, _ = load_model(tmp_path / "whole" / MODEL_DIR)

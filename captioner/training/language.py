@@ -252,13 +252,25 @@ def train_language(cfg: LanguageConfig, progress_every: int = 50) -> dict[str, A
                 log.write(json.dumps(metrics) + "\n")
             print(json.dumps(metrics), flush=True)
     if progress.global_step >= cfg.steps:
-        metadata = {
-            "language_training": asdict(cfg),
-            "steps": progress.global_step,
-            "init_from": cfg.init_from,
-        }
-        save_model(out / MODEL_DIR, model.eval(), vocab, metadata=metadata)
+        save_language_model(cfg, model, vocab, progress.global_step)
     return metrics
+
+
+def save_language_model(cfg: LanguageConfig, model: CaptionModel, vocab: Vocabulary, step: int) -> Path:
+    """The run's model folder (output_dir/model), its settings and step in the metadata."""
+    metadata = {"language_training": asdict(cfg), "steps": step, "init_from": cfg.init_from}
+    return save_model(Path(cfg.output_dir) / MODEL_DIR, model.eval(), vocab, metadata=metadata)
+
+
+def export_last_step(output_dir: str | Path) -> Path:
+    """Save output_dir/model from the run's last saved state: for a run stopped before its end
+    (the time budget ran out); the metadata says at which step."""
+    out = Path(output_dir)
+    cfg = LanguageConfig.from_dict(json.loads((out / CONFIG_FILE).read_text()))
+    model, vocab, _ = load_model(cfg.init_from)
+    optimizer = torch.optim.Adam(freeze_visual_path(model.decoder), lr=cfg.lr)  # type: ignore[arg-type]
+    load_run_state(out / STATE_FILE, model, optimizer)
+    return save_language_model(cfg, model, vocab, read_progress(out / STATE_FILE).global_step)
 
 
 def start_or_resume(cfg: LanguageConfig, out: Path, model: CaptionModel, optimizer) -> Progress:
