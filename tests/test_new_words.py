@@ -7,11 +7,12 @@ import torch
 
 from captioner.evaluation.coco_objects import COCO_SYNONYMS
 from captioner.model.decoder import AttentionDecoder
-from captioner.model.folder import load_model, save_model
+from captioner.model.folder import load_model, read_config, save_model
 from captioner.model.new_words import check_new_words, extend_decoder, extend_model, load_new_words
 from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
 from captioner.model.vocabulary import Vocabulary
+from captioner.serving.captioner import DEFAULT_WEIGHTS
 
 from .shapes import all_examples
 
@@ -92,7 +93,7 @@ def test_load_new_words_refuses_a_malformed_file(tmp_path):
 def test_the_shipped_table_names_every_missing_category_of_the_shipped_model():
     """Every source is a word of the shipped vocabulary; after the transfer every category the
     issue lists as unnameable has a name made of known words."""
-    vocab = Vocabulary(json.loads(open("weights/config.json").read())["vocabulary"])
+    vocab = Vocabulary(read_config(DEFAULT_WEIGHTS)["vocabulary"])
     sources = load_new_words()
     assert set(check_new_words(vocab, sources)) == set(sources)  # all new, all sources known
     _, extended = extend_decoder(small_decoder(vocab), vocab, sources)
@@ -136,7 +137,7 @@ def test_the_new_words_make_confident_labels_nameable():
     probabilities[0, labels.index("zebra")] = 0.9
     probabilities[1, labels.index("pizza")] = 0.6
     probabilities[2, labels.index("zebra")] = 0.2  # not confident
-    vocab = Vocabulary(json.loads(open("weights/config.json").read())["vocabulary"])
+    vocab = Vocabulary(read_config(DEFAULT_WEIGHTS)["vocabulary"])
     _, extended = extend_decoder(small_decoder(vocab), vocab, load_new_words())
     before, after = count_nameable(probabilities, vocab.words), count_nameable(probabilities, extended.words)
     assert before["confident_labels"] == after["confident_labels"] == 2
