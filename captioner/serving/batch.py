@@ -269,12 +269,11 @@ def _focus_field(region: Focus | None) -> list[float] | str | None:
         return "mask" if np.ndim(region) == 2 else None
 
 
-def _plan(
-    paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput, retry_failed: bool
+def still_to_caption(
+    paths: Sequence[str], done: set[str], failed: set[str], retry_failed: bool
 ) -> tuple[list[str], Summary]:
-    """The files still to caption (no duplicates), and the summary of what earlier runs did.
-    Failures to retry lose their old rows now."""
-    done, failed = existing.done(), existing.failed()
+    """The files earlier runs did not caption (failures too with retry_failed), each once, and
+    the summary of what those runs did; `done`/`failed` hold path keys (records.path_key)."""
     skip = done if retry_failed else done | failed
     todo = list({path_key(p): p for p in paths if path_key(p) not in skip}.values())
     summary = Summary(
@@ -282,6 +281,16 @@ def _plan(
         already_done=sum(path_key(p) in done for p in paths),
         failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths),
     )
+    return todo, summary
+
+
+def _plan(
+    paths: Sequence[str], output: Path, fmt: str, existing: ExistingOutput, retry_failed: bool
+) -> tuple[list[str], Summary]:
+    """The files still to caption (no duplicates), and the summary of what earlier runs did.
+    Failures to retry lose their old rows now."""
+    failed = existing.failed()
+    todo, summary = still_to_caption(paths, existing.done(), failed, retry_failed)
     retry = {path_key(p) for p in todo} & failed
     if retry:
         drop_failures(output, fmt, existing, retry)

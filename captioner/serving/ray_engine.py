@@ -26,14 +26,7 @@ from captioner.files import LockedError, exclusive_lock
 from captioner.model.options import DecodeOptions
 from captioner.serving import hub
 from captioner.serving.inputs import IMAGE_EXTENSIONS, find_inputs, missing_inputs, select_shard
-from captioner.serving.records import (
-    OutputError,
-    RecordWriter,
-    format_line,
-    parse_line,
-    path_key,
-    read_output,
-)
+from captioner.serving.records import OutputError, RecordWriter, format_line, parse_line, read_output
 from captioner.serving.settings import BatchSettings
 
 if TYPE_CHECKING:
@@ -292,7 +285,7 @@ def caption_with_ray(
 
 def _plan(paths: Sequence[str], out: Path, retry_failed: bool) -> tuple[list[str], Summary]:
     """The files still to caption and the summary of what earlier runs did."""
-    from captioner.serving.batch import Summary
+    from captioner.serving.batch import still_to_caption
 
     done: set[str] = set()
     failed: set[str] = set()
@@ -300,15 +293,7 @@ def _plan(paths: Sequence[str], out: Path, retry_failed: bool) -> tuple[list[str
         existing = read_output(part, "jsonl", repair=False)
         done |= existing.done()
         failed |= existing.failed()
-    failed -= done
-    skip = done if retry_failed else done | failed
-    todo = list({path_key(p): p for p in paths if path_key(p) not in skip}.values())
-    summary = Summary(
-        len(paths),
-        already_done=sum(path_key(p) in done for p in paths),
-        failed_before=0 if retry_failed else sum(path_key(p) in failed for p in paths),
-    )
-    return todo, summary
+    return still_to_caption(paths, done, failed - done, retry_failed)
 
 
 def _run(
