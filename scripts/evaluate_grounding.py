@@ -12,10 +12,12 @@ the synonym table: captioner/evaluation/coco_objects.py.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from captioner.cli.flags import FlagParser, add_config_arguments, checked_config
 from captioner.evaluation.coco_objects import COCO_SYNONYMS
 from captioner.evaluation.grounding import evaluate_grounding, plain_metrics, write_report
 from captioner.model.options import DecodeOptions
@@ -23,29 +25,11 @@ from captioner.serving.captioner import DEFAULT_WEIGHTS, Captioner
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder holding the instances file's images")
     parser.add_argument("--instances", required=True, help="COCO instances JSON (boxes and masks)")
     parser.add_argument(
         "--model", "--checkpoint", default=str(DEFAULT_WEIGHTS), help="model folder (default: weights/)"
-    )
-    default = DecodeOptions()
-    parser.add_argument("--beam-size", "--beam_size", type=int, default=default.beam_size, help="1 = greedy")
-    parser.add_argument("--length-penalty", "--length_penalty", type=float, default=default.length_penalty)
-    parser.add_argument(
-        "--evidence-penalty",
-        "--evidence_penalty",
-        type=float,
-        default=0.0,
-        help="lower object words the ImageNet evidence does not support (0: off)",
-    )
-    parser.add_argument(
-        "--person-penalty", type=float, default=0.0, help="lower person words where the detector sees none"
-    )
-    parser.add_argument(
-        "--constrain-evidence", type=float, help="force the words of categories with evidence >= this"
     )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
@@ -56,21 +40,19 @@ def main() -> None:
         "(default: captioner.evaluation.coco_objects.COCO_SYNONYMS)",
     )
     parser.add_argument("--output-dir", "--output_dir", help="where metrics.json and details.jsonl go")
+    add_config_arguments(parser, DecodeOptions)  # the decoding flags, as `captioner caption` has them
     args = parser.parse_args()
+    options = checked_config(parser, DecodeOptions, args)
     synonyms = json.loads(Path(args.synonyms).read_text()) if args.synonyms else COCO_SYNONYMS
     captioner = Captioner.from_pretrained(args.model, device=args.device, quantize=args.quantize)
     report = evaluate_grounding(
         captioner,
         args.images,
         args.instances,
-        beam_size=args.beam_size,
         batch_size=args.batch_size,
         synonyms=synonyms,
         progress=True,
-        length_penalty=args.length_penalty,
-        evidence_penalty=args.evidence_penalty,
-        person_penalty=args.person_penalty,
-        constrain_evidence=args.constrain_evidence,
+        **dataclasses.asdict(options),
     )
     if report.skipped:
         print(f"skipped {len(report.skipped)} images without instance annotations", file=sys.stderr)
