@@ -76,7 +76,7 @@ def decode(
     for start in range(0, len(grids), 50):
         part = slice(start, start + 50)
         results += caption_features(
-            captioner.model.decoder, captioner.vocab, grids[part], options, None, evidence[part]
+            captioner.decoder, captioner.vocab, grids[part], options, None, evidence[part]
         )
     return results
 

@@ -10,7 +10,7 @@ from skimage import data as skimage_data
 
 from captioner import Captioner
 from captioner.data.datasets import load_flickr
-from captioner.model import onnx_encoder
+from captioner.model import onnx_encoder, onnx_runtime
 from captioner.model.encoder import Encoder
 from captioner.model.onnx_encoder import OnnxEncoder, runtime_encoder
 from captioner.serving.captioner import DEFAULT_WEIGHTS
@@ -92,9 +92,9 @@ def test_an_unwritable_cache_keeps_the_graph_in_memory(encoder, photos, tmp_path
 def test_the_cpu_path_is_onnx_and_other_devices_keep_torch(encoder, monkeypatch):
     assert isinstance(runtime_encoder(encoder), OnnxEncoder)
     assert isinstance(runtime_encoder(encoder, until_stage=2), OnnxEncoder)
-    monkeypatch.setenv(onnx_encoder.THREADS_ENV, "0")
+    monkeypatch.setenv(onnx_runtime.THREADS_ENV, "0")
     with pytest.raises(ValueError, match="CAPTIONER_ORT_THREADS"):
-        onnx_encoder.default_threads()
+        onnx_runtime.default_threads()
     with pytest.raises(RuntimeError, match="inference only"):
         OnnxEncoder(encoder).train()
 

@@ -33,6 +33,7 @@ import torch
 from captioner.data.images import load_image
 from captioner.evaluation.coco_objects import COCO_SYNONYMS, ObjectVocabulary
 from captioner.evaluation.grounding import category_masks
+from captioner.model.decoder import Decoder
 from captioner.model.evidence import EVIDENCE_STAGE, evidence_items, imagenet_words
 from captioner.model.focus import focus_weights, region_evidence
 from captioner.model.options import DecodeOptions
@@ -51,7 +52,7 @@ EVIDENCE_TOP = 5  # labels shown (CaptionResult.evidence's length)
 class _Steered(torch.nn.Module):
     """A decoder whose focus acts on the attention scores only, or on the initial state only."""
 
-    def __init__(self, decoder: torch.nn.Module, how: str):
+    def __init__(self, decoder: Decoder, how: str):
         super().__init__()
         self.decoder, self.how = decoder, how
 
@@ -222,7 +223,7 @@ class _Photo:
     ) -> list[CaptionResult]:
         """The photo's caption (focus None), or one per box (focus (B, L)) steered `how`, each with
         its box's evidence."""
-        decoder = self.captioner.model.decoder
+        decoder = self.captioner.decoder
         count = 1 if focus is None else len(focus)
         return caption_features(
             decoder if how == "both" else _Steered(decoder, how),

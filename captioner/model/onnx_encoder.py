@@ -7,19 +7,14 @@ rows), with onnxruntime: it folds the batch norms, plans the memory and picks bl
 kernels itself, ~2x faster than eager PyTorch on a CPU (docs/benchmarks.md).
 
 Where the .onnx lives: made on first use (the legacy TorchScript exporter, ~1 s for the shipped
-encoder) and cached as $CAPTIONER_CACHE/onnx (default $XDG_CACHE_HOME/captioner/onnx, else
-~/.cache/captioner/onnx) under a digest of the weights and the versions that shape the graph;
-later loads read it (~0.1 s). Nothing goes into the model folder, so any folder works and a
-read-only install too: if the cache cannot be written, the exported bytes stay in memory. (The
-int8 graph of quantize=True is the exception: it needs calibration photos, so it is made once into
-the model folder; captioner.model.quantize.)
+encoder) and cached by a digest of the weights (captioner.model.onnx_runtime); later loads read
+it (~0.1 s). (The int8 graph of quantize=True is the exception: it needs calibration photos, so
+it is made once into the model folder; captioner.model.quantize.)
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 import tempfile
 import threading
 import warnings
@@ -31,33 +26,12 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from captioner.files import atomic_write
 from captioner.model.encoder import Encoder, build_transform
+from captioner.model.onnx_runtime import load_or_export, ort_session, weights_digest
 
 INPUT, OUTPUT = "pixels", "grid"
 OPSET = 17
 EXPORT_FORMAT = 1  # bump when the exported graph changes for the same weights
-# One intra-op thread: on the 2-core test machine two were slower for one process (the cores are
-# shared, and the decoder runs on the other); `captioner benchmark` measures both.
-DEFAULT_THREADS = 1
-THREADS_ENV = "CAPTIONER_ORT_THREADS"
-
-
-def cache_dir() -> Path:
-    """$CAPTIONER_CACHE, else $XDG_CACHE_HOME/captioner, else ~/.cache/captioner."""
-    if os.environ.get("CAPTIONER_CACHE"):
-        return Path(os.environ["CAPTIONER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
-
-
-def default_threads() -> int:
-    """Intra-op threads: $CAPTIONER_ORT_THREADS if set, else DEFAULT_THREADS."""
-    value = os.environ.get(THREADS_ENV, "")
-    if not value:
-        return DEFAULT_THREADS
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
-    return int(value)
 
 
 def _exported_module(encoder: Encoder, until_stage: int | None) -> nn.Module:
@@ -71,17 +45,11 @@ def _exported_module(encoder: Encoder, until_stage: int | None) -> nn.Module:
 def graph_name(encoder: Encoder, until_stage: int | None = None) -> str:
     """The cache file's name: what the graph computes, and a digest of everything that changes it
     (weights and batch-norm statistics, sizes, the exporter's version and settings)."""
-    import onnxruntime
-
     what = f"{encoder.grid_size}x{encoder.grid_size}" if until_stage is None else f"stage{until_stage}"
-    digest = hashlib.sha256(
-        f"{EXPORT_FORMAT}:{OPSET}:{torch.__version__}:{onnxruntime.__version__}:"
-        f"{encoder.image_size}:{what}".encode()
+    digest = weights_digest(
+        _exported_module(encoder, until_stage), EXPORT_FORMAT, OPSET, encoder.image_size, what
     )
-    for name, tensor in _exported_module(encoder, until_stage).state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{digest.hexdigest()[:16]}.onnx"
+    return f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{digest}.onnx"
 
 
 def export_onnx(encoder: Encoder, until_stage: int | None = None, static_padding: bool = False) -> bytes:
@@ -131,40 +99,6 @@ def export_onnx(encoder: Encoder, until_stage: int | None = None, static_padding
         return path.read_bytes()
 
 
-def load_or_export(
-    encoder: Encoder, until_stage: int | None = None, directory: Path | None = None
-) -> tuple[Path | bytes, str]:
-    """The encoder's graph and where it came from: ("cache"), exported and written to the cache
-    ("exported"), or exported and kept in memory, the cache not being writable ("memory")."""
-    path = (directory or cache_dir()) / "onnx" / graph_name(encoder, until_stage)
-    if path.is_file():
-        return path, "cache"
-    model = export_onnx(encoder, until_stage)
-    try:
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(model))
-    except OSError:
-        return model, "memory"
-    return path, "exported"
-
-
-def ort_session(model: Path | bytes, threads: int | None = None) -> Any:
-    """A CPU onnxruntime session: all graph optimisations (the blocked-convolution layout needs
-    them), sequential execution, `threads` intra-op threads that sleep rather than spin when idle
-    (spinning threads take a shared core from the decoder and other processes)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    source = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 class OnnxEncoder(nn.Module):
     """Encoder.forward(images) on ONNX Runtime (CPU): the same inputs and (B, L, D) grids as torch
     tensors; with until_stage=K the (B, C, H, W) activations entering stage K instead.
@@ -208,7 +142,11 @@ class OnnxEncoder(nn.Module):
                 model, self.origin = (
                     (self.graph, "file")
                     if self.graph is not None
-                    else load_or_export(self._encoder[0], self.until_stage, self.cache)
+                    else load_or_export(
+                        graph_name(self._encoder[0], self.until_stage),
+                        lambda: export_onnx(self._encoder[0], self.until_stage),
+                        self.cache,
+                    )
                 )
                 self._session = ort_session(model, self.threads)
         return self

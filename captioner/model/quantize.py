@@ -28,6 +28,7 @@ import torch
 from captioner.files import atomic_write
 from captioner.model.encoder import Encoder
 from captioner.model.onnx_encoder import INPUT, OnnxEncoder, export_onnx
+from captioner.model.onnx_runtime import hash_tensors
 
 INT8_FILE = "encoder_int8.onnx"
 DIGEST_KEY = "captioner.encoder_digest"  # the graph's metadata: which weights it was made from
@@ -43,9 +44,7 @@ class Int8EncoderError(ValueError):
 def encoder_digest(encoder: Encoder) -> str:
     """sha256 of what the graph computes: backbone, sizes and every weight and statistic."""
     digest = hashlib.sha256(f"{encoder.backbone_name}:{encoder.image_size}:{encoder.grid_size}".encode())
-    for name, tensor in encoder.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_tensors(digest, encoder)
     return digest.hexdigest()
 
 

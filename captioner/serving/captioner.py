@@ -14,6 +14,7 @@ from captioner.model.caption_model import CaptionModel
 from captioner.model.evidence import EVIDENCE_STAGE, ImageNetEvidence, check_untuned_before
 from captioner.model.focus import Focus, check_strength, focus_weights, region_evidence
 from captioner.model.folder import load_model, save_model
+from captioner.model.onnx_decoder import runtime_decoder
 from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
 from captioner.model.quantize import int8_encoder
@@ -84,6 +85,7 @@ class Captioner:
         self.config: dict[str, Any] = {}  # that folder's config.json (metadata, stored dtype)
         self._evidence_head: ImageNetEvidence | None = None  # built when evidence is first asked for
         self._evidence_trunk: torch.nn.Module | None = None
+        self._runtime_decoder: tuple[torch.nn.Module, Any] | None = None  # (model.decoder, its runner)
 
     @classmethod
     def from_pretrained(
@@ -149,6 +151,14 @@ class Captioner:
         )
 
     @property
+    def decoder(self) -> Any:
+        """What decodes: model.decoder, on ONNX Runtime on a CPU (captioner.model.onnx_decoder).
+        Made again when model.decoder is replaced; after changing its weights in place, replace it."""
+        if self._runtime_decoder is None or self._runtime_decoder[0] is not self.model.decoder:
+            self._runtime_decoder = (self.model.decoder, runtime_decoder(self.model.decoder))
+        return self._runtime_decoder[1]
+
+    @property
     def grid_shape(self) -> tuple[int, int]:
         return self.model.grid_shape
 
@@ -204,7 +214,7 @@ class Captioner:
         else:
             features = torch.cat([self.encoder(part) for part in pixels.split(chunk)])
         return caption_features(
-            self.model.decoder,
+            self.decoder,
             self.vocab,
             features,
             options,

@@ -1,0 +1,179 @@
+"""The decoder's step on ONNX Runtime: what writes the words on a CPU.
+
+Beam search calls `decoder.step` once per word for a few rows (beams x images). In eager PyTorch
+such a step is ~40 small ops, each with its own dispatch, and matrix products of a few rows, which
+re-pack every weight matrix on each call: 7 ms a step for 5 beams of the shipped model on one core.
+onnxruntime packs the weights once, fuses the element-wise ops and runs the same step in ~2.5 ms
+(docs/benchmarks.md). `runtime_decoder(decoder)` is what inference calls: on a CPU an OnnxDecoder
+for a soft-attention AttentionDecoder; otherwise (CUDA, hard attention, an ensemble, an int8
+decoder) the decoder itself. Only `step` moves: `prepare` and `init_state` run once per image in
+torch, and beam search (captioner.model.decoding) is the same one.
+
+The graph is exported from the weights on first use (the legacy TorchScript exporter, ~1 s) and
+cached by their digest like the encoder's (captioner.model.onnx_runtime).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from captioner.model.attention import HardAttention
+from captioner.model.decoder import AttentionDecoder, State
+from captioner.model.onnx_runtime import load_or_export, ort_session, weights_digest
+
+INPUTS = ("annotations", "keys", "words", "h", "c", "focus")
+OUTPUTS = ("logits", "next_h", "next_c", "alpha", "gate")
+OPSET = 17
+EXPORT_FORMAT = 1  # bump when the exported graph changes for the same weights
+
+
+class _Step(nn.Module):
+    """AttentionDecoder.step with flat tensor inputs and outputs, as the exporter wants them."""
+
+    def __init__(self, decoder: AttentionDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, annotations, keys, words, h, c, focus):
+        logits, (h, c), alpha, gate = self.decoder.step(annotations, keys, words, (h, c), focus)
+        return logits, h, c, alpha, gate
+
+
+def supported(decoder: nn.Module) -> bool:
+    """Whether the step exports as is: a float AttentionDecoder with soft attention (hard
+    attention's sampled cells, ensembles and int8 layers stay in torch)."""
+    return (
+        isinstance(decoder, AttentionDecoder)
+        and not isinstance(decoder.attention, HardAttention)
+        and type(decoder.lstm) is nn.LSTMCell
+        and all(p.dtype == torch.float32 for p in decoder.parameters())
+    )
+
+
+def export_step(decoder: AttentionDecoder) -> bytes:
+    """decoder.step as an ONNX model, rows and cells dynamic. Exported without gradients, so the
+    graph holds the decoder's word tables (AttentionDecoder._word_tables) as constants."""
+    module = _Step(copy.deepcopy(decoder).cpu().float().eval())  # export must not touch the live decoder
+    rows, cells = 2, 4
+    annotations = torch.zeros(rows, cells, _annotation_dim(decoder))
+    with torch.inference_mode(False), torch.no_grad():
+        keys = module.decoder.attention.prepare(annotations)
+        hidden = torch.zeros(rows, decoder.lstm.hidden_size)
+        example = (
+            annotations,
+            keys,
+            torch.zeros(rows, dtype=torch.long),
+            hidden,
+            hidden,
+            torch.zeros(rows, cells),
+        )
+        dynamic = {name: {0: "rows"} for name in INPUTS + OUTPUTS}
+        for name in ("annotations", "keys", "focus", "alpha"):
+            dynamic[name] = {0: "rows", 1: "cells"}
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+            path = Path(folder) / "step.onnx"
+            torch.onnx.export(
+                module,
+                example,
+                path,
+                dynamo=False,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                input_names=list(INPUTS),
+                output_names=list(OUTPUTS),
+                dynamic_axes=dynamic,
+            )
+            return path.read_bytes()
+
+
+def _annotation_dim(decoder: AttentionDecoder) -> int:
+    """A, the size of the annotation vectors step() attends over."""
+    return decoder.lstm.input_size - decoder.embedding.weight.shape[1]
+
+
+def graph_name(decoder: AttentionDecoder) -> str:
+    digest = weights_digest(decoder, EXPORT_FORMAT, OPSET, type(decoder.attention).__name__)
+    return f"decoder-step-{len(decoder.embedding.weight)}words-{digest}.onnx"
+
+
+class OnnxDecoder:
+    """The Decoder protocol (captioner.model.decoder) of an AttentionDecoder with `step` on
+    onnxruntime: the same logits, state, alpha and gate within float32 rounding.
+
+    The graph is made from the decoder's weights at the first step (or prepare_graph()): build a
+    new OnnxDecoder after changing them. threads: intra-op threads (default
+    $CAPTIONER_ORT_THREADS, else 1); cache: the folder holding onnx/ (default: the user's cache).
+    """
+
+    def __init__(
+        self, decoder: AttentionDecoder, threads: int | None = None, cache: str | Path | None = None
+    ):
+        if not supported(decoder):
+            attention = type(getattr(decoder, "attention", None)).__name__
+            raise ValueError(
+                "OnnxDecoder runs a float AttentionDecoder with soft attention, not "
+                f"{type(decoder).__name__} with {attention}"
+            )
+        self.decoder = decoder
+        self.threads = threads
+        self.cache = Path(cache) if cache is not None else None
+        self.origin: str | None = None  # "cache", "exported" or "memory" once prepared
+        self._session: Any = None
+        self._lock = threading.Lock()
+
+    def prepare_graph(self) -> OnnxDecoder:
+        """Load (or export) the graph and open the session now rather than at the first step."""
+        with self._lock:
+            if self._session is None:
+                model, self.origin = load_or_export(
+                    graph_name(self.decoder), lambda: export_step(self.decoder), self.cache
+                )
+                self._session = ort_session(model, self.threads)
+        return self
+
+    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.prepare(features)
+
+    def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State:
+        return self.decoder.init_state(features, focus)
+
+    def step(
+        self,
+        features: torch.Tensor,  # (B, L, A) annotations from prepare()
+        keys: torch.Tensor,  # attention keys from prepare()
+        words: torch.Tensor,  # (B,) previous word ids
+        state: State,
+        focus: torch.Tensor | None = None,  # (B, L) added to the attention scores
+    ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+        """AttentionDecoder.step: logits (B, V), the new state, alpha (B, L) and the gate (B,)."""
+        if self._session is None:
+            self.prepare_graph()
+        if focus is None:
+            focus = features.new_zeros(features.shape[:2])
+        inputs = (features, keys, words, *state, focus)
+        feed = {name: _array(t) for name, t in zip(INPUTS, inputs, strict=True)}
+        logits, h, c, alpha, gate = (torch.from_numpy(a) for a in self._session.run(list(OUTPUTS), feed))
+        return logits, (h, c), alpha, gate
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy())
+
+
+def runtime_decoder(decoder: nn.Module) -> Any:
+    """What inference decodes with: an OnnxDecoder for a supported decoder on a CPU, otherwise the
+    decoder itself (CUDA, hard attention, ensembles, int8)."""
+    on_cpu = next(decoder.parameters()).device.type == "cpu"
+    if on_cpu and supported(decoder):
+        return OnnxDecoder(decoder)  # type: ignore[arg-type]  # supported() checked the type
+    return decoder
