@@ -159,7 +159,7 @@ def test_from_pretrained_uses_the_environment_variable(shapes_checkpoint, monkey
 def test_quantized_decoder_keeps_the_captions(shapes_checkpoint):
     """The int8 decoder of quantize=True (dynamic quantization, CPU) is a speed option, not a
     different model (the int8 encoder it comes with: tests/test_quantize.py)."""
-    from captioner.serving.captioner import quantize_decoder
+    from captioner.model.onnx_decoder import quantize_decoder
 
     from .shapes import all_examples
 

@@ -135,7 +135,7 @@ def test_save_pretrained_writes_a_folder_that_loads_back_the_same(shapes_checkpo
 
 
 def test_a_quantized_captioner_is_not_saved(shapes_checkpoint, tmp_path):
-    from captioner.serving.captioner import quantize_decoder
+    from captioner.model.onnx_decoder import quantize_decoder
 
     quantized = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
     quantized.model.decoder = quantize_decoder(quantized.model.decoder)  # what quantize=True does

@@ -10,10 +10,9 @@ from captioner.model import onnx_decoder
 from captioner.model.decoder import AttentionDecoder
 from captioner.model.decoding import beam_search
 from captioner.model.ensemble import DecoderEnsemble
-from captioner.model.onnx_decoder import OnnxDecoder, runtime_decoder
+from captioner.model.onnx_decoder import OnnxDecoder, quantize_decoder, runtime_decoder
 from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
-from captioner.serving.captioner import quantize_decoder
 
 from .test_onnx_encoder import real_photos
 
@@ -128,3 +127,19 @@ def test_the_captioner_decodes_on_onnxruntime_and_follows_a_new_decoder(trained_
         grids = captioner.encoder(torch.stack([captioner.transform(image) for image in images]))
         plain = caption_features(torch_decoder, vocab, grids, DecodeOptions(beam_size=3))
     assert [r.text for r in plain] == onnx
+
+
+def test_the_int8_step_keeps_the_shapes_captions(shapes_checkpoint, tmp_path):
+    """quantize=True's decoder: onnxruntime's dynamic int8 twin of the step, approximately the
+    float step (its int8 encoder: tests/test_quantize.py)."""
+    from .shapes import all_examples
+
+    captioner = Captioner.from_pretrained(shapes_checkpoint, device="cpu")
+    images = [image for image, _, _ in all_examples()]
+    plain = [r.text for r in captioner.caption(images)]
+    captioner.decoder = int8 = runtime_decoder(captioner.model.decoder, quantize=True)
+    assert isinstance(int8, OnnxDecoder) and int8.quantize
+    assert [r.text for r in captioner.caption(images)] == plain == [c for _, c, _ in all_examples()]
+    OnnxDecoder(captioner.model.decoder, cache=tmp_path, quantize=True).prepare_graph()
+    (graph,) = (tmp_path / "onnx").glob("*.onnx")
+    assert "-int8-" in graph.name

@@ -117,3 +117,4 @@ def test_the_benchmark_times_quantize_true(int8_folder, capsys):
     assert printed.count("onnxruntime int8 (quantize=True)") == 1, printed  # the encoder table
     assert printed.count("quantize=True (int8 encoder+decoder)") == 2, printed  # caption(), folder
     assert "captioning a folder of 2 photos" in printed
+    assert "decoder step, 5 beams" in printed and "onnxruntime int8 " in printed

@@ -153,6 +153,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         num_workers=args.num_workers,
         cache_dir=args.cache_dir,
         encoder=captioner.encoder,  # --quantize: the int8 one
+        decoder=captioner.decoder,
     )
     summary = {
         "model": str(captioner.path),

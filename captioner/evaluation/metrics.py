@@ -29,6 +29,7 @@ from captioner.data.feature_cache import FeatureCache
 from captioner.data.images import ImageFiles, collate_images
 from captioner.files import atomic_write
 from captioner.model.caption_model import CaptionModel
+from captioner.model.decoder import Decoder
 from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DecodeOptions
 from captioner.model.results import caption_features
@@ -204,15 +205,17 @@ def caption_split(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     encoder: torch.nn.Module | None = None,
+    decoder: Decoder | None = None,
 ) -> list[str]:
     """Real beam-search captions (by `options`, default DecodeOptions()) for every image, in
-    order (see image_grids for `cache_dir` and `encoder`)."""
+    order (see image_grids for `cache_dir` and `encoder`); `decoder`: what decodes (default the
+    model's decoder in torch; a Captioner's `decoder` runs it as the Captioner does)."""
     options = (options or DecodeOptions()).replace(n_best=1)
     model.eval()
     captions: list[str] = []
     bar = tqdm(total=len(images), desc="captioning", unit="img", disable=not progress)
     for features in image_grids(model, images, batch_size, num_workers, cache_dir, progress, encoder):
-        results = caption_features(model.decoder, vocab, features, options)
+        results = caption_features(decoder or model.decoder, vocab, features, options)
         captions += [r.text for r in results]
         bar.update(len(results))
     bar.close()

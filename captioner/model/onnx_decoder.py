@@ -10,7 +10,10 @@ decoder) the decoder itself. Only `step` moves: `prepare` and `init_state` run o
 torch, and beam search (captioner.model.decoding) is the same one.
 
 The graph is exported from the weights on first use (the legacy TorchScript exporter, ~1 s) and
-cached by their digest like the encoder's (captioner.model.onnx_runtime).
+cached by their digest like the encoder's (captioner.model.onnx_runtime). quantize=True makes its
+int8 twin from it with onnxruntime's dynamic quantization (int8 weights, activations quantized per
+call: no calibration needed, so it too is made on first use); where the step cannot move, torch's
+dynamic int8 layers stand in (quantize_decoder).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,10 +33,14 @@ from captioner.model.attention import HardAttention
 from captioner.model.decoder import AttentionDecoder, State
 from captioner.model.onnx_runtime import load_or_export, ort_session, weights_digest
 
+DecoderModule = TypeVar("DecoderModule", bound=nn.Module)
 INPUTS = ("annotations", "keys", "words", "h", "c", "focus")
 OUTPUTS = ("logits", "next_h", "next_c", "alpha", "gate")
 OPSET = 17
 EXPORT_FORMAT = 1  # bump when the exported graph changes for the same weights
+# Left in fp32 by quantize=True: the attention's scores would quantize (B, L, A) activations
+# per step, which costs more time than the int8 product saves.
+FLOAT_NODES = ["/attention/score/MatMul"]
 
 
 class _Step(nn.Module):
@@ -96,19 +103,50 @@ def export_step(decoder: AttentionDecoder) -> bytes:
             return path.read_bytes()
 
 
+def quantize_step(graph: bytes) -> bytes:
+    """The step's int8 twin: onnxruntime's dynamic quantization of its weight products (int8
+    weights, per tensor; activations quantized at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "step.onnx", Path(folder) / "step_int8.onnx"
+        source.write_bytes(graph)
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=FLOAT_NODES,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return target.read_bytes()
+
+
+def quantize_decoder(decoder: DecoderModule) -> DecoderModule:
+    """torch's dynamic int8 quantization of the decoder's Linear and LSTM layers: quantize=True
+    where the step does not run on onnxruntime. A copy of the same class: only its Linear and
+    LSTMCell submodules are swapped."""
+    with warnings.catch_warnings():  # torch.ao's eager quantization API announces its successor
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            decoder, {torch.nn.Linear, torch.nn.LSTMCell}, dtype=torch.qint8
+        )
+
+
 def _annotation_dim(decoder: AttentionDecoder) -> int:
     """A, the size of the annotation vectors step() attends over."""
     return decoder.lstm.input_size - decoder.embedding.weight.shape[1]
 
 
-def graph_name(decoder: AttentionDecoder) -> str:
-    digest = weights_digest(decoder, EXPORT_FORMAT, OPSET, type(decoder.attention).__name__)
-    return f"decoder-step-{len(decoder.embedding.weight)}words-{digest}.onnx"
+def graph_name(decoder: AttentionDecoder, quantize: bool = False) -> str:
+    precision = "int8" if quantize else "fp32"
+    digest = weights_digest(decoder, EXPORT_FORMAT, OPSET, type(decoder.attention).__name__, FLOAT_NODES)
+    return f"decoder-step-{len(decoder.embedding.weight)}words-{precision}-{digest}.onnx"
 
 
 class OnnxDecoder:
     """The Decoder protocol (captioner.model.decoder) of an AttentionDecoder with `step` on
-    onnxruntime: the same logits, state, alpha and gate within float32 rounding.
+    onnxruntime: the same logits, state, alpha and gate within float32 rounding (quantize=True:
+    its int8 twin, approximately the same).
 
     The graph is made from the decoder's weights at the first step (or prepare_graph()): build a
     new OnnxDecoder after changing them. threads: intra-op threads (default
@@ -116,7 +154,11 @@ class OnnxDecoder:
     """
 
     def __init__(
-        self, decoder: AttentionDecoder, threads: int | None = None, cache: str | Path | None = None
+        self,
+        decoder: AttentionDecoder,
+        threads: int | None = None,
+        cache: str | Path | None = None,
+        quantize: bool = False,
     ):
         if not supported(decoder):
             attention = type(getattr(decoder, "attention", None)).__name__
@@ -125,7 +167,7 @@ class OnnxDecoder:
                 f"{type(decoder).__name__} with {attention}"
             )
         self.decoder = decoder
-        self.threads = threads
+        self.threads, self.quantize = threads, quantize
         self.cache = Path(cache) if cache is not None else None
         self.origin: str | None = None  # "cache", "exported" or "memory" once prepared
         self._session: Any = None
@@ -136,10 +178,14 @@ class OnnxDecoder:
         with self._lock:
             if self._session is None:
                 model, self.origin = load_or_export(
-                    graph_name(self.decoder), lambda: export_step(self.decoder), self.cache
+                    graph_name(self.decoder, self.quantize), self._export, self.cache
                 )
                 self._session = ort_session(model, self.threads)
         return self
+
+    def _export(self) -> bytes:
+        graph = export_step(self.decoder)
+        return quantize_step(graph) if self.quantize else graph
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.prepare(features)
@@ -170,10 +216,12 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().cpu().numpy())
 
 
-def runtime_decoder(decoder: nn.Module) -> Any:
-    """What inference decodes with: an OnnxDecoder for a supported decoder on a CPU, otherwise the
-    decoder itself (CUDA, hard attention, ensembles, int8)."""
-    on_cpu = next(decoder.parameters()).device.type == "cpu"
-    if on_cpu and supported(decoder):
-        return OnnxDecoder(decoder)  # type: ignore[arg-type]  # supported() checked the type
-    return decoder
+def runtime_decoder(decoder: nn.Module, quantize: bool = False, threads: int | None = None) -> Any:
+    """What inference decodes with: on a CPU an OnnxDecoder for a supported decoder (int8 with
+    quantize), else the decoder itself (quantize: its torch int8 copy); elsewhere (CUDA) the
+    decoder itself."""
+    if next(decoder.parameters()).device.type != "cpu":
+        return decoder
+    if supported(decoder):
+        return OnnxDecoder(decoder, threads, quantize=quantize)  # type: ignore[arg-type]  # supported() checked it
+    return quantize_decoder(decoder) if quantize else decoder

@@ -30,7 +30,6 @@ The flags are defined in captioner.cli (add_benchmark_arguments), so that --help
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import resource
 import statistics
@@ -49,7 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
+from captioner.model.decoder import AttentionDecoder
 from captioner.model.encoder import Encoder
+from captioner.model.onnx_decoder import OnnxDecoder, runtime_decoder, supported
 from captioner.model.onnx_encoder import OnnxEncoder
 from captioner.model.options import DecodeOptions
 from captioner.model.quantize import Int8EncoderError, int8_encoder
@@ -62,6 +63,7 @@ Calls = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # name -> (functi
 Forward = Callable[[torch.Tensor], torch.Tensor]
 STOCK, TORCH, ONNX = "timm stock forward_features", "torch eager (Encoder)", "onnxruntime fp32"
 INT8 = "onnxruntime int8 (quantize=True)"
+QUANTIZED = "quantize=True (int8 encoder+decoder)"
 
 
 def run(args: argparse.Namespace, options: DecodeOptions) -> None:
@@ -88,14 +90,11 @@ def load_captioner(args: argparse.Namespace) -> tuple[Captioner, str]:
     return captioner, "default ModelConfig, RANDOM decoder weights: timing only, captions are meaningless"
 
 
-def with_encoder(captioner: Captioner, encoder: torch.nn.Module, quantize: bool = False) -> Captioner:
-    """A Captioner of the same model whose images go through `encoder` (quantize: and whose
-    decoder is the int8 one, as quantize=True makes it)."""
+def with_runtime(captioner: Captioner, encoder: torch.nn.Module, decoder: Any) -> Captioner:
+    """A Captioner of the same model whose images go through `encoder` and whose words come from
+    `decoder` (the torch modules, or their onnxruntime runners)."""
     other = Captioner(captioner.model, captioner.vocab, device="cpu")
-    other.encoder = encoder
-    if quantize:
-        other.model = copy.deepcopy(captioner.model)  # the fp32 model stays as it is
-        other.model.decoder = api.quantize_decoder(other.model.decoder)
+    other.encoder, other.decoder = encoder, decoder
     return other
 
 
@@ -164,21 +163,26 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
         onnx = OnnxEncoder(encoder, threads=threads).prepare()
         int8 = int8_runner(captioner, threads) if args.quantize else None
         print(f"\n=== {threads} thread(s), load average {os.getloadavg()[0]:.1f} ===")
+        decoder = captioner.model.decoder
+        steps = {"torch": decoder, "onnxruntime fp32": runtime_decoder(decoder, threads=threads)}
         encoders: dict[str, Forward] = {STOCK: forward, TORCH: encoder, ONNX: onnx}
         captioners = {
-            "torch encoder": with_encoder(captioner, encoder),
-            "onnxruntime encoder": with_encoder(captioner, onnx),  # the default
+            "torch (encoder, decoder)": with_runtime(captioner, encoder, decoder),
+            "onnxruntime (the default)": with_runtime(captioner, onnx, steps["onnxruntime fp32"]),
         }
         if int8 is not None:
             encoders[INT8] = int8
-            captioners["quantize=True (int8 encoder+decoder)"] = with_encoder(captioner, int8, quantize=True)
+            steps["onnxruntime int8"] = runtime_decoder(decoder, quantize=True, threads=threads)
+            captioners[QUANTIZED] = with_runtime(captioner, int8, steps["onnxruntime int8"])
         stock = time_encoders(encoders, pixels, encoder_gflop, args)
+        time_decoder_steps(steps, captioner, options.beam_size, args)
         time_captions(captioners, image, options, args, stock)
         if args.extract_images:
             time_extraction(encoder, onnx, args)
             time_folder(captioners, options, args)
     torch.set_num_threads(torch_threads)
-    time_startup(encoder)
+    print()
+    time_startup(captioner)
     print(f"peak memory of this process: {peak_memory_mb():.0f} MB")
     if args.model:
         print(f"\ncaption: {captioner.caption(image, options).text!r}")
@@ -229,6 +233,33 @@ def time_encoders(
     return stock_one
 
 
+def time_decoder_steps(
+    steps: dict[str, Any], captioner: Captioner, rows: int, args: argparse.Namespace
+) -> None:
+    """One decoder step (one word) for `rows` beams of one photo, each runner against torch's."""
+    for runner in steps.values():  # the graphs' export is start-up, timed below
+        if isinstance(runner, OnnxDecoder):
+            runner.prepare_graph()
+    config = captioner.model.config
+    features = torch.randn(
+        1, captioner.grid_shape[0] * captioner.grid_shape[1], captioner.model.encoder.feature_dim
+    )
+    with torch.inference_mode():
+        annotations, keys = captioner.model.decoder.prepare(features)
+        annotations, keys = (
+            annotations.expand(rows, -1, -1).contiguous(),
+            keys.expand(rows, -1, -1).contiguous(),
+        )
+        state = captioner.model.decoder.init_state(annotations)
+        words = torch.full((rows,), 4, dtype=torch.long)
+        ms, _ = interleaved(
+            {name: (d.step, (annotations, keys, words, state)) for name, d in steps.items()}, args
+        )
+    print(f"decoder step, {rows} beams, hidden {config.hidden_dim} {'ms':>26} {'x torch':>8}")
+    for name, value in ms.items():
+        print(f"  {name:<52} {value:>8.2f} {value / ms['torch']:>8.2f}")
+
+
 def time_captions(
     captioners: dict[str, Captioner],
     image: Image.Image,
@@ -260,17 +291,24 @@ def time_captions(
             )
 
 
-def time_startup(encoder: Encoder) -> None:
-    """The onnxruntime encoder's start-up: exported on first use (written to an empty cache),
-    then loaded from the cache, each up to a session ready to run."""
-    with tempfile.TemporaryDirectory() as folder:
-        seconds = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            ready = OnnxEncoder(encoder, cache=folder).prepare()
-            seconds.append(time.perf_counter() - t0)
-        size = sum(f.stat().st_size for f in Path(folder, "onnx").glob("*.onnx")) / 1e6
-    print(
-        f"\nonnxruntime start-up: first use {seconds[0]:.2f} s (export, {size:.1f} MB .onnx written to the "
-        f"cache), cached {seconds[1]:.2f} s (digest, read, session); {ready.origin}"
-    )
+def time_startup(captioner: Captioner) -> None:
+    """The onnxruntime graphs' start-up: exported on first use (written to an empty cache), then
+    loaded from the cache, each up to a session ready to run."""
+    runners: dict[str, Callable[[str], Any]] = {
+        "encoder": lambda folder: OnnxEncoder(captioner.model.encoder, cache=folder).prepare()
+    }
+    decoder = captioner.model.decoder
+    if isinstance(decoder, AttentionDecoder) and supported(decoder):
+        runners["decoder step"] = lambda folder: OnnxDecoder(decoder, cache=folder).prepare_graph()
+    for name, make in runners.items():
+        with tempfile.TemporaryDirectory() as folder:
+            seconds = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                ready = make(folder)
+                seconds.append(time.perf_counter() - t0)
+            size = sum(f.stat().st_size for f in Path(folder, "onnx").glob("*.onnx")) / 1e6
+        print(
+            f"onnxruntime {name} start-up: first use {seconds[0]:.2f} s (export, {size:.1f} MB .onnx written "
+            f"to the cache), cached {seconds[1]:.2f} s (digest, read, session); {ready.origin}"
+        )

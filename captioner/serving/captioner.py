@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 import torch
 
@@ -32,19 +31,6 @@ TINY_IMAGE = 32  # pixels on the short side below which a result carries a note
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-DecoderModule = TypeVar("DecoderModule", bound=torch.nn.Module)
-
-
-def quantize_decoder(decoder: DecoderModule) -> DecoderModule:
-    """Dynamic int8 quantization of the decoder's Linear and LSTM layers (CPU inference). A copy
-    of the same class: only its Linear and LSTMCell submodules are swapped."""
-    with warnings.catch_warnings():  # torch.ao's eager quantization API announces its successor
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            decoder, {torch.nn.Linear, torch.nn.LSTMCell}, dtype=torch.qint8
-        )
 
 
 def decode_options(options: DecodeOptions | None, changes: dict[str, Any]) -> DecodeOptions:
@@ -76,9 +62,9 @@ class Captioner:
         # (the same grids, faster; quantize=True: the folder's int8 graph); any module that does
         # the same may stand in.
         self.encoder: torch.nn.Module = runtime_encoder(self.model.encoder)
-        if quantize and self.device.type == "cpu":
+        self.quantize = quantize and self.device.type == "cpu"
+        if self.quantize:
             self.encoder = int8_encoder(self.model.encoder, self.path)
-            self.model.decoder = quantize_decoder(self.model.decoder)
         self.vocab = vocab
         self.transform = model.encoder.transform
         self.max_pixels = max_pixels
@@ -116,8 +102,8 @@ class Captioner:
         the dtype they were stored in, unless `dtype`), config.json and the model card if any."""
         if any(name.endswith("_packed_params") for name in self.model.state_dict()):
             raise ValueError(
-                "this Captioner's decoder is int8-quantized (quantize=True); save the model "
-                "loaded without quantize, which the int8 decoder is derived from at load time"
+                "this Captioner's model.decoder is int8-quantized; save the float model it was "
+                "derived from (quantize=True keeps model.decoder float and quantizes at load time)"
             )
         stored = getattr(torch, self.config.get("weights_dtype", "float32"))
         directory = save_model(
@@ -152,11 +138,17 @@ class Captioner:
 
     @property
     def decoder(self) -> Any:
-        """What decodes: model.decoder, on ONNX Runtime on a CPU (captioner.model.onnx_decoder).
-        Made again when model.decoder is replaced; after changing its weights in place, replace it."""
+        """What decodes: model.decoder, its step on ONNX Runtime on a CPU (int8 with quantize;
+        captioner.model.onnx_decoder). Made again when model.decoder is replaced; after changing
+        its weights in place, replace it. Setting it decodes with that runner instead."""
         if self._runtime_decoder is None or self._runtime_decoder[0] is not self.model.decoder:
-            self._runtime_decoder = (self.model.decoder, runtime_decoder(self.model.decoder))
+            runner = runtime_decoder(self.model.decoder, self.quantize)
+            self._runtime_decoder = (self.model.decoder, runner)
         return self._runtime_decoder[1]
+
+    @decoder.setter
+    def decoder(self, runner: Any) -> None:
+        self._runtime_decoder = (self.model.decoder, runner)
 
     @property
     def grid_shape(self) -> tuple[int, int]:
