@@ -118,3 +118,16 @@ def test_the_benchmark_times_quantize_true(int8_folder, capsys):
     assert printed.count("quantize=True (int8 encoder+decoder)") == 2, printed  # caption(), folder
     assert "captioning a folder of 2 photos" in printed
     assert "decoder step, 5 beams" in printed and "onnxruntime int8 " in printed
+
+
+@pytest.mark.slow
+def test_save_pretrained_keeps_the_int8_encoder_only_for_its_weights(int8_folder, tmp_path):
+    captioner = Captioner.from_pretrained(int8_folder, device="cpu")
+    copy = captioner.save_pretrained(tmp_path / "copy")  # the same weights: the graph fits them
+    assert (copy / INT8_FILE).read_bytes() == (int8_folder / INT8_FILE).read_bytes()
+    Captioner.from_pretrained(copy, device="cpu", quantize=True)  # its digest is checked at load
+    rounded = captioner.save_pretrained(tmp_path / "fp16", dtype=torch.float16)  # other weights
+    assert not (rounded / INT8_FILE).exists()
+    with torch.no_grad():
+        captioner.model.encoder.stages[-1][0].weight.mul_(1.01)  # fine-tuned further: another encoder
+    assert not (captioner.save_pretrained(tmp_path / "tuned") / INT8_FILE).exists()

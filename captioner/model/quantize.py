@@ -150,3 +150,15 @@ def int8_encoder(encoder: Encoder, folder: str | Path | None, threads: int | Non
             "`captioner export ... --quantize --calibration-images PHOTO_FOLDER`"
         )
     return runner
+
+
+def copy_int8_encoder(encoder: Encoder, source: str | Path | None, target: str | Path) -> bool:
+    """Copy the model folder's int8 graph into `target` (a saved copy of the model) if it was made
+    from `encoder`'s weights; False when there is none to copy."""
+    try:
+        int8_encoder(encoder, source)
+    except Int8EncoderError:
+        return False
+    data = (Path(source) / INT8_FILE).read_bytes()  # type: ignore[arg-type]  # int8_encoder checked it
+    atomic_write(Path(target) / INT8_FILE, lambda tmp: Path(tmp).write_bytes(data))
+    return True

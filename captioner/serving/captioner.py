@@ -16,7 +16,7 @@ from captioner.model.folder import load_model, save_model
 from captioner.model.onnx_decoder import runtime_decoder
 from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
-from captioner.model.quantize import int8_encoder
+from captioner.model.quantize import INT8_FILE, copy_int8_encoder, int8_encoder
 from captioner.model.results import CaptionResult, caption_features
 from captioner.model.vocabulary import Vocabulary
 from captioner.serving import hub
@@ -99,7 +99,8 @@ class Captioner:
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write this model as a folder `from_pretrained` loads (and the Hub hosts): weights (in
-        the dtype they were stored in, unless `dtype`), config.json and the model card if any."""
+        the dtype they were stored in, unless `dtype`), config.json, the model card if any, and
+        the int8 encoder of quantize=True if the folder has one made from these weights."""
         if any(name.endswith("_packed_params") for name in self.model.state_dict()):
             raise ValueError(
                 "this Captioner's model.decoder is int8-quantized; save the float model it was "
@@ -114,6 +115,8 @@ class Captioner:
             dtype=dtype if dtype is not None else stored,
         )
         hub.copy_card(self.path, directory)
+        if self.path is not None and (self.path / INT8_FILE).is_file():  # if it fits the saved weights
+            copy_int8_encoder(load_model(directory)[0].encoder, self.path, directory)
         return directory
 
     def push_to_hub(
