@@ -19,6 +19,7 @@ dynamic int8 layers stand in (quantize_decoder).
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 import threading
 import warnings
@@ -111,13 +112,17 @@ def quantize_step(graph: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "step.onnx", Path(folder) / "step_int8.onnx"
         source.write_bytes(graph)
-        quantize_dynamic(
-            source,
-            target,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=FLOAT_NODES,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        logging.disable(logging.WARNING)  # its advice to pre-process, meant for convolution graphs
+        try:
+            quantize_dynamic(
+                source,
+                target,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=FLOAT_NODES,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         return target.read_bytes()
 
 
