@@ -198,15 +198,9 @@ class OnnxDecoder:
     def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State:
         return self.decoder.init_state(features, focus)
 
-    def step(
-        self,
-        features: torch.Tensor,  # (B, L, A) annotations from prepare()
-        keys: torch.Tensor,  # attention keys from prepare()
-        words: torch.Tensor,  # (B,) previous word ids
-        state: State,
-        focus: torch.Tensor | None = None,  # (B, L) added to the attention scores
-    ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
-        """AttentionDecoder.step: logits (B, V), the new state, alpha (B, L) and the gate (B,)."""
+    def step(self, features, keys, words, state: State, focus=None):
+        """AttentionDecoder.step, the same arguments: logits (B, V), the new state, alpha (B, L)
+        and the gate (B,)."""
         if self._session is None:
             self.prepare_graph()
         if focus is None:
