@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from captioner.cli.flags import FlagParser, add_config_arguments, checked_config
+from captioner.cli.flags import FlagParser, add_config_arguments, add_quantize_flag, checked_config
 from captioner.evaluation.coco_objects import COCO_SYNONYMS
 from captioner.evaluation.grounding import evaluate_grounding, plain_metrics, write_report
 from captioner.model.options import DecodeOptions
@@ -33,7 +33,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--quantize", action="store_true", help="the int8 encoder and decoder (CPU)")
+    add_quantize_flag(parser)
     parser.add_argument(
         "--synonyms",
         help="JSON {category: [words]} for non-COCO categories "

@@ -365,18 +365,20 @@ def test_a_short_benchmark_runs_every_timing(tmp_path, capsys):
         "timm stock forward_features",
         "torch eager (Encoder)",
         "onnxruntime fp32",
-        "torch encoder",
+        "torch (encoder, decoder)",
+        "decoder step, 5 beams",
         "feature extraction, 2 generated photos",
-        "onnxruntime start-up",
+        "onnxruntime encoder start-up",
+        "onnxruntime decoder step start-up",
         "peak memory",
     ):
         assert row in out, row
     caption_rows = [
         line.split()
         for line in out.splitlines()
-        if line.split()[:2] == ["onnxruntime", "encoder"] and line.split()[2].isdigit()
+        if line.split()[:3] == ["onnxruntime", "fp32", "(quantize=False)"] and line.split()[3].isdigit()
     ]
-    assert [row[2] for row in caption_rows] == ["1", "2"]  # caption() of 1 photo and of 2
+    assert [row[3] for row in caption_rows] == ["1", "2"]  # caption() of 1 photo and of 2
 
 
 # --- expected failures: one line on stderr naming the input and the fix, no traceback -------------

@@ -58,8 +58,9 @@ def test_quantize_true_captions_like_fp32(int8_folder):
     examples = all_examples()
     images = [image for image, _, _ in examples]
     before = {p.name: p.stat().st_mtime_ns for p in int8_folder.iterdir()}
-    exact = Captioner.from_pretrained(int8_folder, device="cpu").caption(images)
+    exact = Captioner.from_pretrained(int8_folder, device="cpu", quantize=False).caption(images)
     int8 = Captioner.from_pretrained(int8_folder, device="cpu", quantize=True)
+    assert Captioner.from_pretrained(int8_folder, device="cpu").quantize  # the CPU default with the graph
     assert int8.encoder.metadata()["captioner.calibration_photos"] == str(len(examples) + 3)
     approximate = int8.caption(images)
     same = sum(a.text == b.text for a, b in zip(approximate, exact, strict=True))
@@ -72,7 +73,7 @@ def test_quantize_true_captions_like_fp32(int8_folder):
 
 @pytest.mark.slow
 def test_the_shipped_int8_encoder_fits_the_shipped_weights():
-    exact = Captioner.from_pretrained(DEFAULT_WEIGHTS, device="cpu")
+    exact = Captioner.from_pretrained(DEFAULT_WEIGHTS, device="cpu", quantize=False)
     int8 = Captioner.from_pretrained(DEFAULT_WEIGHTS, device="cpu", quantize=True)  # digest checked
     pixels = torch.stack([exact.preprocess(image) for image in real_photos()])
     with torch.inference_mode():
@@ -85,6 +86,7 @@ def test_the_shipped_int8_encoder_fits_the_shipped_weights():
 def test_quantize_without_the_int8_graph_says_how_to_make_it(shapes_checkpoint, tmp_path, capsys):
     with pytest.raises(Int8EncoderError, match=f"{INT8_FILE} in the model folder .*captioner export"):
         Captioner.from_pretrained(shapes_checkpoint, device="cpu", quantize=True)
+    assert not Captioner.from_pretrained(shapes_checkpoint, device="cpu").quantize  # default: fp32
     model, vocab, _ = load_model(shapes_checkpoint)
     with pytest.raises(Int8EncoderError, match="this model has none"):
         Captioner(model, vocab, device="cpu", quantize=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from captioner.cli.caption import MODEL_HELP, add_decoding_arguments, add_model_arguments
 from captioner.cli.errors import CommandError
-from captioner.cli.flags import Switch, checked_config, positive_int
+from captioner.cli.flags import Switch, add_quantize_flag, checked_config, positive_int
 from captioner.model.options import DecodeOptions
 
 if TYPE_CHECKING:
@@ -39,12 +39,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         MODEL_HELP.replace(", or $CAPTIONER_WEIGHTS", "; $CAPTIONER_WEIGHTS"),
         default=env("CAPTIONER_WEIGHTS"),
     )
-    parser.add_argument(
-        "--quantize",
-        action=Switch,
-        default=False,
-        help="int8 encoder and decoder on CPU: faster captions, slightly different scores (default: off)",
-    )
+    add_quantize_flag(parser)
     parser.add_argument(
         "--device",
         default=env("CAPTIONER_DEVICE"),

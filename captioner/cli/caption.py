@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captioner.cli.flags import FlagParser, Switch, add_config_arguments, checked_config, positive_int
+from captioner.cli.flags import (
+    FlagParser,
+    Switch,
+    add_config_arguments,
+    add_quantize_flag,
+    checked_config,
+    positive_int,
+)
 from captioner.model.options import DecodeOptions
 from captioner.serving.records import FORMATS
 from captioner.serving.settings import BatchSettings
@@ -62,13 +69,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     add_model_arguments(parser)
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument(
-        "--quantize",
-        action=Switch,
-        default=False,
-        help="int8 encoder and decoder on CPU (the model folder's encoder_int8.onnx): faster, "
-        "slightly different captions (default: off)",
-    )
+    add_quantize_flag(parser)
     parser.add_argument(
         "--shard",
         metavar="K/N",

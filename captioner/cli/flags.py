@@ -175,6 +175,19 @@ class Switch(argparse.Action):
         return " | ".join(self.option_strings)
 
 
+def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    """--quantize / --no-quantize, unset by default: the Captioner's own choice (int8 on a CPU
+    when the model folder has an int8 encoder made from its weights)."""
+    parser.add_argument(
+        "--quantize",
+        action=Switch,
+        default=None,
+        help="int8 encoder (the model folder's encoder_int8.onnx) and int8 decoder step on a CPU: "
+        "~1.5x faster, other captions of the same dev scores (default: on when the folder has one "
+        "made from its weights; --no-quantize: float32)",
+    )
+
+
 def _negative(option: str) -> str:
     head, dot, leaf = option[2:].rpartition(".")
     return f"--{head}{dot}no-{leaf}"

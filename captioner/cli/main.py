@@ -35,6 +35,7 @@ from captioner.cli.flags import (
     FlagParser,
     Switch,
     add_config_arguments,
+    add_quantize_flag,
     checked_config,
     config_from_args,
     field_docs,
@@ -95,12 +96,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--cache-dir", help="reuse/extract the frozen encoder's feature cache here")
     parser.add_argument("--max-images", type=positive_int, help="score only the first N images of the split")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument(
-        "--quantize",
-        action=Switch,
-        default=False,
-        help="score the int8 encoder and decoder (CPU) (default: off)",
-    )
+    add_quantize_flag(parser)
     parser.add_argument(
         "--meteor", action=Switch, default=True, help="also score METEOR (needs Java) (default: on)"
     )

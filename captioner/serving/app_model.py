@@ -142,7 +142,7 @@ class ModelProcess:
     process. `ready` is set once it has loaded or failed; if it failed (or the process died),
     `failed` is set, which stops the app's server, and `error` says why."""
 
-    def __init__(self, folder: Path, device: str | None, quantize: bool, threads: int | None = None):
+    def __init__(self, folder: Path, device: str | None, quantize: bool | None, threads: int | None = None):
         self.ready, self.failed = threading.Event(), threading.Event()
         self.error: str | None = None
         self.about: str = ""
@@ -231,7 +231,7 @@ class ModelProcess:
             self._process.terminate()
 
 
-def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool, threads: int) -> None:
+def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool | None, threads: int) -> None:
     """The model process: load, say "ready" with the About text (or "failed" with why), warm up
     unless a caption is waiting, then caption until the app closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; it closes the pipe
@@ -259,7 +259,7 @@ def serve_model(pipe: Any, folder: Path, device: str | None, quantize: bool, thr
         pipe.send(reply)
 
 
-def load(pipe: Any, folder: Path, device: str | None, quantize: bool) -> Any:
+def load(pipe: Any, folder: Path, device: str | None, quantize: bool | None) -> Any:
     """The Captioner, after telling the app "ready"; None after telling it why it failed."""
     from captioner.model.folder import CheckpointError
     from captioner.serving.captioner import Captioner

@@ -168,7 +168,7 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
         encoders: dict[str, Forward] = {STOCK: forward, TORCH: encoder, ONNX: onnx}
         captioners = {
             "torch (encoder, decoder)": with_runtime(captioner, encoder, decoder),
-            "onnxruntime (the default)": with_runtime(captioner, onnx, steps["onnxruntime fp32"]),
+            "onnxruntime fp32 (quantize=False)": with_runtime(captioner, onnx, steps["onnxruntime fp32"]),
         }
         if int8 is not None:
             encoders[INT8] = int8

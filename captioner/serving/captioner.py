@@ -16,7 +16,7 @@ from captioner.model.folder import load_model, save_model
 from captioner.model.onnx_decoder import runtime_decoder
 from captioner.model.onnx_encoder import runtime_encoder
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
-from captioner.model.quantize import INT8_FILE, copy_int8_encoder, int8_encoder
+from captioner.model.quantize import INT8_FILE, Int8EncoderError, copy_int8_encoder, int8_encoder
 from captioner.model.results import CaptionResult, caption_features
 from captioner.model.vocabulary import Vocabulary
 from captioner.serving import hub
@@ -52,19 +52,23 @@ class Captioner:
         vocab: Vocabulary,
         device: str | torch.device | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        quantize: bool = False,
+        quantize: bool | None = None,
         folder: str | Path | None = None,
     ):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device).eval()
         self.path = Path(folder) if folder is not None else None  # the model folder, if any
         # pixels (B, 3, S, S) -> grids (B, L, D): the model's encoder, on ONNX Runtime on a CPU
-        # (the same grids, faster; quantize=True: the folder's int8 graph); any module that does
-        # the same may stand in.
+        # (the same grids, faster; int8: the folder's int8 graph); any module that does the same
+        # may stand in.
         self.encoder: torch.nn.Module = runtime_encoder(self.model.encoder)
-        self.quantize = quantize and self.device.type == "cpu"
-        if self.quantize:
-            self.encoder = int8_encoder(self.model.encoder, self.path)
+        self.quantize = False  # int8 encoder and decoder step (CPU)
+        if self.device.type == "cpu" and quantize is not False:
+            try:
+                self.encoder, self.quantize = int8_encoder(self.model.encoder, self.path), True
+            except Int8EncoderError:
+                if quantize:  # asked for: say what is missing
+                    raise
         self.vocab = vocab
         self.transform = model.encoder.transform
         self.max_pixels = max_pixels
@@ -78,16 +82,18 @@ class Captioner:
         cls,
         path: str | Path | None = None,
         device: str | torch.device | None = None,
-        quantize: bool = False,
+        quantize: bool | None = None,
         revision: str | None = None,
     ) -> Captioner:
         """Load a model folder, or a Hugging Face Hub repo id ("user/model", at `revision`);
         by default the shipped model (or $CAPTIONER_WEIGHTS). A local path wins over a repo id.
 
-        quantize=True (CPU only) runs the encoder and the decoder in int8: the folder's
-        encoder_int8.onnx (captioner.model.quantize; the shipped model has one, `captioner export
-        --quantize` makes one) and the decoder's matrix products. Faster, at the cost of slightly
-        different captions (the shipped model: ~0.9 dev CIDEr less; docs/benchmarks.md).
+        On a CPU the encoder and the decoder's step run in int8 when the folder has an int8
+        encoder made from its weights (encoder_int8.onnx, captioner.model.quantize; the shipped
+        model has one, `captioner export --quantize` makes one): ~1.5x faster captions, as good
+        on the shipped model's dev scores but not the same captions (docs/benchmarks.md).
+        quantize=False: float32 throughout; quantize=True: int8 or Int8EncoderError saying how to
+        make the graph; None (the default): int8 when the folder has it.
         """
         path = hub.find_model(path, revision, default=DEFAULT_WEIGHTS)
         model, vocab, config = load_model(path)

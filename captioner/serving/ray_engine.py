@@ -90,7 +90,7 @@ class CaptionActor:
         options: DecodeOptions | None = None,
         max_pixels: int | None = None,
         device: str | None = None,
-        quantize: bool = False,
+        quantize: bool | None = None,
         revision: str | None = None,
     ):
         from captioner.serving.batch import Summary, _Run
@@ -256,7 +256,7 @@ def caption_with_ray(
     model: str | None = None,
     revision: str | None = None,
     device: str | None = None,
-    quantize: bool = False,
+    quantize: bool | None = None,
     shard: tuple[int, int] | None = None,
 ) -> Summary:
     """Caption the images of `sources` (folders, files, globs, URIs) into a new OUT/part-N.jsonl,
@@ -306,7 +306,7 @@ def _run(
     model: str | None,
     revision: str | None,
     device: str | None,
-    quantize: bool,
+    quantize: bool | None,
 ) -> None:
     import time
 
