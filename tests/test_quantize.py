@@ -133,3 +133,20 @@ def test_save_pretrained_keeps_the_int8_encoder_only_for_its_weights(int8_folder
     with torch.no_grad():
         captioner.model.encoder.stages[-1][0].weight.mul_(1.01)  # fine-tuned further: another encoder
     assert not (captioner.save_pretrained(tmp_path / "tuned") / INT8_FILE).exists()
+
+
+@pytest.mark.slow
+def test_int8_evidence_comes_from_the_same_pass_and_keeps_the_captions(int8_folder):
+    int8 = Captioner.from_pretrained(int8_folder, device="cpu", quantize=True)
+    exact = Captioner.from_pretrained(int8_folder, device="cpu", quantize=False)
+    photos = real_photos()
+    pixels = torch.stack([exact.preprocess(image) for image in photos])
+    with torch.inference_mode():
+        grids, stage_input = int8.encoder.with_stage_input(pixels)
+        torch.testing.assert_close(grids, int8.encoder(pixels))
+        trunk = exact.evidence_trunk()(pixels)  # float32: the stages before the evidence stage
+    assert stage_input.shape == trunk.shape
+    assert F.cosine_similarity(stage_input.flatten(1), trunk.flatten(1)).min() > 0.9
+    plain, evidenced = int8.caption(photos), int8.caption(photos, evidence=True)
+    assert [r.text for r in evidenced] == [r.text for r in plain]  # evidence does not change the grid
+    assert all(r.evidence for r in evidenced)

@@ -102,7 +102,8 @@ def export_onnx(encoder: Encoder, until_stage: int | None = None, static_padding
 class OnnxEncoder(nn.Module):
     """Encoder.forward(images) on ONNX Runtime (CPU): the same inputs and (B, L, D) grids as torch
     tensors; with until_stage=K the (B, C, H, W) activations entering stage K instead.
-    graph: an .onnx file to run instead (the int8 graph of captioner.model.quantize).
+    graph: an .onnx file (or its bytes) to run instead (the int8 graph of captioner.model.quantize),
+    whose output `stage_output`, if named, with_stage_input() also returns.
 
     The graph is made from the encoder's weights at the first call (or prepare()): build a new
     OnnxEncoder after changing them. threads: intra-op threads (default $CAPTIONER_ORT_THREADS, else
@@ -115,7 +116,8 @@ class OnnxEncoder(nn.Module):
         until_stage: int | None = None,
         threads: int | None = None,
         cache: str | Path | None = None,
-        graph: Path | None = None,
+        graph: Path | bytes | None = None,
+        stage_output: str | None = None,
     ):
         super().__init__()
         if until_stage is not None:
@@ -123,7 +125,7 @@ class OnnxEncoder(nn.Module):
         self._encoder = [encoder]  # in a list: not a submodule (no parameters of its own here)
         self.until_stage, self.threads = until_stage, threads
         self.cache = Path(cache) if cache is not None else None
-        self.graph = graph
+        self.graph, self.stage_output = graph, stage_output
         self.backbone_name, self.image_size = encoder.backbone_name, encoder.image_size
         self.grid_size, self.feature_dim = encoder.grid_size, encoder.feature_dim
         self.origin: str | None = None  # "cache", "exported", "memory" or "file" once prepared
@@ -161,14 +163,25 @@ class OnnxEncoder(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        (grid,) = self._run(images, [OUTPUT])
+        return grid
+
+    def with_stage_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid and the graph's `stage_output`, the activations entering a stage (B, C, H, W),
+        from one pass (what the evidence needs: captioner.model.evidence)."""
+        if self.stage_output is None:
+            raise ValueError("this OnnxEncoder was made without a stage_output")
+        grid, stage_input = self._run(images, [OUTPUT, self.stage_output])
+        return grid, stage_input
+
+    def _run(self, images: torch.Tensor, outputs: list[str]) -> list[torch.Tensor]:
         size = self.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"OnnxEncoder expects images (B, 3, {size}, {size}), got {tuple(images.shape)}")
         if self._session is None:
             self.prepare()
         pixels = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
-        (out,) = self._session.run([OUTPUT], {INPUT: pixels})
-        return torch.from_numpy(out)
+        return [torch.from_numpy(out) for out in self._session.run(outputs, {INPUT: pixels})]
 
 
 def runtime_encoder(encoder: Encoder, until_stage: int | None = None) -> nn.Module:

@@ -133,8 +133,34 @@ def quantize_encoder(
     return target
 
 
-def int8_encoder(encoder: Encoder, folder: str | Path | None, threads: int | None = None) -> OnnxEncoder:
-    """The int8 graph in the model folder, checked to be made from `encoder`'s weights."""
+def stage_input_name(graph: Any, stage: int) -> str | None:
+    """The tensor entering `stage` (an EfficientNet's block group stage - 1) in an exported graph:
+    the activation input of the first convolution whose weight belongs to that group."""
+    prefix = f"body.blocks.{stage - 1}."
+    for node in graph.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1].startswith(prefix):
+            return str(node.input[0])
+    return None
+
+
+def _with_stage_output(path: Path, stage: int) -> tuple[bytes, str] | None:
+    """The graph with the activations entering `stage` as a second output, or None if not found."""
+    import onnx
+
+    model = onnx.load(str(path))
+    name = stage_input_name(model, stage)
+    if name is None:
+        return None
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString(), name
+
+
+def int8_encoder(
+    encoder: Encoder, folder: str | Path | None, threads: int | None = None, stage_output: int | None = None
+) -> OnnxEncoder:
+    """The int8 graph in the model folder, checked to be made from `encoder`'s weights. With
+    `stage_output` K, its with_stage_input() also returns the activations entering stage K (if
+    the graph has that stage's block group), so that the evidence comes from the same pass."""
     path = Path(folder) / INT8_FILE if folder is not None else None
     if path is None or not path.is_file():
         where = f"the model folder {folder}" if folder is not None else "a model folder (this model has none)"
@@ -143,7 +169,11 @@ def int8_encoder(encoder: Encoder, folder: str | Path | None, threads: int | Non
             f"`captioner export MODEL_FOLDER TARGET_FOLDER --quantize --calibration-images PHOTO_FOLDER` "
             "(a few hundred photos like the ones to caption)"
         )
-    runner = OnnxEncoder(encoder, graph=path, threads=threads).prepare()
+    graph = _with_stage_output(path, stage_output) if stage_output is not None else None
+    if graph is None:
+        runner = OnnxEncoder(encoder, graph=path, threads=threads).prepare()
+    else:
+        runner = OnnxEncoder(encoder, graph=graph[0], threads=threads, stage_output=graph[1]).prepare()
     if runner.metadata().get(DIGEST_KEY) != encoder_digest(encoder):
         raise Int8EncoderError(
             f"{path} was made from other encoder weights than this model's: make it again with "

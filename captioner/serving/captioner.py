@@ -14,7 +14,7 @@ from captioner.model.evidence import EVIDENCE_STAGE, ImageNetEvidence, check_unt
 from captioner.model.focus import Focus, check_strength, focus_weights, region_evidence
 from captioner.model.folder import load_model, save_model
 from captioner.model.onnx_decoder import runtime_decoder
-from captioner.model.onnx_encoder import runtime_encoder
+from captioner.model.onnx_encoder import OnnxEncoder, runtime_encoder
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
 from captioner.model.quantize import INT8_FILE, Int8EncoderError, copy_int8_encoder, int8_encoder
 from captioner.model.results import CaptionResult, caption_features
@@ -65,7 +65,8 @@ class Captioner:
         self.quantize = False  # int8 encoder and decoder step (CPU)
         if self.device.type == "cpu" and quantize is not False:
             try:
-                self.encoder, self.quantize = int8_encoder(self.model.encoder, self.path), True
+                self.encoder = int8_encoder(self.model.encoder, self.path, stage_output=EVIDENCE_STAGE)
+                self.quantize = True
             except Int8EncoderError:
                 if quantize:  # asked for: say what is missing
                     raise
@@ -187,9 +188,14 @@ class Captioner:
         """Photos (B, 3, S, S) -> grids (B, L, D) and ImageNet probabilities (B, 1000), of the focus
         region where `focus` (B, L) has one (captioner.model.focus.region_evidence): the stages
         before the evidence stage run once, then the tuned tail and the untuned one, in
-        channels_last, where a CPU's convolutions are fastest (captioner.model.evidence)."""
-        stage_input = self.evidence_trunk()(pixels).contiguous(memory_format=torch.channels_last)
-        features = self.model.encoder(stage_input, from_stage=EVIDENCE_STAGE)
+        channels_last, where a CPU's convolutions are fastest (captioner.model.evidence). The int8
+        encoder gives both from its one pass: the same grids as without evidence."""
+        if isinstance(self.encoder, OnnxEncoder) and self.encoder.stage_output is not None:
+            features, stage_input = self.encoder.with_stage_input(pixels)
+            stage_input = stage_input.contiguous(memory_format=torch.channels_last)
+        else:
+            stage_input = self.evidence_trunk()(pixels).contiguous(memory_format=torch.channels_last)
+            features = self.model.encoder(stage_input, from_stage=EVIDENCE_STAGE)
         return features, region_evidence(self.evidence_head(), stage_input, focus)
 
     @torch.inference_mode()
