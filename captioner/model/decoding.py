@@ -58,6 +58,12 @@ def _length_normalised(log_prob: float, length: int, length_penalty: float) -> f
     return log_prob / max(length, 1) ** length_penalty if length_penalty else log_prob
 
 
+def _prepare(decoder: Decoder, features: torch.Tensor, attributes: torch.Tensor | None):
+    """decoder.prepare, with the attributes only when there are some: a decoder without semantic
+    attributes may not take the argument at all."""
+    return decoder.prepare(features) if attributes is None else decoder.prepare(features, attributes)
+
+
 def decode_tensors(
     decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
@@ -76,7 +82,7 @@ def decode_tensors(
     first. Returns tokens (B*S, T) padded with <pad>, log_probs (B*S, T) of the chosen tokens,
     mask (B*S, T) true for real tokens (the words and the final <end>), and alphas (B*S, T, L).
     """
-    features, keys = decoder.prepare(features, attributes)
+    features, keys = _prepare(decoder, features, attributes)
     if samples_per_image > 1:
         features = features.repeat_interleave(samples_per_image, dim=0)
         keys = keys.repeat_interleave(samples_per_image, dim=0)
@@ -149,7 +155,7 @@ def beam_search(
     goal = list(constraints.counts) if constraints is not None else [0] * batch  # constraints to meet
     width = states * k  # rows per image from step 1 on: state s holds rows s*K .. s*K + K-1
     # Until the first word all beams of an image are identical: step 0 runs one row per image.
-    feats, keys = decoder.prepare(features, attributes)  # (B, L, A), (B*W, L, A) from step 1 on
+    feats, keys = _prepare(decoder, features, attributes)  # (B, L, A), (B*W, L, A) from step 1 on
     state = decoder.init_state(feats, focus)
     words = torch.full((batch,), Vocabulary.start_id, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching

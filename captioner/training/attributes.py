@@ -145,9 +145,14 @@ class AttributeConfig:
     semantic_attributes: bool = True
     """Off: the same fine-tuning without attributes (the control run)."""
     epochs: int = 3
+    train_photos: int | None = None
+    """Train on the cache's first this many photos only (none: all): to fit a time budget."""
     batch_size: int = 16
     """Photos per step, each with all its captions."""
     lr: float = 1e-4
+    """Adam's learning rate for the decoder's trained weights."""
+    attribute_lr: float = 1e-3
+    """Adam's learning rate for attribute_proj, which starts from zero, not from trained values."""
     grad_clip: float = 5.0
     alpha_reg: float = 1.0
     label_smoothing: float = 0.1
@@ -185,6 +190,7 @@ def start_model(cfg: AttributeConfig) -> tuple[CaptionModel, Vocabulary, dict[st
 
 def dev_scores(model: CaptionModel, vocab: Vocabulary, cache: AttributeCache, references, beam: int):
     """BLEU/ROUGE-L/CIDEr of beam-search captions of the dev cache (METEOR left out: slow)."""
+    cache.check_complete()
     model.eval()
     options = DecodeOptions(beam, 20, length_penalty=0.0, n_best=1, no_repeat_ngram_size=0)
     predictions = {}
@@ -213,6 +219,14 @@ def train_step(model, optimizer, cfg: AttributeConfig, cache, encoded, rows: lis
     return float(loss.detach())
 
 
+def make_optimizer(model: CaptionModel, cfg: AttributeConfig) -> torch.optim.Adam:
+    """Adam over the decoder: attribute_proj at attribute_lr, the rest at lr."""
+    named = list(model.decoder.named_parameters())
+    new = [p for name, p in named if name.startswith("attribute_proj.")]
+    groups = [{"params": [p for name, p in named if not name.startswith("attribute_proj.")], "lr": cfg.lr}]
+    return torch.optim.Adam(groups + ([{"params": new, "lr": cfg.attribute_lr}] if new else []))
+
+
 def epoch_order(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches of an epoch: the same on every resume."""
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -225,15 +239,14 @@ def fine_tune_attributes(cfg: AttributeConfig) -> dict[str, Any]:
     best/; resumes from the run state in `output_dir`. Returns the best epoch and its scores."""
     folder = Path(cfg.output_dir)
     train, dev = AttributeCache(cfg.train_cache), AttributeCache(cfg.dev_cache)
-    train.check_complete()
-    dev.check_complete()
+    train.check_complete()  # the dev cache is checked when it is first read, at the epoch's end
     model, vocab, init_config = start_model(cfg)
     encoded = [
         [_truncate(vocab.encode(c), cfg.max_caption_words) for c in item]
         for item in caption_table(train, cfg.flickr)
     ]
-    references = caption_table(dev, cfg.flickr)
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr)
+    references = caption_table(dev, cfg.flickr)  # the photo list is written first: it is complete
+    optimizer = make_optimizer(model, cfg)
     state, progress = folder / STATE_FILE, Progress()
     if state.is_file():
         load_run_state(state, model, optimizer)
@@ -245,7 +258,8 @@ def fine_tune_attributes(cfg: AttributeConfig) -> dict[str, Any]:
     model.train()
     started = time.perf_counter()
     while progress.epoch < cfg.epochs:
-        batches = epoch_order(len(train), cfg.batch_size, cfg.seed, progress.epoch)
+        photos = len(train) if cfg.train_photos is None else min(cfg.train_photos, len(train))
+        batches = epoch_order(photos, cfg.batch_size, cfg.seed, progress.epoch)
         for rows in batches[progress.step_in_epoch :]:
             loss = train_step(model, optimizer, cfg, train, encoded, rows)
             progress.step_in_epoch, progress.global_step = (
