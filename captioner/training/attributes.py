@@ -251,6 +251,8 @@ def fine_tune_attributes(cfg: AttributeConfig) -> dict[str, Any]:
     if state.is_file():
         load_run_state(state, model, optimizer)
         progress = read_progress(state)
+        for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.attribute_lr), strict=False):
+            group["lr"] = lr  # a resumed run may change its learning rates, as captioner train's
     else:
         torch.manual_seed(cfg.seed)
         config_text = json.dumps(asdict(cfg), indent=2)
