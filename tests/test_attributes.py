@@ -191,3 +191,12 @@ def test_fine_tuning_checkpoints_and_resumes(tmp_path):
     best, _, config = load_model(tmp_path / "run" / "best")
     assert best.config.semantic_attributes and config["metadata"]["train_config"] == {"fine_tune_from": 7}
     assert best.decoder.attribute_proj.weight.abs().sum() > 0  # the attributes were trained
+
+
+def test_captioner_train_refuses_semantic_attributes():
+    from captioner.training.config import TrainConfig
+    from captioner.training.loop import check_config
+
+    cfg = TrainConfig(model=ModelConfig(semantic_attributes=True))
+    with pytest.raises(ValueError, match="scripts/train_attributes.py"):
+        check_config(cfg)
