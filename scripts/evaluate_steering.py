@@ -8,7 +8,9 @@ Every photo is encoded once (annotation grid and ImageNet evidence, kept in --ca
 safetensors), then every method decodes the cached grids with caption_features, the path the
 Captioner takes. Per method: CHAIR-i, CHAIR-s, object mentions per caption, recall (the share of
 (photo, present category) pairs whose caption names the category), wrong mentions (of them
-person), and Flickr8k dev BLEU-4 / METEOR / CIDEr. --methods picks rows of METHODS.
+person), and Flickr8k dev BLEU-4 / METEOR / CIDEr. --methods picks rows of METHODS; --models
+LABEL=FOLDER ... runs them for each model folder whose encoder is --model's (e.g. decoders
+fine-tuned with semantic attributes, scripts/train_attributes.py), on the same cached photos.
 """
 
 import argparse
@@ -81,6 +83,15 @@ def decode(
     return results
 
 
+def same_encoder(captioner: Captioner, folder: str) -> Captioner:
+    """The model folder `folder`, refused unless its encoder is `captioner`'s (the cache's)."""
+    other = Captioner.from_pretrained(folder, device="cpu")
+    ours, theirs = captioner.model.encoder.state_dict(), other.model.encoder.state_dict()
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        raise SystemExit(f"--models {folder}: its encoder is not --model's, the cached grids do not fit")
+    return other
+
+
 def grounding(results: list[CaptionResult], coco, entries: list[dict]) -> dict[str, float]:
     objects, grounded, named, present = ObjectVocabulary(), [], 0, 0
     for result, entry in zip(results, entries, strict=True):
@@ -113,6 +124,13 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--cache-dir", required=True, help="where the encoded photos are kept")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), help="rows of METHODS (default: all)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="LABEL=FOLDER",
+        help="model folders to compare (default: --model)",
+    )
     parser.add_argument("--output", help="JSON file for every method's figures and captions")
     args = parser.parse_args()
     captioner = Captioner.from_pretrained(args.model, device="cpu")
@@ -125,17 +143,22 @@ def main() -> None:
     )
     dev = load_flickr(args.flickr)["val"]
     dev_set = encoded(captioner, [d.path for d in dev], Path(args.cache_dir) / "f8k_dev.safetensors")
+    models = {"": captioner}
+    if args.models:
+        models = {m.split("=", 1)[0] + ": ": same_encoder(captioner, m.split("=", 1)[1]) for m in args.models}
     report = {}
-    for name in args.methods:
-        options = DecodeOptions(**METHODS[name])
-        row = grounding(decode(captioner, *coco_set, options), coco, entries)
-        captions = [r.text for r in decode(captioner, *dev_set, options)]
-        scores = score_captions(
-            {d.image_id: c for d, c in zip(dev, captions, strict=True)}, {d.image_id: d.captions for d in dev}
-        )
-        row |= {f"dev {m}": scores[m] for m in ("BLEU-4", "METEOR", "CIDEr")}
-        report[name] = {"options": METHODS[name], **row, "dev captions": captions}
-        print(f"| {name} | " + " | ".join(f"{v:.2f}" for k, v in row.items()) + " |", flush=True)
+    for label, model in models.items():
+        for name in args.methods:
+            options = DecodeOptions(**METHODS[name])
+            row = grounding(decode(model, *coco_set, options), coco, entries)
+            captions = [r.text for r in decode(model, *dev_set, options)]
+            scores = score_captions(
+                {d.image_id: c for d, c in zip(dev, captions, strict=True)},
+                {d.image_id: d.captions for d in dev},
+            )
+            row |= {f"dev {m}": scores[m] for m in ("BLEU-4", "METEOR", "CIDEr")}
+            report[label + name] = {"options": METHODS[name], **row, "dev captions": captions}
+            print(f"| {label}{name} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
 

@@ -33,7 +33,7 @@ import torch
 from captioner.data.images import load_image
 from captioner.evaluation.coco_objects import COCO_SYNONYMS, ObjectVocabulary
 from captioner.evaluation.grounding import category_masks
-from captioner.model.decoder import Decoder
+from captioner.model.decoder import Decoder, reads_attributes
 from captioner.model.evidence import EVIDENCE_STAGE, evidence_items, imagenet_words
 from captioner.model.focus import focus_weights, region_evidence
 from captioner.model.options import DecodeOptions
@@ -56,8 +56,12 @@ class _Steered(torch.nn.Module):
         super().__init__()
         self.decoder, self.how = decoder, how
 
-    def prepare(self, features):
-        return self.decoder.prepare(features)
+    def prepare(self, features, attributes=None):
+        return self.decoder.prepare(features, attributes)
+
+    @property
+    def reads_attributes(self) -> bool:
+        return reads_attributes(self.decoder)
 
     def init_state(self, features, focus=None):
         return self.decoder.init_state(features, focus if self.how != "attention" else None)

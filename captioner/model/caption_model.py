@@ -27,6 +27,7 @@ def build_decoder(config: ModelConfig, vocab_size: int, feature_dim: int) -> Att
         config.input_dropout,
         config.deep_output,
         config.gate,
+        config.semantic_attributes,
     )
 
 

@@ -47,6 +47,9 @@ class ModelConfig:
     """Off: words are predicted from h_t alone (an ablation)."""
     gate: bool = True
     """Off: no gating scalar beta on the context (an ablation)."""
+    semantic_attributes: bool = False
+    """On: the decoder also reads the encoder's ImageNet label distribution (captioner.model.evidence),
+    projected and added to every annotation vector (issue #37 2c; captioner.training.attributes)."""
 
     def __post_init__(self) -> None:
         self.check()

@@ -10,13 +10,24 @@ from torch import nn
 from captioner.model.attention import HardAttention, build_attention
 
 State = tuple[torch.Tensor, torch.Tensor]
+IMAGENET_CLASSES = 1000  # the evidence the semantic attributes read (captioner.model.evidence)
+
+
+def attribute_input(probabilities: torch.Tensor) -> torch.Tensor:
+    """ImageNet probabilities (B, 1000) -> what attribute_proj reads: their square roots, which
+    keep the confident labels' lead but lift the second and third guesses out of the noise floor
+    (probabilities themselves are nearly one-hot; log-probabilities are dominated by the ~990
+    classes that are not there)."""
+    return probabilities.clamp_min(0.0).sqrt()
 
 
 class Decoder(Protocol):
     """What decoding (captioner.model.decoding) needs of a decoder: AttentionDecoder has it, and so has
     DecoderEnsemble (captioner.model.ensemble), whose tensors carry a members axis."""
 
-    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def prepare(
+        self, features: torch.Tensor, attributes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State: ...
 
@@ -28,6 +39,12 @@ class Decoder(Protocol):
         state: State,
         focus: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]: ...
+
+
+def reads_attributes(decoder: object) -> bool:
+    """Whether a decoder's prepare wants each image's ImageNet probabilities (semantic_attributes);
+    decoders that know nothing of them (e.g. a runtime's) do not."""
+    return bool(getattr(decoder, "reads_attributes", False))
 
 
 class AttentionDecoder(nn.Module):
@@ -42,6 +59,12 @@ class AttentionDecoder(nn.Module):
     context z_t (gate=False: z_t unscaled, an ablation); the LSTM reads [E y_{t-1}; z_t]; the
     deep output layer predicts y_t from L_o(tanh(E y_{t-1} + L_h h_t + L_z z_t)), or, with
     deep_output=False, a plain L_o(h_t) (the common simplification, kept for comparison).
+
+    semantic_attributes=True (You et al. 2016; Hendricks et al. 2016): the image's ImageNet label
+    distribution, projected by `attribute_proj`, is added to every annotation vector in prepare.
+    The context z_t (alphas sum to 1) then carries it at every step into the LSTM and the deep
+    output, and h0/c0 through the mean; `step` is unchanged. attribute_proj starts at zero, so a
+    decoder fine-tuned from one without attributes starts exactly where that one was.
     """
 
     def __init__(
@@ -57,6 +80,7 @@ class AttentionDecoder(nn.Module):
         input_dropout: float = 0.0,
         deep_output: bool = True,
         gate: bool = True,
+        semantic_attributes: bool = False,
     ):
         super().__init__()
         self.vocab_size = vocab_size
@@ -65,6 +89,11 @@ class AttentionDecoder(nn.Module):
         else:
             self.feature_proj = nn.Linear(feature_dim, annotation_dim)
             feature_dim = annotation_dim
+        self.attribute_proj: nn.Linear | None = None
+        if semantic_attributes:
+            self.attribute_proj = nn.Linear(IMAGENET_CLASSES, feature_dim)
+            nn.init.zeros_(self.attribute_proj.weight)
+            nn.init.zeros_(self.attribute_proj.bias)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.attention = build_attention(attention, feature_dim, hidden_dim, attention_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)
@@ -87,14 +116,37 @@ class AttentionDecoder(nn.Module):
         and load_state_dict; call it after changing the weights in place any other way."""
         self._tables = None
 
+    @property
+    def reads_attributes(self) -> bool:
+        """Whether prepare wants the image's ImageNet probabilities (semantic_attributes)."""
+        return self.attribute_proj is not None
+
     def train(self, mode: bool = True) -> AttentionDecoder:
         self.forget_tables()  # eval() after training: the optimizer changed the weights in place
         return super().train(mode)
 
-    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image work done once: backbone features (B, L, D) -> annotations (B, L, A)
-        and the attention keys."""
-        annotations = self.input_dropout(self.feature_proj(features))
+    def prepare(
+        self,
+        features: torch.Tensor,  # (B, L, D)
+        attributes: torch.Tensor | None = None,  # (B, 1000) ImageNet probabilities
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image work done once: backbone features (B, L, D) (and, with semantic attributes,
+        the ImageNet probabilities) -> annotations (B, L, A) and the attention keys."""
+        annotations = self.feature_proj(features)
+        if (attributes is None) != (self.attribute_proj is None):
+            raise ValueError(
+                "attributes: this decoder reads semantic attributes, pass the ImageNet probabilities"
+                if attributes is None
+                else "attributes: this decoder has no semantic attributes (semantic_attributes=False)"
+            )
+        if attributes is not None and self.attribute_proj is not None:
+            if attributes.shape != (features.shape[0], IMAGENET_CLASSES):
+                raise ValueError(
+                    f"attributes must be (B={features.shape[0]}, {IMAGENET_CLASSES}) ImageNet "
+                    f"probabilities, got {tuple(attributes.shape)}"
+                )
+            annotations = annotations + self.attribute_proj(attribute_input(attributes))[:, None, :]
+        annotations = self.input_dropout(annotations)
         return annotations, self.attention.prepare(annotations)
 
     def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State:
@@ -190,6 +242,7 @@ class AttentionDecoder(nn.Module):
         lengths: torch.Tensor,  # (B,) tokens incl. <start> and <end>
         image_index: torch.Tensor | None = None,  # (B,) row of `features` for each caption
         return_locations: bool = False,  # hard attention: also the cells attended
+        attributes: torch.Tensor | None = None,  # (B, 1000) per row of `features` (see prepare)
     ) -> tuple[torch.Tensor, ...]:
         """Teacher forcing. Returns logits (B, T-1, V) and alphas (B, T-1, L), zero past the end;
         with `return_locations`, also the cells s_t the hard attention used (B, T-1), -1 where
@@ -199,7 +252,7 @@ class AttentionDecoder(nn.Module):
         no compute is spent on padding. With `image_index`, `features` holds each image once
         and is projected once, however many captions the image has.
         """
-        annotations, keys = self.prepare(features)
+        annotations, keys = self.prepare(features, attributes)
         if image_index is not None:
             annotations, keys = annotations[image_index], keys[image_index]
         batch, num_cells = captions.shape[0], annotations.shape[1]

@@ -58,6 +58,12 @@ def _length_normalised(log_prob: float, length: int, length_penalty: float) -> f
     return log_prob / max(length, 1) ** length_penalty if length_penalty else log_prob
 
 
+def _prepare(decoder: Decoder, features: torch.Tensor, attributes: torch.Tensor | None):
+    """decoder.prepare, with the attributes only when there are some: a decoder without semantic
+    attributes may not take the argument at all."""
+    return decoder.prepare(features) if attributes is None else decoder.prepare(features, attributes)
+
+
 def decode_tensors(
     decoder: Decoder,
     features: torch.Tensor,  # (B, L, D)
@@ -68,6 +74,7 @@ def decode_tensors(
     samples_per_image: int = 1,
     no_repeat_ngram_size: int = 0,
     focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.model.focus)
+    attributes: torch.Tensor | None = None,  # (B, 1000) semantic attributes (AttentionDecoder.prepare)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy or sampled decoding that keeps the autograd graph (self-critical training uses it).
 
@@ -75,7 +82,7 @@ def decode_tensors(
     first. Returns tokens (B*S, T) padded with <pad>, log_probs (B*S, T) of the chosen tokens,
     mask (B*S, T) true for real tokens (the words and the final <end>), and alphas (B*S, T, L).
     """
-    features, keys = decoder.prepare(features)
+    features, keys = _prepare(decoder, features, attributes)
     if samples_per_image > 1:
         features = features.repeat_interleave(samples_per_image, dim=0)
         keys = keys.repeat_interleave(samples_per_image, dim=0)
@@ -119,6 +126,7 @@ def beam_search(
     focus: torch.Tensor | None = None,  # (B, L) attention bias (captioner.model.focus)
     word_bias: torch.Tensor | None = None,  # (B, V) added to every step's log-probabilities
     constraints: Constraints | None = None,  # words each image's caption must contain
+    attributes: torch.Tensor | None = None,  # (B, 1000) semantic attributes (AttentionDecoder.prepare)
 ) -> list[list[Hypothesis]]:
     """Per image, its best captions, best first: beam search over all images x beams in one
     tensor batch (options.beam_size 1 is greedy decoding).
@@ -135,6 +143,8 @@ def beam_search(
     expansion moves to the state of the constraints its caption then meets, and each state keeps
     its best. Captions meeting every constraint rank first and count towards `beam_size`
     finished; the others are fallbacks. Without constraints there is one state: plain search.
+    attributes: the ImageNet probabilities a decoder with semantic attributes reads; they enter
+    its annotations once, in prepare, so the beams inherit them with the annotations.
     Returns, per image, the `n_best` (default: beam_size) hypotheses.
     """
     batch, num_cells = features.shape[:2]
@@ -145,7 +155,7 @@ def beam_search(
     goal = list(constraints.counts) if constraints is not None else [0] * batch  # constraints to meet
     width = states * k  # rows per image from step 1 on: state s holds rows s*K .. s*K + K-1
     # Until the first word all beams of an image are identical: step 0 runs one row per image.
-    feats, keys = decoder.prepare(features)  # (B, L, A), (B*W, L, A) from step 1 on
+    feats, keys = _prepare(decoder, features, attributes)  # (B, L, A), (B*W, L, A) from step 1 on
     state = decoder.init_state(feats, focus)
     words = torch.full((batch,), Vocabulary.start_id, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching

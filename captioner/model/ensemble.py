@@ -35,9 +35,17 @@ class DecoderEnsemble(nn.Module):
         """The members as what they are (an nn.ModuleList hands them out typed as nn.Module)."""
         return cast("list[AttentionDecoder]", list(self.members))
 
-    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features (B, L, D) -> every member's annotations (B, M, L, A) and keys."""
-        prepared = [member.prepare(features) for member in self._decoders()]
+    @property
+    def reads_attributes(self) -> bool:
+        """Whether the members read semantic attributes (they share one architecture)."""
+        return any(member.reads_attributes for member in self._decoders())
+
+    def prepare(
+        self, features: torch.Tensor, attributes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (B, L, D) (and semantic attributes (B, 1000), which every member
+        reads alike) -> every member's annotations (B, M, L, A) and keys."""
+        prepared = [member.prepare(features, attributes) for member in self._decoders()]
         return torch.stack([a for a, _ in prepared], 1), torch.stack([k for _, k in prepared], 1)
 
     def init_state(self, annotations: torch.Tensor, focus: torch.Tensor | None = None) -> State:

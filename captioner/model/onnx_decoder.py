@@ -192,8 +192,14 @@ class OnnxDecoder:
         graph = export_step(self.decoder)
         return quantize_step(graph) if self.quantize else graph
 
-    def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.prepare(features)
+    @property
+    def reads_attributes(self) -> bool:
+        return self.decoder.reads_attributes
+
+    def prepare(
+        self, features: torch.Tensor, attributes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.prepare(features, attributes)
 
     def init_state(self, features: torch.Tensor, focus: torch.Tensor | None = None) -> State:
         return self.decoder.init_state(features, focus)

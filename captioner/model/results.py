@@ -51,16 +51,18 @@ def caption_features(
     options: DecodeOptions,
     focus: torch.Tensor | None = None,
     evidence: torch.Tensor | None = None,
+    report_evidence: bool = True,
 ) -> list[CaptionResult]:
     """Annotation grids (B, L, D) -> captions: the one path from features to words, shared by
     Captioner, evaluation and validation during training. `focus`: attention bias (B, L).
     `evidence`: ImageNet class probabilities (B, 1000) (captioner.model.evidence), which the
     results then carry and the evidence options (evidence_penalty, person_penalty,
-    constrain_evidence; captioner.model.steering) need."""
+    constrain_evidence; captioner.model.steering) and a decoder with semantic attributes need;
+    report_evidence=False: the results do not carry it (a model that reads it was not asked to)."""
     beams = steered_beam_search(decoder, features, options, vocab.words, focus, evidence)
     side = math.isqrt(features.shape[1])  # grids are square
     results = [_result(hypotheses, vocab, (side, side)) for hypotheses in beams]
-    if evidence is not None:
+    if evidence is not None and report_evidence:
         for result, probabilities in zip(results, evidence.cpu(), strict=True):
             result.evidence = evidence_items(probabilities)
             result.word_evidence = word_evidence(result.words, probabilities)

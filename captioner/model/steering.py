@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from captioner.model.constraints import Constraints, evidence_constraints
-from captioner.model.decoder import Decoder
+from captioner.model.decoder import Decoder, reads_attributes
 from captioner.model.decoding import Hypothesis, beam_search
 from captioner.model.evidence import evidence_bias
 from captioner.model.options import DecodeOptions
@@ -56,16 +56,24 @@ def steered_beam_search(
     focus: torch.Tensor | None = None,  # (B, L)
     evidence: torch.Tensor | None = None,  # (B, 1000) ImageNet class probabilities
 ) -> list[list[Hypothesis]]:
-    """beam_search with the evidence options applied. Constrained images are searched in groups
-    of equal constraint count, so that an image with one constraint (2 states) or none (plain
-    search) does not pay for the 4 states of an image with two."""
+    """beam_search with the evidence options applied, and the evidence as semantic attributes for
+    a decoder that reads them. Constrained images are searched in groups of equal constraint
+    count, so that an image with one constraint (2 states) or none (plain search) does not pay
+    for the 4 states of an image with two."""
     check_evidence(options, evidence)
+    with_attributes = reads_attributes(decoder)
+    if with_attributes and evidence is None:
+        raise ValueError(
+            "evidence: this model reads semantic attributes, each photo's ImageNet evidence: "
+            "caption photos with a Captioner (grids alone do not carry it)"
+        )
+    attributes = evidence.to(features.device) if with_attributes and evidence is not None else None
     if evidence is None or not options.uses_evidence:
-        return beam_search(decoder, features, options, focus)
+        return beam_search(decoder, features, options, focus, attributes=attributes)
     bias = word_bias(evidence, vocabulary, options)
     bias = bias.to(features.device) if bias is not None else None
     if options.constrain_evidence is None:
-        return beam_search(decoder, features, options, focus, bias)
+        return beam_search(decoder, features, options, focus, bias, attributes=attributes)
     constraints = evidence_constraints(evidence, vocabulary, options.constrain_evidence)
     out: list[list[Hypothesis]] = [[] for _ in range(len(features))]
     for count in sorted(set(constraints.counts)):
@@ -79,6 +87,7 @@ def steered_beam_search(
             focus[index] if focus is not None else None,
             bias[index] if bias is not None else None,
             group,
+            attributes[index] if attributes is not None else None,
         )
         for i, hypotheses in zip(rows, beams, strict=True):
             out[i] = hypotheses

@@ -10,6 +10,7 @@ import torch
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from captioner.model.caption_model import CaptionModel
+from captioner.model.decoder import reads_attributes
 from captioner.model.evidence import EVIDENCE_STAGE, ImageNetEvidence, check_untuned_before
 from captioner.model.focus import Focus, check_strength, focus_weights, region_evidence
 from captioner.model.folder import load_model, save_model
@@ -213,7 +214,8 @@ class Captioner:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         probabilities = None
-        if evidence or options.uses_evidence:
+        # semantic attributes (issue #37 2c): a decoder that reads the evidence gets it always
+        if evidence or options.uses_evidence or reads_attributes(self.model.decoder):
             batches = pixels.split(chunk)
             regions = [None] * len(batches) if focus is None else focus.to(self.device).split(chunk)
             parts = [self.encode_with_evidence(*part) for part in zip(batches, regions, strict=True)]
@@ -227,6 +229,7 @@ class Captioner:
             options,
             None if focus is None else focus.to(self.device),
             probabilities,
+            report_evidence=evidence or options.uses_evidence,
         )
 
     def focus_bias(self, focus: Focus | None, image_size: tuple[int, int], strength: float) -> torch.Tensor:

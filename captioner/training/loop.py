@@ -137,6 +137,8 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse a bad config before anything is read or written."""
     if cfg.batch_by not in BATCH_BY:
         raise ValueError(f"batch_by {cfg.batch_by!r}: expected one of {', '.join(BATCH_BY)}")
+    if cfg.model.semantic_attributes:  # it needs each photo's evidence, which only that script caches
+        raise ValueError("model.semantic_attributes: train such a model with scripts/train_attributes.py")
     check_hard_attention_settings(cfg)
 
 
