@@ -1,6 +1,7 @@
 """What evidence=True costs: caption() with and without it, interleaved photo by photo, 1 thread.
 
 PYTHONPATH=. python scripts/time_evidence.py --images ../shared/data/coco-mini/train2017 --n 20
+(--no-quantize: float32)
 """
 
 import argparse
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.cli.flags import add_quantize_flag
 from captioner.model.evidence import EVIDENCE_STAGE
 from captioner.serving.captioner import Captioner
 
@@ -20,9 +22,10 @@ def main() -> None:
     )
     parser.add_argument("--images", required=True)
     parser.add_argument("--n", type=int, default=20, help="photos (each captioned once per setting)")
+    add_quantize_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    captioner = Captioner.from_pretrained(device="cpu")
+    captioner = Captioner.from_pretrained(device="cpu", quantize=args.quantize)
     photos = sorted(Path(args.images).glob("*.jpg"))[: args.n]
     captioner.caption(photos[0], evidence=True)  # builds the evidence head (once per Captioner)
     settings = {"plain": {}, "evidence": {"evidence": True}, "penalty 4": {"evidence_penalty": 4.0}}
