@@ -68,6 +68,23 @@ def test_beam_search_finds_the_same_captions(tmp_path):
         torch.testing.assert_close(mine.alphas, theirs.alphas, rtol=1e-4, atol=1e-5)
 
 
+def test_a_decoder_with_semantic_attributes_gets_them_through_prepare(tmp_path):
+    decoder = small_decoder(semantic_attributes=True)
+    with torch.no_grad():
+        decoder.attribute_proj.weight.normal_()  # trained: not the zero start
+    onnx = OnnxDecoder(decoder, cache=tmp_path)
+    assert onnx.reads_attributes
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 9, 48, generator=generator)
+    attributes = torch.softmax(torch.randn(2, 1000, generator=generator), dim=1)
+    options = DecodeOptions(beam_size=3, max_length=8)
+    expected = beam_search(decoder, features, options, attributes=attributes)
+    got = beam_search(onnx, features, options, attributes=attributes)
+    assert [[h.tokens for h in image] for image in got] == [[h.tokens for h in image] for image in expected]
+    with pytest.raises(ValueError, match="reads semantic attributes"):
+        beam_search(onnx, features, options)
+
+
 @pytest.mark.slow
 def test_the_cache_is_reused_and_keyed_on_the_weights(tmp_path, monkeypatch):
     decoder = small_decoder()
