@@ -9,7 +9,7 @@ for a soft-attention AttentionDecoder; otherwise (CUDA, hard attention, an ensem
 decoder) the decoder itself. Only `step` moves: `prepare` and `init_state` run once per image in
 torch, and beam search (captioner.model.decoding) is the same one.
 
-The graph is exported from the weights on first use (the legacy TorchScript exporter, ~1 s) and
+The graph is exported from the weights on first use (the legacy TorchScript exporter, ~0.3 s) and
 cached by their digest like the encoder's (captioner.model.onnx_runtime). quantize=True makes its
 int8 twin from it with onnxruntime's dynamic quantization (int8 weights, activations quantized per
 call: no calibration needed, so it too is made on first use); where the step cannot move, torch's

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from captioner.model.caption_model import CaptionModel
 from captioner.model.config import ModelConfig
-from captioner.model.decoder import AttentionDecoder
+from captioner.model.decoder import AttentionDecoder, reads_attributes
 from captioner.model.encoder import Encoder
 from captioner.model.onnx_decoder import OnnxDecoder, runtime_decoder, supported
 from captioner.model.onnx_encoder import OnnxEncoder
@@ -244,13 +244,15 @@ def time_decoder_steps(
     features = torch.randn(
         1, captioner.grid_shape[0] * captioner.grid_shape[1], captioner.model.encoder.feature_dim
     )
+    decoder = captioner.model.decoder
+    attributes = torch.full((1, 1000), 1e-3) if reads_attributes(decoder) else None  # semantic attributes
     with torch.inference_mode():
-        annotations, keys = captioner.model.decoder.prepare(features)
+        annotations, keys = decoder.prepare(features, attributes)
         annotations, keys = (
             annotations.expand(rows, -1, -1).contiguous(),
             keys.expand(rows, -1, -1).contiguous(),
         )
-        state = captioner.model.decoder.init_state(annotations)
+        state = decoder.init_state(annotations)
         words = torch.full((rows,), 4, dtype=torch.long)
         ms, _ = interleaved(
             {name: (d.step, (annotations, keys, words, state)) for name, d in steps.items()}, args
