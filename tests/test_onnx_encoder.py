@@ -52,6 +52,23 @@ def test_grids_equal_the_torch_encoders_for_any_batch(encoder, photos, tmp_path)
         onnx(photos[:, :, :64])
 
 
+def test_the_graph_pads_by_constants_not_by_sizes_computed_at_run_time(encoder):
+    """timm's TF "same" padding, computed from the input's size in eager mode, is exported as
+    constants (onnxruntime folds them into the convolutions; run-time pads cost ~15 %)."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_encoder.export_onnx(encoder)).graph
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def operators_behind(name: str) -> set[str]:
+        node = producer.get(name)
+        return set() if node is None else {node.op_type}.union(*map(operators_behind, node.input))
+
+    pads = [node for node in graph.node if node.op_type == "Pad"]
+    assert len(pads) == 5  # Lite0's five stride-2 convolutions
+    assert all("Shape" not in operators_behind(node.input[1]) for node in pads)
+
+
 def test_until_stage_gives_the_activations_entering_that_stage(encoder, photos, tmp_path):
     onnx = OnnxEncoder(encoder, until_stage=3, cache=tmp_path)
     with torch.inference_mode():

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 from torchvision import transforms
 
@@ -31,7 +32,7 @@ from captioner.model.onnx_runtime import load_or_export, ort_session, weights_di
 
 INPUT, OUTPUT = "pixels", "grid"
 OPSET = 17
-EXPORT_FORMAT = 1  # bump when the exported graph changes for the same weights
+EXPORT_FORMAT = 2  # bump when the exported graph changes for the same weights
 
 
 def _exported_module(encoder: Encoder, until_stage: int | None) -> nn.Module:
@@ -52,16 +53,61 @@ def graph_name(encoder: Encoder, until_stage: int | None = None) -> str:
     return f"{encoder.backbone_name}-{encoder.image_size}px-{what}-{digest}.onnx"
 
 
+def _with_static_padding(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Replace timm's TF "same" convolutions (Conv2dSame), which compute their padding from the
+    input's size at run time, by a constant ZeroPad2d and a plain Conv2d. The image size is fixed,
+    so nothing changes but the graph: the legacy exporter wrote each run-time pad as Shape and Pad
+    nodes that onnxruntime can neither fold nor run in its blocked layout (~15 % of the shipped
+    encoder's time, docs/benchmarks.md); a constant pad it folds into the convolution."""
+    input_sizes: dict[nn.Module, torch.Size] = {}
+
+    def record_size(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        input_sizes[layer] = inputs[0].shape[-2:]
+
+    same = [layer for layer in module.modules() if isinstance(layer, Conv2dSame)]
+    hooks = [layer.register_forward_pre_hook(record_size) for layer in same]
+    with torch.no_grad():
+        module(example)
+    for hook in hooks:
+        hook.remove()
+    for parent in list(module.modules()):
+        for name, layer in list(parent.named_children()):
+            if isinstance(layer, Conv2dSame) and layer in input_sizes:
+                setattr(parent, name, _constant_padding(layer, input_sizes[layer]))
+    return module
+
+
+def _constant_padding(layer: nn.Conv2d, input_size: torch.Size) -> nn.Sequential:
+    """The Conv2dSame `layer` for inputs of `input_size` (H, W): its TF "same" pads, then a Conv2d."""
+    pad_h, pad_w = (
+        get_same_padding(input_size[axis], layer.kernel_size[axis], layer.stride[axis], layer.dilation[axis])
+        for axis in (0, 1)
+    )
+    conv = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        kernel_size=(layer.kernel_size[0], layer.kernel_size[1]),
+        stride=(layer.stride[0], layer.stride[1]),
+        padding=0,
+        dilation=(layer.dilation[0], layer.dilation[1]),
+        groups=layer.groups,
+        bias=layer.bias is not None,
+    )
+    conv.load_state_dict(layer.state_dict())
+    return nn.Sequential(nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)), conv)
+
+
 def export_onnx(encoder: Encoder, until_stage: int | None = None, static_padding: bool = False) -> bytes:
     """The encoder (or its stages before until_stage) as an ONNX model, batch axis dynamic.
 
-    The legacy TorchScript exporter by default: ~1 s for the shipped encoder, where torch.export
-    (static_padding=True) takes 12-15 s for a graph that runs as fast. But the legacy graph
-    computes timm's TF "same" padding at run time, which onnxruntime's int8 quantizer gets wrong
-    (a 13x13 grid instead of 14x14); torch.export writes it into the convolutions' pads, so the
-    int8 graph (captioner.model.quantize) starts from that one."""
+    The legacy TorchScript exporter by default (~1 s for the shipped encoder), with timm's TF
+    "same" padding made constant first. static_padding=True: torch.export instead (12-15 s),
+    which writes the padding into the convolutions itself; the shipped int8 graph
+    (captioner.model.quantize) was calibrated from that one."""
     module = copy.deepcopy(_exported_module(encoder, until_stage)).cpu().float().eval()
     example = torch.zeros(2, 3, encoder.image_size, encoder.image_size)
+    if not static_padding:
+        module = _with_static_padding(module, example)
     with (
         tempfile.TemporaryDirectory() as folder,
         torch.inference_mode(False),
