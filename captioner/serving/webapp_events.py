@@ -68,9 +68,12 @@ def wire(page: layout.Page, shown: gr.State, caption: Callable[..., Any], ready:
     )
     to_photo_answer: dict[str, Any] = dict(fn=None, js=layout.scroll_to_answer("status"), **private)
     page.button.click(partial(caption_photo, caption, ready), **photo).then(**then).then(**to_photo_answer)
-    page.image.input(partial(caption_photo, caption, ready, on_upload=True), **photo).then(**then).then(
-        **to_photo_answer
-    )
+    # A photo's input can come while its last input is still running: "Paste from clipboard" and
+    # "Capture from camera" clear the photo (an input) before the new one arrives, and the default
+    # ("once") would drop the new one, leaving a photo without caption. It runs after instead.
+    page.image.input(
+        partial(caption_photo, caption, ready, on_upload=True), **photo, trigger_mode="always_last"
+    ).then(**then).then(**to_photo_answer)
     page.examples.load_input_event.then(partial(caption_photo, caption, ready), **photo).then(**then).then(
         **to_photo_answer
     )
