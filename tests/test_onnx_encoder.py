@@ -116,6 +116,19 @@ def test_the_cpu_path_is_onnx_and_other_devices_keep_torch(encoder, monkeypatch)
         OnnxEncoder(encoder).train()
 
 
+def test_onnxruntime_threads_follow_torch_unless_set(monkeypatch):
+    monkeypatch.delenv(onnx_runtime.THREADS_ENV, raising=False)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert onnx_runtime.default_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv(onnx_runtime.THREADS_ENV, "3")
+    assert onnx_runtime.default_threads() == 3
+
+
 def test_captions_with_onnx_equal_the_torch_paths(trained_shapes_model):
     """The small shapes model (Lite0 at 128 px) on real photos and a shapes scene."""
     model, vocab, _ = trained_shapes_model

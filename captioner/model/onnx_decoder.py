@@ -155,7 +155,8 @@ class OnnxDecoder:
 
     The graph is made from the decoder's weights at the first step (or prepare_graph()): build a
     new OnnxDecoder after changing them. threads: intra-op threads (default
-    $CAPTIONER_ORT_THREADS, else 1); cache: the folder holding onnx/ (default: the user's cache).
+    $CAPTIONER_ORT_THREADS, else torch's thread count); cache: the folder holding onnx/ (default:
+    the user's cache).
     """
 
     def __init__(

@@ -154,7 +154,7 @@ class OnnxEncoder(nn.Module):
 
     The graph is made from the encoder's weights at the first call (or prepare()): build a new
     OnnxEncoder after changing them. threads: intra-op threads (default $CAPTIONER_ORT_THREADS, else
-    1). cache: the folder holding onnx/ (default cache_dir()).
+    torch's thread count). cache: the folder holding onnx/ (default cache_dir()).
     """
 
     def __init__(

@@ -20,9 +20,6 @@ import torch
 
 from captioner.files import atomic_write
 
-# One intra-op thread: on the 2-core test machine two were slower for one process (the cores are
-# shared, and the decoder runs on the other); `captioner benchmark` measures both.
-DEFAULT_THREADS = 1
 THREADS_ENV = "CAPTIONER_ORT_THREADS"
 
 
@@ -34,10 +31,13 @@ def cache_dir() -> Path:
 
 
 def default_threads() -> int:
-    """Intra-op threads: $CAPTIONER_ORT_THREADS if set, else DEFAULT_THREADS."""
+    """Intra-op threads: $CAPTIONER_ORT_THREADS if set, else as many as torch uses in this process
+    (torch.get_num_threads(): $OMP_NUM_THREADS, torch.set_num_threads or the cores). On an idle
+    2-core machine two threads caption a photo in 49 ms against 65 on one; with the other core
+    busy, one is as fast or faster (docs/benchmarks.md, "Threads"): a shared machine sets 1."""
     value = os.environ.get(THREADS_ENV, "")
     if not value:
-        return DEFAULT_THREADS
+        return torch.get_num_threads()
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
     return int(value)
