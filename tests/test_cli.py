@@ -369,6 +369,7 @@ def test_a_short_benchmark_runs_every_timing(tmp_path, capsys):
         "decoder step, 5 beams",
         "feature extraction, 2 generated photos",
         "onnxruntime encoder start-up",
+        "this CPU's large matrix product on onnxruntime: fp32",
         "onnxruntime decoder step start-up",
         "peak memory",
     ):

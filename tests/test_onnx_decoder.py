@@ -56,6 +56,27 @@ def test_the_step_equals_the_torch_step(attention, options, tmp_path):
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_per_image_work_is_the_decoders_and_int8_with_quantize(tmp_path):
+    """prepare and init_state: the float decoder's own; with quantize=True its int8 copy's, close
+    to them (what they cost on the shipped model: docs/benchmarks.md)."""
+    decoder = small_decoder()
+    grid = torch.randn(2, 9, 48)
+    with torch.inference_mode():
+        annotations, keys = decoder.prepare(grid)
+        state = decoder.init_state(annotations)
+        float_runner = OnnxDecoder(decoder, cache=tmp_path)
+        for got, expected in zip(float_runner.prepare(grid), (annotations, keys), strict=True):
+            assert torch.equal(got, expected)
+        float_state = float_runner.init_state(annotations)
+        assert all(torch.equal(a, b) for a, b in zip(float_state, state, strict=True))
+        int8 = OnnxDecoder(decoder, cache=tmp_path, quantize=True)
+        int8_prepared = int8.prepare(grid)
+        int8_state = int8.init_state(annotations)
+    for got, expected in zip((*int8_prepared, *int8_state), (annotations, keys, *state), strict=True):
+        assert not torch.equal(got, expected)  # int8 products, not the float ones
+        assert float((got - expected).norm() / expected.norm()) < 0.05
+
+
 def test_beam_search_finds_the_same_captions(tmp_path):
     decoder = small_decoder()
     features = torch.randn(4, 9, 48, generator=torch.Generator().manual_seed(2))

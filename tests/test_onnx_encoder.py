@@ -1,6 +1,7 @@
 """The encoder on ONNX Runtime (captioner.model.onnx_encoder): the torch encoder's grids, any
 batch, its cache, and the same captions. Its speed is measured by `captioner benchmark`."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,47 @@ def test_onnxruntime_threads_follow_torch_unless_set(monkeypatch):
         torch.set_num_threads(before)
     monkeypatch.setenv(onnx_runtime.THREADS_ENV, "3")
     assert onnx_runtime.default_threads() == 3
+
+
+def test_torch_runs_on_one_thread_inside_and_as_before_after(monkeypatch):
+    """torch_on_one_thread: nested and from two threads at once, torch is on one thread while any
+    use is open, and onnxruntime's default still counts the threads from before."""
+    monkeypatch.delenv(onnx_runtime.THREADS_ENV, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    inside: list[tuple[int, int]] = []
+    both_in = threading.Barrier(2)
+
+    def caption_like() -> None:
+        with onnx_runtime.torch_on_one_thread():
+            both_in.wait(timeout=30)
+            with onnx_runtime.torch_on_one_thread():
+                inside.append((torch.get_num_threads(), onnx_runtime.default_threads()))
+            both_in.wait(timeout=30)
+
+    try:
+        workers = [threading.Thread(target=caption_like) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert inside == [(1, 2), (1, 2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_caption_leaves_torchs_threads_as_they_were(trained_shapes_model):
+    model, vocab, _ = trained_shapes_model
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        captioner = Captioner(model, vocab, device="cpu")
+        assert isinstance(captioner.encoder, OnnxEncoder)
+        captioner.caption(real_photos()[:1], beam_size=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_captions_with_onnx_equal_the_torch_paths(trained_shapes_model):

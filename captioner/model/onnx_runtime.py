@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,39 @@ import torch
 from captioner.files import atomic_write
 
 THREADS_ENV = "CAPTIONER_ORT_THREADS"
+
+
+class _TorchThreads:
+    """torch's thread count saved by torch_on_one_thread, shared by nested and concurrent uses."""
+
+    lock = threading.Lock()
+    users = 0
+    saved = 1
+
+
+@contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """torch's own operations on one thread while onnxruntime runs the heavy ones on all of them.
+
+    After each parallel operation torch's idle OpenMP workers spin for a while (milliseconds on
+    AMD Zen, whose PAUSE instruction is slow) on the cores onnxruntime's next run needs: a
+    one-photo caption() on 2 threads took 49.9 ms with them and 45.0 ms without (median of 6
+    processes each; docs/benchmarks.md, "Threads"). torch's setting is process-wide, so torch work
+    in other threads also runs on one thread meanwhile; default_threads() still reports the
+    count from before.
+    """
+    with _TorchThreads.lock:
+        if _TorchThreads.users == 0:
+            _TorchThreads.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _TorchThreads.users += 1
+    try:
+        yield
+    finally:
+        with _TorchThreads.lock:
+            _TorchThreads.users -= 1
+            if _TorchThreads.users == 0:
+                torch.set_num_threads(_TorchThreads.saved)
 
 
 def cache_dir() -> Path:
@@ -32,12 +67,14 @@ def cache_dir() -> Path:
 
 def default_threads() -> int:
     """Intra-op threads: $CAPTIONER_ORT_THREADS if set, else as many as torch uses in this process
-    (torch.get_num_threads(): $OMP_NUM_THREADS, torch.set_num_threads or the cores). On an idle
-    2-core machine two threads caption a photo in 49 ms against 65 on one; with the other core
-    busy, one is as fast or faster (docs/benchmarks.md, "Threads"): a shared machine sets 1."""
+    (torch.get_num_threads(): $OMP_NUM_THREADS, torch.set_num_threads or the cores; inside
+    torch_on_one_thread, as many as before it). On an idle 2-core machine two threads caption a
+    photo in 49 ms against 65 on one; with the other core busy, one is as fast or faster
+    (docs/benchmarks.md, "Threads"): a shared machine sets 1."""
     value = os.environ.get(THREADS_ENV, "")
     if not value:
-        return torch.get_num_threads()
+        with _TorchThreads.lock:
+            return _TorchThreads.saved if _TorchThreads.users else torch.get_num_threads()
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
     return int(value)

@@ -8,7 +8,8 @@ intra-op threads alike):
 1. the encoder on --encoder-batches photos (default 1 and 8): timm's stock model
    (`timm.create_model(arch).forward_features`), the project's Encoder in eager PyTorch (the
    torch path: training, GPUs), onnxruntime fp32 (captioner.model.onnx_encoder: the CPU path) and,
-   if the model folder has encoder_int8.onnx, onnxruntime int8 (quantize=True);
+   if the model folder has encoder_int8.onnx, onnxruntime int8 (quantize=True); then the floor
+   this CPU puts under them (captioner.serving.roofline);
 2. the full caption() call (preprocessing, encoder, beam search, attention maps) for each of
    --batch-sizes photos, with the torch encoder, with onnxruntime and with quantize=True;
 3. feature extraction for training (the feature cache's loader and fp16 grids, batch 32, photos
@@ -58,12 +59,16 @@ from captioner.model.vocabulary import SPECIAL_TOKENS, Vocabulary
 from captioner.serving import captioner as api
 from captioner.serving.benchmark_photos import dev_cider, sample_image, time_extraction, time_folder
 from captioner.serving.captioner import Captioner
+from captioner.serving.roofline import conv_macs, encoder_floors, gemm_rates
 
 Calls = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # name -> (function, its arguments)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 STOCK, TORCH, ONNX = "timm stock forward_features", "torch eager (Encoder)", "onnxruntime fp32"
 INT8 = "onnxruntime int8 (quantize=True)"
 QUANTIZED = "quantize=True (int8 encoder+decoder)"
+# Untimed pause before each timed call: the previous contender's idle torch (OpenMP) workers spin
+# for milliseconds after its last parallel operation, on the cores the next one needs.
+SETTLE_SECONDS = 0.05
 
 
 def run(args: argparse.Namespace, options: DecodeOptions) -> None:
@@ -120,7 +125,8 @@ def peak_memory_mb() -> float:
 def interleaved(
     calls: Calls, args: argparse.Namespace, runs: int | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median milliseconds of each named call (fn, args), runs interleaved; and each one's last result."""
+    """Median milliseconds of each named call (fn, args), runs interleaved, each after a pause
+    (SETTLE_SECONDS); and each one's last result."""
     now = clock(args)
     for fn, fn_args in list(calls.values()) * args.warmup:
         fn(*fn_args)
@@ -128,6 +134,7 @@ def interleaved(
     results: dict[str, Any] = {}
     for _ in range(runs or args.runs):
         for name, (fn, fn_args) in calls.items():
+            time.sleep(SETTLE_SECONDS)
             t0 = now()
             results[name] = fn(*fn_args)
             times[name].append(now() - t0)
@@ -157,6 +164,7 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
         forward(pixels)
     encoder_gflop = flop_counter.get_total_flops() / 1e9
     print_setting(captioner, what, options, args, encoder_gflop)
+    macs = conv_macs(encoder, pixels)
     torch_threads = torch.get_num_threads()
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -175,6 +183,7 @@ def time_inference(captioner: Captioner, what: str, options: DecodeOptions, args
             steps["onnxruntime int8"] = runtime_decoder(decoder, quantize=True, threads=threads)
             captioners[QUANTIZED] = with_runtime(captioner, int8, steps["onnxruntime int8"])
         stock = time_encoders(encoders, pixels, encoder_gflop, args)
+        print_floors(macs, threads, stock)
         time_decoder_steps(steps, captioner, options.beam_size, args)
         time_captions(captioners, image, options, args, stock)
         if args.extract_images:
@@ -231,6 +240,19 @@ def time_encoders(
                 f"{gflops:>8.1f}"
             )
     return stock_one
+
+
+def print_floors(macs: dict[str, float], threads: int, stock_ms: float) -> None:
+    """What this CPU allows (captioner.serving.roofline): its large-matrix-product rate, and the
+    time the encoder's 1x1 convolutions need at that rate, against the stock encoder on one photo."""
+    rates = gemm_rates(threads)
+    floors = encoder_floors(macs, rates)
+    needs = (f"{precision} {ms:.1f} ms ({ms / stock_ms:.2f}x stock)" for precision, ms in floors.items())
+    print(
+        f"this CPU's large matrix product on onnxruntime: fp32 {rates['fp32']:.1f}, int8 "
+        f"{rates['int8']:.1f} GMAC/s; the encoder's 1x1 convolutions ({macs['1x1'] / 1e9:.2f} of "
+        f"{sum(macs.values()) / 1e9:.2f} GMAC) need at that rate, per photo: " + ", ".join(needs)
+    )
 
 
 def time_decoder_steps(

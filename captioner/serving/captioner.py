@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, overload
 
@@ -16,6 +17,7 @@ from captioner.model.focus import Focus, check_strength, focus_weights, region_e
 from captioner.model.folder import load_model, save_model
 from captioner.model.onnx_decoder import runtime_decoder
 from captioner.model.onnx_encoder import OnnxEncoder, runtime_encoder
+from captioner.model.onnx_runtime import torch_on_one_thread
 from captioner.model.options import DEFAULT_FOCUS_STRENGTH, DecodeOptions, check_whole_number
 from captioner.model.quantize import INT8_FILE, Int8EncoderError, copy_int8_encoder, int8_encoder
 from captioner.model.results import CaptionResult, caption_features
@@ -199,6 +201,12 @@ class Captioner:
             features = self.model.encoder(stage_input, from_stage=EVIDENCE_STAGE)
         return features, region_evidence(self.evidence_head(), stage_input, focus)
 
+    def _runtime_threads(self) -> AbstractContextManager[None]:
+        """With the encoder on onnxruntime (a CPU), torch's own operations run on one thread
+        during a call, so that its idle workers do not spin on onnxruntime's cores
+        (captioner.model.onnx_runtime.torch_on_one_thread)."""
+        return torch_on_one_thread() if isinstance(self.encoder, OnnxEncoder) else nullcontext()
+
     @torch.inference_mode()
     def caption_tensors(
         self,
@@ -210,7 +218,12 @@ class Captioner:
     ) -> list[CaptionResult]:
         """Caption a preprocessed batch (B, 3, S, S); `focus` is an attention bias (B, L).
         Decoding: `options`, with any of its fields given as keywords changed (see caption)."""
-        options = decode_options(options, decoding)
+        with self._runtime_threads():
+            return self._caption_tensors(pixels, decode_options(options, decoding), focus, evidence)
+
+    def _caption_tensors(
+        self, pixels: torch.Tensor, options: DecodeOptions, focus: torch.Tensor | None, evidence: bool
+    ) -> list[CaptionResult]:
         pixels = pixels.to(self.device)
         chunk = CPU_ENCODER_BATCH if self.device.type == "cpu" else len(pixels) or 1
         probabilities = None
@@ -304,6 +317,19 @@ class Captioner:
         focuses = [focus] if single else list(focus) if focus is not None else [None] * len(items)
         if len(focuses) != len(items):
             raise ValueError(f"focus: {len(focuses)} regions for {len(items)} images")
+        with self._runtime_threads():
+            results = self._caption_batches(items, focuses, options, batch_size, focus_strength, evidence)
+        return results[0] if single else results
+
+    def _caption_batches(
+        self,
+        items: list[Any],
+        focuses: list[Any],
+        options: DecodeOptions,
+        batch_size: int,
+        focus_strength: float,
+        evidence: bool,
+    ) -> list[CaptionResult]:
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
             loaded = [load_image(x, self.max_pixels) for x in items[start : start + batch_size]]
@@ -323,7 +349,7 @@ class Captioner:
             for image, result in zip(loaded, batch, strict=True):
                 result.notes += self.input_notes(image.size)
             results += batch
-        return results[0] if single else results
+        return results
 
     def input_notes(self, size: tuple[int, int]) -> list[str]:
         """Warnings about an input image of (width, height) pixels."""
