@@ -7,8 +7,8 @@ QDQ format, per-channel symmetric int8 weights (per-tensor kept 25 of 100 captio
 activations from min-max ranges over photos like the ones to caption, read CALIBRATION_CHUNK at
 a time (bounded memory), and the first convolution kept in fp32: on AVX2 CPUs its pixels x large
 batch-norm-folded weights saturate the int8 kernels' 16-bit sums and some photos lose their grid.
-With the int8 decoder step it scores the shipped model's Flickr8k dev split as float32 does
-(CIDEr 59.64 against 59.54), so it is the CPU default where a model folder has the graph.
+With the int8 decoder (step and per-image projections) it scores the Flickr8k dev split about as
+float32 does (CIDEr 59.42 against 59.54), so it is the CPU default where a model folder has the graph.
 
 Calibration needs photos, which a user of quantize=True may not have: the graph is made once (by
 `captioner export SRC DST --quantize --calibration-images DIR`) into the model folder as
