@@ -69,7 +69,7 @@ def default_threads() -> int:
     """Intra-op threads: $CAPTIONER_ORT_THREADS if set, else as many as torch uses in this process
     (torch.get_num_threads(): $OMP_NUM_THREADS, torch.set_num_threads or the cores; inside
     torch_on_one_thread, as many as before it). On an idle 2-core machine two threads caption a
-    photo in 49 ms against 65 on one; with the other core busy, one is as fast or faster
+    photo in 43 ms against 63 on one; with the other core busy, one is as fast or faster
     (docs/benchmarks.md, "Threads"): a shared machine sets 1."""
     value = os.environ.get(THREADS_ENV, "")
     if not value:
