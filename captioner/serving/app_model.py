@@ -17,7 +17,7 @@ sends back a copy at display size with the caption, as `Captioned`, plain numpy 
 the attribute names of captioner.model.results.CaptionResult.
 
 Every caption comes with its evidence (what the encoder's ImageNet classifier saw, issue #37)
-when the model has an ImageNet classifier: it costs ~7.5% of a caption's time, and the app is
+when the model has an ImageNet classifier: it costs ~10% of a caption's time, and the app is
 where a person looks at why the model said what it said.
 """
 

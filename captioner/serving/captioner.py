@@ -297,7 +297,7 @@ class Captioner:
 
         evidence=True also returns what the encoder's ImageNet classifier saw (result.evidence,
         best first, and result.word_evidence per word; captioner.model.evidence); with `focus`, of
-        the region (focus_strength 0: of the whole photo); ~7.5% more time. The decoding options
+        the region (focus_strength 0: of the whole photo); ~10% more time. The decoding options
         evidence_penalty, person_penalty, constrain_evidence (captioner.model.steering) use it.
 
         `focus` steers the caption toward a region: a box (x0, y0, x1, y1) in the image's
