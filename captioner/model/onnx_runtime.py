@@ -38,11 +38,11 @@ def torch_on_one_thread() -> Iterator[None]:
     """torch's own operations on one thread while onnxruntime runs the heavy ones on all of them.
 
     After each parallel operation torch's idle OpenMP workers spin for a while (milliseconds on
-    AMD Zen, whose PAUSE instruction is slow) on the cores onnxruntime's next run needs: a
-    one-photo caption() on 2 threads took 49.9 ms with them and 45.0 ms without (median of 6
-    processes each; docs/benchmarks.md, "Threads"). torch's setting is process-wide, so torch work
-    in other threads also runs on one thread meanwhile; default_threads() still reports the
-    count from before.
+    AMD Zen, whose PAUSE instruction is slow) on the cores onnxruntime's next run needs: on 2
+    threads a one-photo caption() took 45.0 ms with this against 49.9 without (medians of 6
+    processes; docs/benchmarks.md, "torch's idle threads"). torch's setting is process-wide, so
+    torch work in other threads also runs on one thread meanwhile; default_threads() still
+    reports the count from before.
     """
     with _TorchThreads.lock:
         if _TorchThreads.users == 0:
