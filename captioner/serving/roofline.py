@@ -45,9 +45,9 @@ def conv_macs(module: nn.Module, pixels: torch.Tensor) -> dict[str, float]:
 
 def _matmul_graph(side: int, int8: bool) -> bytes:
     """An ONNX graph of one product of two (side x side) matrices: fp32, or u8 x s8 -> s32."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, ValueInfoProto, helper
 
-    def square(name: str, dtype: int) -> object:
+    def square(name: str, dtype: int) -> ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, [side, side])
 
     kinds = (TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32) if int8 else (TensorProto.FLOAT,) * 3
