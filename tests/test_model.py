@@ -197,6 +197,26 @@ def test_teacher_forcing_image_index_shares_features_between_captions():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "hard"])
+@pytest.mark.parametrize("with_focus", [False, True])
+@torch.no_grad()
+def test_a_step_reads_each_images_grid_once_for_its_rows(kind, with_focus):
+    """Beam search's beams share their image's grid: a step given each grid once and W rows per
+    image gives what it gives with the grid repeated for every row."""
+    decoder = _random_decoder(attention=kind)
+    annotations, keys = decoder.prepare(torch.randn(2, 9, 20))
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])  # three rows (beams) of each image, consecutive
+    torch.manual_seed(1)
+    state = (torch.randn(6, 24), torch.randn(6, 24))
+    words, focus = torch.tensor([1, 5, 7, 1, 8, 9]), torch.randn(6, 9) if with_focus else None
+    once = decoder.step(annotations, keys, words, state, focus)
+    repeated = decoder.step(annotations[rows], keys[rows], words, state, focus)
+    for a, b in zip(once, repeated, strict=True):
+        for x, y in zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]:
+            assert x.shape == y.shape and x.shape[0] == 6
+            torch.testing.assert_close(x, y)
+
+
 @pytest.mark.slow
 def test_plain_output_layer_predicts_from_the_hidden_state_and_learns(shapes_vocab):
     decoder = _random_decoder(deep_output=False)

@@ -56,6 +56,26 @@ def test_the_step_equals_the_torch_step(attention, options, tmp_path):
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_step_reads_each_images_grid_once(tmp_path):
+    """Beams share their image's grid (AttentionDecoder.step): the graph takes N grids for
+    N x W rows, any N and W."""
+    decoder = small_decoder()
+    onnx = OnnxDecoder(decoder, cache=tmp_path)
+    with torch.inference_mode():
+        annotations, keys, _, _ = step_inputs(decoder, rows=3)
+        torch.manual_seed(2)
+        for images, beams in ((1, 5), (3, 2)):
+            rows = images * beams
+            state = (torch.randn(rows, 24), torch.randn(rows, 24))
+            words, focus = torch.randint(4, 30, (rows,)), torch.randn(rows, 9)
+            args = (annotations[:images], keys[:images], words, state)
+            for bias in (None, focus):
+                expected = decoder.step(*args, bias)
+                for a, b in zip(flat(onnx.step(*args, bias)), flat(expected), strict=True):
+                    assert a.shape == b.shape and len(a) == rows
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_the_per_image_work_is_the_decoders_and_int8_with_quantize(tmp_path):
     """prepare and init_state: the float decoder's own; with quantize=True its int8 copy's, close
     to them (what they cost on the shipped model: docs/benchmarks.md)."""

@@ -1,8 +1,10 @@
 """Attention over the annotation grid: one interface, two scoring functions, soft or hard.
 
-Every module takes `(features (B, L, D), hidden (B, H))` (optionally precomputed keys, and a
-bias (B, L) added to the scores, which steers attention: captioner.model.focus) and returns
-`(context (B, D), alpha (B, L))`. `prepare(features)` computes the part of the score that
+Every module takes `(features (N, L, D), hidden (R, H))` (optionally precomputed keys, and a
+bias (R, L) added to the scores, which steers attention: captioner.model.focus) and returns
+`(context (R, D), alpha (R, L))`. R = N x W: each image's W rows (beam search's beams) are
+consecutive and read its one grid, so a step reads each grid once, not once per beam (in training
+W = 1). `prepare(features)` computes the part of the score that
 does not depend on the hidden state, so the decoder can do it once per image, not per word.
 Soft attention's context is the expectation sum_i alpha_i a_i; hard attention's is one a_i.
 """
@@ -19,13 +21,20 @@ from torch import nn
 
 
 def _attend(
-    scores: torch.Tensor, features: torch.Tensor, bias: torch.Tensor | None
+    scores: torch.Tensor,  # (N, W, L)
+    features: torch.Tensor,  # (N, L, D)
+    bias: torch.Tensor | None,  # (R, L)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if bias is not None:
-        scores = scores + bias
-    alpha = F.softmax(scores, dim=-1)  # (B, L)
-    context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
-    return context, alpha
+        scores = scores + bias.view(scores.shape)
+    alpha = F.softmax(scores, dim=-1)  # (N, W, L)
+    context = torch.bmm(alpha, features)  # (N, W, D)
+    return context.flatten(0, 1), alpha.flatten(0, 1)
+
+
+def _per_image(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(R, X) -> (N, W, X): the rows grouped by the image (of N in keys) they belong to."""
+    return rows.view(keys.shape[0], -1, rows.shape[-1])
 
 
 class AdditiveAttention(nn.Module):
@@ -41,8 +50,9 @@ class AdditiveAttention(nn.Module):
         return self.feature_proj(features)  # (B, L, A)
 
     def forward(self, features, hidden, keys=None, bias=None):
-        keys = self.prepare(features) if keys is None else keys
-        energy = torch.tanh(keys + self.hidden_proj(hidden).unsqueeze(1))  # (B, L, A)
+        keys = self.prepare(features) if keys is None else keys  # (N, L, A)
+        query = _per_image(self.hidden_proj(hidden), keys)  # (N, W, A)
+        energy = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2))  # (N, W, L, A)
         return _attend(self.score(energy).squeeze(-1), features, bias)
 
 
@@ -58,9 +68,9 @@ class MultiplicativeAttention(nn.Module):
         return features  # the keys are the annotation vectors themselves
 
     def forward(self, features, hidden, keys=None, bias=None):
-        keys = features if keys is None else keys
-        query = self.query_proj(hidden).unsqueeze(-1)  # (B, D, 1)
-        scores = torch.bmm(keys, query).squeeze(-1) * self.scale  # (B, L)
+        keys = features if keys is None else keys  # (N, L, D)
+        query = _per_image(self.query_proj(hidden), keys)  # (N, W, D)
+        scores = torch.bmm(keys, query.transpose(1, 2)).transpose(1, 2) * self.scale  # (N, W, L)
         return _attend(scores, features, bias)
 
 
@@ -74,7 +84,7 @@ class HardAttention(AdditiveAttention):
     - in eval mode, `decoding`: "argmax" (the most likely cell, the default) or "expectation"
       (the soft context sum_i alpha_i a_i; see `set_hard_decoding`);
     - `locating(mode)` overrides both for a block (training's expectation batches, SCST).
-    After each call `location` holds the cells attended (B,), or None after an expectation.
+    After each call `location` holds the cells attended (R,), or None after an expectation.
     The REINFORCE baseline's running value lives here as buffers, so the run state (which saves
     the model's tensors) holds it and a killed run resumes exactly (captioner.training.hard_attention).
     """
@@ -104,17 +114,17 @@ class HardAttention(AdditiveAttention):
             self.forced_mode = previous
 
     def forward(self, features, hidden, keys=None, bias=None):
-        expected, alpha = super().forward(features, hidden, keys, bias)  # (B, D), (B, L)
+        expected, alpha = super().forward(features, hidden, keys, bias)  # (R, D), (R, L)
         mode = self.forced_mode or ("sample" if self.training else self.decoding)
         if mode == "expectation":
             self.location = None
             return expected, alpha
         if mode == "sample":
-            self.location = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B,)
+            self.location = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (R,)
         else:
             self.location = alpha.argmax(dim=-1)
-        rows = torch.arange(features.shape[0], device=features.device)
-        return features[rows, self.location], alpha  # a_{s_t}: (B, D)
+        images = torch.arange(len(hidden), device=features.device) // (len(hidden) // len(features))
+        return features[images, self.location], alpha  # a_{s_t}: (R, D)
 
 
 def set_hard_decoding(model: nn.Module, decoding: str) -> None:

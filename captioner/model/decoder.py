@@ -23,7 +23,9 @@ def attribute_input(probabilities: torch.Tensor) -> torch.Tensor:
 
 class Decoder(Protocol):
     """What decoding (captioner.model.decoding) needs of a decoder: AttentionDecoder has it, and so has
-    DecoderEnsemble (captioner.model.ensemble), whose tensors carry a members axis."""
+    DecoderEnsemble (captioner.model.ensemble), whose tensors carry a members axis. `step` takes
+    each image's annotations and keys once (N images) and R = N x W rows of words and state, each
+    image's W rows consecutive."""
 
     def prepare(
         self, features: torch.Tensor, attributes: torch.Tensor | None = None
@@ -160,13 +162,14 @@ class AttentionDecoder(nn.Module):
 
     def step(
         self,
-        features: torch.Tensor,  # (B, L, A) annotations from prepare()
+        features: torch.Tensor,  # (N, L, A) annotations from prepare()
         keys: torch.Tensor,  # attention keys from prepare()
-        words: torch.Tensor,  # (B,) previous word ids
-        state: State,
-        focus: torch.Tensor | None = None,  # (B, L) added to the attention scores
+        words: torch.Tensor,  # (R,) previous word ids, R = N x W: each image's W rows together
+        state: State,  # (R, H) each
+        focus: torch.Tensor | None = None,  # (R, L) added to the attention scores
     ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
-        """One word: returns logits (B, V), the new state, alpha (B, L) and the gate (B,): how
+        """One word for R rows: W per image (beam search's beams share their image's grid, read
+        once a step). Returns logits (R, V), the new state, alpha (R, L) and the gate (R,): how
         much the image fed this word, 0-1, the mean over the A channels of beta =
         sigmoid(f_beta(h_{t-1})) (1 without a gate: the context passes unscaled)."""
         embedded = self.input_dropout(self.embedding(words))  # (B, E)

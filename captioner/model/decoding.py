@@ -8,6 +8,7 @@ words at the latest) and always return a caption, even if `<end>` is never produ
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,18 @@ BANNED_IDS = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
 
 def _log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-softmax over the words a caption may contain (never BANNED_IDS)."""
-    logits = logits / temperature if temperature != 1.0 else logits.clone()
-    logits[:, BANNED_IDS] = float("-inf")
-    return F.log_softmax(logits, dim=-1)
+    logits = logits / temperature if temperature != 1.0 else logits
+    return F.log_softmax(logits + _banned(logits.shape[-1], logits.dtype, logits.device), dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _banned(vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(V,): -inf at BANNED_IDS, 0 elsewhere; made once (a step of beam search is ~40 small ops,
+    each of which costs a few microseconds on a CPU whatever its size)."""
+    with torch.inference_mode(False):  # a normal tensor, which training's autograd may read too
+        mask = torch.zeros(vocab, dtype=dtype, device=device)
+        mask[BANNED_IDS] = float("-inf")
+    return mask
 
 
 def _block_repeated_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
@@ -155,7 +165,7 @@ def beam_search(
     goal = list(constraints.counts) if constraints is not None else [0] * batch  # constraints to meet
     width = states * k  # rows per image from step 1 on: state s holds rows s*K .. s*K + K-1
     # Until the first word all beams of an image are identical: step 0 runs one row per image.
-    feats, keys = _prepare(decoder, features, attributes)  # (B, L, A), (B*W, L, A) from step 1 on
+    feats, keys = _prepare(decoder, features, attributes)  # (n, L, A): one grid per image searching
     state = decoder.init_state(feats, focus)
     words = torch.full((batch,), Vocabulary.start_id, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)  # (n, beams) for the n images still searching
@@ -194,14 +204,14 @@ def beam_search(
         gates = torch.cat([gates[origin], gate[origin].unsqueeze(1)], dim=1)
         state = (state[0][origin], state[1][origin])
         if step == 0:
-            feats, keys = feats.repeat_interleave(width, dim=0), keys.repeat_interleave(width, dim=0)
             focus = focus.repeat_interleave(width, dim=0) if focus is not None else None
             word_bias = word_bias.repeat_interleave(width, dim=0) if word_bias is not None else None
             met = met.expand(n, width) if word_bits is None else met
 
-        ended = (words.view(n, width) == Vocabulary.end_id) & torch.isfinite(top_scores)
+        # scores are log-probabilities (plus finite biases): -inf marks a dead beam, never +inf or NaN
+        ended = (words.view(n, width) == Vocabulary.end_id) & (top_scores > float("-inf"))
         beam_scores = top_scores.masked_fill(ended, float("-inf"))
-        live = torch.isfinite(beam_scores).any(dim=1)
+        live = (beam_scores > float("-inf")).any(dim=1)
         if ended.any():
             length = tokens.shape[1]
             for i, j in ended.nonzero().tolist():
@@ -224,7 +234,7 @@ def beam_search(
                 searching = []
                 break
             rows = (width * keep[:, None] + torch.arange(width, device=device)).view(-1)
-            feats, keys, words, state = feats[rows], keys[rows], words[rows], (state[0][rows], state[1][rows])
+            feats, keys, words, state = feats[keep], keys[keep], words[rows], (state[0][rows], state[1][rows])
             focus = focus[rows] if focus is not None else None
             word_bias = word_bias[rows] if word_bias is not None else None
             tokens, alphas, gates = tokens[rows], alphas[rows], gates[rows]

@@ -41,7 +41,7 @@ DecoderModule = TypeVar("DecoderModule", bound=nn.Module)
 INPUTS = ("annotations", "keys", "words", "h", "c", "focus")
 OUTPUTS = ("logits", "next_h", "next_c", "alpha", "gate")
 OPSET = 17
-EXPORT_FORMAT = 1  # bump when the exported graph changes for the same weights
+EXPORT_FORMAT = 2  # bump when the exported graph changes for the same weights
 # Left in fp32 by quantize=True: the attention's scores would quantize (B, L, A) activations
 # per step, which costs more time than the int8 product saves.
 FLOAT_NODES = ["/attention/score/MatMul"]
@@ -74,8 +74,8 @@ def export_step(decoder: AttentionDecoder) -> bytes:
     """decoder.step as an ONNX model, rows and cells dynamic. Exported without gradients, so the
     graph holds the decoder's word tables (AttentionDecoder._word_tables) as constants."""
     module = _Step(copy.deepcopy(decoder).cpu().float().eval())  # export must not touch the live decoder
-    rows, cells = 2, 4
-    annotations = torch.zeros(rows, cells, _annotation_dim(decoder))
+    images, rows, cells = 2, 4, 4  # two rows (beams) per image
+    annotations = torch.zeros(images, cells, _annotation_dim(decoder))
     with torch.inference_mode(False), torch.no_grad():
         keys = module.decoder.attention.prepare(annotations)
         hidden = torch.zeros(rows, decoder.lstm.hidden_size)
@@ -88,8 +88,10 @@ def export_step(decoder: AttentionDecoder) -> bytes:
             torch.zeros(rows, cells),
         )
         dynamic = {name: {0: "rows"} for name in INPUTS + OUTPUTS}
-        for name in ("annotations", "keys", "focus", "alpha"):
+        for name in ("focus", "alpha"):
             dynamic[name] = {0: "rows", 1: "cells"}
+        for name in ("annotations", "keys"):
+            dynamic[name] = {0: "images", 1: "cells"}
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
             path = Path(folder) / "step.onnx"
@@ -211,12 +213,12 @@ class OnnxDecoder:
         return self.prepare_graph()._per_image.init_state(features, focus)
 
     def step(self, features, keys, words, state: State, focus=None):
-        """AttentionDecoder.step, the same arguments: logits (B, V), the new state, alpha (B, L)
-        and the gate (B,)."""
+        """AttentionDecoder.step, the same arguments: logits (R, V), the new state, alpha (R, L)
+        and the gate (R,)."""
         if self._session is None:
             self.prepare_graph()
         if focus is None:
-            focus = features.new_zeros(features.shape[:2])
+            focus = features.new_zeros(len(words), features.shape[1])
         inputs = (features, keys, words, *state, focus)
         feed = {name: _array(t) for name, t in zip(INPUTS, inputs, strict=True)}
         logits, h, c, alpha, gate = (torch.from_numpy(a) for a in self._session.run(list(OUTPUTS), feed))

@@ -272,12 +272,9 @@ def time_decoder_steps(
     decoder = captioner.model.decoder
     attributes = torch.full((1, 1000), 1e-3) if reads_attributes(decoder) else None  # semantic attributes
     with torch.inference_mode():
-        annotations, keys = decoder.prepare(features, attributes)
-        annotations, keys = (
-            annotations.expand(rows, -1, -1).contiguous(),
-            keys.expand(rows, -1, -1).contiguous(),
-        )
-        state = decoder.init_state(annotations)
+        annotations, keys = decoder.prepare(features, attributes)  # the photo's grid, read by all its beams
+        h, c = decoder.init_state(annotations)
+        state = (h.expand(rows, -1).contiguous(), c.expand(rows, -1).contiguous())
         words = torch.full((rows,), 4, dtype=torch.long)
         ms, _ = interleaved(
             {name: (d.step, (annotations, keys, words, state)) for name, d in steps.items()}, args
