@@ -92,13 +92,15 @@ def decode_tensors(
     first. Returns tokens (B*S, T) padded with <pad>, log_probs (B*S, T) of the chosen tokens,
     mask (B*S, T) true for real tokens (the words and the final <end>), and alphas (B*S, T, L).
     """
-    features, keys = _prepare(decoder, features, attributes)
-    if samples_per_image > 1:
-        features = features.repeat_interleave(samples_per_image, dim=0)
-        keys = keys.repeat_interleave(samples_per_image, dim=0)
-        focus = focus.repeat_interleave(samples_per_image, dim=0) if focus is not None else None
-    batch = features.shape[0]
+    features, keys = _prepare(decoder, features, attributes)  # one grid per image, read by its S rows
     state = decoder.init_state(features, focus)
+    if samples_per_image > 1:
+        state = (
+            state[0].repeat_interleave(samples_per_image, 0),
+            state[1].repeat_interleave(samples_per_image, 0),
+        )
+        focus = focus.repeat_interleave(samples_per_image, dim=0) if focus is not None else None
+    batch = state[0].shape[0]
     words = features.new_full((batch,), Vocabulary.start_id, dtype=torch.long)
     alive = torch.ones(batch, dtype=torch.bool, device=features.device)
     tokens: list[torch.Tensor] = []
