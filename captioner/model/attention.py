@@ -3,9 +3,9 @@
 Every module takes `(features (N, L, D), hidden (R, H))` (optionally precomputed keys, and a
 bias (R, L) added to the scores, which steers attention: captioner.model.focus) and returns
 `(context (R, D), alpha (R, L))`. R = N x W: each image's W rows (beam search's beams) are
-consecutive and read its one grid, so a step reads each grid once, not once per beam (in training
-W = 1). `prepare(features)` computes the part of the score that
-does not depend on the hidden state, so the decoder can do it once per image, not per word.
+consecutive and read its one grid, so a step reads each grid once, not once per beam (in
+training W = 1). `prepare(features)` computes the part of the score that does not depend on the
+hidden state, so the decoder can do it once per image, not per word.
 Soft attention's context is the expectation sum_i alpha_i a_i; hard attention's is one a_i.
 """
 

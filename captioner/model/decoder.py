@@ -172,7 +172,7 @@ class AttentionDecoder(nn.Module):
         once a step). Returns logits (R, V), the new state, alpha (R, L) and the gate (R,): how
         much the image fed this word, 0-1, the mean over the A channels of beta =
         sigmoid(f_beta(h_{t-1})) (1 without a gate: the context passes unscaled)."""
-        embedded = self.input_dropout(self.embedding(words))  # (B, E)
+        embedded = self.input_dropout(self.embedding(words))  # (R, E)
         state, context, alpha, beta = self._recur(features, keys, embedded, state, focus, words)
         gate = beta.mean(dim=-1) if beta is not None else alpha.new_ones(alpha.shape[0])
         return self._output(embedded, state[0], context), state, alpha, gate
