@@ -32,7 +32,7 @@ def _attend(
     return context.flatten(0, 1), alpha.flatten(0, 1)
 
 
-def _per_image(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _rows_by_image(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(R, X) -> (N, W, X): the rows grouped by the image (of N in keys) they belong to."""
     return rows.view(keys.shape[0], -1, rows.shape[-1])
 
@@ -51,7 +51,7 @@ class AdditiveAttention(nn.Module):
 
     def forward(self, features, hidden, keys=None, bias=None):
         keys = self.prepare(features) if keys is None else keys  # (N, L, A)
-        query = _per_image(self.hidden_proj(hidden), keys)  # (N, W, A)
+        query = _rows_by_image(self.hidden_proj(hidden), keys)  # (N, W, A)
         energy = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2))  # (N, W, L, A)
         return _attend(self.score(energy).squeeze(-1), features, bias)
 
@@ -69,7 +69,7 @@ class MultiplicativeAttention(nn.Module):
 
     def forward(self, features, hidden, keys=None, bias=None):
         keys = features if keys is None else keys  # (N, L, D)
-        query = _per_image(self.query_proj(hidden), keys)  # (N, W, D)
+        query = _rows_by_image(self.query_proj(hidden), keys)  # (N, W, D)
         scores = torch.bmm(keys, query.transpose(1, 2)).transpose(1, 2) * self.scale  # (N, W, L)
         return _attend(scores, features, bias)
 
