@@ -130,6 +130,20 @@ def test_attention_weights_are_a_distribution(kind):
     torch.testing.assert_close(alpha_keys, alpha)
 
 
+@torch.no_grad()
+def test_additive_attention_is_xu_et_als_formula():
+    torch.manual_seed(0)
+    attention = build_attention("additive", feature_dim=16, hidden_dim=8, attention_dim=12)
+    features, hidden = torch.randn(2, 10, 16), torch.randn(6, 8)  # 3 rows for each image
+    _, alpha = attention(features, hidden)
+    p = dict(attention.named_parameters())
+    keys = features @ p["feature_proj.weight"].T + p["feature_proj.bias"]  # (2, 10, 12)
+    query = hidden @ p["hidden_proj.weight"].T + p["hidden_proj.bias"]  # (6, 12)
+    energy = torch.tanh(keys.repeat_interleave(3, dim=0) + query[:, None])  # (6, 10, 12)
+    expected = torch.softmax(energy @ p["score.weight"][0] + p["score.bias"], dim=-1)
+    torch.testing.assert_close(alpha, expected)
+
+
 def test_attention_types():
     assert isinstance(build_attention("additive", 4, 4, 4), AdditiveAttention)
     assert isinstance(build_attention("multiplicative", 4, 4, 4), MultiplicativeAttention)

@@ -8,7 +8,7 @@ activations from min-max ranges over photos like the ones to caption, read CALIB
 a time (bounded memory), and the first convolution kept in fp32: on AVX2 CPUs its pixels x large
 batch-norm-folded weights saturate the int8 kernels' 16-bit sums and some photos lose their grid.
 With the int8 decoder (step and per-image projections) it scores the Flickr8k dev split about as
-float32 does (CIDEr 59.42 against 59.54), so it is the CPU default where a model folder has the graph.
+float32 does (CIDEr 59.40 against 59.54), so it is the CPU default where a model folder has the graph.
 
 Calibration needs photos, which a user of quantize=True may not have: the graph is made once (by
 `captioner export SRC DST --quantize --calibration-images DIR`) into the model folder as
