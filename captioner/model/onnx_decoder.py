@@ -128,8 +128,8 @@ def quantize_step(graph: bytes) -> bytes:
 
 def quantize_decoder(decoder: DecoderModule) -> DecoderModule:
     """torch's dynamic int8 quantization of the decoder's Linear and LSTM layers: quantize=True
-    where the step does not run on onnxruntime. A copy of the same class: only its Linear and
-    LSTMCell submodules are swapped."""
+    where the step does not run on onnxruntime. A copy of the same class: only its nn.Linear and
+    LSTMCell submodules are swapped (exactly those types: the attention's EnergyScore stays float)."""
     with warnings.catch_warnings():  # torch.ao's eager quantization API announces its successor
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
